@@ -1,0 +1,78 @@
+// Python bindings: one per public function, with its docstring; nothing else.
+#include <nanobind/nanobind.h>
+#include <nanobind/stl/optional.h>
+#include <nanobind/stl/string.h>
+#include <nanobind/stl/variant.h>
+#include <nanobind/stl/vector.h>
+
+#include "common/cpu_isa.h"
+#include "common/errors.h"
+#include "common/thread_pool.h"
+#include "quantized_matmul/quantized_matmul.h"
+
+namespace nb = nanobind;
+using namespace nb::literals;
+
+NB_MODULE(_ext, m) {
+  m.doc() = "mlx_ext native operators (import through the mlx_ext package)";
+
+  nb::register_exception_translator([](const std::exception_ptr& p, void*) {
+    try {
+      std::rethrow_exception(p);
+    } catch (const mlx_ext::type_error& e) {
+      PyErr_SetString(PyExc_TypeError, e.what());
+    }
+  });
+
+  m.def(
+      "quantized_matmul",
+      &mlx_ext::quantized_matmul,
+      "x"_a,
+      "w"_a,
+      "scales"_a,
+      "biases"_a = nb::none(),
+      nb::kw_only(),
+      "transpose"_a = true,
+      "group_size"_a = 64,
+      "bits"_a = 4,
+      "mode"_a = "affine",
+      "bias"_a = nb::none(),
+      "stream"_a = nb::none(),
+      nb::sig(
+          "def quantized_matmul(x: mlx.core.array, w: mlx.core.array, scales: mlx.core.array, "
+          "biases: mlx.core.array | None = None, *, transpose: bool = True, group_size: int = 64, "
+          "bits: int = 4, mode: str = 'affine', bias: mlx.core.array | None = None, "
+          "stream: mlx.core.Stream | mlx.core.Device | None = None) -> mlx.core.array"),
+      R"(Matrix multiplication with a quantized matrix, fused with an optional bias.
+
+Means exactly what ``mx.quantized_matmul`` means for ``mode="affine"`` and reads
+weights packed by ``mx.quantize``: with ``transpose=True`` (the default)
+``x @ dequantize(w).T``, else ``x @ dequantize(w)``, then ``+ bias``.
+
+Args:
+    x (array): input of shape ``(..., K)``; float32, float16 or bfloat16.
+    w (array): uint32 packed weights from ``mx.quantize``, 2-D.
+    scales (array): per-group scales, shape ``(rows, cols // group_size)``.
+    biases (array): per-group biases, same shape and dtype as ``scales``.
+    transpose (bool): multiply by the transpose of the dequantized ``w``.
+    group_size (int): 32, 64 or 128.
+    bits (int): 2, 3, 4, 5, 6 or 8.
+    mode (str): only ``"affine"``.
+    bias (array, optional): ``(N,)`` added to every output row in the kernel.
+    stream: the stream or device to run on.
+
+Returns:
+    array: shape ``(..., N)``; dtype promoted from x, scales (and bias).
+    Accumulation is float32 for every dtype.)");
+
+  m.def("get_num_threads", &mlx_ext::cpu::num_threads,
+      "Number of threads the CPU kernels use (the caller included).");
+  m.def("set_num_threads", &mlx_ext::cpu::set_num_threads, "n"_a,
+      "Set the number of CPU kernel threads (default: cores, or MLX_EXT_NUM_THREADS).");
+  m.def("get_cpu_isa", [] { return mlx_ext::cpu::isa_name(mlx_ext::cpu::current_isa()); },
+      "Instruction set the CPU kernels use now: 'avx512', 'avx2', 'neon' or 'scalar'.");
+  m.def("available_cpu_isas", &mlx_ext::cpu::available_isas,
+      "Instruction sets compiled in and supported by this processor, best first.");
+  m.def("set_cpu_isa", &mlx_ext::cpu::set_cpu_isa, "isa"_a,
+      "Force the CPU kernels' instruction set ('auto' restores the best; also MLX_EXT_CPU_ISA).");
+}

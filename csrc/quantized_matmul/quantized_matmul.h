@@ -1,0 +1,72 @@
+// mlx_ext.quantized_matmul: x @ dequantize(w).T (transpose=True) or
+// x @ dequantize(w) (transpose=False) for MLX's affine quantization, with an
+// optional bias added in the kernel's epilogue. Same meaning and packing as
+// mx.quantized_matmul.
+#pragma once
+
+#include <optional>
+#include <string>
+
+#include "mlx/mlx.h"
+#include "mlx/primitives.h"
+
+namespace mlx_ext {
+
+namespace mx = mlx::core;
+
+mx::array quantized_matmul(
+    const mx::array& x,
+    const mx::array& w,
+    const mx::array& scales,
+    const std::optional<mx::array>& biases,
+    bool transpose,
+    int group_size,
+    int bits,
+    const std::string& mode,
+    const std::optional<mx::array>& bias,
+    mx::StreamOrDevice s = {});
+
+// Inputs: x (..., K), w, scales, biases, and bias (N,) when has_bias; all
+// contiguous and (but w) of the output dtype.
+class QuantizedMatmul : public mx::UnaryPrimitive {
+ public:
+  QuantizedMatmul(mx::Stream stream, int group_size, int bits, bool transpose, bool has_bias)
+      : mx::UnaryPrimitive(stream),
+        group_size_(group_size),
+        bits_(bits),
+        transpose_(transpose),
+        has_bias_(has_bias) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override;
+  void eval_gpu(const std::vector<mx::array>& inputs, mx::array& out) override;
+
+  std::vector<mx::array> vjp(
+      const std::vector<mx::array>& primals,
+      const std::vector<mx::array>& cotangents,
+      const std::vector<int>& argnums,
+      const std::vector<mx::array>& outputs) override;
+  std::vector<mx::array> jvp(
+      const std::vector<mx::array>& primals,
+      const std::vector<mx::array>& tangents,
+      const std::vector<int>& argnums) override;
+  std::pair<std::vector<mx::array>, std::vector<int>> vmap(
+      const std::vector<mx::array>& inputs,
+      const std::vector<int>& axes) override;
+
+  const char* name() const override { return "mlx_ext::QuantizedMatmul"; }
+  bool is_equivalent(const mx::Primitive& other) const override;
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override;
+
+  int group_size() const { return group_size_; }
+  int bits() const { return bits_; }
+  bool transpose() const { return transpose_; }
+  bool has_bias() const { return has_bias_; }
+
+ private:
+  int group_size_;
+  int bits_;
+  bool transpose_;
+  bool has_bias_;
+};
+
+} // namespace mlx_ext

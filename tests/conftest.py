@@ -1,0 +1,26 @@
+"""Shared pytest configuration.
+
+Hypothesis profiles: ``ci`` (the default) is derandomized with a fixed example
+budget so CI is deterministic; ``thorough`` explores far more. Select with
+``MLX_EXT_HYPOTHESIS_PROFILE=thorough``.
+"""
+
+import os
+
+from hypothesis import HealthCheck, settings
+
+settings.register_profile(
+    "ci",
+    derandomize=True,
+    max_examples=40,
+    deadline=None,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.register_profile(
+    "thorough",
+    max_examples=1000,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.load_profile(os.environ.get("MLX_EXT_HYPOTHESIS_PROFILE", "ci"))

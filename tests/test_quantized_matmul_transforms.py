@@ -1,0 +1,117 @@
+"""mlx_ext.quantized_matmul under MLX's transforms: grad/vjp (x and bias),
+jvp, vmap, compile, and streams."""
+
+import numpy as np
+import pytest
+
+import mlx.core as mx
+import mlx_ext
+
+from . import reference as ref
+
+
+def quantized_layer(n=48, k=128, bits=4, group_size=64, seed=0):
+    w = mx.random.normal((n, k), key=mx.random.key(seed))
+    return mx.quantize(w, group_size=group_size, bits=bits)
+
+
+@pytest.mark.parametrize("transpose", [True, False])
+@pytest.mark.parametrize("m", [1, 20])
+def test_grad_wrt_x_and_bias(transpose, m):
+    w_q, scales, biases = quantized_layer(n=64, k=128)
+    rows, cols = 64, 128
+    k, n = (cols, rows) if transpose else (rows, cols)
+    x = mx.random.normal((2, m, k), key=mx.random.key(3))
+    bias = mx.random.normal((n,), key=mx.random.key(4))
+    g = mx.random.normal((2, m, n), key=mx.random.key(5))
+
+    def loss(x, bias):
+        y = mlx_ext.quantized_matmul(x, w_q, scales, biases, transpose=transpose, bias=bias)
+        return (y * g).sum()
+
+    dx, dbias = mx.grad(loss, argnums=(0, 1))(x, bias)
+    w = ref.dequantize(w_q, scales, biases, 64, 4)
+    expected_dx = ref.to_f64(g) @ (w if transpose else w.T)
+    np.testing.assert_allclose(ref.to_f64(dx), expected_dx, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(ref.to_f64(dbias), ref.to_f64(g).sum(axis=(0, 1)), rtol=1e-5, atol=1e-5)
+    assert dx.dtype == x.dtype and dbias.dtype == bias.dtype
+
+
+def test_grad_keeps_dtype_of_half_x():
+    w_q, scales, biases = quantized_layer()
+    x = mx.random.normal((4, 128), key=mx.random.key(1)).astype(mx.float16)
+    dx = mx.grad(lambda x: mlx_ext.quantized_matmul(x, w_q, scales, biases).astype(mx.float32).sum())(x)
+    assert dx.dtype == mx.float16
+    expected = ref.dequantize(w_q, scales, biases, 64, 4).sum(axis=0)
+    np.testing.assert_allclose(ref.to_f64(dx), np.broadcast_to(expected, (4, 128)), rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.parametrize("argnum", [1, 2, 3])
+def test_grad_wrt_quantized_weights_is_a_clear_error(argnum):
+    w_q, scales, biases = quantized_layer()
+    x = mx.random.normal((4, 128), key=mx.random.key(1))
+    args = [x, w_q, scales, biases]
+
+    def f(*a):
+        return mlx_ext.quantized_matmul(*a).sum()
+
+    with pytest.raises(ValueError, match=r"^\[mlx_ext\.quantized_matmul\] gradients with respect to the quantized weights"):
+        mx.grad(f, argnums=argnum)(*args)
+
+
+def test_jvp_matches_the_linear_map():
+    w_q, scales, biases = quantized_layer()
+    x = mx.random.normal((3, 128), key=mx.random.key(1))
+    bias = mx.zeros((48,))
+    tx = mx.random.normal((3, 128), key=mx.random.key(2))
+    tb = mx.random.normal((48,), key=mx.random.key(3))
+    f = lambda x, b: mlx_ext.quantized_matmul(x, w_q, scales, biases, bias=b)
+    (out,), (tangent,) = mx.jvp(f, [x, bias], [tx, tb])
+    expected = ref.to_f64(tx) @ ref.dequantize(w_q, scales, biases, 64, 4).T + ref.to_f64(tb)
+    np.testing.assert_allclose(ref.to_f64(tangent), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_vmap_over_x():
+    w_q, scales, biases = quantized_layer()
+    xs = mx.random.normal((5, 128, 3), key=mx.random.key(1))  # mapped axis last
+    f = lambda x: mlx_ext.quantized_matmul(x, w_q, scales, biases)
+    out = mx.vmap(f, in_axes=2)(xs)
+    assert out.shape == (3, 5, 48)
+    expected = np.moveaxis(ref.to_f64(xs), 2, 0) @ ref.dequantize(w_q, scales, biases, 64, 4).T
+    np.testing.assert_allclose(ref.to_f64(out), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_vmap_over_weights_is_a_clear_error():
+    w_q, scales, biases = quantized_layer()
+    x = mx.random.normal((3, 128), key=mx.random.key(1))
+    f = lambda s: mlx_ext.quantized_matmul(x, w_q, s, biases)
+    with pytest.raises(ValueError, match=r"^\[mlx_ext\.quantized_matmul\] vmap over w"):
+        mx.vmap(f)(mx.stack([scales, scales]))
+
+
+def test_compile_matches_eager_and_is_reused():
+    w_q, scales, biases = quantized_layer()
+    bias = mx.random.normal((48,), key=mx.random.key(7))
+
+    def layer(x):
+        return mx.maximum(mlx_ext.quantized_matmul(x, w_q, scales, biases, bias=bias), 0.0) * 2.0
+
+    compiled = mx.compile(layer)
+    for m in [1, 1, 17]:
+        x = mx.random.normal((m, 128), key=mx.random.key(m))
+        np.testing.assert_array_equal(np.array(compiled(x)), np.array(layer(x)))
+
+
+def test_compiled_grad():
+    w_q, scales, biases = quantized_layer()
+    x = mx.random.normal((4, 128), key=mx.random.key(1))
+    f = lambda x: mlx_ext.quantized_matmul(x, w_q, scales, biases).square().sum()
+    np.testing.assert_allclose(np.array(mx.compile(mx.grad(f))(x)), np.array(mx.grad(f)(x)), rtol=1e-6)
+
+
+def test_explicit_cpu_stream():
+    w_q, scales, biases = quantized_layer()
+    x = mx.random.normal((2, 128), key=mx.random.key(1))
+    s = mx.new_stream(mx.cpu)
+    out = mlx_ext.quantized_matmul(x, w_q, scales, biases, stream=s)
+    np.testing.assert_array_equal(np.array(out), np.array(mlx_ext.quantized_matmul(x, w_q, scales, biases, stream=mx.cpu)))
