@@ -5,6 +5,8 @@
 // Everything works on blocks of 32 quantized values: 32 * bits / 8 = 4 * bits
 // bytes, always whole bytes, and every group size (32, 64, 128) is a whole
 // number of blocks.
+#include <type_traits>
+
 #include "common/simd.h"
 #include "quantized_matmul/cpu_kernels.h"
 
@@ -157,10 +159,22 @@ constexpr int64_t block_bytes(int bits) { return 4 * bits; }
 // FMA per 32/width values and no dequantization.
 
 #if defined(MLX_EXT_ISA_avx512) || defined(MLX_EXT_ISA_neon)
-constexpr int kQmvRows = 4;
+constexpr int kQmvRows = 8; // 32 vector registers
 #else
-constexpr int kQmvRows = 2;
+constexpr int kQmvRows = 4;
 #endif
+
+// Calls f(rows, m) over the rows of x in blocks of kQmvRows, then 4, 2, 1, so
+// that every block runs with its row count known at compile time.
+template <typename F>
+MLX_EXT_INLINE void for_row_blocks(int64_t M, F&& f) {
+  int64_t m = 0;
+  for (; m + kQmvRows <= M; m += kQmvRows) f(std::integral_constant<int, kQmvRows>{}, m);
+  if constexpr (kQmvRows > 4)
+    if (m + 4 <= M) f(std::integral_constant<int, 4>{}, m), m += 4;
+  if (m + 2 <= M) f(std::integral_constant<int, 2>{}, m), m += 2;
+  if (m < M) f(std::integral_constant<int, 1>{}, m);
+}
 
 template <FloatType T, int bits, int R>
 void qmv_row(const QmmArgs& a, int64_t m0, int64_t n) {
@@ -176,24 +190,26 @@ void qmv_row(const QmmArgs& a, int64_t m0, int64_t n) {
     bias_acc[r] = 0.0f;
   }
   for (int64_t g = 0; g < groups; ++g) {
-    // One accumulator per vector of the block keeps the FMA chains independent.
-    VecF part[R][kVecsPerBlock];
+    // With few rows, one accumulator per vector of the block keeps the FMA
+    // chains independent; with many, the rows do and registers are scarce.
+    constexpr int P = R >= 4 ? 1 : kVecsPerBlock;
+    VecF part[R][P];
     for (int r = 0; r < R; ++r)
-      for (int v = 0; v < kVecsPerBlock; ++v) part[r][v] = zero();
+      for (int p = 0; p < P; ++p) part[r][p] = zero();
     for (int blk = 0; blk < blocks_per_group; ++blk) {
       const int64_t k = g * a.group_size + blk * kBlock;
       VecF q[kVecsPerBlock];
       unpack_block<bits>(w + (k / kBlock) * block_bytes(bits), q);
       for (int r = 0; r < R; ++r)
         for (int v = 0; v < kVecsPerBlock; ++v)
-          part[r][v] = fma(q[v], load(x + r * a.K + k + v * kWidth), part[r][v]);
+          part[r][v % P] = fma(q[v], load(x + r * a.K + k + v * kWidth), part[r][v % P]);
     }
     const int64_t sg = n * groups + g;
     const VecF scale = broadcast(load_float<T>(a.scales, sg));
     const float bias = load_float<T>(a.biases, sg);
     for (int r = 0; r < R; ++r) {
       VecF sum = part[r][0];
-      for (int v = 1; v < kVecsPerBlock; ++v) sum = add(sum, part[r][v]);
+      for (int p = 1; p < P; ++p) sum = add(sum, part[r][p]);
       acc[r] = fma(sum, scale, acc[r]);
       bias_acc[r] += bias * xsum[r * groups + g];
     }
@@ -214,7 +230,6 @@ void qmv_row(const QmmArgs& a, int64_t m0, int64_t n) {
 // top value is shifted down instead, to stay within int32. Per chunk the
 // partial sums are scaled by a vector of the lanes' group scales.
 
-constexpr int kPartials = 2;
 constexpr int kPrefetchBytes = 2048;
 
 template <int bits>
@@ -271,6 +286,7 @@ void qmv_fast_row(const QmmArgs& a, int64_t m0, int64_t n, RowParams& row) {
   convert_to_float<T>(a.biases, n * groups, groups, row.biases());
 
   VecF acc[R];
+  #pragma GCC unroll 8
   for (int r = 0; r < R; ++r) acc[r] = zero();
   constexpr uint32_t kMask = (1u << bits) - 1;
   const SpreadIndex lane_group = spread_index(a.group_size / L::vpw); // lanes sharing a scale
@@ -278,20 +294,24 @@ void qmv_fast_row(const QmmArgs& a, int64_t m0, int64_t n, RowParams& row) {
     const VecU words = load_u32(w + c / L::vpw);
     // A single core's hardware prefetch leaves this stream latency-bound.
     __builtin_prefetch(reinterpret_cast<const char*>(w + c / L::vpw) + kPrefetchBytes);
-    // Independent partial sums keep the FMA dependency chains short.
+    // With few rows, extra partial sums keep the FMA dependency chains short.
+    constexpr int kPartials = R >= 4 ? 1 : 2;
     VecF part[R][kPartials];
+    #pragma GCC unroll 8
     for (int r = 0; r < R; ++r)
       for (int p = 0; p < kPartials; ++p) part[r][p] = zero();
 #pragma GCC unroll 16
     for (int j = 0; j < L::vpw; ++j) {
       const VecF q = j == L::vpw - 1 ? shifted_to_float(words, 32 - bits)
                                      : masked_to_float(words, kMask << (bits * j));
+      #pragma GCC unroll 8
       for (int r = 0; r < R; ++r)
         part[r][j % kPartials] =
             fma(q, load(a.x_prepared + (m0 + r) * a.K + c + j * kWidth), part[r][j % kPartials]);
     }
     const float* s = scales + (c >> group_shift);
     const VecF scale = L::chunk > a.group_size ? spread(s, lane_group) : broadcast(*s);
+    #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
       VecF sum = part[r][0];
       for (int p = 1; p < kPartials; ++p) sum = add(sum, part[r][p]);
@@ -303,6 +323,7 @@ void qmv_fast_row(const QmmArgs& a, int64_t m0, int64_t n, RowParams& row) {
     VecF q[kVecsPerBlock];
     unpack_block<bits>(a.w + n * (a.K * bits / 8) + (k / kBlock) * block_bytes(bits), q);
     const VecF scale = broadcast(scales[k >> group_shift]);
+    #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
       VecF part = zero();
       for (int v = 0; v < kVecsPerBlock; ++v)
@@ -311,6 +332,7 @@ void qmv_fast_row(const QmmArgs& a, int64_t m0, int64_t n, RowParams& row) {
     }
   }
   const float out_bias = a.bias ? load_float<T>(a.bias, n) : 0.0f;
+  #pragma GCC unroll 8
   for (int r = 0; r < R; ++r) {
     // sum_g b_g * sum(x over g): the biases' share of the row.
     const float bias_part = dot(row.biases(), a.x_group_sums + (m0 + r) * groups, groups);
@@ -323,19 +345,13 @@ void qmv(const QmmArgs& a, int64_t n0, int64_t n1) {
   if constexpr (FastLayout<bits>::enabled) {
     if (a.x_prepared) {
       RowParams row(a.K / a.group_size);
-      for (int64_t n = n0; n < n1; ++n) {
-        int64_t m = 0;
-        for (; m + kQmvRows <= a.M; m += kQmvRows) qmv_fast_row<T, bits, kQmvRows>(a, m, n, row);
-        for (; m < a.M; ++m) qmv_fast_row<T, bits, 1>(a, m, n, row);
-      }
+      for (int64_t n = n0; n < n1; ++n)
+        for_row_blocks(a.M, [&](auto rows, int64_t m) { qmv_fast_row<T, bits, rows()>(a, m, n, row); });
       return;
     }
   }
-  for (int64_t n = n0; n < n1; ++n) {
-    int64_t m = 0;
-    for (; m + kQmvRows <= a.M; m += kQmvRows) qmv_row<T, bits, kQmvRows>(a, m, n);
-    for (; m < a.M; ++m) qmv_row<T, bits, 1>(a, m, n);
-  }
+  for (int64_t n = n0; n < n1; ++n)
+    for_row_blocks(a.M, [&](auto rows, int64_t m) { qmv_row<T, bits, rows()>(a, m, n); });
 }
 
 // --- qvm: small M, transpose=false ---------------------------------------------

@@ -1,0 +1,50 @@
+# The two commands of the README: `make demo` and `make test`. Both create
+# .venv when it is absent, install what they need and build the extension.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+
+ifeq ($(shell uname -s),Darwin)
+MLX_REQ := mlx==0.32.4
+else
+MLX_REQ := mlx[cpu]==0.32.4
+endif
+# Build-time and test-time requirements, installed once into .venv.
+REQS := "$(MLX_REQ)" nanobind==3.1.0 "scikit-build-core>=0.10" "cmake>=3.25" ninja \
+        numpy "pytest>=8" "hypothesis>=6.100" "mlx-lm==0.32.2"
+DEPS_STAMP := $(VENV)/.deps-installed
+BUILD_STAMP := build/.mlx_ext-built
+SOURCES := $(shell find csrc metal mlx_ext -type f -not -name '*.pyc' -not -name '*.so' 2>/dev/null) \
+           CMakeLists.txt pyproject.toml
+
+.PHONY: demo test bench build clean
+
+demo: $(BUILD_STAMP)
+	$(PY) -m bench.showcase
+
+test: $(BUILD_STAMP)
+	bash tests/metal_emu/ensure_clang.sh
+	$(PY) -m pytest tests -q
+
+bench: $(BUILD_STAMP)
+	$(PY) -m bench.bench_quantized_matmul
+
+build: $(BUILD_STAMP)
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(DEPS_STAMP): $(VENV)/bin/python Makefile
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet $(REQS)
+	touch $@
+
+# Editable install: the compiled _ext lands in site-packages and `import
+# mlx_ext` resolves to this checkout's Python files plus that module.
+$(BUILD_STAMP): $(DEPS_STAMP) $(SOURCES)
+	$(PIP) install --quiet --no-build-isolation --no-deps -e .
+	mkdir -p build && touch $@
+
+clean:
+	rm -rf build $(VENV) .hypothesis .pytest_cache

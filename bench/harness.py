@@ -1,0 +1,144 @@
+"""Timing and reporting shared by the bench_*.py scripts.
+
+Every figure is a median over repeats after warm-up; inputs rotate over
+several copies so that weights come from memory, not a warm cache; results go
+to bench/results/<machine>/<name>.{json,md} with the machine they ran on.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import re
+import statistics
+import threading
+import time
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    if platform.system() == "Darwin":
+        import subprocess
+
+        out = subprocess.run(
+            ["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True
+        )
+        if out.returncode == 0:
+            return out.stdout.strip()
+    return platform.processor() or platform.machine()
+
+
+def machine_name() -> str:
+    """A directory name for this machine: MLX_EXT_BENCH_MACHINE, else
+    <os>-<arch>-<cpu>-<cores>c, e.g. linux-x86_64-amd-epyc-2c."""
+    if os.environ.get("MLX_EXT_BENCH_MACHINE"):
+        return os.environ["MLX_EXT_BENCH_MACHINE"]
+    cpu = re.sub(r"[^a-z0-9]+", "-", cpu_model().lower()).strip("-")
+    return f"{platform.system().lower()}-{platform.machine()}-{cpu}-{os.cpu_count()}c"
+
+
+def machine_info() -> dict:
+    import mlx.core as mx
+
+    info = {
+        "machine": machine_name(),
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "os": f"{platform.system()} {platform.release()}",
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "mlx": mx.__version__,
+        "mlx_device": str(mx.default_device()),
+        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    }
+    try:
+        import mlx_ext
+
+        info["mlx_ext_cpu_isa"] = mlx_ext.get_cpu_isa()
+        info["mlx_ext_threads"] = mlx_ext.get_num_threads()
+    except ImportError:
+        pass
+    return info
+
+
+def time_calls(fn: Callable[[int], object], *, warmup: int = 2, repeats: int = 10,
+               min_seconds: float = 0.0) -> dict:
+    """Median wall time of fn(i) (i counts calls, to rotate inputs); fn must
+    block until its work is done (mx.eval). Repeats until both `repeats` calls
+    and `min_seconds` have passed."""
+    calls = 0
+    for _ in range(warmup):
+        fn(calls)
+        calls += 1
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < repeats or time.perf_counter() - start < min_seconds:
+        t0 = time.perf_counter()
+        fn(calls)
+        times.append(time.perf_counter() - t0)
+        calls += 1
+    return {"median_s": statistics.median(times), "min_s": min(times), "repeats": len(times)}
+
+
+def copy_bandwidth(nbytes: int = 256 << 20, threads: Iterable[int] | None = None) -> dict:
+    """Memory copy bandwidth in bytes moved (read + written) per second, the
+    STREAM convention: the best of NumPy copies split over 1..cores threads
+    (NumPy releases the GIL while copying)."""
+    src = np.ones(nbytes // 4, dtype=np.float32)
+    dst = np.empty_like(src)
+    best = {}
+    for t in threads or range(1, (os.cpu_count() or 1) + 1):
+        parts = np.array_split(np.arange(src.size), t)
+        bounds = [(p[0], p[-1] + 1) for p in parts]
+
+        def copy_all(_i):
+            workers = [
+                threading.Thread(target=np.copyto, args=(dst[a:b], src[a:b])) for a, b in bounds
+            ]
+            for w in workers:
+                w.start()
+            for w in workers:
+                w.join()
+
+        timing = time_calls(copy_all, warmup=1, repeats=5)
+        best[t] = 2 * src.nbytes / timing["median_s"]
+    threads_best = max(best, key=best.get)
+    return {"bytes_per_s": best[threads_best], "threads": threads_best, "by_threads": best}
+
+
+def markdown_table(rows: Sequence[dict], columns: Sequence[tuple[str, str]]) -> str:
+    """columns: (key, header) pairs; floats are printed with 3 significant digits."""
+
+    def fmt(v):
+        if isinstance(v, float):
+            return f"{v:.3g}" if abs(v) < 1e4 else f"{v:,.0f}"
+        return str(v)
+
+    lines = ["| " + " | ".join(h for _, h in columns) + " |",
+             "|" + "|".join("---" for _ in columns) + "|"]
+    for row in rows:
+        lines.append("| " + " | ".join(fmt(row.get(k, "")) for k, _ in columns) + " |")
+    return "\n".join(lines)
+
+
+def write_results(name: str, info: dict, rows: list[dict], markdown: str) -> Path:
+    """Writes bench/results/<machine>/<name>.json and .md; returns the folder."""
+    folder = RESULTS_DIR / info["machine"]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{name}.json").write_text(json.dumps({"machine": info, "rows": rows}, indent=1) + "\n")
+    header = "\n".join(f"- {k}: {v}" for k, v in info.items())
+    (folder / f"{name}.md").write_text(f"# {name}\n\n{header}\n\n{markdown}\n")
+    return folder
