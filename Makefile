@@ -25,6 +25,7 @@ demo: $(BUILD_STAMP)
 
 test: $(BUILD_STAMP)
 	bash tests/metal_emu/ensure_clang.sh
+	bash tests/native/ensure_cross_tools.sh
 	$(PY) -m pytest tests -q
 
 bench: $(BUILD_STAMP)

@@ -87,6 +87,9 @@ mx::array quantized_matmul(
   }
 
   auto stream = mx::to_stream(s);
+  if (stream.device == mx::Device::gpu && !QuantizedMatmul::has_gpu_kernels())
+    value_error(kOp, "stream=", stream, " is a GPU stream but this build of mlx_ext has no GPU "
+        "kernels; pass stream=mx.cpu");
   // Kernels read one float type and contiguous rows (a no-op when already so).
   auto prepare = [&](const mx::array& a) {
     return mx::contiguous(mx::astype(a, out_type, stream), false, stream);

@@ -1,0 +1,19 @@
+// Runs one quantized matmul on the CPU: picks the GEMV or GEMM path, prepares
+// what the kernels share (group sums and permuted x for the GEMV, packed x for
+// the GEMM) and spreads output columns over the thread pool. Free of MLX types
+// so that native tests can drive the kernels of any ISA directly.
+#pragma once
+
+#include "common/cpu_isa.h"
+#include "quantized_matmul/cpu_kernels.h"
+
+namespace mlx_ext::cpu {
+
+// The kernels of one ISA compiled into this build (scalar if it is not).
+const KernelTable& kernels_for(Isa isa);
+
+// `a` is complete but for the fields the driver fills (x_group_sums,
+// x_prepared); a.x is float32 (M, K), contiguous.
+void run_quantized_matmul(const KernelTable& kernels, QmmArgs a, bool transpose);
+
+} // namespace mlx_ext::cpu

@@ -1,0 +1,62 @@
+"""The arm64 (NEON and scalar) CPU kernels, cross-compiled and run under
+qemu-user on x86-64 machines, where the extension itself cannot exercise them.
+tests/native/kernel_check.cpp compares every kernel path against a float64
+reference. On an arm64 machine the ordinary tests run NEON natively."""
+
+import hashlib
+import platform
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+CXX = "aarch64-linux-gnu-g++"
+QEMU = "qemu-aarch64"
+SOURCES = [
+    "tests/native/kernel_check.cpp",
+    "csrc/quantized_matmul/cpu_driver.cpp",
+    "csrc/common/thread_pool.cpp",
+    "csrc/common/cpu_isa.cpp",
+]
+KERNELS = "csrc/quantized_matmul/cpu_kernels.cpp"
+HEADERS = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").rglob("*.h"))
+
+pytestmark = pytest.mark.skipif(
+    platform.machine() != "x86_64" or not (shutil.which(CXX) and shutil.which(QEMU)),
+    reason="needs an x86-64 host with aarch64-linux-gnu-g++ and qemu-aarch64 "
+    "(tests/native/ensure_cross_tools.sh installs them on Debian as root)",
+)
+
+
+def build_checker() -> Path:
+    """Cross-compiles the checker, cached by the content of its sources."""
+    digest = hashlib.sha256()
+    for name in SOURCES + [KERNELS] + HEADERS:
+        digest.update(name.encode() + (ROOT / name).read_bytes())
+    out = ROOT / "build" / "arm64-check" / digest.hexdigest()[:16]
+    binary = out / "kernel_check"
+    if binary.exists():
+        return binary
+    out.mkdir(parents=True, exist_ok=True)
+    flags = ["-std=c++17", "-O2", f"-I{ROOT / 'csrc'}"]
+    objects = []
+    for isa in ["scalar", "neon"]:
+        obj = out / f"kernels_{isa}.o"
+        subprocess.run([CXX, *flags, f"-DMLX_EXT_ISA_{isa}=1", "-c", str(ROOT / KERNELS), "-o", str(obj)],
+                       check=True)
+        objects.append(str(obj))
+    subprocess.run(
+        [CXX, *flags, "-static", "-pthread", "-DMLX_EXT_HAVE_ISA_scalar", "-DMLX_EXT_HAVE_ISA_neon",
+         *[str(ROOT / s) for s in SOURCES], *objects, "-o", str(binary)],
+        check=True,
+    )
+    return binary
+
+
+def test_neon_and_scalar_kernels_match_reference_under_qemu():
+    result = subprocess.run([QEMU, str(build_checker())], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    assert "ok scalar: 432 cases" in lines and "ok neon: 432 cases" in lines, result.stdout
