@@ -24,3 +24,6 @@ settings.register_profile(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 settings.load_profile(os.environ.get("MLX_EXT_HYPOTHESIS_PROFILE", "ci"))
+
+# The Metal emulator's coverage gate: records launches, enforces at the end.
+pytest_plugins = ["tests.metal_emu.pytest_plugin"]
