@@ -177,6 +177,18 @@ def test_vector_x_and_empty_batch():
     assert empty.shape == (0, 24)
 
 
+@pytest.mark.parametrize("m", [1, 20])
+def test_empty_reduction_gives_the_bias(isa, m):
+    """K = 0: every output is the bias (or zero), for the GEMV and GEMM paths."""
+    w_q = mx.zeros((5, 0), dtype=mx.uint32)
+    scales = mx.zeros((5, 0))
+    bias = mx.arange(5, dtype=mx.float32)
+    out = mlx_ext.quantized_matmul(mx.zeros((m, 0)), w_q, scales, scales, bias=bias)
+    np.testing.assert_array_equal(np.array(out), np.broadcast_to(np.arange(5.0), (m, 5)))
+    out = mlx_ext.quantized_matmul(mx.zeros((m, 0)), w_q, scales, scales)
+    np.testing.assert_array_equal(np.array(out), np.zeros((m, 5)))
+
+
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_thread_count_does_not_change_results(threads):
     rng = np.random.default_rng(2)

@@ -60,7 +60,7 @@ void QuantizedMatmul::eval_cpu(const std::vector<mx::array>& inputs, mx::array& 
                                      : std::nullopt,
                     out = mx::array::unsafe_weak_copy(out),
                     K, N, group_size = group_size_, bits = bits_, transpose = transpose_]() mutable {
-    const int64_t M = K ? x.size() / K : 0;
+    const int64_t M = N ? out.size() / N : 0;
     if (M == 0 || N == 0) return;
     std::vector<float> x_storage;
     cpu::QmmArgs a{};
