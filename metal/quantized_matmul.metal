@@ -1,0 +1,433 @@
+// mlx_ext.quantized_matmul on Apple GPUs, for MLX's affine quantization:
+//   transpose: out = x @ dequantize(w).T (+ bias), w packed as (N, K)
+//   otherwise: out = x @ dequantize(w)   (+ bias), w packed as (K, N)
+// dequantize(w)[r, c] = scale[r, c / gs] * q[r, c] + bias[r, c / gs], each row
+// of w one little-endian stream of `bits`-bit values (3-, 5- and 6-bit values
+// cross word boundaries). x, scales, biases, bias and out have the output
+// dtype T; everything accumulates in float.
+//
+// Kernels (chosen by csrc/quantized_matmul/metal_plan.h):
+//   qmv_fast, qmv   M small, transpose (decode); qmv_fast when K % 512 == 0
+//                   and N % 8 == 0
+//   qvm             M small, not transpose
+//   qmm_t, qmm_n    M large: 32x32 tiles, simdgroup 8x8 MMA
+// T, the group size and bits are template parameters, the bias epilogue a
+// function constant; buffers are bound as quantized_matmul_bindings.h says.
+#include <metal_simdgroup>
+#include <metal_simdgroup_matrix>
+#include <metal_stdlib>
+
+#include "common.h"
+#include "quantized_matmul_bindings.h"
+
+using namespace metal;
+
+constant bool qmm_has_bias [[function_constant(QMM_FC_HAS_BIAS)]];
+
+// ---- Reading packed values -------------------------------------------------
+//
+// A run of values that starts on a 16-bit boundary is read in 16-bit units.
+// Value j starts at bit s = (j * bits) % 16 of unit (j * bits) / 16; if it
+// crosses into the next unit, it lies in the 32-bit window of both. ANDing
+// the unit (or window) with mask << s gives q * 2^s exactly (at most 23
+// significant bits), so the GEMVs never shift a value: they fold 2^-s into x
+// (qmv) or into the final sums (qvm).
+
+template <int bits>
+inline uint masked_value(thread const ushort* units, int j) {
+  const int unit = j * bits / 16;
+  const int s = j * bits % 16;
+  const uint window = s + bits > 16 ? (uint(units[unit]) | (uint(units[unit + 1]) << 16))
+                                    : uint(units[unit]);
+  return window & (((1u << bits) - 1) << s);
+}
+
+// 2^-s for value j (see masked_value).
+template <int bits>
+inline float unit_shift_scale(int j) {
+  return 1.0f / float(1u << (j * bits % 16));
+}
+
+// `count` units from device memory: as whole words when `from_words` (the
+// address is 4-byte aligned and count even), else one unit at a time.
+template <int count, bool from_words>
+inline void load_units(const device ushort* src, thread ushort* units) {
+  if (from_words) {
+    const device uint* words = (const device uint*)src;
+#pragma clang loop unroll(full)
+    for (int i = 0; i < count / 2; ++i) {
+      const uint word = words[i];
+      units[2 * i] = ushort(word);
+      units[2 * i + 1] = ushort(word >> 16);
+    }
+  } else {
+#pragma clang loop unroll(full)
+    for (int i = 0; i < count; ++i) {
+      units[i] = src[i];
+    }
+  }
+}
+
+// x[0 .. 16) into xs, each times 2^-s of its value (see masked_value); returns
+// the sum of x[0 .. 16).
+template <typename T, int bits>
+inline float load_prescaled_x(const device T* x, thread float* xs) {
+  float sum = 0.0f;
+#pragma clang loop unroll(full)
+  for (int j = 0; j < 16; ++j) {
+    const float v = float(x[j]);
+    sum += v;
+    xs[j] = v * unit_shift_scale<bits>(j);
+  }
+  return sum;
+}
+
+// sum_j q_j x_j over 16 values: `bits` units against load_prescaled_x's xs.
+template <int bits>
+inline float qdot16(thread const ushort* units, thread const float* xs) {
+  float sum = 0.0f;
+#pragma clang loop unroll(full)
+  for (int j = 0; j < 16; ++j) {
+    sum += float(masked_value<bits>(units, j)) * xs[j];
+  }
+  return sum;
+}
+
+// Dequantizes 8 values (the `bits` bytes at src, starting on a byte) into dst.
+// For the GEMMs, which dequantize each weight once per 32 rows of x.
+template <int bits>
+inline void dequantize8(const device uchar* src, float scale, float bias, threadgroup float* dst) {
+  uchar bytes[bits];
+#pragma clang loop unroll(full)
+  for (int i = 0; i < bits; ++i) {
+    bytes[i] = src[i];
+  }
+#pragma clang loop unroll(full)
+  for (int j = 0; j < 8; ++j) {
+    const int byte = j * bits / 8;
+    const int s = j * bits % 8;
+    const uint window = s + bits > 8 ? (uint(bytes[byte]) | (uint(bytes[byte + 1]) << 8))
+                                     : uint(bytes[byte]);
+    dst[j] = fma(scale, float((window >> s) & ((1u << bits) - 1)), bias);
+  }
+}
+
+// ---- qmv_fast / qmv ----------------------------------------------------------
+//
+// M small, transpose. Each lane takes 16 consecutive values of K in every
+// 512-wide block of K.
+//   thread:      for its 16 values per block and the 4 weight rows of its
+//                simdgroup: x loaded once (pre-scaled, summed), then per row
+//                one AND, one convert and one FMA per value, and per group
+//                scale * sum(q x) + bias * sum(x);
+//   simdgroup:   out[m, n .. n + 4): the lanes' partial sums (simd_sum);
+//   threadgroup: 2 simdgroups, out[m, 8 t .. 8 t + 8); grid (M, ceil(N / 8)),
+//                so consecutive threadgroups read the same weight rows.
+// qmv_fast (aligned) needs K % 512 == 0 and N % 8 == 0. qmv also runs the
+// tail of K past the last whole block (K is a multiple of 32, so no lane's 16
+// values are cut) and clamps rows past N to row N - 1 (read, never stored).
+
+template <typename T, int group_size, int bits, bool aligned>
+[[kernel]] void qmv(
+    const device uint32_t* w [[buffer(QMM_BUFFER_W)]],
+    const device T* scales [[buffer(QMM_BUFFER_SCALES)]],
+    const device T* biases [[buffer(QMM_BUFFER_BIASES)]],
+    const device T* x [[buffer(QMM_BUFFER_X)]],
+    device T* out [[buffer(QMM_BUFFER_OUT)]],
+    const device T* bias [[buffer(QMM_BUFFER_BIAS), function_constant(qmm_has_bias)]],
+    constant QmmShape& shape [[buffer(QMM_BUFFER_SHAPE)]],
+    uint3 tgid [[threadgroup_position_in_grid]],
+    ushort sg [[simdgroup_index_in_threadgroup]],
+    ushort lane [[thread_index_in_simdgroup]]) {
+  constexpr int rows = 4;
+  constexpr int values = 16;
+  constexpr int block = 32 * values;
+  const int N = shape.N;
+  const int K = shape.K;
+  const int n0 = (int(tgid.y) * 2 + sg) * rows;
+  if (!aligned && n0 >= N) {
+    return; // the whole simdgroup; this kernel has no threadgroup barrier
+  }
+  const int groups = K / group_size;
+  const int64_t row_units = int64_t(K) * bits / 16;
+
+  const device ushort* w_row[rows];
+  const device T* scale_row[rows];
+  const device T* bias_row[rows];
+#pragma clang loop unroll(full)
+  for (int r = 0; r < rows; ++r) {
+    const int n = aligned ? n0 + r : min(n0 + r, N - 1);
+    w_row[r] = (const device ushort*)w + n * row_units + lane * bits;
+    scale_row[r] = scales + int64_t(n) * groups;
+    bias_row[r] = biases + int64_t(n) * groups;
+  }
+  const int m = tgid.x;
+  x += int64_t(m) * K + lane * values;
+
+  float acc[rows] = {0.0f, 0.0f, 0.0f, 0.0f};
+  for (int k = 0; k < K; k += block) {
+    if (aligned || k + lane * values < K) {
+      float xs[values];
+      const float x_sum = load_prescaled_x<T, bits>(x + k, xs);
+      const int g = (k + lane * values) / group_size;
+#pragma clang loop unroll(full)
+      for (int r = 0; r < rows; ++r) {
+        ushort units[bits];
+        load_units<bits, bits % 2 == 0>(w_row[r] + k / 16 * bits, units);
+        acc[r] += float(scale_row[r][g]) * qdot16<bits>(units, xs) + float(bias_row[r][g]) * x_sum;
+      }
+    }
+  }
+
+#pragma clang loop unroll(full)
+  for (int r = 0; r < rows; ++r) {
+    acc[r] = simd_sum(acc[r]);
+  }
+  if (lane == 0) {
+#pragma clang loop unroll(full)
+    for (int r = 0; r < rows; ++r) {
+      const int n = n0 + r;
+      if (aligned || n < N) {
+        const float b = qmm_has_bias ? float(bias[n]) : 0.0f;
+        out[int64_t(m) * N + n] = T(acc[r] + b);
+      }
+    }
+  }
+}
+
+// ---- qvm ---------------------------------------------------------------------
+//
+// M small, not transpose. N is a multiple of the group size, so the 32 columns
+// of a threadgroup share one group per row of w: row k adds
+// (x_k scale_k) q_kj + x_k bias_k to column j.
+//   thread:      rows k = 128 i + 32 sg + lane of w: its 32 values in the
+//                threadgroup's columns (`bits` words), one AND, one convert
+//                and one FMA each, into 32 float partial sums (2^-s applied
+//                once at the end), and the sum of x_k bias_k;
+//   simdgroup:   a reduce-scatter leaves column `lane`'s total over the
+//                simdgroup's rows on lane `lane` (31 shuffles);
+//   threadgroup: 4 simdgroups (split K), combined in threadgroup memory:
+//                out[m, 32 t .. 32 t + 32); grid (M, N / 32).
+
+template <typename T, int group_size, int bits>
+[[kernel]] void qvm(
+    const device uint32_t* w [[buffer(QMM_BUFFER_W)]],
+    const device T* scales [[buffer(QMM_BUFFER_SCALES)]],
+    const device T* biases [[buffer(QMM_BUFFER_BIASES)]],
+    const device T* x [[buffer(QMM_BUFFER_X)]],
+    device T* out [[buffer(QMM_BUFFER_OUT)]],
+    const device T* bias [[buffer(QMM_BUFFER_BIAS), function_constant(qmm_has_bias)]],
+    constant QmmShape& shape [[buffer(QMM_BUFFER_SHAPE)]],
+    uint3 tgid [[threadgroup_position_in_grid]],
+    ushort sg [[simdgroup_index_in_threadgroup]],
+    ushort lane [[thread_index_in_simdgroup]]) {
+  constexpr int simdgroups = 4;
+  constexpr int columns = 32;
+  threadgroup float partial[simdgroups * columns];
+
+  const int N = shape.N;
+  const int K = shape.K;
+  const int m = tgid.x;
+  const int n0 = tgid.y * columns;
+  const int groups = N / group_size;
+  const int64_t row_words = int64_t(N) * bits / 32;
+  const device uint32_t* w_block = w + n0 / columns * bits;
+  scales += n0 / group_size;
+  biases += n0 / group_size;
+  x += int64_t(m) * K;
+
+  float acc[columns];
+#pragma clang loop unroll(full)
+  for (int j = 0; j < columns; ++j) {
+    acc[j] = 0.0f;
+  }
+  float bias_acc = 0.0f;
+  for (int k = sg * columns + lane; k < K; k += simdgroups * columns) {
+    const float xk = float(x[k]);
+    const float xs = xk * float(scales[int64_t(k) * groups]);
+    bias_acc += xk * float(biases[int64_t(k) * groups]);
+    ushort units[2 * bits];
+    load_units<2 * bits, true>((const device ushort*)(w_block + k * row_words), units);
+#pragma clang loop unroll(full)
+    for (int j = 0; j < columns; ++j) {
+      acc[j] += xs * float(masked_value<bits>(units, j));
+    }
+  }
+#pragma clang loop unroll(full)
+  for (int j = 0; j < columns; ++j) {
+    acc[j] *= unit_shift_scale<bits>(j);
+  }
+  mlx_ext::simd_reduce_scatter32(acc, lane);
+  partial[sg * columns + lane] = acc[0] + simd_sum(bias_acc);
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+
+  if (sg == 0) {
+    float v = 0.0f;
+#pragma clang loop unroll(full)
+    for (int s = 0; s < simdgroups; ++s) {
+      v += partial[s * columns + lane];
+    }
+    const int n = n0 + lane;
+    if (qmm_has_bias) {
+      v += float(bias[n]);
+    }
+    out[int64_t(m) * N + n] = T(v);
+  }
+}
+
+// ---- qmm_t / qmm_n -------------------------------------------------------------
+//
+// M large. A threadgroup computes a 32x32 tile of out over K in steps of 32;
+// per step x and the weights are staged as float tiles in threadgroup memory,
+// the weights dequantized once per tile (scale * q + bias in float, never
+// rounded to T).
+//   thread:      per step, 8 values of the x tile and 8 dequantized weights
+//                (one run of `bits` bytes; 4 threads per tile row);
+//   simdgroup:   a 16x16 block of the tile: 2x2 float 8x8 accumulators,
+//                4 simdgroup MMAs per 8 of K;
+//   threadgroup: 4 simdgroups (2x2), out[32 ty .., 32 tx ..);
+//                grid (ceil(N / 32), ceil(M / 32)).
+// Rows of x past M, and weight rows past N (qmm_t) or K (qmm_n), are clamped
+// to the last row (read, never stored); x past K (qmm_n: K is any size) is 0.
+// The weight tile is (n, k) for qmm_t, read transposed, and (k, n) for qmm_n:
+// in both, tile row r holds 32 values of one row of w, `bits` words.
+
+template <typename T, int group_size, int bits, bool transpose>
+[[kernel]] void qmm(
+    const device uint32_t* w [[buffer(QMM_BUFFER_W)]],
+    const device T* scales [[buffer(QMM_BUFFER_SCALES)]],
+    const device T* biases [[buffer(QMM_BUFFER_BIASES)]],
+    const device T* x [[buffer(QMM_BUFFER_X)]],
+    device T* out [[buffer(QMM_BUFFER_OUT)]],
+    const device T* bias [[buffer(QMM_BUFFER_BIAS), function_constant(qmm_has_bias)]],
+    constant QmmShape& shape [[buffer(QMM_BUFFER_SHAPE)]],
+    uint3 tgid [[threadgroup_position_in_grid]],
+    ushort tid [[thread_index_in_threadgroup]],
+    ushort sg [[simdgroup_index_in_threadgroup]],
+    ushort lane [[thread_index_in_simdgroup]]) {
+  constexpr int tile = 32; // BM = BN = BK
+  constexpr int ld = tile + 4; // padded rows: fewer threadgroup bank conflicts
+  threadgroup float x_tile[tile * ld];
+  threadgroup float w_tile[tile * ld];
+
+  const int M = shape.M;
+  const int N = shape.N;
+  const int K = shape.K;
+  const int m0 = tgid.y * tile;
+  const int n0 = tgid.x * tile;
+
+  // Loading: thread tid fills row `lr`, columns lc .. lc + 8 of both tiles.
+  const int lr = tid / 4;
+  const int lc = tid % 4 * 8;
+  const device T* x_row = x + int64_t(min(m0 + lr, M - 1)) * K + lc;
+  const int w_cols = transpose ? K : N; // values per row of w
+  const int64_t w_row_bytes = int64_t(w_cols) * bits / 8;
+  const int w_row_groups = w_cols / group_size;
+  const device uchar* w_bytes = (const device uchar*)w + lc / 8 * bits;
+  const int n_row = min(n0 + lr, N - 1); // qmm_t's weight row
+
+  // Computing: simdgroup sg owns rows 16 sm .., columns 16 sn .. of the tile.
+  const int sm = sg / 2;
+  const int sn = sg % 2;
+  simdgroup_matrix<float, 8, 8> acc[2][2];
+#pragma clang loop unroll(full)
+  for (int i = 0; i < 2; ++i) {
+#pragma clang loop unroll(full)
+    for (int j = 0; j < 2; ++j) {
+      acc[i][j] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
+    }
+  }
+
+  for (int k0 = 0; k0 < K; k0 += tile) {
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+#pragma clang loop unroll(full)
+    for (int j = 0; j < 8; ++j) {
+      const bool inside = transpose || k0 + lc + j < K;
+      x_tile[lr * ld + lc + j] = inside ? float(x_row[k0 + j]) : 0.0f;
+    }
+    const int64_t w_row = transpose ? n_row : min(k0 + lr, K - 1);
+    const int w_col = transpose ? k0 : n0; // first of the 32 values
+    const int64_t group = w_row * w_row_groups + w_col / group_size;
+    dequantize8<bits>(
+        w_bytes + w_row * w_row_bytes + w_col / 8 * bits,
+        float(scales[group]),
+        float(biases[group]),
+        w_tile + lr * ld + lc);
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+
+#pragma clang loop unroll(full)
+    for (int kk = 0; kk < tile; kk += 8) {
+      simdgroup_matrix<float, 8, 8> a[2];
+      simdgroup_matrix<float, 8, 8> b[2];
+#pragma clang loop unroll(full)
+      for (int i = 0; i < 2; ++i) {
+        simdgroup_load(a[i], x_tile + (16 * sm + 8 * i) * ld + kk, ld);
+      }
+#pragma clang loop unroll(full)
+      for (int j = 0; j < 2; ++j) {
+        if (transpose) {
+          simdgroup_load(b[j], w_tile + (16 * sn + 8 * j) * ld + kk, ld, ulong2(0, 0), true);
+        } else {
+          simdgroup_load(b[j], w_tile + kk * ld + 16 * sn + 8 * j, ld);
+        }
+      }
+#pragma clang loop unroll(full)
+      for (int i = 0; i < 2; ++i) {
+#pragma clang loop unroll(full)
+        for (int j = 0; j < 2; ++j) {
+          simdgroup_multiply_accumulate(acc[i][j], a[i], b[j], acc[i][j]);
+        }
+      }
+    }
+  }
+
+  // Epilogue straight from the accumulators: + bias, rounded to T.
+  const short2 coord = mlx_ext::simdgroup_matrix_coord(lane);
+#pragma clang loop unroll(full)
+  for (int i = 0; i < 2; ++i) {
+    const int m = m0 + 16 * sm + 8 * i + coord.y;
+#pragma clang loop unroll(full)
+    for (int j = 0; j < 2; ++j) {
+#pragma clang loop unroll(full)
+      for (int e = 0; e < 2; ++e) {
+        const int n = n0 + 16 * sn + 8 * j + coord.x + e;
+        if (m < M && n < N) {
+          const float b = qmm_has_bias ? float(bias[n]) : 0.0f;
+          out[int64_t(m) * N + n] = T(acc[i][j].thread_elements()[e] + b);
+        }
+      }
+    }
+  }
+}
+
+// ---- Instantiations ------------------------------------------------------------
+//
+// Host names <kernel>_<type>_gs<group size>_b<bits>, e.g. qmv_fast_float16_gs64_b4,
+// qmm_t_bfloat16_gs32_b3; the bias epilogue is a function constant of each.
+
+#define instantiate_kernel(name, kernel, ...) \
+  template [[host_name(name)]] [[kernel]] decltype(kernel<__VA_ARGS__>) kernel<__VA_ARGS__>;
+
+#define instantiate_qmm(type, type_name, gs, bits)                                           \
+  instantiate_kernel("qmv_fast_" #type_name "_gs" #gs "_b" #bits, qmv, type, gs, bits, true) \
+  instantiate_kernel("qmv_" #type_name "_gs" #gs "_b" #bits, qmv, type, gs, bits, false)     \
+  instantiate_kernel("qvm_" #type_name "_gs" #gs "_b" #bits, qvm, type, gs, bits)            \
+  instantiate_kernel("qmm_t_" #type_name "_gs" #gs "_b" #bits, qmm, type, gs, bits, true)    \
+  instantiate_kernel("qmm_n_" #type_name "_gs" #gs "_b" #bits, qmm, type, gs, bits, false)
+
+#define instantiate_qmm_group_sizes(type, type_name, bits) \
+  instantiate_qmm(type, type_name, 32, bits)               \
+  instantiate_qmm(type, type_name, 64, bits)               \
+  instantiate_qmm(type, type_name, 128, bits)
+
+#define instantiate_qmm_bits(type, type_name)         \
+  instantiate_qmm_group_sizes(type, type_name, 2)     \
+  instantiate_qmm_group_sizes(type, type_name, 3)     \
+  instantiate_qmm_group_sizes(type, type_name, 4)     \
+  instantiate_qmm_group_sizes(type, type_name, 5)     \
+  instantiate_qmm_group_sizes(type, type_name, 6)     \
+  instantiate_qmm_group_sizes(type, type_name, 8)
+
+instantiate_qmm_bits(float, float32)
+instantiate_qmm_bits(half, float16)
+instantiate_qmm_bits(bfloat, bfloat16)

@@ -1,0 +1,1 @@
+"""Linux compile check of the Metal host code (see check.py)."""

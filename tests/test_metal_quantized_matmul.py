@@ -1,0 +1,377 @@
+"""metal/quantized_matmul.metal in the emulator, against tests/reference.py.
+
+Kernels are launched exactly as csrc/quantized_matmul/metal.cpp launches them:
+the same binding table (metal/quantized_matmul_bindings.h, parsed here), the
+same kernel choice and grid (`plan`, the mirror of
+csrc/quantized_matmul/metal_plan.h, checked against it below), M taken as
+x.size / K. Every instantiation runs under all three schedules, both
+bounds-check sides, with poisoning, strict mode and NaN-filled outputs.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.metal_emu import Library, ToolchainMissing, find_clang
+
+from . import reference as ref
+
+REPO = Path(__file__).resolve().parents[1]
+KERNELS = REPO / "metal" / "quantized_matmul.metal"
+BINDINGS = REPO / "metal" / "quantized_matmul_bindings.h"
+
+BITS = [2, 3, 4, 5, 6, 8]
+GROUP_SIZES = [32, 64, 128]
+TYPES = ["float32", "float16", "bfloat16"]
+EPS = {"float32": 2.0**-24, "float16": 2.0**-11, "bfloat16": 2.0**-8}
+# (schedule, check_bounds, has_bias) of the runs every instantiation gets.
+RUNS = [("forward", 1, True), ("reverse", 2, False), ("random", 1, True)]
+
+
+def _bindings() -> tuple[dict[str, int], dict[str, int], np.dtype]:
+    """Buffer indices, function constant indices and the QmmShape struct."""
+    text = BINDINGS.read_text()
+    buffers = {k.lower(): int(v) for k, v in re.findall(r"#define QMM_BUFFER_(\w+) (\d+)", text)}
+    constants = {k.lower(): int(v) for k, v in re.findall(r"#define QMM_FC_(\w+) (\d+)", text)}
+    body = re.search(r"struct QmmShape \{(.*?)\};", text, re.S).group(1)
+    shape = np.dtype([(name, np.int32) for name in re.findall(r"^\s*int (\w+);", body, re.M)])
+    return buffers, constants, shape
+
+
+BUFFER, FUNCTION_CONSTANT, SHAPE = _bindings()
+
+
+# ---- the host code's choices (mirror of metal_plan.h) --------------------------
+
+GEMV_MAX_ROWS = 8
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def plan(M: int, N: int, K: int, transpose: bool) -> tuple[str, tuple[int, int, int], int]:
+    """(kernel, threadgroups per grid dimension, threads per threadgroup)."""
+    if M <= GEMV_MAX_ROWS:
+        if transpose:
+            aligned = K % 512 == 0 and N % 8 == 0
+            return ("qmv_fast" if aligned else "qmv"), (M, _ceil_div(N, 8), 1), 64
+        return "qvm", (M, N // 32, 1), 128
+    return ("qmm_t" if transpose else "qmm_n"), (_ceil_div(N, 32), _ceil_div(M, 32), 1), 128
+
+
+def kernel_name(kernel: str, dtype: str, group_size: int, bits: int) -> str:
+    return f"{kernel}_{dtype}_gs{group_size}_b{bits}"
+
+
+# ---- data ------------------------------------------------------------------------
+
+
+def to_bfloat16_bits(a: np.ndarray) -> np.ndarray:
+    """Round-to-nearest-even float32 -> bfloat16 bit patterns (finite inputs)."""
+    u = np.asarray(a, np.float32).view(np.uint32).astype(np.uint64)
+    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+
+
+def from_bfloat16_bits(bits: np.ndarray) -> np.ndarray:
+    return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
+def to_device(a: np.ndarray, dtype: str) -> np.ndarray:
+    """A float array in the kernel's storage type (bfloat16 as uint16 bits)."""
+    if dtype == "bfloat16":
+        return to_bfloat16_bits(a)
+    return np.ascontiguousarray(a, dtype=np.float32 if dtype == "float32" else np.float16)
+
+
+def from_device(a: np.ndarray, dtype: str) -> np.ndarray:
+    return from_bfloat16_bits(a) if dtype == "bfloat16" else a.astype(np.float32)
+
+
+class Problem:
+    """A random quantized matmul: x (*batch, K), w packed as (N, K) or (K, N)."""
+
+    def __init__(self, rng, *, batch, K, N, transpose, group_size, bits, dtype):
+        self.describe = dict(K=K, N=N, transpose=transpose, group_size=group_size, bits=bits)
+        self.dtype, self.group_size, self.bits, self.transpose = dtype, group_size, bits, transpose
+        rows, cols = (N, K) if transpose else (K, N)
+        words = rng.integers(0, 2**32, size=(rows, cols * bits // 32), dtype=np.uint64)
+        self.w = words.astype(np.uint32)
+        self.scales = to_device(rng.uniform(-0.1, 0.1, (rows, cols // group_size)), dtype)
+        self.biases = to_device(rng.uniform(-0.5, 0.5, (rows, cols // group_size)), dtype)
+        self.x = to_device(rng.standard_normal(tuple(batch) + (K,)), dtype)
+        self.bias = to_device(rng.standard_normal(N), dtype)
+        self.M = int(np.prod(batch, dtype=np.int64))
+        self.N, self.K = N, K
+
+    def expected(self, has_bias: bool) -> tuple[np.ndarray, np.ndarray]:
+        """The float64 reference and the tolerance of each output."""
+        d = self.dtype
+        x = from_device(self.x, d).reshape(self.M, self.K)
+        scales, biases = from_device(self.scales, d), from_device(self.biases, d)
+        bias = from_device(self.bias, d) if has_bias else None
+        kw = dict(transpose=self.transpose, group_size=self.group_size, bits=self.bits)
+        expected = ref.quantized_matmul(x, self.w, scales, biases, bias=bias, **kw)
+        magnitude = ref.quantized_matmul_abs(x, self.w, scales, biases, **kw)
+        if bias is not None:
+            magnitude = magnitude + np.abs(ref.to_f64(bias))
+        # The model of tests/test_quantized_matmul.py: float32 accumulation
+        # over K, then one rounding to the output dtype.
+        tol = 2 * (self.K + 4) * EPS["float32"] * magnitude + EPS[d] * np.abs(expected) + 1e-30
+        return expected, tol
+
+    def launch(self, lib: Library, *, has_bias: bool, schedule="forward", check_bounds=1):
+        """Runs what metal.cpp would run; returns (kernel host name, out as float64 (M, N))."""
+        kernel, groups, threads = plan(self.M, self.N, self.K, self.transpose)
+        name = kernel_name(kernel, self.dtype, self.group_size, self.bits)
+        out_type = np.uint16 if self.dtype == "bfloat16" else self.x.dtype
+        out = np.full((self.M, self.N), 0xFFFF if self.dtype == "bfloat16" else np.nan, out_type)
+        shape = np.zeros((), SHAPE)
+        shape["M"], shape["N"], shape["K"] = self.M, self.N, self.K
+        buffers = {
+            BUFFER["w"]: self.w,
+            BUFFER["scales"]: self.scales,
+            BUFFER["biases"]: self.biases,
+            BUFFER["x"]: np.ascontiguousarray(self.x.reshape(self.M, self.K)),
+            BUFFER["out"]: out,
+            BUFFER["shape"]: shape,
+        }
+        if has_bias:
+            buffers[BUFFER["bias"]] = self.bias
+        lib.run(
+            name,
+            buffers,
+            grid=tuple(g * t for g, t in zip(groups, (threads, 1, 1))),
+            threadgroup=(threads, 1, 1),
+            function_constants={FUNCTION_CONSTANT["has_bias"]: has_bias},
+            schedule=schedule,
+            check_bounds=check_bounds,
+            poison=True,
+            strict=True,
+        )
+        return name, ref.to_f64(from_device(out, self.dtype))
+
+    def check(self, lib: Library, *, has_bias=True, schedule="forward", check_bounds=1) -> str:
+        name, got = self.launch(lib, has_bias=has_bias, schedule=schedule, check_bounds=check_bounds)
+        expected, tol = self.expected(has_bias)
+        err = np.abs(got - expected)
+        assert not np.isnan(got).any(), f"{name}: outputs left unwritten (NaN) at {np.argwhere(np.isnan(got))[:5]}"
+        worst = np.unravel_index(np.argmax(err - tol), err.shape)
+        assert np.all(err <= tol), (
+            f"{name} {self.describe} M={self.M} bias={has_bias} {schedule}: at {worst} got "
+            f"{got[worst]}, want {expected[worst]} (tolerance {tol[worst]:.3g})"
+        )
+        return name
+
+
+@pytest.fixture(scope="module")
+def lib() -> Library:
+    try:
+        return Library(KERNELS)
+    except ToolchainMissing as e:
+        pytest.skip(str(e))
+
+
+# ---- every instantiation ---------------------------------------------------------
+
+# Small shapes per kernel that reach its every path: (batch, K, N) by group size.
+COVERAGE_SHAPES = {
+    "qmv_fast": lambda gs: ((2,), 1024, 16),  # two 512-wide blocks, 2 threadgroups
+    "qmv": lambda gs: ((3,), 512 + 2 * gs, 13),  # a block and a tail; N % 8 != 0
+    "qvm": lambda gs: ((2,), 165, 2 * gs),  # K past 4 simdgroups x 32 rows, ragged
+    "qmm_t": lambda gs: ((9,), 2 * gs, 40),  # M, N tiles partial
+    "qmm_n": lambda gs: ((3, 11), 45, gs),  # K tail; M = 33: a second, 1-row tile
+}
+
+
+def _coverage_cases():
+    for kernel in COVERAGE_SHAPES:
+        for dtype in TYPES:
+            for gs in GROUP_SIZES:
+                for bits in BITS:
+                    yield pytest.param(kernel, dtype, gs, bits, id=kernel_name(kernel, dtype, gs, bits))
+
+
+@pytest.mark.parametrize("kernel,dtype,group_size,bits", list(_coverage_cases()))
+def test_every_instantiation(lib, kernel, dtype, group_size, bits):
+    batch, K, N = COVERAGE_SHAPES[kernel](group_size)
+    transpose = kernel in ("qmv_fast", "qmv", "qmm_t")
+    seed = zlib.crc32(kernel_name(kernel, dtype, group_size, bits).encode())
+    p = Problem(np.random.default_rng(seed), batch=batch, K=K, N=N, transpose=transpose,
+                group_size=group_size, bits=bits, dtype=dtype)
+    assert plan(p.M, N, K, transpose)[0] == kernel
+    for schedule, check_bounds, has_bias in RUNS:
+        assert p.check(lib, has_bias=has_bias, schedule=schedule, check_bounds=check_bounds) == \
+            kernel_name(kernel, dtype, group_size, bits)
+
+
+def test_every_instantiation_is_covered(lib):
+    covered = {kernel_name(*params) for params in
+               ((k, d, g, b) for k in COVERAGE_SHAPES for d in TYPES for g in GROUP_SIZES for b in BITS)}
+    assert covered == set(lib.host_names)
+
+
+# ---- edges -----------------------------------------------------------------------
+
+
+def _problem(seed, *, batch, K, N, transpose, group_size=64, bits=4, dtype="float16") -> Problem:
+    return Problem(np.random.default_rng(seed), batch=batch, K=K, N=N, transpose=transpose,
+                   group_size=group_size, bits=bits, dtype=dtype)
+
+
+def _check_all_runs(lib, p: Problem) -> str:
+    names = {p.check(lib, has_bias=b, schedule=s, check_bounds=c) for s, c, b in RUNS}
+    assert len(names) == 1
+    return names.pop()
+
+
+@pytest.mark.parametrize("transpose", [True, False])
+@pytest.mark.parametrize("M", range(1, 10))
+def test_rows_around_the_gemv_gemm_switch(lib, M, transpose):
+    """M = 1 .. 9: the GEMVs up to GEMV_MAX_ROWS, the tiled GEMMs after."""
+    bits, dtype = [(3, "bfloat16"), (4, "float16"), (6, "float32")][M % 3]
+    K, N = (512, 24) if transpose else (77, 64)
+    p = _problem(M, batch=(M,), K=K, N=N, transpose=transpose, bits=bits, dtype=dtype)
+    name = _check_all_runs(lib, p)
+    gemv = "qmv_fast" if transpose else "qvm"
+    gemm = "qmm_t" if transpose else "qmm_n"
+    assert name.startswith(gemv if M <= GEMV_MAX_ROWS else gemm + "_")
+
+
+@pytest.mark.parametrize("N", [1, 5, 8, 13, 31, 32, 33, 63])
+@pytest.mark.parametrize("M", [1, 12])
+def test_output_features_not_a_multiple_of_8_or_32(lib, N, M):
+    bits = [2, 3, 5, 8][N % 4]
+    p = _problem(N, batch=(M,), K=128, N=N, transpose=True, group_size=32, bits=bits, dtype="float32")
+    # K = 128 is no whole 512-wide block: qmv, never qmv_fast.
+    assert _check_all_runs(lib, p).startswith("qmv_float32" if M == 1 else "qmm_t_float32")
+
+
+@pytest.mark.parametrize("group_size", GROUP_SIZES)
+@pytest.mark.parametrize("M", [1, 2, 20])
+@pytest.mark.parametrize("transpose", [True, False])
+def test_k_equal_to_the_group_size(lib, group_size, M, transpose):
+    """One group per row (transpose) / a reduction as short as a group (not)."""
+    N = 40 if transpose else group_size
+    p = _problem(group_size + M, batch=(M,), K=group_size, N=N, transpose=transpose,
+                 group_size=group_size, bits=5, dtype="bfloat16")
+    _check_all_runs(lib, p)
+
+
+@pytest.mark.parametrize("batch", [(2, 3, 1), (2, 1, 4), (3, 2, 5)])
+@pytest.mark.parametrize("transpose", [True, False])
+def test_batch_dimensions_fold_into_rows(lib, batch, transpose):
+    """x (*batch, K) is one (prod(batch), K) matrix for every kernel."""
+    K, N = (1024, 48) if transpose else (100, 128)
+    p = _problem(sum(batch), batch=batch, K=K, N=N, transpose=transpose, bits=6, dtype="float16")
+    assert p.M == int(np.prod(batch))
+    _check_all_runs(lib, p)
+
+
+@pytest.mark.parametrize("transpose", [True, False])
+@pytest.mark.parametrize("M", [1, 40])
+def test_empty_reduction_gives_the_bias(lib, transpose, M):
+    """K = 0: no loop iteration; every output is bias[n] (or 0)."""
+    p = _problem(M, batch=(M,), K=0, N=64, transpose=transpose, bits=4, dtype="float32")
+    for has_bias in (True, False):
+        _, got = p.launch(lib, has_bias=has_bias)
+        want = np.broadcast_to(from_device(p.bias, "float32") if has_bias else 0.0, got.shape)
+        np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize(
+    "transpose,M,K,N,bits",
+    [(True, 1, 2048, 64, 4), (True, 3, 1536, 72, 3), (False, 2, 640, 256, 4), (True, 64, 256, 96, 5),
+     (False, 48, 300, 192, 2)],
+)
+def test_layer_sized_problems(lib, transpose, M, K, N, bits):
+    """Several K blocks / steps and several threadgroups per dimension."""
+    p = _problem(K + N, batch=(M,), K=K, N=N, transpose=transpose, group_size=64, bits=bits,
+                 dtype="bfloat16")
+    p.check(lib, has_bias=True, schedule="random")
+
+
+# ---- the host code's plan ----------------------------------------------------------
+
+
+def _plan_driver(tmp_path: Path) -> Path:
+    try:
+        compiler = find_clang()[0]
+    except ToolchainMissing:
+        compiler = next((c for c in ("clang++", "c++", "g++") if shutil.which(c)), None)
+        if compiler is None:
+            pytest.skip("no C++ compiler to build the metal_plan.h driver")
+    source = tmp_path / "plan_driver.cpp"
+    source.write_text(
+        '#include <cstdio>\n#include "quantized_matmul/metal_plan.h"\n'
+        "int main() {\n  long long m, n, k; int t;\n"
+        '  while (std::scanf("%lld %lld %lld %d", &m, &n, &k, &t) == 4) {\n'
+        "    auto l = mlx_ext::metal_plan::plan(m, n, k, t != 0);\n"
+        '    std::printf("%s %lld %lld %lld %d\\n", mlx_ext::metal_plan::kernel_name(l, "float16", 64, 4).c_str(),\n'
+        "                (long long)l.groups[0], (long long)l.groups[1], (long long)l.groups[2], l.threads);\n"
+        "  }\n}\n"
+    )
+    exe = tmp_path / "plan_driver"
+    subprocess.run([compiler, "-std=c++17", "-I", str(REPO / "csrc"), str(source), "-o", str(exe)],
+                   check=True, capture_output=True, text=True)
+    return exe
+
+
+def test_plan_mirrors_metal_plan_h(tmp_path):
+    exe = _plan_driver(tmp_path)
+    cases = [(M, N, K, t) for M in (1, 2, 7, 8, 9, 31, 32, 33, 1000) for N in (1, 8, 13, 32, 64, 4096)
+             for K in (0, 32, 480, 512, 1024, 1056, 4096) for t in (0, 1) if t or N % 32 == 0]
+    stdin = "".join(f"{M} {N} {K} {t}\n" for M, N, K, t in cases)
+    lines = subprocess.run([str(exe)], input=stdin, capture_output=True, text=True, check=True).stdout.split("\n")
+    for (M, N, K, t), line in zip(cases, lines):
+        kernel, groups, threads = plan(M, N, K, bool(t))
+        assert line.split() == [kernel_name(kernel, "float16", 64, 4), *map(str, groups), str(threads)], (M, N, K, t)
+
+
+# ---- the same instantiations on a real Apple GPU (macOS with Metal only) -------------
+
+
+def _gpu_available() -> bool:
+    import mlx.core as mx
+
+    return mx.metal.is_available()
+
+
+@pytest.mark.skipif(not _gpu_available(), reason="no Metal GPU here (the emulator runs these kernels instead)")
+@pytest.mark.parametrize("kernel,dtype,group_size,bits", list(_coverage_cases()))
+def test_every_instantiation_on_the_gpu(kernel, dtype, group_size, bits):
+    """mlx_ext.quantized_matmul on the GPU stream, with the coverage shapes:
+    metal.cpp picks `kernel` for each (the plan mirror says so)."""
+    import mlx.core as mx
+
+    import mlx_ext
+
+    batch, K, N = COVERAGE_SHAPES[kernel](group_size)
+    transpose = kernel in ("qmv_fast", "qmv", "qmm_t")
+    p = Problem(np.random.default_rng(zlib.crc32(kernel_name(kernel, dtype, group_size, bits).encode())),
+                batch=batch, K=K, N=N, transpose=transpose, group_size=group_size, bits=bits, dtype=dtype)
+    assert plan(p.M, N, K, transpose)[0] == kernel
+    mx_type = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}[dtype]
+
+    def on_device(a):  # exact: every value is representable in the dtype
+        return mx.array(from_device(a, dtype)).astype(mx_type)
+
+    for has_bias in (True, False):
+        out = mlx_ext.quantized_matmul(
+            on_device(p.x), mx.array(p.w), on_device(p.scales), on_device(p.biases),
+            transpose=transpose, group_size=group_size, bits=bits,
+            bias=on_device(p.bias) if has_bias else None, stream=mx.gpu,
+        )
+        got = ref.to_f64(out).reshape(p.M, N)
+        expected, tol = p.expected(has_bias)
+        assert np.all(np.abs(got - expected) <= tol), (
+            f"{kernel_name(kernel, dtype, group_size, bits)} bias={has_bias}: max error "
+            f"{np.abs(got - expected).max():.3g}"
+        )
