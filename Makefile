@@ -21,7 +21,7 @@ SOURCES := $(shell find csrc metal mlx_ext -type f -not -name '*.pyc' -not -name
 .PHONY: demo test bench build clean
 
 demo: $(BUILD_STAMP)
-	$(PY) -m bench.showcase
+	$(PY) -m mlx_ext.generate --compare
 
 test: $(BUILD_STAMP)
 	bash tests/metal_emu/ensure_clang.sh

@@ -24,6 +24,8 @@ from ._ext import (  # noqa: E402
     set_cpu_isa,
     set_num_threads,
 )
+from . import nn  # noqa: E402
+from .lm import patch, unpatch  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -31,7 +33,10 @@ __all__ = [
     "available_cpu_isas",
     "get_cpu_isa",
     "get_num_threads",
+    "nn",
+    "patch",
     "quantized_matmul",
     "set_cpu_isa",
     "set_num_threads",
+    "unpatch",
 ]

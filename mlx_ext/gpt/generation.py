@@ -1,0 +1,124 @@
+"""The generation loop: chunked prefill, then one compiled decode step per
+token, each queued (``mx.async_eval``) before the previous token is read, so
+graph building and sampling overlap the computation."""
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import mlx.core as mx
+
+from .cache import KVCache
+from .model import Model
+from .sampling import Sampler, make_sampler
+from .tokenizer import Tokenizer
+
+PREFILL_CHUNK = 512
+
+
+def compiled_decode_step(model: Model) -> Callable:
+    """(token (B, 1), keys, values, offset array) -> (logits (B, vocab), keys, values).
+    The weights are constants of the trace: build a new step after changing layers."""
+
+    def step(token, keys, values, offset):
+        cache = KVCache.decoding(keys, values, offset)
+        logits = model(token, cache)[:, -1]
+        return logits, cache.keys, cache.values
+
+    return mx.compile(step)
+
+
+def generate_tokens(model: Model, prompt: list[int], *, max_tokens: int, sampler: Sampler) -> Iterator[int]:
+    """Yields up to max_tokens token ids that follow `prompt` (batch of one)."""
+    if not prompt or max_tokens < 1:
+        raise ValueError("[mlx_ext.gpt] need a non-empty prompt and max_tokens >= 1")
+    cache = model.make_cache()
+    tokens = mx.array(prompt, mx.int32)[None]
+    for start in range(0, len(prompt), PREFILL_CHUNK):
+        chunk = tokens[:, start : start + PREFILL_CHUNK]
+        cache.reserve(1, chunk.shape[1])
+        logits = model(chunk, cache)
+        cache.offset += chunk.shape[1]
+        if start + PREFILL_CHUNK < len(prompt):
+            mx.eval(cache.keys, cache.values)
+    token = sampler(logits[:, -1])
+    mx.async_eval(token)
+    step = compiled_decode_step(model)
+    for _ in range(max_tokens - 1):
+        cache.reserve(1, 1)
+        offset = mx.array(cache.offset, mx.int32)
+        logits, cache.keys, cache.values = step(token[:, None], cache.keys, cache.values, offset)
+        cache.offset += 1
+        next_token = sampler(logits)
+        mx.async_eval(next_token)
+        yield token.item()
+        token = next_token
+    yield token.item()
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int
+    prompt_seconds: float  # from the start until the first new token is known
+    generated_tokens: int
+    generation_seconds: float  # from the first new token until the last
+    peak_memory_bytes: int
+
+    @property
+    def prompt_tps(self) -> float:
+        return self.prompt_tokens / self.prompt_seconds
+
+    @property
+    def generation_tps(self) -> float:
+        """Tokens after the first, per second: the decode rate."""
+        if self.generated_tokens < 2:
+            return math.nan
+        return (self.generated_tokens - 1) / self.generation_seconds
+
+
+@dataclass
+class Generation:
+    tokens: list[int]
+    text: str
+    stats: GenerationStats
+
+
+def generate(
+    model: Model,
+    tokenizer: Tokenizer,
+    prompt: str,
+    *,
+    max_tokens: int = 256,
+    sampler: Sampler | None = None,
+    seed: int | None = None,
+    on_text: Callable[[str], None] | None = None,
+) -> Generation:
+    """Generates until an end-of-sequence token or max_tokens; `on_text`
+    receives the text as it is produced."""
+    prompt_ids = tokenizer.encode(prompt)
+    sampler = sampler or make_sampler()
+    if seed is not None:
+        mx.random.seed(seed)
+    stream = tokenizer.stream()
+    tokens: list[int] = []
+    mx.reset_peak_memory()
+    start = first = time.perf_counter()
+    for n, token in enumerate(generate_tokens(model, prompt_ids, max_tokens=max_tokens, sampler=sampler)):
+        if n == 0:
+            first = time.perf_counter()
+        if token in tokenizer.eos_token_ids:
+            break
+        tokens.append(token)
+        text = stream.add(token)
+        if on_text is not None and text:
+            on_text(text)
+    end = time.perf_counter()
+    stats = GenerationStats(
+        prompt_tokens=len(prompt_ids),
+        prompt_seconds=first - start,
+        generated_tokens=len(tokens),
+        generation_seconds=end - first,
+        peak_memory_bytes=mx.get_peak_memory(),
+    )
+    return Generation(tokens, tokenizer.decode(tokens), stats)

@@ -1,0 +1,171 @@
+"""A Llama-family decoder: Llama 2/3, Qwen2 (q/k/v biases) and Qwen3 (q/k norms).
+
+RMSNorm, RoPE (with Llama 3 / YaRN scaling), grouped-query attention, SwiGLU,
+tied or untied LM head. Module and parameter names are Hugging Face's, so
+checkpoints load as they are. Layers are declared as float ``nn.Linear`` /
+``nn.Embedding``; the loader (load.py) quantizes them and swaps in the
+``mlx_ext.nn`` layers, which is what every forward pass then runs through.
+"""
+
+from dataclasses import dataclass
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .cache import KVCache
+from .rope import RoPE
+
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
+
+
+@dataclass
+class ModelArgs:
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    intermediate_size: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: dict | None
+    tie_word_embeddings: bool
+
+    @classmethod
+    def from_config(cls, config: dict) -> "ModelArgs":
+        """From a Hugging Face / mlx-lm config.json (either rope field layout)."""
+        model_type = config.get("model_type")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(
+                f"[mlx_ext.gpt] model_type {model_type!r} is not supported "
+                f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
+            )
+        rope = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
+        rope_theta = config.get("rope_theta", rope.pop("rope_theta", 10000.0))
+        if rope.get("rope_type", rope.get("type", "default")) == "default":
+            rope = None
+        heads = config["num_attention_heads"]
+        return cls(
+            model_type=model_type,
+            vocab_size=config["vocab_size"],
+            hidden_size=config["hidden_size"],
+            num_hidden_layers=config["num_hidden_layers"],
+            num_attention_heads=heads,
+            num_key_value_heads=config.get("num_key_value_heads") or heads,
+            intermediate_size=config["intermediate_size"],
+            head_dim=config.get("head_dim") or config["hidden_size"] // heads,
+            rms_norm_eps=config.get("rms_norm_eps", 1e-6),
+            rope_theta=rope_theta,
+            rope_scaling=rope,
+            tie_word_embeddings=config.get("tie_word_embeddings", False),
+        )
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        d, hd = args.hidden_size, args.head_dim
+        self.n_heads, self.n_kv_heads, self.head_dim = args.num_attention_heads, args.num_key_value_heads, hd
+        qkv_bias = args.model_type == "qwen2"
+        self.q_proj = nn.Linear(d, self.n_heads * hd, bias=qkv_bias)
+        self.k_proj = nn.Linear(d, self.n_kv_heads * hd, bias=qkv_bias)
+        self.v_proj = nn.Linear(d, self.n_kv_heads * hd, bias=qkv_bias)
+        self.o_proj = nn.Linear(self.n_heads * hd, d, bias=False)
+        if args.model_type == "qwen3":
+            self.q_norm = nn.RMSNorm(hd, eps=args.rms_norm_eps)
+            self.k_norm = nn.RMSNorm(hd, eps=args.rms_norm_eps)
+        self.rope = RoPE(hd, args.rope_theta, args.rope_scaling)
+        self.scale = hd**-0.5
+
+    def __call__(self, x: mx.array, cache: KVCache, layer: int) -> mx.array:
+        B, L, _ = x.shape
+        q = self.q_proj(x).reshape(B, L, self.n_heads, self.head_dim)
+        k = self.k_proj(x).reshape(B, L, self.n_kv_heads, self.head_dim)
+        v = self.v_proj(x).reshape(B, L, self.n_kv_heads, self.head_dim)
+        if "q_norm" in self:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = _as_dtype(self.rope(q.transpose(0, 2, 1, 3), cache.offset), cache.dtype)
+        k = _as_dtype(self.rope(k.transpose(0, 2, 1, 3), cache.offset), cache.dtype)
+        v = _as_dtype(v.transpose(0, 2, 1, 3), cache.dtype)
+        keys, values, mask = cache.update_and_fetch(layer, k, v)
+        out = mx.fast.scaled_dot_product_attention(q, keys, values, scale=self.scale, mask=mask)
+        return self.o_proj(_as_dtype(out, x.dtype).transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+
+def _as_dtype(x: mx.array, dtype: mx.Dtype) -> mx.array:
+    return x if x.dtype == dtype else x.astype(dtype)
+
+
+class MLP(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.gate_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.input_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self.self_attn = Attention(args)
+        self.post_attention_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self.mlp = MLP(args)
+
+    def __call__(self, x: mx.array, cache: KVCache, layer: int) -> mx.array:
+        h = x + self.self_attn(self.input_layernorm(x), cache, layer)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class Backbone(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = [DecoderLayer(args) for _ in range(args.num_hidden_layers)]
+        self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+
+
+class Model(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.model = Backbone(args)
+        if not args.tie_word_embeddings:
+            self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+
+    def __call__(self, tokens: mx.array, cache: KVCache) -> mx.array:
+        """Logits (B, L, vocab) of the (B, L) tokens that follow the cache's
+        contents; the caller reserves room first and advances ``cache.offset`` after."""
+        h = self.model.embed_tokens(tokens)
+        for i, layer in enumerate(self.model.layers):
+            h = layer(h, cache, i)
+        h = self.model.norm(h)
+        if self.args.tie_word_embeddings:
+            return self.model.embed_tokens.as_linear(h)
+        return self.lm_head(h)
+
+    @property
+    def dtype(self) -> mx.Dtype:
+        """The activation dtype: that of the float parameters."""
+        return self.model.norm.weight.dtype
+
+    def make_cache(self) -> KVCache:
+        # MLX's CPU matmul has no fast half-precision path: there, keys, values
+        # and attention stay float32 (faster and more accurate, twice the memory).
+        dtype = mx.float32 if mx.default_device() == mx.cpu else self.dtype
+        return KVCache(self.args.num_hidden_layers, self.args.num_key_value_heads, self.args.head_dim, dtype)
+
+    def sanitize(self, weights: dict) -> dict:
+        """Drops what checkpoints carry beyond the parameters: precomputed RoPE
+        tables, and the copy of the tied head."""
+        weights = {k: v for k, v in weights.items() if "rotary_emb.inv_freq" not in k}
+        if self.args.tie_word_embeddings:
+            weights.pop("lm_head.weight", None)
+            weights.pop("lm_head.scales", None)
+            weights.pop("lm_head.biases", None)
+        return weights

@@ -1,0 +1,160 @@
+"""mlx_ext.patch against mlx-lm's own model zoo.
+
+Every config of mlx-lm's ``tests/test_models.py::test_all_models`` is built
+with random weights in float32, quantized 4-bit with group size 64 (honouring
+the model's ``quant_predicate``), and run before and after ``mlx_ext.patch``:
+the logits of a prefill and of a cached decode step must agree within 1e-3
+relative (max |difference| / max |logit|), and a short greedy
+``mlx_lm.generate.generate_step`` must run on the patched model.
+
+    python tests/lm_acceptance.py PATH/TO/mlx-lm/tests/test_models.py
+
+mlx-lm's tests are not in its wheel: clone github.com/ml-explore/mlx-lm at the
+installed version. tests/test_lm_patch.py runs ``check_config`` on a
+representative subset in the default test suite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import importlib
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_map
+
+import mlx_ext
+
+RTOL = 1e-3
+PROMPT = [[0, 1, 2, 3, 4, 5, 6, 7]]
+GENERATED_TOKENS = 8
+
+
+@dataclass
+class Result:
+    model_type: str
+    status: str  # "pass", "fail" or "skip"
+    prefill_rel: float = float("nan")
+    decode_rel: float = float("nan")
+    tokens_agree: bool | None = None
+    patch_report: str = ""
+    reason: str = ""
+
+
+def quantize(model: nn.Module, group_size: int = 64, bits: int = 4) -> None:
+    """mlx_lm.utils.quantize_model's rule (the model's quant_predicate; layers
+    whose input is not a multiple of group_size stay float), with parameters
+    passed as a dict so that layers whose ``to_quantized`` takes no ``mode``
+    (afm7's FusedLinear) quantize too."""
+    predicate = getattr(model, "quant_predicate", None)
+
+    def layer_params(path, module):
+        if not hasattr(module, "to_quantized") or module.weight.shape[-1] % group_size:
+            return False
+        chosen = predicate(path, module) if predicate is not None else True
+        return {"group_size": group_size, "bits": bits} if chosen is True else chosen
+
+    nn.quantize(model, class_predicate=layer_params)
+
+
+def build_quantized(config: dict) -> nn.Module:
+    arch = importlib.import_module(f"mlx_lm.models.{config['model_type']}")
+    mx.random.seed(0)
+    model = arch.Model(arch.ModelArgs.from_dict(config))
+    model.update(tree_map(lambda p: p.astype(mx.float32), model.parameters()))
+    quantize(model)
+    mx.eval(model.parameters())
+    return model
+
+
+def prefill_and_decode(model: nn.Module) -> tuple[mx.array, mx.array]:
+    from mlx_lm.models.cache import make_prompt_cache
+
+    cache = make_prompt_cache(model)
+    prefill = model(mx.array(PROMPT), cache=cache)
+    decode = model(mx.argmax(prefill[:, -1:], axis=-1), cache=cache)
+    mx.eval(prefill, decode)
+    return prefill, decode
+
+
+def greedy_tokens(model: nn.Module) -> list[int]:
+    from mlx_lm.generate import generate_step
+
+    steps = generate_step(mx.array(PROMPT[0]), model, max_tokens=GENERATED_TOKENS)
+    return [token for token, _ in steps]
+
+
+def relative_error(got: mx.array, want: mx.array) -> float:
+    return (mx.abs(got - want).max() / mx.abs(want).max()).item()
+
+
+def check_config(config: dict) -> Result:
+    model_type = config["model_type"]
+    try:
+        model = build_quantized(config)
+        want_prefill, want_decode = prefill_and_decode(model)
+        want_tokens = greedy_tokens(model)
+    except Exception as e:  # the unpatched quantized model: mlx-lm's own limits
+        return Result(model_type, "skip", reason=f"mlx-lm's quantized model fails: {e!r}"[:200])
+    try:
+        report = mlx_ext.patch(model)
+        prefill, decode = prefill_and_decode(model)
+        tokens = greedy_tokens(model)
+    except Exception as e:
+        return Result(model_type, "fail", reason=f"patched model fails: {e!r}"[:200])
+    result = Result(
+        model_type,
+        "pass",
+        prefill_rel=relative_error(prefill, want_prefill),
+        decode_rel=relative_error(decode, want_decode),
+        tokens_agree=tokens == want_tokens,
+        patch_report=str(report),
+    )
+    if max(result.prefill_rel, result.decode_rel) > RTOL or len(tokens) != GENERATED_TOKENS:
+        result.status = "fail"
+    return result
+
+
+def configs_of_test_all_models(test_models_py: Path) -> list[dict]:
+    """The literal config list of test_all_models, read without importing the file."""
+    tree = ast.parse(test_models_py.read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.FunctionDef) and node.name == "test_all_models":
+            for stmt in node.body:
+                if isinstance(stmt, ast.Assign) and getattr(stmt.targets[0], "id", "") == "test_configs":
+                    # Literals plus a little arithmetic (e.g. 2 * [...]): no names, no calls.
+                    code = compile(ast.Expression(stmt.value), str(test_models_py), "eval")
+                    return eval(code, {"__builtins__": {}})
+    raise ValueError(f"no test_all_models config list in {test_models_py}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("test_models_py", type=Path, help="mlx-lm's tests/test_models.py")
+    args = parser.parse_args()
+    results = []
+    for config in configs_of_test_all_models(args.test_models_py):
+        result = check_config(config)
+        results.append(result)
+        print(
+            f"{result.status:4s} {result.model_type:22s} prefill {result.prefill_rel:.1e} "
+            f"decode {result.decode_rel:.1e} tokens agree {result.tokens_agree}  "
+            f"{result.patch_report}{result.reason}",
+            flush=True,
+        )
+    ran = [r for r in results if r.status != "skip"]
+    passed = [r for r in ran if r.status == "pass"]
+    worst = max((max(r.prefill_rel, r.decode_rel) for r in ran), default=float("nan"))
+    print(
+        f"\n{len(results)} configs: {len(ran)} ran, {len(passed)} passed, "
+        f"{len(results) - len(ran)} skipped; max relative error {worst:.2e} (tolerance {RTOL})"
+    )
+    return 0 if len(passed) == len(ran) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

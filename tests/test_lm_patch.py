@@ -1,0 +1,118 @@
+"""mlx_ext.patch / unpatch on mlx-lm models.
+
+A representative subset of the acceptance sweep (tests/lm_acceptance.py runs
+every config of mlx-lm's test_all_models): a llama, a tied-embedding qwen3,
+and two MoE models, quantized 4-bit gs64 with their quant_predicate.
+"""
+
+import pytest
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx_ext
+from mlx_ext.gpt import DEFAULT_MODEL
+
+from .lm_acceptance import RTOL, build_quantized, check_config, prefill_and_decode
+
+pytest.importorskip("mlx_lm")
+
+LLAMA = {
+    "model_type": "llama", "hidden_size": 128, "num_hidden_layers": 2, "intermediate_size": 256,
+    "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-5, "vocab_size": 1000,
+    "tie_word_embeddings": False,
+    "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "original_max_position_embeddings": 64},
+}
+QWEN3_TIED = {
+    "model_type": "qwen3", "hidden_size": 128, "num_hidden_layers": 2, "intermediate_size": 256,
+    "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 64, "rms_norm_eps": 1e-6,
+    "vocab_size": 1000, "max_position_embeddings": 1000, "rope_theta": 1e6, "tie_word_embeddings": True,
+}
+QWEN3_MOE = {
+    "model_type": "qwen3_moe", "hidden_size": 128, "num_hidden_layers": 2, "intermediate_size": 256,
+    "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32, "rms_norm_eps": 1e-6,
+    "vocab_size": 1000, "num_experts": 4, "num_experts_per_tok": 2, "decoder_sparse_step": 1,
+    "mlp_only_layers": [], "moe_intermediate_size": 64, "rope_theta": 1000.0,
+    "tie_word_embeddings": False, "max_position_embeddings": 1000, "norm_topk_prob": True,
+}
+MIXTRAL = {
+    "model_type": "mixtral", "hidden_size": 128, "num_hidden_layers": 2, "intermediate_size": 256,
+    "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-5, "vocab_size": 1000,
+    "num_local_experts": 4, "num_experts_per_tok": 2,
+}
+
+
+@pytest.mark.parametrize(
+    "config,replaced,left",
+    [
+        # 7 projections per layer + lm_head; the embedding
+        (LLAMA, {"QuantizedLinear": 15, "QuantizedEmbedding": 1}, {}),
+        (QWEN3_TIED, {"QuantizedLinear": 14, "QuantizedEmbedding": 1}, {}),
+        # 4 attention projections + the router per layer (8-bit by quant_predicate) + lm_head;
+        # the experts' gate/up/down are QuantizedSwitchLinear (no gather kernel yet)
+        (QWEN3_MOE, {"QuantizedLinear": 11, "QuantizedEmbedding": 1}, {"QuantizedSwitchLinear": 6}),
+        (MIXTRAL, {"QuantizedLinear": 11, "QuantizedEmbedding": 1}, {"QuantizedSwitchLinear": 6}),
+    ],
+    ids=["llama", "qwen3-tied", "qwen3_moe", "mixtral"],
+)
+def test_patched_logits_match(config, replaced, left):
+    result = check_config(config)
+    assert result.status == "pass", result.reason
+    assert result.prefill_rel < RTOL and result.decode_rel < RTOL
+    assert result.tokens_agree
+    expected = "; ".join(
+        f"{label}: " + (", ".join(f"{n} {name}" for name, n in sorted(counts.items())) or "none")
+        for label, counts in (("replaced", replaced), ("left", left))
+    )
+    assert result.patch_report == expected
+
+
+def test_patch_shares_arrays_keeps_attributes_and_unpatch_restores():
+    model = build_quantized(QWEN3_MOE)
+    want_prefill, want_decode = prefill_and_decode(model)
+    router = model.model.layers[0].mlp.gate
+    assert type(router) is nn.QuantizedLinear and router.bits == 8
+
+    report = mlx_ext.patch(model)
+    patched = model.model.layers[0].mlp.gate
+    assert type(patched) is mlx_ext.nn.QuantizedLinear
+    assert patched["weight"] is router["weight"] and patched["scales"] is router["scales"]
+    assert (patched.group_size, patched.bits, patched.mode) == (64, 8, "affine")
+    assert patched.trainable_parameters() == {}
+    assert mlx_ext.patch(model).replaced == {}  # nothing left to patch
+
+    back = mlx_ext.unpatch(model)
+    assert back.replaced == report.replaced
+    restored = model.model.layers[0].mlp.gate
+    assert type(restored) is nn.QuantizedLinear and restored["weight"] is router["weight"]
+    prefill, decode = prefill_and_decode(model)
+    assert mx.array_equal(prefill, want_prefill) and mx.array_equal(decode, want_decode)
+
+
+def test_subclasses_and_other_modes_are_left_alone():
+    class Fused(nn.QuantizedLinear):
+        pass
+
+    model = nn.Sequential(
+        nn.QuantizedLinear(64, 64, bias=False),
+        Fused(64, 64, bias=False),
+        nn.QuantizedLinear(64, 64, bias=False, mode="mxfp4"),
+        nn.Linear(64, 64),
+    )
+    report = mlx_ext.patch(model)
+    assert report.replaced == {"QuantizedLinear": 1}
+    assert report.left == {"Fused": 1, "QuantizedLinear(mode=mxfp4)": 1}
+    expected = [mlx_ext.nn.QuantizedLinear, Fused, nn.QuantizedLinear, nn.Linear]
+    assert [type(m) for m in model.layers] == expected
+
+
+def test_mlx_lm_generate_on_patched_embedded_model():
+    from mlx_lm import generate, load
+
+    model, tokenizer = load(str(DEFAULT_MODEL))
+    prompt = "In the beginning God created"
+    stock = generate(model, tokenizer, prompt, max_tokens=40)
+    report = mlx_ext.patch(model)
+    assert report.replaced == {"QuantizedLinear": 42, "QuantizedEmbedding": 1} and report.left == {}
+    patched = generate(model, tokenizer, prompt, max_tokens=40)
+    assert patched == stock
+    assert len(patched) >= 30 and " unto " in patched  # readable KJV English

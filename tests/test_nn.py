@@ -1,0 +1,79 @@
+"""mlx_ext.nn layers: MLX's parameters and attributes, mlx_ext's matmul, the
+float64 reference's numbers."""
+
+import numpy as np
+import pytest
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_map
+import mlx_ext
+
+from . import reference as ref
+
+EPS = {mx.float32: 2.0**-24, mx.float16: 2.0**-11}
+
+
+def assert_close_to_reference(out, x, layer, bias=None):
+    w_q, scales, biases = layer["weight"], layer["scales"], layer["biases"]
+    kw = dict(group_size=layer.group_size, bits=layer.bits)
+    expected = ref.quantized_matmul(x, w_q, scales, biases, bias=bias, **kw)
+    magnitude = ref.quantized_matmul_abs(x, w_q, scales, biases, **kw)
+    if bias is not None:
+        magnitude = magnitude + np.abs(ref.to_f64(bias))
+    # float32 accumulation over K terms, then one rounding to the output dtype
+    tol = 2 * (x.shape[-1] + 4) * EPS[mx.float32] * magnitude + EPS[out.dtype] * np.abs(expected)
+    np.testing.assert_array_less(np.abs(ref.to_f64(out) - expected), tol + 1e-30)
+
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.float16])
+@pytest.mark.parametrize("bits,group_size", [(4, 64), (8, 32), (3, 128)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_quantized_linear_matches_reference(dtype, bits, group_size, bias):
+    mx.random.seed(bits + group_size)
+    linear = nn.Linear(256, 96, bias=bias)
+    if bias:
+        linear.bias = mx.random.normal((96,))
+    linear.update(tree_map(lambda p: p.astype(dtype), linear.parameters()))
+    layer = mlx_ext.nn.QuantizedLinear.from_linear(linear, group_size, bits)
+    x = mx.random.normal((3, 5, 256)).astype(dtype)
+    out = layer(x)
+    assert out.shape == (3, 5, 96) and out.dtype == dtype
+    assert_close_to_reference(out, x, layer, bias=layer.get("bias"))
+    stock = nn.QuantizedLinear.from_linear(linear, group_size, bits)(x)
+    tol = 1e-2 if dtype == mx.float16 else 1e-4
+    np.testing.assert_allclose(
+        np.array(out.astype(mx.float32)), np.array(stock.astype(mx.float32)), rtol=tol, atol=tol
+    )
+
+
+def test_quantized_linear_has_mlx_parameters_and_attributes():
+    linear = nn.Linear(128, 64, bias=True)
+    ours = mlx_ext.nn.QuantizedLinear.from_linear(linear, 32, 8)
+    theirs = nn.QuantizedLinear.from_linear(linear, 32, 8)
+    assert isinstance(ours, nn.QuantizedLinear)
+    assert sorted(ours.keys()) == sorted(theirs.keys()) == ["bias", "biases", "scales", "weight"]
+    for key in ours:
+        assert ours[key].shape == theirs[key].shape and ours[key].dtype == theirs[key].dtype
+    assert (ours.group_size, ours.bits, ours.mode) == (32, 8, "affine")
+    assert ours.trainable_parameters().keys() == theirs.trainable_parameters().keys()
+
+
+def test_quantized_embedding_lookup_and_tied_head():
+    mx.random.seed(1)
+    embedding = nn.Embedding(300, 128)
+    ours = mlx_ext.nn.QuantizedEmbedding.from_embedding(embedding, 64, 4)
+    theirs = nn.QuantizedEmbedding.from_embedding(embedding, 64, 4)
+    assert isinstance(ours, nn.QuantizedEmbedding)
+    tokens = mx.array([[0, 299, 17], [5, 5, 1]])
+    assert mx.array_equal(ours(tokens), theirs(tokens))
+    h = mx.random.normal((2, 3, 128))
+    logits = ours.as_linear(h)
+    assert logits.shape == (2, 3, 300)
+    assert_close_to_reference(logits, h, ours)
+
+
+def test_non_affine_layer_raises():
+    layer = mlx_ext.nn.QuantizedLinear(64, 32, bias=False, mode="mxfp4")
+    with pytest.raises(ValueError, match="mode"):
+        mx.eval(layer(mx.ones((1, 64))))
