@@ -18,7 +18,7 @@ BUILD_STAMP := build/.mlx_ext-built
 SOURCES := $(shell find csrc metal mlx_ext -type f -not -name '*.pyc' -not -name '*.so' 2>/dev/null) \
            CMakeLists.txt pyproject.toml
 
-.PHONY: demo test bench build clean
+.PHONY: demo test test-gpu bench build clean
 
 demo: $(BUILD_STAMP)
 	$(PY) -m mlx_ext.generate --compare
@@ -27,6 +27,10 @@ test: $(BUILD_STAMP)
 	bash tests/metal_emu/ensure_clang.sh
 	bash tests/native/ensure_cross_tools.sh
 	$(PY) -m pytest tests -q
+
+# The op tests on MLX's GPU stream (a Metal build, or MLX_EXT_CUDA=ON with mlx-cuda).
+test-gpu: $(BUILD_STAMP)
+	$(PY) -m pytest tests -q --device gpu
 
 bench: $(BUILD_STAMP)
 	$(PY) -m bench.bench_quantized_matmul

@@ -25,5 +25,9 @@ settings.register_profile(
 )
 settings.load_profile(os.environ.get("MLX_EXT_HYPOTHESIS_PROFILE", "ci"))
 
-# The Metal emulator's coverage gate: records launches, enforces at the end.
-pytest_plugins = ["tests.metal_emu.pytest_plugin"]
+# The Metal emulator's coverage gate (records launches, enforces at the end)
+# and the choice of MLX device for the op tests.
+pytest_plugins = [
+    "tests.metal_emu.pytest_plugin",
+    "tests.device_option",  # --device gpu / MLX_EXT_TEST_DEVICE=gpu
+]

@@ -1,0 +1,106 @@
+#!/usr/bin/env bash
+# Build, test and benchmark the CUDA kernels on the GPU machine in one go,
+# from the repository root, writing logs and results under $OUT:
+#
+#   bash scripts/gpu_run.sh [stage ...]   stages: build exceptions cuda sanitize suite bench
+#                                          (default: all, in that order)
+#   MLX_EXT_GPU_BENCH_ARGS="--rows 1,8"   extra arguments of the bench
+#
+# Needs, carried into the checkout (ignored by git): .gpu-tools/ (a copy of
+# ../shared/gpu/*.sh), .gpu-wheels/b/ (see ../shared/gpu/README.md; a run just
+# before this one copied .gpu-wheels/a/* to /root/stash) and .whl/ with
+# nanobind-3.1.0 (the version whose ABI key matches the mlx 0.32.4 wheels).
+# A machine that still has /root/mlx-site and the build skips those steps.
+# Every stage runs under a time limit that keeps the whole under MLX_EXT_GPU_DEADLINE
+# seconds (default 570), so that what ran comes back.
+set -uo pipefail
+OUT=${OUT:-/tmp/mlx_ext_gpu_out}
+mkdir -p "$OUT"
+exec > >(tee -a "$OUT/run.log") 2>&1
+export PYTHONUNBUFFERED=1
+deadline=${MLX_EXT_GPU_DEADLINE:-570}
+stages=${*:-build exceptions cuda sanitize suite bench}
+left() { echo $((deadline - SECONDS)); }
+stage() { echo; echo "=== $1 (t=${SECONDS}s, $(left)s left)"; }
+has() { [[ " $stages " == *" $1 "* ]]; }
+
+stage setup
+if PYTHONPATH=/root/mlx-site python3 -c "import mlx.core" 2>/dev/null; then
+  export PYTHONPATH=/root/mlx-site
+else
+  eval "$(bash .gpu-tools/install-mlx-cuda.sh /root/stash .gpu-wheels/b)" || exit 1
+fi
+if ! python3 -c "import nanobind, sys; sys.exit(nanobind.__version__ != '3.1.0')" 2>/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /root/nb-site .whl/nanobind-*.whl || exit 1
+  export PYTHONPATH=/root/nb-site:$PYTHONPATH
+fi
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm,clocks.mem --format=csv
+python3 -c "import mlx.core as mx, nanobind; print('mlx', mx.__version__, mx.default_device(), 'nanobind', nanobind.__version__)"
+
+# The image sets CXX=/opt/gcc/bin/g++; an _ext built with it crashed at its
+# first C++ exception (2026-11-21), one built with /usr/bin/g++ did not (the
+# exceptions stage, scripts/gpu_check_exceptions.sh, checks it each run).
+echo "CXX=${CXX:-} g++ on PATH: $(command -v g++) ($(g++ -dumpfullversion 2>/dev/null)); system: $(ls /usr/bin/g++* 2>/dev/null | tr '\n' ' ')"
+if [ -x /usr/bin/g++ ]; then
+  export CC=/usr/bin/gcc CXX=/usr/bin/g++
+fi
+
+if has build; then
+  stage build
+  cudnn=$(python3 -c "import nvidia.cudnn as c; print(list(c.__path__)[0])")
+  export CMAKE_ARGS="-DCUDNN_INCLUDE_PATH=$cudnn/include -DCUDNN_LIBRARY_PATH=$cudnn/lib -DMLX_EXT_CUDA_ARCHITECTURES=90"
+  # This machine's linker cannot run GCC's lto-wrapper (nanobind's LTO applies
+  # to Release builds): build RelWithDebInfo at -O3 instead.
+  export SKBUILD_CMAKE_BUILD_TYPE=RelWithDebInfo
+  CMAKE_ARGS="$CMAKE_ARGS '-DCMAKE_CXX_FLAGS_RELWITHDEBINFO=-O3 -DNDEBUG'"
+  export CMAKE_BUILD_PARALLEL_LEVEL=$(nproc)
+  if ! MLX_EXT_CUDA=ON timeout "$(left)" python3 -m pip install --no-build-isolation --no-deps -e . -v \
+      > "$OUT/build.log" 2>&1; then
+    grep -E "error|Error|FAILED" "$OUT/build.log" | head -40
+    tail -40 "$OUT/build.log"
+    exit 1
+  fi
+  grep -E "nvcc|Linking" "$OUT/build.log" | tail -5
+  python3 -c "import mlx_ext, mlx.core as mx; print('mlx_ext imported;', mx.default_device())" || exit 1
+fi
+
+if has exceptions; then
+  stage "C++ exceptions into Python"
+  bash scripts/gpu_check_exceptions.sh
+fi
+
+pytest_device="-p tests.device_option --device gpu"
+grep -q device_option tests/conftest.py 2>/dev/null && pytest_device="--device gpu"
+
+if has cuda; then
+  stage "cuda kernel tests"
+  timeout "$(( $(left) < 200 ? $(left) : 200 ))" python3 -m pytest tests/test_quantized_matmul_cuda.py \
+    $pytest_device -q -x -p no:cacheprovider 2>&1 | tail -25
+fi
+
+if has sanitize; then
+  stage "compute-sanitizer memcheck"
+  timeout "$(( $(left) < 120 ? $(left) : 120 ))" compute-sanitizer --tool memcheck --print-limit 20 \
+    python3 scripts/gpu_sanitize_case.py > "$OUT/sanitizer.log" 2>&1
+  echo "sanitizer exit $?"
+  tail -8 "$OUT/sanitizer.log"
+fi
+
+if has suite; then
+  stage "test suite on the GPU"
+  timeout "$(( $(left) < 150 ? $(left) : 150 ))" python3 -m pytest tests/test_quantized_matmul.py tests/test_quantized_matmul_errors.py \
+    tests/test_quantized_matmul_transforms.py tests/test_package.py tests/test_cuda_compile.py \
+    $pytest_device -q -p no:cacheprovider > "$OUT/suite.log" 2>&1
+  echo "suite exit $?"
+  tail -15 "$OUT/suite.log"
+fi
+if has bench; then
+  stage bench
+  timeout "$(left)" python3 -m bench.bench_quantized_matmul \
+    --device gpu ${MLX_EXT_GPU_BENCH_ARGS:-} > "$OUT/bench.log" 2>&1
+  echo "bench exit $?"
+  tail -30 "$OUT/bench.log"
+  cp bench/results/h[12]00/quantized_matmul*.json bench/results/h[12]00/quantized_matmul*.md "$OUT/" 2>/dev/null
+fi
+
+stage done
