@@ -3,6 +3,7 @@ float32 matmul, side by side in one process, on the same inputs.
 
     python -m bench.bench_quantized_matmul            # the full table
     python -m bench.bench_quantized_matmul --quick    # a smoke run
+    python -m bench.bench_quantized_matmul --device gpu   # CUDA: see main_gpu
 
 Bandwidth figures count the bytes of the quantized weights + scales + biases
 read once per call, over the machine's copy bandwidth (bytes read + written,
@@ -16,6 +17,10 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
+import re
+import statistics
+import subprocess
 import time
 
 import numpy as np
@@ -50,43 +55,52 @@ def time_mx(fn, copies, x, repeats):
 
 
 def bench_shape(n, k, bits, dtype_name, rows, copy_bw, mlx_budget, repeats):
+    """Times the three implementations in turn on the same inputs: mlx_ext,
+    then MLX, then NumPy (whose dense copies are allocated only for its turn:
+    writing them slows the other two's memory streams for a while here)."""
     dtype = DTYPES[dtype_name]
     one = quantized_copies(n, k, bits, dtype, 1)[0]
     q_bytes = sum(a.nbytes for a in one)
     copies = [one] + quantized_copies(n, k, bits, dtype, max(1, math.ceil(CACHE_BYTES / q_bytes)), seed=1)
-    dense = [np.random.default_rng(i).standard_normal((n, k), dtype=np.float32)
-             for i in range(max(2, math.ceil(CACHE_BYTES / (4 * n * k))))]
     ours = lambda x, w, s, b: mlx_ext.quantized_matmul(x, w, s, b, group_size=GROUP_SIZE, bits=bits)
     theirs = lambda x, w, s, b: mx.quantized_matmul(x, w, s, b, group_size=GROUP_SIZE, bits=bits)
-    results = []
-    mlx_m1 = None
+    xs = {m: mx.random.normal((m, k), key=mx.random.key(m)).astype(dtype) for m in rows}
+    mx.eval(list(xs.values()))
+
+    t_ours = {m: time_mx(ours, copies, xs[m], repeats) for m in rows}
+    t_mlx, mlx_m1 = {}, None
     for m in rows:
-        x = mx.random.normal((m, k), key=mx.random.key(m)).astype(dtype)
-        xn = np.array(x.astype(mx.float32))
-        mx.eval(x)
-        t_ours = time_mx(ours, copies, x, repeats)
-        t_numpy = harness.time_calls(lambda i: xn @ dense[i % len(dense)].T, warmup=1,
-                                     repeats=max(3, repeats // 3))["median_s"]
-        time.sleep(0.3)  # let OpenBLAS's threads stop spinning before timing others
-        t_mlx = None
         if m == 1 or (mlx_m1 is not None and mlx_m1 * m <= mlx_budget):
             slow = mlx_m1 is not None and mlx_m1 * m > 0.5
-            t_mlx = time_mx(theirs, copies, x, 2 if slow or (m == 1 and dtype != mx.float32) else repeats)
-            if m == 1:
-                mlx_m1 = t_mlx
+            few = slow or (m == 1 and dtype != mx.float32)
+            t_mlx[m] = time_mx(theirs, copies, xs[m], 2 if few else repeats)
+            mlx_m1 = mlx_m1 or t_mlx[m]
+    dense = [np.random.default_rng(i).standard_normal((n, k), dtype=np.float32)
+             for i in range(max(2, math.ceil(CACHE_BYTES / (4 * n * k))))]
+    t_numpy = {}
+    for m in rows:
+        xn = np.array(xs[m].astype(mx.float32))
+        t_numpy[m] = harness.time_calls(lambda i: xn @ dense[i % len(dense)].T, warmup=1,
+                                        repeats=max(3, repeats // 3))["median_s"]
+    del dense
+    time.sleep(0.3)  # let OpenBLAS's threads stop spinning before the next shape
+
+    results = []
+    for m in rows:
         flops = 2.0 * m * n * k
+        mlx_t = t_mlx.get(m)
         row = {
             "N": n, "K": k, "M": m, "bits": bits, "group_size": GROUP_SIZE, "dtype": dtype_name,
-            "mlx_ext_ms": 1e3 * t_ours,
-            "mlx_ms": 1e3 * t_mlx if t_mlx else None,
-            "numpy_f32_ms": 1e3 * t_numpy,
-            "mlx_ext_GBps": q_bytes / t_ours / 1e9,
-            "frac_copy_bw": q_bytes / t_ours / copy_bw,
-            "mlx_ext_GFLOPs": flops / t_ours / 1e9,
-            "numpy_GFLOPs": flops / t_numpy / 1e9,
-            "vs_mlx": t_mlx / t_ours if t_mlx else None,
-            "vs_numpy": t_numpy / t_ours,
-            "mlx_note": "" if t_mlx else f"not run: ~{mlx_m1 * m:.0f} s/call",
+            "mlx_ext_ms": 1e3 * t_ours[m],
+            "mlx_ms": 1e3 * mlx_t if mlx_t else None,
+            "numpy_f32_ms": 1e3 * t_numpy[m],
+            "mlx_ext_GBps": q_bytes / t_ours[m] / 1e9,
+            "frac_copy_bw": q_bytes / t_ours[m] / copy_bw,
+            "mlx_ext_GFLOPs": flops / t_ours[m] / 1e9,
+            "numpy_GFLOPs": flops / t_numpy[m] / 1e9,
+            "vs_mlx": mlx_t / t_ours[m] if mlx_t else None,
+            "vs_numpy": t_numpy[m] / t_ours[m],
+            "mlx_note": "" if mlx_t else f"not run: ~{mlx_m1 * m:.0f} s/call",
         }
         results.append(row)
         print("  ".join(f"{key}={harness_fmt(val)}" for key, val in row.items()), flush=True)
@@ -136,13 +150,220 @@ COLUMNS = [
 ]
 
 
+# ---------------------------------------------------------------------------
+# --device gpu: mlx_ext vs mx.quantized_matmul vs bfloat16 dense mx.matmul on
+# MLX's CUDA backend. An empty mx.eval costs tens of microseconds there, so
+# each timing evaluates many independent calls at once (each on its own copy
+# of the weights, rotated beyond the L2 cache) and reports time per call.
+# ---------------------------------------------------------------------------
+GPU_SHAPES = SHAPES + [(128256, 4096)]  # (N, K); the last is an LM head
+GPU_ROWS = [1, 8, 32, 512, 4096]
+GPU_ROTATE_BYTES = 256 << 20  # weights touched per eval, > 2x the L2 cache
+GPU_EVAL_SECONDS = 2e-3  # calls per eval: enough for this much work
+
+
+def gpu_machine_name():
+    if os.environ.get("MLX_EXT_BENCH_MACHINE"):
+        return os.environ["MLX_EXT_BENCH_MACHINE"]
+    name = gpu_name().lower()
+    for model in ["h200", "h100", "a100", "l40s"]:
+        if model in name:
+            return model
+    return re.sub(r"[^a-z0-9]+", "-", name).strip("-") or "gpu"
+
+
+def gpu_name():
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20)
+        return out.stdout.strip().splitlines()[0]
+    except (OSError, IndexError, subprocess.SubprocessError):
+        return "unknown GPU"
+
+
+def gpu_copy_bandwidth():
+    """Device copy bandwidth, bytes read + written per second: PyTorch's
+    device-to-device copy when PyTorch is there, and MLX's own elementwise
+    copy (x + 0 into a new buffer); the larger is the reference."""
+    nbytes = 2 << 30
+    result = {}
+    try:
+        import torch
+
+        src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device="cuda").normal_()
+        dst = torch.empty_like(src)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        times = []
+        for i in range(12):
+            start.record()
+            dst.copy_(src)
+            end.record()
+            torch.cuda.synchronize()
+            if i >= 2:
+                times.append(start.elapsed_time(end) / 1e3)
+        result["torch_copy_GBps"] = 2 * nbytes / statistics.median(times) / 1e9
+        del src, dst
+        torch.cuda.empty_cache()
+    except Exception as e:  # no PyTorch, or no CUDA in it
+        result["torch_copy_error"] = repr(e)[:200]
+    a = mx.random.normal((nbytes // 2,)).astype(mx.bfloat16)
+    mx.eval(a)
+    t = gpu_time(lambda j: a + 0, calls=4)
+    result["mlx_copy_GBps"] = 2 * nbytes / t / 1e9
+    result["copy_GBps"] = max(result.get("torch_copy_GBps", 0.0), result["mlx_copy_GBps"])
+    return result
+
+
+def gpu_time(make, calls, repeats=7):
+    """Median seconds per call of `make(j)` with `calls` independent calls
+    per mx.eval (after one warm-up eval)."""
+    def run():
+        mx.eval([make(j) for j in range(calls)])
+
+    run()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) / calls
+
+
+def gpu_calls_for(make):
+    """Calls per eval so that one eval holds about GPU_EVAL_SECONDS of work."""
+    one = gpu_time(make, calls=1, repeats=3)
+    return int(min(64, max(2, math.ceil(GPU_EVAL_SECONDS / one))))
+
+
+def gpu_bench_shape(n, k, rows, copy_bw, bits_list):
+    dtype = mx.bfloat16
+    key = mx.random.key(n * 7 + k)
+    dense_bytes = n * k * 2
+    dense = [mx.random.normal((n, k), key=mx.random.split(key, 8)[i]).astype(dtype) * 0.02
+             for i in range(max(1, min(4, math.ceil(GPU_ROTATE_BYTES / dense_bytes))))]
+    mx.eval(dense)
+    quantized = {}
+    for bits in bits_list:
+        one_bytes = n * k * bits // 8 + 2 * (n * k // GROUP_SIZE) * 2
+        count = max(1, math.ceil(GPU_ROTATE_BYTES / one_bytes))
+        quantized[bits] = [mx.quantize(dense[i % len(dense)] + 1e-3 * i, group_size=GROUP_SIZE,
+                                       bits=bits) for i in range(count)]
+        mx.eval(quantized[bits])
+    results = []
+    for m in rows:
+        x = (mx.random.normal((m, k), key=mx.random.key(m)) * 0.5).astype(dtype)
+        mx.eval(x)
+        flops = 2.0 * m * n * k
+        dense_make = lambda j: x @ dense[j % len(dense)].T
+        t_dense = gpu_time(dense_make, gpu_calls_for(dense_make))
+        for bits in bits_list:
+            copies = quantized[bits]
+            q_bytes = sum(a.nbytes for a in copies[0])
+            ours = lambda j: mlx_ext.quantized_matmul(x, *copies[j % len(copies)],
+                                                      group_size=GROUP_SIZE, bits=bits)
+            theirs = lambda j: mx.quantized_matmul(x, *copies[j % len(copies)],
+                                                   group_size=GROUP_SIZE, bits=bits)
+            a, b = ours(0), theirs(0)
+            err = float(mx.abs((a - b).astype(mx.float32)).max() /
+                        mx.maximum(mx.abs(b.astype(mx.float32)).max(), 1e-30))
+            calls = gpu_calls_for(theirs)
+            t_ours = gpu_time(ours, calls)
+            t_mlx = gpu_time(theirs, calls)
+            row = {
+                "N": n, "K": k, "M": m, "bits": bits, "group_size": GROUP_SIZE, "dtype": "bfloat16",
+                "calls_per_eval": calls,
+                "mlx_ext_us": 1e6 * t_ours, "mlx_us": 1e6 * t_mlx, "bf16_us": 1e6 * t_dense,
+                "vs_mlx": t_mlx / t_ours, "vs_bf16": t_dense / t_ours,
+                "mlx_ext_GBps": q_bytes / t_ours / 1e9, "mlx_GBps": q_bytes / t_mlx / 1e9,
+                "frac_copy_bw": q_bytes / t_ours / copy_bw,
+                "mlx_ext_TFLOPs": flops / t_ours / 1e12, "mlx_TFLOPs": flops / t_mlx / 1e12,
+                "bf16_TFLOPs": flops / t_dense / 1e12,
+                "frac_bf16_rate": t_dense / t_ours,
+                "max_rel_diff_vs_mlx": err,
+            }
+            results.append(row)
+            print("  ".join(f"{key}={harness_fmt(val)}" for key, val in row.items()), flush=True)
+        del x
+    return results
+
+
+def gpu_targets(rows, copy_bw):
+    """The CUDA issue's speed targets, checked against this run."""
+    def find(**kw):
+        return next((r for r in rows if all(r[k] == v for k, v in kw.items())), None)
+
+    out = []
+    gemv = find(N=14336, K=4096, M=1, bits=4)
+    if gemv:
+        out.append(("4-bit gs64 GEMV M=1 14336x4096 >= 80% of the device copy bandwidth",
+                    f"{gemv['frac_copy_bw']:.0%} ({gemv['mlx_ext_GBps']:.0f} GB/s of {copy_bw / 1e9:.0f})",
+                    gemv["frac_copy_bw"] >= 0.80))
+        out.append(("4-bit gs64 GEMV M=1 14336x4096 >= 3x mx.quantized_matmul",
+                    f"{gemv['vs_mlx']:.2f}x ({gemv['mlx_ext_us']:.1f} vs {gemv['mlx_us']:.1f} us)",
+                    gemv["vs_mlx"] >= 3))
+    gemm = find(N=4096, K=14336, M=4096, bits=4)
+    if gemm:
+        out.append(("4-bit gs64 GEMM M=4096 4096x14336 >= 60% of bf16 mx.matmul's rate",
+                    f"{gemm['frac_bf16_rate']:.0%} ({gemm['mlx_ext_TFLOPs']:.0f} of "
+                    f"{gemm['bf16_TFLOPs']:.0f} TFLOP/s)", gemm["frac_bf16_rate"] >= 0.60))
+    return out
+
+
+GPU_COLUMNS = [
+    ("bits", "bits"), ("N", "N"), ("K", "K"), ("M", "M"), ("calls_per_eval", "calls/eval"),
+    ("mlx_ext_us", "mlx_ext us"), ("mlx_us", "mx.qmm us"), ("bf16_us", "bf16 mm us"),
+    ("vs_mlx", "x mx.qmm"), ("vs_bf16", "x bf16 mm"), ("mlx_ext_GBps", "GB/s"),
+    ("frac_copy_bw", "of copy BW"), ("mlx_ext_TFLOPs", "TFLOP/s"), ("mlx_TFLOPs", "mx.qmm TFLOP/s"),
+    ("bf16_TFLOPs", "bf16 TFLOP/s"), ("max_rel_diff_vs_mlx", "max rel diff vs mx.qmm"),
+]
+
+
+def main_gpu(args):
+    if not (hasattr(mx, "cuda") and mx.cuda.is_available()):
+        raise SystemExit("--device gpu needs MLX's CUDA backend (pip install 'mlx[cuda13]')")
+    mx.set_default_device(mx.gpu)
+    os.environ["MLX_EXT_BENCH_MACHINE"] = gpu_machine_name()
+    info = harness.machine_info()
+    info["gpu"] = gpu_name()
+    bw = gpu_copy_bandwidth()
+    info.update({k: round(v, 1) if isinstance(v, float) else v for k, v in bw.items()})
+    print(f"device copy bandwidth {bw['copy_GBps']:.0f} GB/s (read + write): {bw}", flush=True)
+    shapes, rows, bits_list = ((GPU_SHAPES[1:2], [1, 512], [4]) if args.quick
+                               else (GPU_SHAPES, GPU_ROWS, BITS))
+    if args.rows:
+        rows = [int(m) for m in args.rows.split(",")]
+    results = []
+    for n, k in shapes:
+        results += gpu_bench_shape(n, k, rows, bw["copy_GBps"] * 1e9, bits_list)
+    markdown = harness.markdown_table(results, GPU_COLUMNS)
+    checks = gpu_targets(results, bw["copy_GBps"] * 1e9)
+    markdown += "\n\n## Speed targets (CUDA issue)\n\n" + "\n".join(
+        f"- {'MET' if ok else 'NOT MET'}: {name}: {value}" for name, value, ok in checks)
+    markdown += ("\n\nReproduce: `python -m bench.bench_quantized_matmul --device gpu` "
+                 "(scripts/gpu_run.sh on the GPU machine). bfloat16 activations, scales and "
+                 "biases; group_size 64; weights rotated over >= 256 MiB; time per call with "
+                 "`calls/eval` independent calls per mx.eval; GB/s counts the quantized weights, "
+                 "scales and biases read once per call; copy BW is bytes read + written.")
+    name = "quantized_matmul" + ("_quick" if args.quick else "")
+    if args.rows:
+        name += "_m" + "-".join(str(m) for m in rows)
+    folder = harness.write_results(name, info, results, markdown)
+    print(markdown)
+    print(f"\nwritten to {folder}")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="one small shape, few repeats")
     parser.add_argument("--mlx-budget", type=float, default=5.0,
                         help="skip MLX calls estimated to take longer (seconds)")
     parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--device", choices=["cpu", "gpu"], default="cpu",
+                        help="gpu: MLX's CUDA backend, bfloat16 (see main_gpu)")
+    parser.add_argument("--rows", help="gpu: only these M, comma-separated (e.g. 1,8)")
     args = parser.parse_args()
+    if args.device == "gpu":
+        return main_gpu(args)
     mx.set_default_device(mx.cpu)
 
     info = harness.machine_info()
