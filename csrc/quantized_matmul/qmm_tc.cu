@@ -109,28 +109,14 @@ __device__ __forceinline__ void unpack_piece(const uint32_t (&w)[BITS], uint32_t
   }
 }
 
+// load_piece, or zeros for rows past N.
 template <int BITS>
 __device__ __forceinline__ void load_piece_or_zero(const uint32_t* p, bool valid, uint32_t (&w)[BITS]) {
-  if (!valid) {
-#pragma unroll
-    for (int i = 0; i < BITS; ++i) w[i] = 0;
-    return;
-  }
-  if constexpr (BITS % 4 == 0) {
-#pragma unroll
-    for (int l = 0; l < BITS / 4; ++l) {
-      const uint4 v = load_stream16(p + 4 * l);
-      w[4 * l] = v.x, w[4 * l + 1] = v.y, w[4 * l + 2] = v.z, w[4 * l + 3] = v.w;
-    }
-  } else if constexpr (BITS % 2 == 0) {
-#pragma unroll
-    for (int l = 0; l < BITS / 2; ++l) {
-      const uint2 v = __ldg(reinterpret_cast<const uint2*>(p) + l);
-      w[2 * l] = v.x, w[2 * l + 1] = v.y;
-    }
+  if (valid) {
+    load_piece<BITS>(p, w);
   } else {
 #pragma unroll
-    for (int i = 0; i < BITS; ++i) w[i] = __ldg(p + i);
+    for (int i = 0; i < BITS; ++i) w[i] = 0;
   }
 }
 
@@ -200,7 +186,7 @@ __device__ __forceinline__ void qmm_t_tc(const QmmParams& p) {
   // This thread's pieces of W: piece u covers row (tid + u * THREADS) / 4 of
   // the tile, values 32 * ((tid + u * THREADS) % 4) .. + 32 of the stage.
   uint32_t raw[C::PIECES][BITS];
-  auto load_piece = [&](int u, int kt) {
+  auto stage_piece = [&](int u, int kt) {
     const int i = tid + u * C::THREADS, r = i / 4, c = i % 4;
     const bool valid = n0 + r < N;
     load_piece_or_zero<BITS>(p.w + (valid ? (n0 + r) * row_words : 0) + kt * (BK * BITS / 32) + c * BITS,
@@ -224,9 +210,9 @@ __device__ __forceinline__ void qmm_t_tc(const QmmParams& p) {
   }
 #pragma unroll
   for (int u = 0; u < C::PIECES; ++u) {
-    load_piece(u, 0);
+    stage_piece(u, 0);
     unpack(u, q_tile(0));
-    if (stages_k > 1) load_piece(u, 1);
+    if (stages_k > 1) stage_piece(u, 1);
   }
 
   float acc[C::FM][C::FN][4] = {};
@@ -277,7 +263,7 @@ __device__ __forceinline__ void qmm_t_tc(const QmmParams& p) {
         for (int u = 0; u < C::PIECES; ++u)
           if (step == u * (8 / C::PIECES) && kt + 1 < stages_k) {
             unpack(u, q_next);
-            if (kt + 2 < stages_k) load_piece(u, kt + 2);
+            if (kt + 2 < stages_k) stage_piece(u, kt + 2);
           }
       }
       // Group epilogue: acc += s * part + b * sum(x), all float32.

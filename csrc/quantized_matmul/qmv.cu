@@ -108,28 +108,6 @@ __device__ __forceinline__ void qmv_t(const QmmParams& p) {
   }
 }
 
-// Loads the 32 consecutive BITS-bit values (4 * BITS bytes) at p with the
-// widest loads their alignment allows.
-template <int BITS>
-__device__ __forceinline__ void load_piece(const uint32_t* p, uint32_t (&w)[BITS]) {
-  if constexpr (BITS % 4 == 0) {
-#pragma unroll
-    for (int l = 0; l < BITS / 4; ++l) {
-      const uint4 v = load_stream16(p + 4 * l);
-      w[4 * l] = v.x, w[4 * l + 1] = v.y, w[4 * l + 2] = v.z, w[4 * l + 3] = v.w;
-    }
-  } else if constexpr (BITS % 2 == 0) {
-#pragma unroll
-    for (int l = 0; l < BITS / 2; ++l) {
-      const uint2 v = __ldg(reinterpret_cast<const uint2*>(p) + l);
-      w[2 * l] = v.x, w[2 * l + 1] = v.y;
-    }
-  } else {
-#pragma unroll
-    for (int l = 0; l < BITS; ++l) w[l] = __ldg(p + l);
-  }
-}
-
 // transpose=False, out[m, n] = sum_k x[m, k] s[k, g(n)] q[k, n] + x[m, k] b[k, g(n)].
 // Thread: 32 consecutive columns n (one group) for MT rows of x over a slice
 //   of K; x[m, k] * s folds the scale in once per row of W, and the bias term
