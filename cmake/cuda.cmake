@@ -15,24 +15,34 @@ find_package(CUDAToolkit REQUIRED)
 find_program(MLX_EXT_BIN2C bin2c HINTS "${CUDAToolkit_BIN_DIR}" REQUIRED)
 
 set(_qmm_dir "${CMAKE_CURRENT_LIST_DIR}/../csrc/quantized_matmul")
-set(_cuda_images qmv qmm_tc)
+set(_cuda_images qmv qmv_tc qmm_tc)
 set(_gencode)
 foreach(_arch ${MLX_EXT_CUDA_ARCHITECTURES})
   list(APPEND _gencode "-gencode=arch=compute_${_arch},code=sm_${_arch}")
 endforeach()
 list(GET MLX_EXT_CUDA_ARCHITECTURES -1 _last_arch)
 list(APPEND _gencode "-gencode=arch=compute_${_last_arch},code=compute_${_last_arch}")
+# The Hopper GEMM uses wgmma, which exists only in the sm_90a target (no PTX
+# for later GPUs): built when 90 is among the architectures; cuda.cpp uses it
+# on compute capability 9.0 and falls back to qmm_tc elsewhere.
+if("90" IN_LIST MLX_EXT_CUDA_ARCHITECTURES)
+  list(APPEND _cuda_images qmm_wgmma)
+endif()
+set(_gencode_qmm_wgmma "-gencode=arch=compute_90a,code=sm_90a")
 
 set(_images_source "${CMAKE_CURRENT_BINARY_DIR}/cuda_images.cpp")
 set(_images_includes "")
 set(_images_table "")
 set(_images_deps)
 foreach(_name ${_cuda_images})
+  if(NOT DEFINED _gencode_${_name})
+    set(_gencode_${_name} ${_gencode})
+  endif()
   set(_fatbin "${CMAKE_CURRENT_BINARY_DIR}/${_name}.fatbin")
   set(_inc "${CMAKE_CURRENT_BINARY_DIR}/${_name}.fatbin.inc")
   add_custom_command(
     OUTPUT "${_inc}"
-    COMMAND "${CUDAToolkit_NVCC_EXECUTABLE}" -fatbin -std=c++17 -O3 ${_gencode}
+    COMMAND "${CUDAToolkit_NVCC_EXECUTABLE}" -fatbin -std=c++17 -O3 ${_gencode_${_name}}
             "-I${CMAKE_CURRENT_LIST_DIR}/../csrc" -o "${_fatbin}" "${_qmm_dir}/${_name}.cu"
     COMMAND sh -c "\"${MLX_EXT_BIN2C}\" --const --type longlong --name mlx_ext_cuda_image_${_name} \"${_fatbin}\" > \"${_inc}\""
     DEPENDS "${_qmm_dir}/${_name}.cu" "${_qmm_dir}/cuda_common.cuh" "${_qmm_dir}/cuda_params.h"
