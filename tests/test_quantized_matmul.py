@@ -37,7 +37,19 @@ def random_quantized(rng, rows, cols, bits, group_size, dtype):
     return w_q, scales, biases
 
 
-def assert_matches_reference(out, x, w_q, scales, biases, *, transpose, group_size, bits, bias):
+def cuda_rounds_w(dtype):
+    """On MLX's CUDA backend the kernels for float16 / bfloat16 activations
+    round each dequantized weight s * q + b to that type before the tensor
+    cores multiply (as MLX's own quantized kernels do); the CPU and Metal
+    kernels keep it in float32."""
+    on_cuda = mx.default_device() == mx.gpu and hasattr(mx, "cuda") and mx.cuda.is_available()
+    return on_cuda and dtype != mx.float32
+
+
+def assert_matches_reference(out, x, w_q, scales, biases, *, transpose, group_size, bits, bias,
+                             w_rounded=None):
+    """w_rounded: whether the kernel rounded each weight to out's dtype (one
+    more rounding per term); by default, cuda_rounds_w(out.dtype)."""
     expected = ref.quantized_matmul(
         x, w_q, scales, biases, transpose=transpose, group_size=group_size, bits=bits, bias=bias
     )
@@ -50,6 +62,8 @@ def assert_matches_reference(out, x, w_q, scales, biases, *, transpose, group_si
     # Each term meets at most k + 4 float32 roundings (dequantize, multiply,
     # group scale, accumulation over k), then one rounding to the output dtype.
     tol = 2 * (k + 4) * EPS[mx.float32] * magnitude + EPS[out.dtype] * np.abs(expected) + 1e-30
+    if cuda_rounds_w(out.dtype) if w_rounded is None else w_rounded:
+        tol = tol + EPS[out.dtype] * magnitude  # |round(w) - w| <= EPS / 2 |w|, per term
     got = ref.to_f64(out)
     assert got.shape == expected.shape
     err = np.abs(got - expected)

@@ -2,8 +2,9 @@
 
 Every bit width x group size x activation dtype x layout runs on shapes that
 send it to each kernel family (csrc/quantized_matmul/cuda.cpp picks them):
-the GEMV for 1 and for 2-8 rows of x, the tensor-core GEMM with its small
-and large tiles (float32 x as bfloat16 planes), the transpose=False kernel
+the tensor-core and the CUDA-core GEMVs for 1 and for 2-8 rows of x, the
+mma.sync GEMM with its small and large tiles (float32 x as bfloat16 planes),
+the Hopper wgmma GEMM (H100), the transpose=False kernel
 with and without K slices, and the generic kernel (misaligned inputs). A
 second test checks that every kernel in the built modules ran. Runs only
 where MLX has a CUDA backend; no --device option is needed.
@@ -32,12 +33,33 @@ def misaligned(array):
     return flat[1:].reshape(array.shape)
 
 
+def cuda_core_gemv_k(bits, group_size):
+    """A K that sends float16 / bfloat16 GEMVs to the CUDA-core kernel (qmv_t)
+    rather than the tensor-core one (qmv_tc, which takes K % (512 / bits) == 0
+    for 2, 4 and 8 bits), or None where group_size rules every such K out."""
+    chunk = {2: 64, 3: 128, 4: 32, 5: 128, 6: 128, 8: 32}[bits]  # qmv_t's K granule
+    for k in range(group_size, 1025, group_size):
+        if k % chunk == 0 and (bits not in (2, 4, 8) or k % (512 // bits)):
+            return k
+    return None
+
+
 def cases(bits, group_size, transpose):
     """(M, K, N, misaligned input or None) per kernel family."""
     if transpose:
         k, n = 256, 71  # K % 128 == 0; N not a multiple of any tile
-        return [(1, k, n, None), (2, k, n, None), (3, k, n, None), (5, k, n, None),
-                (20, k, n, None), (100, k, n, None), (3, k, n, "x")]
+        # 1-8 rows: the GEMVs; 20: the small mma.sync GEMM; 100 and 300: the
+        # Hopper GEMM on an H100 (with N and M past a tile), else the large
+        # mma.sync GEMM.
+        out = [(1, k, n, None), (2, k, n, None), (3, k, n, None), (5, k, n, None),
+               (20, k, n, None), (100, k, n, None), (300, 448, 300, None), (70, 64, n, None),
+               (130, 128, n, None), (3, k, n, "x")]
+        k_core = cuda_core_gemv_k(bits, group_size)
+        if k_core and bits in (2, 4):
+            out += [(1, k_core, n, None), (5, k_core, n, None)]
+        elif k_core and bits == 8:  # M = 1 already goes to the CUDA-core GEMV
+            out += [(5, k_core, n, None)]
+        return [c for c in out if c[1] % group_size == 0]
     n = 3 * group_size
     # 1-3 rows: K sliced (float partials); 9 rows over 16: one slice, direct stores.
     return [(1, 40, n, None), (2, 40, n, None), (3, 40, n, None), (9, 16, n, None), (2, 40, n, "w")]
@@ -71,8 +93,11 @@ def test_every_kernel_family(transpose, bits, group_size, dtype):
         out, (x, w_q, scales, biases, bias) = run_case(
             bits, group_size, dtype, transpose, m, k, n, skew, seed=bits * 1000 + group_size + i)
         assert out.dtype == dtype and out.shape == (m, n)
+        # float16 / bfloat16 x: W rounded to x's type, transpose=True kernels
+        # (the GEMVs and GEMMs on tensor cores; float32 x stays exact).
         assert_matches_reference(out, x, w_q, scales, biases, transpose=transpose,
-                                 group_size=group_size, bits=bits, bias=bias)
+                                 group_size=group_size, bits=bits, bias=bias,
+                                 w_rounded=transpose and dtype != mx.float32)
 
 
 def run_all_cases():
@@ -84,13 +109,27 @@ def run_all_cases():
                         run_case(bits, group_size, dtype, transpose, m, k, n, skew, seed=0)
 
 
+def test_mma_sync_gemm_where_wgmma_runs():
+    """With the Hopper GEMM turned off (MLX_EXT_CUDA_WGMMA=0) the large
+    mma.sync GEMM takes its float16 / bfloat16 shapes, and passes too."""
+    root = Path(__file__).resolve().parent.parent
+    r = subprocess.run(
+        [sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider", "-k",
+         "test_every_kernel_family and True and not float32"],
+        env={**os.environ, "MLX_EXT_CUDA_WGMMA": "0"}, cwd=root, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+
+
 def test_every_cuda_kernel_runs(tmp_path):
-    """Each kernel in the loaded modules is launched by run_all_cases()."""
+    """Each kernel in the loaded modules is launched by run_all_cases(), with
+    and without the Hopper GEMM."""
     log = tmp_path / "kernels.log"
     root = Path(__file__).resolve().parent.parent
-    subprocess.run(
-        [sys.executable, "-c", "import tests.test_quantized_matmul_cuda as t; t.run_all_cases()"],
-        env={**os.environ, "MLX_EXT_CUDA_LOG": str(log)}, cwd=root, check=True)
+    for wgmma in ["1", "0"]:
+        subprocess.run(
+            [sys.executable, "-c", "import tests.test_quantized_matmul_cuda as t; t.run_all_cases()"],
+            env={**os.environ, "MLX_EXT_CUDA_LOG": str(log), "MLX_EXT_CUDA_WGMMA": wgmma},
+            cwd=root, check=True)
     lines = [line.split() for line in log.read_text().splitlines()]
     available = {name for what, name in lines if what == "available"}
     launched = {name for what, name in lines if what == "launch"}
