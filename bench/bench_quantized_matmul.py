@@ -159,7 +159,9 @@ COLUMNS = [
 GPU_SHAPES = SHAPES + [(128256, 4096)]  # (N, K); the last is an LM head
 GPU_ROWS = [1, 8, 32, 512, 4096]
 GPU_ROTATE_BYTES = 256 << 20  # weights touched per eval, > 2x the L2 cache
-GPU_EVAL_SECONDS = 2e-3  # calls per eval: enough for this much work
+GPU_EVAL_SECONDS = 8e-3  # calls per eval: enough for this much work (at most 64),
+# so that MLX commits its graph of calls in pieces and records one while the GPU
+# runs the last, as in a model's forward pass, which holds hundreds of calls
 
 
 def gpu_machine_name():
@@ -229,10 +231,27 @@ def gpu_time(make, calls, repeats=7):
     return statistics.median(times) / calls
 
 
+GPU_MIN_CALLS = 8  # an eval of 1-3 large calls costs milliseconds more than its kernels
+
+
 def gpu_calls_for(make):
-    """Calls per eval so that one eval holds about GPU_EVAL_SECONDS of work."""
+    """Calls per eval so that one eval holds about GPU_EVAL_SECONDS of work,
+    and at least GPU_MIN_CALLS."""
     one = gpu_time(make, calls=1, repeats=3)
-    return int(min(64, max(2, math.ceil(GPU_EVAL_SECONDS / one))))
+    return int(min(64, max(GPU_MIN_CALLS, math.ceil(GPU_EVAL_SECONDS / one))))
+
+
+def gpu_call_floor():
+    """Microseconds per call of a tiny 4-bit GEMV (N = K = 256, M = 1), 64
+    calls per eval, for mlx_ext and mx.quantized_matmul: the per-call cost of
+    building and running MLX's graph that no kernel can go under."""
+    w = mx.random.normal((256, 256)).astype(mx.bfloat16)
+    q = mx.quantize(w, group_size=GROUP_SIZE, bits=4)
+    x = mx.random.normal((1, 256)).astype(mx.bfloat16)
+    mx.eval(q, x)
+    ours = gpu_time(lambda j: mlx_ext.quantized_matmul(x, *q, group_size=GROUP_SIZE, bits=4), 64)
+    theirs = gpu_time(lambda j: mx.quantized_matmul(x, *q, group_size=GROUP_SIZE, bits=4), 64)
+    return {"floor_mlx_ext_us": 1e6 * ours, "floor_mlx_us": 1e6 * theirs}
 
 
 def gpu_bench_shape(n, k, rows, copy_bw, bits_list):
@@ -328,6 +347,9 @@ def main_gpu(args):
     bw = gpu_copy_bandwidth()
     info.update({k: round(v, 1) if isinstance(v, float) else v for k, v in bw.items()})
     print(f"device copy bandwidth {bw['copy_GBps']:.0f} GB/s (read + write): {bw}", flush=True)
+    floor = gpu_call_floor()
+    info.update({k: round(v, 2) for k, v in floor.items()})
+    print(f"per-call floor (N = K = 256, 64 calls per eval): {floor}", flush=True)
     shapes, rows, bits_list = ((GPU_SHAPES[1:2], [1, 512], [4]) if args.quick
                                else (GPU_SHAPES, GPU_ROWS, BITS))
     if args.rows:
@@ -343,7 +365,9 @@ def main_gpu(args):
                  "(scripts/gpu_run.sh on the GPU machine). bfloat16 activations, scales and "
                  "biases; group_size 64; weights rotated over >= 256 MiB; time per call with "
                  "`calls/eval` independent calls per mx.eval; GB/s counts the quantized weights, "
-                 "scales and biases read once per call; copy BW is bytes read + written.")
+                 "scales and biases read once per call; copy BW is bytes read + written. "
+                 f"Per-call floor (a 256x256 GEMV, 64 calls per eval): mlx_ext "
+                 f"{floor['floor_mlx_ext_us']:.1f} us, mx.quantized_matmul {floor['floor_mlx_us']:.1f} us.")
     name = "quantized_matmul" + ("_quick" if args.quick else "")
     if args.rows:
         name += "_m" + "-".join(str(m) for m in rows)

@@ -100,7 +100,8 @@ if has bench; then
     --device gpu ${MLX_EXT_GPU_BENCH_ARGS:-} > "$OUT/bench.log" 2>&1
   echo "bench exit $?"
   tail -30 "$OUT/bench.log"
-  cp bench/results/h[12]00/quantized_matmul*.json bench/results/h[12]00/quantized_matmul*.md "$OUT/" 2>/dev/null
+  folder=$(grep -o "written to .*" "$OUT/bench.log" | tail -1 | cut -d' ' -f3)
+  [ -n "$folder" ] && cp "$folder"/quantized_matmul*.json "$folder"/quantized_matmul*.md "$OUT/" 2>/dev/null
 fi
 
 stage done
