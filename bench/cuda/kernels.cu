@@ -31,7 +31,7 @@ __global__ void __launch_bounds__(mlx_ext::cuda::WG_THREADS, 1) wgmma_bf16_b4_sk
 }
 // The tensor-core GEMV with U spans of loads in flight per lane.
 template <int BITS, int U>
-__global__ void __launch_bounds__(128) qmv_tc_bf16_u(const QmmParams p) {
+__global__ void __launch_bounds__(mlx_ext::cuda::QMV_TC_THREADS) qmv_tc_bf16_u(const QmmParams p) {
   mlx_ext::cuda::qmv_tc<__nv_bfloat16, BITS, U>(p);
 }
 
@@ -186,7 +186,9 @@ Kernel gemv_tc(const Problem& p) {
   void (*fn)(QmmParams) = nullptr;
   if (p.bf16) fn = p.bits == 2 ? qmv_tc_bf16_b2 : p.bits == 4 ? qmv_tc_bf16_b4 : qmv_tc_bf16_b8;
   else fn = p.bits == 2 ? qmv_tc_f16_b2 : p.bits == 4 ? qmv_tc_f16_b4 : qmv_tc_f16_b8;
-  return {"qmv_tc (mma.sync)", fn, dim3((p.N + 15) / 16, unsigned((p.M + 7) / 8)), 128, 0};
+  using mlx_ext::cuda::QMV_TC_ROWS;
+  return {"qmv_tc (mma.sync)", fn, dim3((p.N + QMV_TC_ROWS - 1) / QMV_TC_ROWS, unsigned((p.M + 7) / 8)),
+          mlx_ext::cuda::QMV_TC_THREADS, 0};
 }
 
 Kernel gemm_wgmma(const Problem& p) {

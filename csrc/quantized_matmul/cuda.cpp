@@ -345,9 +345,9 @@ void QuantizedMatmul::eval_gpu(const std::vector<mx::array>& inputs, mx::array& 
     // The tensor-core GEMV, except for one row of 8-bit W: there the CUDA-core
     // GEMV's deeper loads win (17 vs 22 us at 14336 x 4096 on an H200).
     const bool qmv_tc_ok = half_x && (bits_ == 2 || bits_ == 4 || (bits_ == 8 && M > 1)) && K > 0 &&
-        K % (4 * (128 / bits_)) == 0 && aligned && M <= 8;
+        K % qmv_tc_k_multiple(bits_) == 0 && aligned && M <= 8;
     if (qmv_tc_ok) {
-      launch("qmv_tc_" + t + b, ceil_div(N, 16), 1, 1, 128, 0, p, all_inputs, {&out});
+      launch("qmv_tc_" + t + b, ceil_div(N, QMV_TC_ROWS), 1, 1, QMV_TC_THREADS, 0, p, all_inputs, {&out});
       return;
     }
     const std::string wgmma = "qmm_t_wgmma_" + t + b;

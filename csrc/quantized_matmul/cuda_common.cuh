@@ -128,6 +128,77 @@ __device__ __forceinline__ void dequant8(const uint32_t (&w)[N], int i0, float (
   }
 }
 
+// Shared-memory address of a generic pointer into shared memory.
+__device__ __forceinline__ uint32_t smem_u32(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// cp.async of BYTES (8 or 16) bytes global -> shared; zeros when !valid.
+template <int BYTES>
+__device__ __forceinline__ void cp_async(uint32_t dst, const void* src, bool valid) {
+  if constexpr (BYTES == 16) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0));
+  } else {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;" ::"r"(dst), "l"(src), "r"(valid ? 8 : 0));
+  }
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory"); }
+
+// d = a b + c for one mma.sync m16n8k16 tile of T (float16 / bfloat16),
+// float32 accumulation.
+template <typename T>
+__device__ __forceinline__ void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1,
+                                             const float (&c)[4]) {
+  if constexpr (std::is_same_v<T, f16>) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+        "{%8, %9}, {%10, %11, %12, %13};"
+        : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1), "f"(c[0]), "f"(c[1]),
+          "f"(c[2]), "f"(c[3]));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+        "{%8, %9}, {%10, %11, %12, %13};"
+        : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1), "f"(c[0]), "f"(c[1]),
+          "f"(c[2]), "f"(c[3]));
+  }
+}
+
+// Two BITS-bit integers, in the low bits of the two 16-bit halves of q, as
+// the (T, T) pair s * q + b with one rounding (s2, b2: the group's scale and
+// bias in both halves). The integers go under T's "magic" exponent, where they
+// are exact (1024 + q in float16, 128 + q in bfloat16), the magic is
+// subtracted (exact) and one fma applies s and b. 8-bit integers do not fit
+// bfloat16's mantissa: they take a float32 fma instead, rounded once too.
+template <typename T, int BITS>
+__device__ __forceinline__ uint32_t dequant_pair(uint32_t q, uint32_t s2, uint32_t b2) {
+  if constexpr (std::is_same_v<T, f16>) {
+    const uint32_t magic_q = q | 0x64006400u;
+    const __half2 magic = __halves2half2(__ushort_as_half(0x6400), __ushort_as_half(0x6400));
+    __half2 w = __hfma2(__hsub2(*reinterpret_cast<const __half2*>(&magic_q), magic),
+                        *reinterpret_cast<const __half2*>(&s2), *reinterpret_cast<const __half2*>(&b2));
+    return *reinterpret_cast<uint32_t*>(&w);
+  } else if constexpr (BITS < 8) {
+    const uint32_t magic_q = q | 0x43004300u;
+    const __nv_bfloat162 magic = __halves2bfloat162(__ushort_as_bfloat16(0x4300), __ushort_as_bfloat16(0x4300));
+    __nv_bfloat162 w = __hfma2(__hsub2(*reinterpret_cast<const __nv_bfloat162*>(&magic_q), magic),
+                               *reinterpret_cast<const __nv_bfloat162*>(&s2),
+                               *reinterpret_cast<const __nv_bfloat162*>(&b2));
+    return *reinterpret_cast<uint32_t*>(&w);
+  } else {
+    const float q0 = int_bits_to_float((q & 0xffu) | 0x4b000000u);
+    const float q1 = int_bits_to_float((q >> 16) | 0x4b000000u);
+    const float2 s = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&s2));
+    const float2 b = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&b2));
+    __nv_bfloat162 w = __floats2bfloat162_rn(fmaf(q0, s.x, b.x), fmaf(q1, s.y, b.y));
+    return *reinterpret_cast<uint32_t*>(&w);
+  }
+}
+
 // Per-bit-width geometry of the weight loads: each chunk is LOADS 16-byte
 // loads holding VPT whole values (3-, 5- and 6-bit values never straddle two
 // chunks), processed as sub-chunks of 32 values that each lie in one group.

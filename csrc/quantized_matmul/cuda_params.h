@@ -53,6 +53,12 @@ constexpr MLX_EXT_HOST_DEVICE int qmv_t_values_per_chunk(int bits) {
 constexpr int QMV_T_WARPS = 8;
 constexpr int QMV_N_THREADS = 64;
 
+// The tensor-core GEMV (qmv_tc.cu): QMV_TC_ROWS rows of W per block of
+// QMV_TC_THREADS threads; 2-, 4- and 8-bit W with K a multiple of 4 lanes'
+// 16-byte chunks, 512 / bits values.
+constexpr int QMV_TC_ROWS = 16, QMV_TC_THREADS = 128;
+constexpr MLX_EXT_HOST_DEVICE int qmv_tc_k_multiple(int bits) { return 512 / bits; }
+
 // Tile shapes of the tensor-core GEMM (qmm_tc.cu): BM rows of x by BN rows
 // of W per block, WM x WN warps, STAGES-deep pipeline of BK = 128 k.
 constexpr int BK = 128; // a whole number of 16-byte pieces of W for every bit width

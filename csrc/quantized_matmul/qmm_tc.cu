@@ -9,44 +9,10 @@
 namespace mlx_ext::cuda {
 namespace {
 
-__device__ __forceinline__ uint32_t smem_addr(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-// 16-byte async copy global -> shared; copies zeros when !valid.
-__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(smem_addr(dst)), "l"(src),
-               "r"(valid ? 16 : 0));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N)); }
-
 __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* p) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(smem_addr(p)));
-}
-
-// d = a b + c for one m16n8k16 tile, float32 accumulation.
-template <typename T>
-__device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1,
-                                    const float (&c)[4]) {
-  if constexpr (std::is_same_v<T, f16>) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
-        "{%8, %9}, {%10, %11, %12, %13};"
-        : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1), "f"(c[0]), "f"(c[1]),
-          "f"(c[2]), "f"(c[3]));
-  } else {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
-        "{%8, %9}, {%10, %11, %12, %13};"
-        : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1), "f"(c[0]), "f"(c[1]),
-          "f"(c[2]), "f"(c[3]));
-  }
+               : "r"(smem_u32(p)));
 }
 
 // The 32 values (4 * BITS bytes) of one piece of a row of W as 16 packed T
@@ -166,20 +132,20 @@ __device__ __forceinline__ void qmm_t_tc(const QmmParams& p) {
       const int r = i / (BK / 8), c = i % (BK / 8);
       const bool valid = m0 + r < M;
       const T* src = valid ? x + (m0 + r) * K + kt * BK + c * 8 : x;
-      cp_async16(xs + swizzle(r, c) * 8, src, valid);
+      cp_async<16>(smem_u32(xs + swizzle(r, c) * 8), src, valid);
     }
     for (int i = tid; i < groups * (C::BN / 4); i += C::THREADS) {
       const int g = i / (C::BN / 4), c = i % (C::BN / 4);
       const bool valid = n0 + 4 * c < p.n_pad;
       const int64_t off = int64_t(kt * groups + g) * p.n_pad + n0 + 4 * c;
-      cp_async16(stage_s(s) + g * C::BN + 4 * c, valid ? p.scales_t + off : p.scales_t, valid);
-      cp_async16(stage_b(s) + g * C::BN + 4 * c, valid ? p.biases_t + off : p.biases_t, valid);
+      cp_async<16>(smem_u32(stage_s(s) + g * C::BN + 4 * c), valid ? p.scales_t + off : p.scales_t, valid);
+      cp_async<16>(smem_u32(stage_b(s) + g * C::BN + 4 * c), valid ? p.biases_t + off : p.biases_t, valid);
     }
     for (int i = tid; i < groups * (C::BM / 4); i += C::THREADS) {
       const int g = i / (C::BM / 4), c = i % (C::BM / 4);
       const bool valid = m0 + 4 * c < p.m_pad;
       const int64_t off = int64_t(kt * groups + g) * p.m_pad + m0 + 4 * c;
-      cp_async16(stage_xs(s) + g * C::BM + 4 * c, valid ? p.x_sums_t + off : p.x_sums_t, valid);
+      cp_async<16>(smem_u32(stage_xs(s) + g * C::BM + 4 * c), valid ? p.x_sums_t + off : p.x_sums_t, valid);
     }
   };
 
@@ -252,9 +218,9 @@ __device__ __forceinline__ void qmm_t_tc(const QmmParams& p) {
           for (int fn = 0; fn < C::FN; ++fn) {
             if (first) {
               const float zero[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-              mma<T>(part[fm][fn], a[fm], b[fn][0], b[fn][1], zero);
+              mma_m16n8k16<T>(part[fm][fn], a[fm], b[fn][0], b[fn][1], zero);
             } else {
-              mma<T>(part[fm][fn], a[fm], b[fn][0], b[fn][1], part[fm][fn]);
+              mma_m16n8k16<T>(part[fm][fn], a[fm], b[fn][0], b[fn][1], part[fm][fn]);
             }
           }
         // Spread the next stage's unpacking over the steps, then fetch the

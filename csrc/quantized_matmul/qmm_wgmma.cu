@@ -32,23 +32,6 @@
 namespace mlx_ext::cuda {
 namespace {
 
-__device__ __forceinline__ uint32_t smem_u32(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-// cp.async of BYTES (8 or 16) bytes global -> shared; zeros when !valid.
-template <int BYTES>
-__device__ __forceinline__ void cp_async(uint32_t dst, const void* src, bool valid) {
-  if constexpr (BYTES == 16) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0));
-  } else {
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;" ::"r"(dst), "l"(src), "r"(valid ? 8 : 0));
-  }
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory"); }
-
 // Ordinary shared-memory writes (and cp.async's) become visible to the
 // tensor cores' "async proxy" only after this fence in the writing thread.
 __device__ __forceinline__ void fence_async_smem() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
@@ -102,61 +85,28 @@ __device__ __forceinline__ uint32_t pack2(T a, T b) {
   return u;
 }
 
-// (T, T) pairs from a pair of small integers under T's magic number (the
-// integers sit exactly under the exponent: 128 for bfloat16, 1024 for
-// float16): subtract the magic, then s * q + b with one rounding.
-template <typename T>
-__device__ __forceinline__ uint32_t affine_pair(uint32_t magic_q, uint32_t s2, uint32_t b2) {
-  if constexpr (std::is_same_v<T, bf16>) {
-    const __nv_bfloat162 magic = __halves2bfloat162(__ushort_as_bfloat16(0x4300), __ushort_as_bfloat16(0x4300));
-    __nv_bfloat162 q = __hsub2(*reinterpret_cast<__nv_bfloat162*>(&magic_q), magic);
-    __nv_bfloat162 w = __hfma2(q, *reinterpret_cast<__nv_bfloat162*>(&s2), *reinterpret_cast<__nv_bfloat162*>(&b2));
-    return *reinterpret_cast<uint32_t*>(&w);
-  } else {
-    const __half2 magic = __halves2half2(__ushort_as_half(0x6400), __ushort_as_half(0x6400));
-    __half2 q = __hsub2(*reinterpret_cast<__half2*>(&magic_q), magic);
-    __half2 w = __hfma2(q, *reinterpret_cast<__half2*>(&s2), *reinterpret_cast<__half2*>(&b2));
-    return *reinterpret_cast<uint32_t*>(&w);
-  }
-}
-
 // Values 8c .. 8c + 7 of 32 packed values (BITS words) as four dequantized
 // (T, T) pairs.
 template <typename T, int BITS>
 __device__ __forceinline__ void dequant_chunk(const uint32_t (&w)[BITS], int c, uint32_t s2, uint32_t b2,
                                               uint32_t (&out)[4]) {
-  constexpr bool half = std::is_same_v<T, f16>;
-  constexpr uint32_t magic = half ? 0x64006400u : 0x43004300u;
   if constexpr (BITS == 4) {
     const uint32_t lo = w[c] & 0x0f0f0f0fu, hi = (w[c] >> 4) & 0x0f0f0f0fu;
 #pragma unroll
     for (int j = 0; j < 4; ++j) // bytes (lo_j, -, hi_j, -): values 2j, 2j + 1
-      out[j] = affine_pair<T>((__byte_perm(lo, hi, j | ((4 + j) << 8)) & 0x00ff00ffu) | magic, s2, b2);
-  } else if constexpr (BITS == 8 && half) {
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const uint32_t word = w[2 * c + j / 2];
-      const int b0 = 2 * (j % 2);
-      out[j] = affine_pair<T>(__byte_perm(word, 0x64646464u, b0 | (4 << 4) | ((b0 + 1) << 8) | (4 << 12)), s2, b2);
-    }
+      out[j] = dequant_pair<T, BITS>(__byte_perm(lo, hi, j | ((4 + j) << 8)) & 0x00ff00ffu, s2, b2);
   } else if constexpr (BITS == 8) {
-    // 8-bit integers do not fit bfloat16's magic: float32 fma, one rounding.
-    const float2 s = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&s2));
-    const float2 b = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&b2));
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const uint32_t word = w[2 * c + j / 2];
+    for (int j = 0; j < 4; ++j) { // bytes 2 (j % 2), 2 (j % 2) + 1 of word 2c + j / 2 into the halves
       const int b0 = 2 * (j % 2);
-      const float q0 = int_bits_to_float(__byte_perm(word, 0x4b000000u, 0x7540 + b0));
-      const float q1 = int_bits_to_float(__byte_perm(word, 0x4b000000u, 0x7540 + b0 + 1));
-      __nv_bfloat162 v = __floats2bfloat162_rn(fmaf(q0, s.x, b.x), fmaf(q1, s.y, b.y));
-      out[j] = *reinterpret_cast<uint32_t*>(&v);
+      out[j] = dequant_pair<T, BITS>(__byte_perm(w[2 * c + j / 2], 0, b0 | (4 << 4) | ((b0 + 1) << 8) | (4 << 12)),
+                                     s2, b2);
     }
   } else {
 #pragma unroll
     for (int j = 0; j < 4; ++j)
-      out[j] = affine_pair<T>(extract<BITS>(w, 8 * c + 2 * j) | (extract<BITS>(w, 8 * c + 2 * j + 1) << 16) | magic,
-                              s2, b2);
+      out[j] = dequant_pair<T, BITS>(extract<BITS>(w, 8 * c + 2 * j) | (extract<BITS>(w, 8 * c + 2 * j + 1) << 16),
+                                     s2, b2);
   }
 }
 

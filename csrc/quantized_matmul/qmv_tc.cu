@@ -26,62 +26,6 @@
 namespace mlx_ext::cuda {
 namespace {
 
-template <typename T>
-__device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  if constexpr (std::is_same_v<T, f16>) {
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
-        "{%8, %9}, {%0, %1, %2, %3};"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  } else {
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
-        "{%8, %9}, {%0, %1, %2, %3};"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-}
-
-// 16-byte load of W: read once, so kept out of L1.
-__device__ __forceinline__ uint4 ldg_stream(const void* p) {
-  uint4 v;
-  asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
-      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-      : "l"(p));
-  return v;
-}
-
-// Pair j of a word (values j and j + V / 2 in its 16-bit halves) as s * q + b
-// in T. s2, b2: the group's scale and bias in both halves.
-template <typename T, int BITS>
-__device__ __forceinline__ uint32_t dequant_pair(uint32_t word, int j, uint32_t s2, uint32_t b2) {
-  constexpr uint32_t mask = ((1u << BITS) - 1) * 0x10001u;
-  const uint32_t q = (word >> (BITS * j)) & mask;
-  if constexpr (std::is_same_v<T, f16>) {
-    // 1024 + q is exact in float16 for q < 1024.
-    const uint32_t magic_q = q | 0x64006400u;
-    const __half2 magic = __halves2half2(__ushort_as_half(0x6400), __ushort_as_half(0x6400));
-    __half2 w = __hfma2(__hsub2(*reinterpret_cast<const __half2*>(&magic_q), magic),
-                        *reinterpret_cast<const __half2*>(&s2), *reinterpret_cast<const __half2*>(&b2));
-    return *reinterpret_cast<uint32_t*>(&w);
-  } else if constexpr (BITS < 8) {
-    // 128 + q is exact in bfloat16 for q < 128.
-    const uint32_t magic_q = q | 0x43004300u;
-    const __nv_bfloat162 magic = __halves2bfloat162(__ushort_as_bfloat16(0x4300), __ushort_as_bfloat16(0x4300));
-    __nv_bfloat162 w = __hfma2(__hsub2(*reinterpret_cast<const __nv_bfloat162*>(&magic_q), magic),
-                               *reinterpret_cast<const __nv_bfloat162*>(&s2),
-                               *reinterpret_cast<const __nv_bfloat162*>(&b2));
-    return *reinterpret_cast<uint32_t*>(&w);
-  } else {
-    // 8-bit integers do not fit bfloat16's mantissa: float32 fma, one rounding.
-    const float q0 = int_bits_to_float((q & 0xffu) | 0x4b000000u);
-    const float q1 = int_bits_to_float((q >> 16) | 0x4b000000u);
-    const float2 s = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&s2));
-    const float2 b = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&b2));
-    __nv_bfloat162 w = __floats2bfloat162_rn(fmaf(q0, s.x, b.x), fmaf(q1, s.y, b.y));
-    return *reinterpret_cast<uint32_t*>(&w);
-  }
-}
-
 // Spans of loads in flight per lane (U), the fastest measured on an H200
 // (bench/cuda/kernels.cu): 2 for 4 bits (64 bytes of W: 12.5 us at
 // 14336 x 4096, 13.2 with 8 spans, whose 128 registers halve the warps).
@@ -90,12 +34,14 @@ constexpr __host__ __device__ int qmv_tc_spans(int bits) { return bits == 8 ? 4 
 template <typename T, int BITS, int U>
 __device__ __forceinline__ void qmv_tc(const QmmParams& p) {
   constexpr int V = 32 / BITS, VPC = 4 * V, SPAN = 4 * VPC;
+  static_assert(SPAN == qmv_tc_k_multiple(BITS) && QMV_TC_THREADS == 4 * 32 && QMV_TC_ROWS == 16, "layout");
   constexpr int SUBS = VPC > 32 ? VPC / 32 : 1;  // groups a chunk can touch (group_size >= 32)
   constexpr int WORDS_PER_SUB = 4 / SUBS;
+  constexpr uint32_t PAIR_MASK = ((1u << BITS) - 1) * 0x10001u;  // value j and j + V / 2 of a word
   __shared__ float partial[4][32][4];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
   const int N = p.N, K = p.K, gs = p.group_size, G = K / gs;
-  const int n0 = blockIdx.x * 16;
+  const int n0 = blockIdx.x * QMV_TC_ROWS;
   const int64_t m0 = int64_t(blockIdx.y) * 8;
   const int mt = int(p.M - m0 < 8 ? p.M - m0 : 8);
   const bool has_x = g < mt;
@@ -122,7 +68,7 @@ __device__ __forceinline__ void qmv_tc(const QmmParams& p) {
       const int k0 = (s0 + u) * SPAN + t * VPC;  // this lane's chunk
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
-        wv[u][r] = ldg_stream(w + rows[r] * row_bytes + int64_t(k0) * BITS / 8);
+        wv[u][r] = load_stream16(w + rows[r] * row_bytes + int64_t(k0) * BITS / 8);
 #pragma unroll
         for (int h = 0; h < SUBS; ++h) {
           const int64_t gi = int64_t(rows[r]) * G + (k0 + 32 * h) / gs;
@@ -153,11 +99,11 @@ __device__ __forceinline__ void qmv_tc(const QmmParams& p) {
 #pragma unroll
           for (int e = 0; e < 2; ++e) {
             const int j = 2 * st + e;  // pair j: values j and j + V / 2
-            a[2 * e] = dequant_pair<T, BITS>(wa[c], j, sa, ba);
-            a[2 * e + 1] = dequant_pair<T, BITS>(wb[c], j, sb, bb);
+            a[2 * e] = dequant_pair<T, BITS>((wa[c] >> (BITS * j)) & PAIR_MASK, sa, ba);
+            a[2 * e + 1] = dequant_pair<T, BITS>((wb[c] >> (BITS * j)) & PAIR_MASK, sb, bb);
             b[e] = __byte_perm(xc[j / 2], xc[(j + V / 2) / 2], j % 2 ? 0x7632 : 0x5410);
           }
-          mma16816<T>(d, a, b[0], b[1]);
+          mma_m16n8k16<T>(d, a, b[0], b[1], d);
         }
       }
     }
@@ -188,9 +134,11 @@ using mlx_ext::cuda::bf16;
 using mlx_ext::cuda::f16;
 using mlx_ext::cuda::QmmParams;
 
-// Names: qmv_tc_<x type>_b<bits>. Block 128 threads, grid (ceil(N / 16), ceil(M / 8)).
-#define QMV_TC(T, NAME, BITS)                                                               \
-  extern "C" __global__ void __launch_bounds__(128) qmv_tc_##NAME##_b##BITS(const QmmParams p) { \
+// Names: qmv_tc_<x type>_b<bits>. Block QMV_TC_THREADS threads, grid
+// (ceil(N / QMV_TC_ROWS), ceil(M / 8)).
+#define QMV_TC(T, NAME, BITS)                                                                  \
+  extern "C" __global__ void __launch_bounds__(mlx_ext::cuda::QMV_TC_THREADS) qmv_tc_##NAME##_b##BITS( \
+      const QmmParams p) {                                                                     \
     mlx_ext::cuda::qmv_tc<T, BITS, mlx_ext::cuda::qmv_tc_spans(BITS)>(p);                    \
   }
 QMV_TC(bf16, bf16, 2)
