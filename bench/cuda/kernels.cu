@@ -303,7 +303,17 @@ int main(int argc, char** argv) {
   cudaDeviceProp prop;
   CHECK(cudaGetDeviceProperties(&prop, 0));
   std::printf("device %s, %d SMs, L2 %d MB\n", prop.name, prop.multiProcessorCount, prop.l2CacheSize >> 20);
-  const bool quick = argc > 1 && std::string(argv[1]) == "--checks-only";
+  const std::string mode = argc > 1 ? argv[1] : "";
+  const bool quick = mode == "--checks-only";
+  if (mode == "--profile") {  // one launch of each main kernel, for ncu
+    Problem g(4096, 4096, 14336, 4, 64, true);
+    launch(gemm_wgmma(g), g.params(0));
+    Problem v(1, 14336, 4096, 4, 64, true);
+    launch(gemv_tc(v), v.params(0));
+    launch(gemv_old(v), v.params(0));
+    CHECK(cudaDeviceSynchronize());
+    return 0;
+  }
 
   // Correctness: every bit width and group size of each kernel, odd shapes.
   for (bool bf : {true, false})

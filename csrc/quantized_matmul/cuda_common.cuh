@@ -168,22 +168,38 @@ __device__ __forceinline__ void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[
   }
 }
 
+// c, in a register whose value ptxas cannot see (it folds every constant it
+// can, through moves and shuffles too): an instruction takes one immediate
+// operand, so (a & mask) | c is one LOP3 only with c in a register. The sign
+// bit of p.M (never negative) is an operand ptxas cannot know is zero.
+__device__ __forceinline__ uint32_t opaque(uint32_t c, const QmmParams& p) {
+  return c | uint32_t(uint64_t(p.M) >> 63);
+}
+
+// The exponent bits dequant_pair puts above a pair of integers.
+template <typename T>
+constexpr __device__ uint32_t dequant_magic() {
+  return std::is_same_v<T, f16> ? 0x64006400u : 0x43004300u;
+}
+
 // Two BITS-bit integers, in the low bits of the two 16-bit halves of q, as
 // the (T, T) pair s * q + b with one rounding (s2, b2: the group's scale and
 // bias in both halves). The integers go under T's "magic" exponent, where they
 // are exact (1024 + q in float16, 128 + q in bfloat16), the magic is
 // subtracted (exact) and one fma applies s and b. 8-bit integers do not fit
 // bfloat16's mantissa: they take a float32 fma instead, rounded once too.
+// `magic_bits`: dequant_magic<T>(), or opaque(dequant_magic<T>(), p) held by the caller.
 template <typename T, int BITS>
-__device__ __forceinline__ uint32_t dequant_pair(uint32_t q, uint32_t s2, uint32_t b2) {
+__device__ __forceinline__ uint32_t dequant_pair(uint32_t q, uint32_t s2, uint32_t b2,
+                                                 uint32_t magic_bits = dequant_magic<T>()) {
   if constexpr (std::is_same_v<T, f16>) {
-    const uint32_t magic_q = q | 0x64006400u;
+    const uint32_t magic_q = q | magic_bits;
     const __half2 magic = __halves2half2(__ushort_as_half(0x6400), __ushort_as_half(0x6400));
     __half2 w = __hfma2(__hsub2(*reinterpret_cast<const __half2*>(&magic_q), magic),
                         *reinterpret_cast<const __half2*>(&s2), *reinterpret_cast<const __half2*>(&b2));
     return *reinterpret_cast<uint32_t*>(&w);
   } else if constexpr (BITS < 8) {
-    const uint32_t magic_q = q | 0x43004300u;
+    const uint32_t magic_q = q | magic_bits;
     const __nv_bfloat162 magic = __halves2bfloat162(__ushort_as_bfloat16(0x4300), __ushort_as_bfloat16(0x4300));
     __nv_bfloat162 w = __hfma2(__hsub2(*reinterpret_cast<const __nv_bfloat162*>(&magic_q), magic),
                                *reinterpret_cast<const __nv_bfloat162*>(&s2),

@@ -26,13 +26,17 @@ __device__ __forceinline__ void qmv_t(const QmmParams& p) {
   const int64_t m0 = int64_t(blockIdx.y) * MT;
   const int mt = int(p.M - m0 < MT ? p.M - m0 : MT);
   const int K = p.K, G = K / p.group_size;
+  const int gs_shift = __ffs(p.group_size) - 1; // group sizes are powers of two: no division in the loop
   const T* x = static_cast<const T*>(p.x) + m0 * K;
-  const T* scales = static_cast<const T*>(p.scales);
-  const T* biases = static_cast<const T*>(p.biases);
   const int64_t row_words = int64_t(K) * BITS / 32;
   int rows[R];
+  const T *scales[R], *biases[R];
 #pragma unroll
-  for (int r = 0; r < R; ++r) rows[r] = min(n0 + r, p.N - 1); // past N: recompute, never store
+  for (int r = 0; r < R; ++r) {
+    rows[r] = min(n0 + r, p.N - 1); // past N: recompute, never store
+    scales[r] = static_cast<const T*>(p.scales) + int64_t(rows[r]) * G;
+    biases[r] = static_cast<const T*>(p.biases) + int64_t(rows[r]) * G;
+  }
 
   float acc[R][MT] = {};
   const int chunks = K / C::VPT;
@@ -50,9 +54,9 @@ __device__ __forceinline__ void qmv_t(const QmmParams& p) {
       }
 #pragma unroll
       for (int s = 0; s < C::SUBS; ++s) {
-        const int64_t g = int64_t(rows[r]) * G + (c * C::VPT + 32 * s) / p.group_size;
-        sc[r][s] = to_float(scales[g]);
-        bi[r][s] = to_float(biases[g]);
+        const int g = (c * C::VPT + 32 * s) >> gs_shift;
+        sc[r][s] = to_float(scales[r][g]);
+        bi[r][s] = to_float(biases[r][g]);
       }
     }
 #pragma unroll

@@ -47,10 +47,19 @@ __device__ __forceinline__ void qmv_tc(const QmmParams& p) {
   const bool has_x = g < mt;
   const int64_t row_bytes = int64_t(K) * BITS / 8;
   const int rows[2] = {min(n0 + g, N - 1), min(n0 + g + 8, N - 1)};  // past N: recomputed, never stored
-  const uint8_t* w = reinterpret_cast<const uint8_t*>(p.w);
-  const uint16_t* scales = static_cast<const uint16_t*>(p.scales);
-  const uint16_t* biases = static_cast<const uint16_t*>(p.biases);
+  // Per-row base pointers and a shift for the group (group sizes are powers
+  // of two): the loop's index arithmetic stays 32-bit and division-free.
+  const uint8_t* w[2];
+  const uint16_t *scales[2], *biases[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    w[r] = reinterpret_cast<const uint8_t*>(p.w) + rows[r] * row_bytes;
+    scales[r] = static_cast<const uint16_t*>(p.scales) + int64_t(rows[r]) * G;
+    biases[r] = static_cast<const uint16_t*>(p.biases) + int64_t(rows[r]) * G;
+  }
+  const int gs_shift = __ffs(gs) - 1;
   const T* x = static_cast<const T*>(p.x) + (m0 + (has_x ? g : 0)) * K;
+  const uint32_t magic = opaque(dequant_magic<T>(), p);
 
   const int spans = K / SPAN;
   const int s_begin = warp * spans / 4, s_end = (warp + 1) * spans / 4;
@@ -68,11 +77,11 @@ __device__ __forceinline__ void qmv_tc(const QmmParams& p) {
       const int k0 = (s0 + u) * SPAN + t * VPC;  // this lane's chunk
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
-        wv[u][r] = load_stream16(w + rows[r] * row_bytes + int64_t(k0) * BITS / 8);
+        wv[u][r] = load_stream16(w[r] + k0 * BITS / 8);
 #pragma unroll
         for (int h = 0; h < SUBS; ++h) {
-          const int64_t gi = int64_t(rows[r]) * G + (k0 + 32 * h) / gs;
-          sbv[u][r][h] = __ldg(scales + gi) | (uint32_t(__ldg(biases + gi)) << 16);
+          const int gi = (k0 + 32 * h) >> gs_shift;
+          sbv[u][r][h] = __ldg(scales[r] + gi) | (uint32_t(__ldg(biases[r] + gi)) << 16);
         }
       }
     }
@@ -99,8 +108,8 @@ __device__ __forceinline__ void qmv_tc(const QmmParams& p) {
 #pragma unroll
           for (int e = 0; e < 2; ++e) {
             const int j = 2 * st + e;  // pair j: values j and j + V / 2
-            a[2 * e] = dequant_pair<T, BITS>((wa[c] >> (BITS * j)) & PAIR_MASK, sa, ba);
-            a[2 * e + 1] = dequant_pair<T, BITS>((wb[c] >> (BITS * j)) & PAIR_MASK, sb, bb);
+            a[2 * e] = dequant_pair<T, BITS>((wa[c] >> (BITS * j)) & PAIR_MASK, sa, ba, magic);
+            a[2 * e + 1] = dequant_pair<T, BITS>((wb[c] >> (BITS * j)) & PAIR_MASK, sb, bb, magic);
             b[e] = __byte_perm(xc[j / 2], xc[(j + V / 2) / 2], j % 2 ? 0x7632 : 0x5410);
           }
           mma_m16n8k16<T>(d, a, b[0], b[1], d);
