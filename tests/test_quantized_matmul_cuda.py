@@ -3,7 +3,7 @@
 Every bit width x group size x activation dtype x layout runs on shapes that
 send it to each kernel family (csrc/quantized_matmul/cuda.cpp picks them):
 the tensor-core and the CUDA-core GEMVs for 1 and for 2-8 rows of x, the
-mma.sync GEMM with its small and large tiles (float32 x as bfloat16 planes),
+tensor-core GEMV with 16- and 32-row blocks, the mma.sync GEMM with its small and large tiles (float32 x as bfloat16 planes),
 the Hopper wgmma GEMM (H100), the transpose=False kernel
 with and without K slices, and the generic kernel (misaligned inputs). A
 second test checks that every kernel in the built modules ran. Runs only
@@ -48,17 +48,16 @@ def cases(bits, group_size, transpose):
     """(M, K, N, misaligned input or None) per kernel family."""
     if transpose:
         k, n = 256, 71  # K % 128 == 0; N not a multiple of any tile
-        # 1-8 rows: the GEMVs; 20: the small mma.sync GEMM; 100 and 300: the
-        # Hopper GEMM on an H100 (with N and M past a tile), else the large
-        # mma.sync GEMM.
+        # 1-8 rows: the GEMVs; 12 and 20: the GEMV with 16- and 32-row blocks
+        # (4 and 8 bits), else the small mma.sync GEMM, which 40 rows reach
+        # for every bit width; 100 and 300: the Hopper GEMM on an H100 (with N
+        # and M past a tile), else the large mma.sync GEMM.
         out = [(1, k, n, None), (2, k, n, None), (3, k, n, None), (5, k, n, None),
-               (20, k, n, None), (100, k, n, None), (300, 448, 300, None), (70, 64, n, None),
-               (130, 128, n, None), (3, k, n, "x")]
+               (12, k, n, None), (20, k, n, None), (40, k, n, None), (100, k, n, None),
+               (300, 448, 300, None), (70, 64, n, None), (130, 128, n, None), (3, k, n, "x")]
         k_core = cuda_core_gemv_k(bits, group_size)
-        if k_core and bits in (2, 4):
+        if k_core:
             out += [(1, k_core, n, None), (5, k_core, n, None)]
-        elif k_core and bits == 8:  # M = 1 already goes to the CUDA-core GEMV
-            out += [(5, k_core, n, None)]
         return [c for c in out if c[1] % group_size == 0]
     n = 3 * group_size
     # 1-3 rows: K sliced (float partials); 9 rows over 16: one slice, direct stores.

@@ -83,14 +83,19 @@ using TcLarge = TcConfig<128, 128, 2, 4, 3>;
 using TcSmall = TcConfig<32, 64, 1, 4, 4>;
 
 // The Hopper GEMM (qmm_wgmma.cu, sm_90a): 256 x 128 tiles of out, k tiles of
-// 64, 4 stages of x and of packed W, 3 dequantized W tiles, 2 warpgroups.
-constexpr int WG_BM = 256, WG_BN = 128, WG_BK = 64;
-constexpr int WG_STAGES = 4, WG_Q_TILES = 3, WG_THREADS = 256;
+// 64; a producer warpgroup and two consumer warpgroups; as many stages of x
+// and packed W as fit in 227 KB (at most 8).
+constexpr int WG_BM = 256, WG_BN = 128, WG_BK = 64, WG_THREADS = 384;
 constexpr int WG_X_BYTES = WG_BM * WG_BK * 2; // one x stage, 16-bit values
-constexpr int WG_Q_BYTES = WG_BN * WG_BK * 2; // one dequantized W tile
-constexpr MLX_EXT_HOST_DEVICE int wg_raw_bytes(int bits) { return WG_BN * 8 * bits; } // one packed stage
+constexpr MLX_EXT_HOST_DEVICE int wg_raw_stride(int bits) { // bytes per W row in a stage
+  return bits == 8 ? 8 * bits + 16 : 8 * bits;
+}
+constexpr MLX_EXT_HOST_DEVICE int wg_stage_bytes(int bits) { return WG_X_BYTES + WG_BN * wg_raw_stride(bits); }
+constexpr MLX_EXT_HOST_DEVICE int wg_stages(int bits) { // + 16: the stage's two mbarriers
+  return (227 * 1024 - 1024) / (wg_stage_bytes(bits) + 16) < 8 ? (227 * 1024 - 1024) / (wg_stage_bytes(bits) + 16) : 8;
+}
 constexpr MLX_EXT_HOST_DEVICE int wg_smem_bytes(int bits) { // + 1024 to align the base
-  return 1024 + WG_STAGES * WG_X_BYTES + WG_Q_TILES * WG_Q_BYTES + WG_STAGES * wg_raw_bytes(bits);
+  return 1024 + wg_stages(bits) * (wg_stage_bytes(bits) + 16);
 }
 
 } // namespace mlx_ext::cuda
