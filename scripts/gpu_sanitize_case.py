@@ -36,7 +36,7 @@ def main():
                 scales = mx.array(rng.uniform(-0.1, 0.1, (rows, cols // gs)), dtype=dtype)
                 biases = mx.array(rng.uniform(-0.5, 0.5, (rows, cols // gs)), dtype=dtype)
                 bias = mx.array(rng.standard_normal(n), dtype=dtype)
-                for m in [1, 3, 6, 19, 70]:
+                for m in [1, 3, 6, 12, 19, 70]:
                     x = mx.array(rng.standard_normal((m, k)), dtype=dtype)
                     check(x, w_q, scales, biases, bias, transpose=transpose, group_size=gs, bits=bits)
                 x = mx.array(rng.standard_normal((1, 3 * k + 1)), dtype=dtype)[:, 1:1 + k]
