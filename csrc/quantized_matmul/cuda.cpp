@@ -342,21 +342,18 @@ void QuantizedMatmul::eval_gpu(const std::vector<mx::array>& inputs, mx::array& 
     const bool half_x = out.dtype() != mx::float32;
     const bool sm90 = mx::cu::device(s.device).compute_capability_major() == 9 &&
         mx::cu::device(s.device).compute_capability_minor() == 0;
-    // The tensor-core GEMV. (For one row of 8-bit W the CUDA-core GEMV is
-    // faster on an H200, 17.7 vs 20.7 us at 14336 x 4096, but slower on an
-    // H100, 30.7 vs 22.0: bench/cuda/kernels.cu.)
-    const bool qmv_tc_ok = half_x && (bits_ == 2 || bits_ == 4 || bits_ == 8) && K > 0 &&
-        K % qmv_tc_k_multiple(bits_) == 0 && aligned && M <= 8;
-    if (qmv_tc_ok) {
-      launch("qmv_tc_" + t + b, ceil_div(N, QMV_TC_ROWS), 1, 1, QMV_TC_THREADS, 0, p, all_inputs, {&out});
-      return;
-    }
-    // 9 to 32 rows, 4- or 8-bit W: the same GEMV with 16 or 32 rows of x per
-    // block, W dequantized once for all of them.
-    if (half_x && (bits_ == 4 || bits_ == 8) && K > 0 && K % qmv_tc_k_multiple(bits_) == 0 && aligned &&
-        M > 8 && M <= 32) {
-      const int rows = M <= 16 ? 16 : 32;
-      launch("qmv_tc_" + t + b + "_m" + std::to_string(rows), ceil_div(N, QMV_TC_ROWS), 1, 1, QMV_TC_THREADS, 0, p,
+    // The tensor-core GEMV: 8 rows of x per block for 2-, 4- and 8-bit W; 16
+    // or 32 rows (9 to 32 rows of x), W dequantized once for all of them, for
+    // 4 and 8 bits. (For one row of 8-bit W the CUDA-core GEMV is faster on an
+    // H200, 17.7 vs 20.7 us at 14336 x 4096, but slower on an H100, 30.7 vs
+    // 22.0: bench/cuda/kernels.cu.)
+    const bool four_or_eight = bits_ == 4 || bits_ == 8;
+    const int qmv_tc_rows = M <= 8 && (bits_ == 2 || four_or_eight) ? 8
+        : M <= 32 && four_or_eight                                   ? (M <= 16 ? 16 : 32)
+                                                                     : 0;
+    if (half_x && qmv_tc_rows && K > 0 && K % qmv_tc_k_multiple(bits_) == 0 && aligned) {
+      const std::string rows = qmv_tc_rows == 8 ? "" : "_m" + std::to_string(qmv_tc_rows);
+      launch("qmv_tc_" + t + b + rows, ceil_div(N, QMV_TC_ROWS), ceil_div(M, qmv_tc_rows), 1, QMV_TC_THREADS, 0, p,
           all_inputs, {&out});
       return;
     }

@@ -34,7 +34,7 @@ constexpr __host__ __device__ int qmv_tc_spans(int bits) { return bits == 8 ? 4 
 // The A fragments of the STEPS = V / 4 mma steps of word c of a lane's
 // chunks: wa of row g, wb of row g + 8; sb = scale | bias << 16 of each row.
 template <typename T, int BITS>
-__device__ __forceinline__ void qmv_tc_dequant_word(uint32_t (&a)[BITS == 8 ? 1 : 8 / BITS][4], uint32_t wa,
+__device__ __forceinline__ void qmv_tc_dequant_word(uint32_t (&a)[8 / BITS][4], uint32_t wa,
                                                     uint32_t wb, uint32_t sb_a, uint32_t sb_b, uint32_t magic) {
   constexpr int V = 32 / BITS;
   constexpr uint32_t PAIR_MASK = ((1u << BITS) - 1) * 0x10001u;  // value j and j + V / 2 of a word
@@ -53,7 +53,7 @@ __device__ __forceinline__ void qmv_tc_dequant_word(uint32_t (&a)[BITS == 8 ? 1 
 // d += the mma steps of one word: A fragments a, x values xc (V / 2 words of
 // (2i, 2i + 1) pairs) permuted into B alike.
 template <typename T, int BITS>
-__device__ __forceinline__ void qmv_tc_mma_word(float (&d)[4], const uint32_t (&a)[BITS == 8 ? 1 : 8 / BITS][4],
+__device__ __forceinline__ void qmv_tc_mma_word(float (&d)[4], const uint32_t (&a)[8 / BITS][4],
                                                 const uint32_t* xc) {
   constexpr int V = 32 / BITS;
 #pragma unroll
