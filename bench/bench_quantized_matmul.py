@@ -242,13 +242,7 @@ def gpu_time(make, calls, repeats=7, pipelined=False):
         mx.eval(previous)
 
     once, per_run = (run_pipelined, calls * GPU_PIPELINE_ROUNDS) if pipelined else (run, calls)
-    once()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        once()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) / per_run
+    return harness.time_calls(lambda i: once(), warmup=1, repeats=repeats)["median_s"] / per_run
 
 
 GPU_MIN_CALLS = 8  # an eval of 1-3 large calls costs milliseconds more than its kernels

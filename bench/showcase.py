@@ -3,24 +3,16 @@ MLP up-projection of a Llama-3-8B-sized model (4096 -> 14336), 4-bit, group
 size 64, as mx.quantize packs it. Shows that the values agree with
 mx.quantized_matmul and how long each takes, on the CPU."""
 
-import time
-
-import numpy as np
-
 import mlx.core as mx
 import mlx_ext
+
+from . import harness
 
 N, K, BITS, GROUP_SIZE = 14336, 4096, 4, 64
 
 
 def median_ms(fn, repeats):
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return 1e3 * float(np.median(times))
+    return 1e3 * harness.time_calls(lambda i: fn(), warmup=1, repeats=repeats)["median_s"]
 
 
 def main():
