@@ -5,9 +5,9 @@
 #include <nanobind/stl/variant.h>
 #include <nanobind/stl/vector.h>
 
-#include "common/cpu_isa.h"
+#include "common/cpu/isa.h"
 #include "common/errors.h"
-#include "common/thread_pool.h"
+#include "common/cpu/thread_pool.h"
 #include "quantized_matmul/quantized_matmul.h"
 
 namespace nb = nanobind;

@@ -17,8 +17,8 @@ QEMU = "qemu-aarch64"
 SOURCES = [
     "tests/native/kernel_check.cpp",
     "csrc/quantized_matmul/cpu_driver.cpp",
-    "csrc/common/thread_pool.cpp",
-    "csrc/common/cpu_isa.cpp",
+    "csrc/common/cpu/thread_pool.cpp",
+    "csrc/common/cpu/isa.cpp",
 ]
 KERNELS = "csrc/quantized_matmul/cpu_kernels.cpp"
 HEADERS = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").rglob("*.h"))

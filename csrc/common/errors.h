@@ -8,8 +8,6 @@
 #include <stdexcept>
 #include <string>
 
-#include "mlx/mlx.h"
-
 namespace mlx_ext {
 
 struct type_error : std::invalid_argument {
@@ -36,8 +34,10 @@ template <typename... Parts>
   throw type_error(detail::concat(op, parts...));
 }
 
-inline bool is_kernel_float(mlx::core::Dtype t) {
-  return t == mlx::core::float32 || t == mlx::core::float16 || t == mlx::core::bfloat16;
+// A failure inside a kernel's host code (driver, launch), not the caller's fault.
+template <typename... Parts>
+[[noreturn]] void runtime_error(const char* op, const Parts&... parts) {
+  throw std::runtime_error(detail::concat(op, parts...));
 }
 
 } // namespace mlx_ext

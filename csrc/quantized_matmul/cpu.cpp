@@ -1,47 +1,13 @@
 // QuantizedMatmul::eval_cpu: converts x to float32 once and hands the
 // problem to the CPU driver (cpu_driver.cpp) on the stream's thread.
-#include <algorithm>
 #include <vector>
 
-#include "common/thread_pool.h"
+#include "common/cpu/arrays.h"
 #include "mlx/backend/cpu/encoder.h"
 #include "quantized_matmul/cpu_driver.h"
 #include "quantized_matmul/quantized_matmul.h"
 
 namespace mlx_ext {
-namespace {
-
-using cpu::FloatType;
-
-FloatType float_type(mx::Dtype t) {
-  if (t == mx::float16) return FloatType::f16;
-  if (t == mx::bfloat16) return FloatType::bf16;
-  return FloatType::f32;
-}
-
-float to_float(const mx::array& x, int64_t i) {
-  switch (x.dtype()) {
-    case mx::float16: return float(x.data<mx::float16_t>()[i]);
-    case mx::bfloat16: return float(x.data<mx::bfloat16_t>()[i]);
-    default: return x.data<float>()[i];
-  }
-}
-
-// x as a contiguous float32 (M, K) matrix: the array itself when it already
-// is one, else a converted copy held in `storage`.
-const float* x_as_float(const mx::array& x, std::vector<float>& storage) {
-  if (x.dtype() == mx::float32) return x.data<float>();
-  const int64_t n = x.size();
-  storage.resize(n);
-  const int64_t chunk = 1 << 16;
-  cpu::parallel_for((n + chunk - 1) / chunk, [&](int64_t t) {
-    const int64_t end = std::min(n, (t + 1) * chunk);
-    for (int64_t i = t * chunk; i < end; ++i) storage[i] = to_float(x, i);
-  });
-  return storage.data();
-}
-
-} // namespace
 
 void QuantizedMatmul::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
   out.set_data(mx::allocator::malloc(out.nbytes()));
@@ -64,19 +30,19 @@ void QuantizedMatmul::eval_cpu(const std::vector<mx::array>& inputs, mx::array& 
     if (M == 0 || N == 0) return;
     std::vector<float> x_storage;
     cpu::QmmArgs a{};
-    a.x = x_as_float(x, x_storage);
+    a.x = cpu::as_float32(x, x_storage);
     a.w = reinterpret_cast<const uint8_t*>(w.data<uint32_t>());
     a.scales = scales.data<void>();
     a.biases = biases.data<void>();
     a.bias = bias ? bias->data<void>() : nullptr;
     a.out = out.data<void>();
-    a.type = float_type(out.dtype());
+    a.type = cpu::float_type(out.dtype());
     a.M = M;
     a.N = N;
     a.K = K;
     a.group_size = group_size;
     a.bits = bits;
-    cpu::run_quantized_matmul(cpu::kernels_for(cpu::current_isa()), a, transpose);
+    cpu::run_quantized_matmul(cpu::quantized_matmul_kernels_for(cpu::current_isa()), a, transpose);
   });
 }
 

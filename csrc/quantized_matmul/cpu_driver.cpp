@@ -3,7 +3,8 @@
 #include <algorithm>
 #include <vector>
 
-#include "common/thread_pool.h"
+#include "common/cpu/thread_pool.h"
+#include "common/math.h"
 
 namespace mlx_ext::cpu {
 namespace {
@@ -15,8 +16,7 @@ constexpr int64_t kGemmMinRows = 12;
 
 // Splits [0, n) into about `tasks` ranges whose bounds are multiples of `align`.
 int64_t chunk_size(int64_t n, int64_t tasks, int64_t align) {
-  const int64_t per = (n + tasks - 1) / tasks;
-  return std::max(align, (per + align - 1) / align * align);
+  return std::max(align, round_up(ceil_div(n, tasks), align));
 }
 
 void run_qmv(const KernelTable& kt, QmmArgs& a) {
@@ -32,7 +32,7 @@ void run_qmv(const KernelTable& kt, QmmArgs& a) {
   std::vector<float> prepared(a.M * a.K);
   a.x_prepared = kt.qmv_prepare(a, prepared.data()) ? prepared.data() : nullptr;
   const int64_t chunk = chunk_size(a.N, 16 * num_threads(), 8);
-  parallel_for((a.N + chunk - 1) / chunk, [&](int64_t t) {
+  parallel_for(ceil_div(a.N, chunk), [&](int64_t t) {
     kt.qmv(a, t * chunk, std::min(a.N, (t + 1) * chunk));
   });
 }
@@ -40,15 +40,15 @@ void run_qmv(const KernelTable& kt, QmmArgs& a) {
 void run_qvm(const KernelTable& kt, const QmmArgs& a) {
   const int64_t chunk =
       std::min(kt.qvm_cols, chunk_size(a.N, 4 * num_threads(), 32));
-  parallel_for((a.N + chunk - 1) / chunk, [&](int64_t t) {
+  parallel_for(ceil_div(a.N, chunk), [&](int64_t t) {
     kt.qvm(a, t * chunk, std::min(a.N, (t + 1) * chunk));
   });
 }
 
 void run_gemm(const KernelTable& kt, const QmmArgs& a, bool transpose) {
   const auto& plan = kt.plan;
-  const int64_t panels = (a.M + plan.mr - 1) / plan.mr;
-  const int64_t k_blocks = (a.K + plan.kc - 1) / plan.kc;
+  const int64_t panels = ceil_div(a.M, plan.mr);
+  const int64_t k_blocks = ceil_div(a.K, plan.kc);
   // Pack x into mr-row panels, one kc-deep slab per K block (layout in
   // cpu_kernels.h: PackedA).
   std::vector<float> packed(k_blocks * panels * plan.mr * plan.kc);
@@ -67,7 +67,7 @@ void run_gemm(const KernelTable& kt, const QmmArgs& a, bool transpose) {
   const PackedA pa{packed.data(), panels};
   const int64_t scratch_size = int64_t(plan.kc) * plan.nc + panels * plan.mr * plan.nc;
   auto* gemm = transpose ? kt.qmm_t : kt.qmm_n;
-  parallel_for((a.N + plan.nc - 1) / plan.nc, [&](int64_t t) {
+  parallel_for(ceil_div(a.N, plan.nc), [&](int64_t t) {
     thread_local std::vector<float> scratch;
     if (int64_t(scratch.size()) < scratch_size) scratch.resize(scratch_size);
     gemm(a, pa, t * plan.nc, scratch.data());
@@ -75,22 +75,6 @@ void run_gemm(const KernelTable& kt, const QmmArgs& a, bool transpose) {
 }
 
 } // namespace
-
-const KernelTable& kernels_for(Isa isa) {
-  switch (isa) {
-#if defined(MLX_EXT_HAVE_ISA_avx512)
-    case Isa::avx512: return avx512::kernels;
-#endif
-#if defined(MLX_EXT_HAVE_ISA_avx2)
-    case Isa::avx2: return avx2::kernels;
-#endif
-#if defined(MLX_EXT_HAVE_ISA_neon)
-    case Isa::neon: return neon::kernels;
-#endif
-    default: return scalar::kernels;
-  }
-}
-
 
 void run_quantized_matmul(const KernelTable& kernels, QmmArgs a, bool transpose) {
   if (a.M >= kGemmMinRows) {

@@ -4,13 +4,9 @@
 // so that native tests can drive the kernels of any ISA directly.
 #pragma once
 
-#include "common/cpu_isa.h"
 #include "quantized_matmul/cpu_kernels.h"
 
 namespace mlx_ext::cpu {
-
-// The kernels of one ISA compiled into this build (scalar if it is not).
-const KernelTable& kernels_for(Isa isa);
 
 // `a` is complete but for the fields the driver fills (x_group_sums,
 // x_prepared); a.x is float32 (M, K), contiguous.

@@ -7,7 +7,9 @@
 // number of blocks.
 #include <type_traits>
 
-#include "common/simd.h"
+#include "common/cpu/float_io.h"
+#include "common/cpu/simd.h"
+#include "common/math.h"
 #include "quantized_matmul/cpu_kernels.h"
 
 namespace mlx_ext::cpu::MLX_EXT_ISA_NS {
@@ -15,47 +17,6 @@ namespace {
 
 constexpr int kBlock = 32;
 constexpr int kVecsPerBlock = kBlock / kWidth;
-
-template <FloatType T>
-MLX_EXT_INLINE float load_float(const void* p, int64_t i) {
-  if constexpr (T == FloatType::f32) {
-    return static_cast<const float*>(p)[i];
-  } else if constexpr (T == FloatType::f16) {
-    return half_to_float(static_cast<const uint16_t*>(p)[i]);
-  } else {
-    return bf16_to_float(static_cast<const uint16_t*>(p)[i]);
-  }
-}
-
-template <FloatType T>
-MLX_EXT_INLINE void store_float(void* p, int64_t i, float v) {
-  if constexpr (T == FloatType::f32) {
-    static_cast<float*>(p)[i] = v;
-  } else if constexpr (T == FloatType::f16) {
-    static_cast<uint16_t*>(p)[i] = float_to_half(v);
-  } else {
-    static_cast<uint16_t*>(p)[i] = float_to_bf16(v);
-  }
-}
-
-template <FloatType T>
-MLX_EXT_INLINE VecF load_floats(const void* p, int64_t i) {
-  if constexpr (T == FloatType::f32) {
-    return load(static_cast<const float*>(p) + i);
-  } else if constexpr (T == FloatType::f16) {
-    return load_half(static_cast<const uint16_t*>(p) + i);
-  } else {
-    return load_bf16(static_cast<const uint16_t*>(p) + i);
-  }
-}
-
-// dst[0:n] = float(src[offset : offset + n]).
-template <FloatType T>
-void convert_to_float(const void* src, int64_t offset, int64_t n, float* dst) {
-  int64_t i = 0;
-  for (; i + kWidth <= n; i += kWidth) store(dst + i, load_floats<T>(src, offset + i));
-  for (; i < n; ++i) dst[i] = load_float<T>(src, offset + i);
-}
 
 // sum_i a[i] * b[i]
 MLX_EXT_INLINE float dot(const float* a, const float* b, int64_t n) {
@@ -451,7 +412,7 @@ template <FloatType T, int bits>
 void pack_b_transposed(const QmmArgs& a, int64_t n0, int64_t cols, int64_t k0, int kc, float* Bp) {
   const int64_t groups = a.K / a.group_size;
   const int64_t row_bytes = a.K * bits / 8;
-  const int64_t panels = (cols + kNR - 1) / kNR;
+  const int64_t panels = ceil_div(cols, kNR);
   alignas(64) float tile[kNR][kBlock];
   for (int64_t p = 0; p < panels; ++p) {
     float* panel = Bp + p * kc * kNR;
@@ -502,7 +463,7 @@ void pack_b_rows(const QmmArgs& a, int64_t n0, int64_t cols, int64_t k0, int kc,
 template <FloatType T, int bits, bool transpose>
 void qmm(const QmmArgs& a, const PackedA& pa, int64_t n0, float* scratch) {
   const int64_t cols = a.N - n0 < kNC ? a.N - n0 : kNC;
-  const int64_t n_panels = (cols + kNR - 1) / kNR;
+  const int64_t n_panels = ceil_div(cols, kNR);
   float* Bp = scratch;
   float* C = scratch + int64_t(kKC) * kNC;
   const int64_t c_size = pa.panels * kMR * kNC;
@@ -588,7 +549,7 @@ void qmm_n_entry(const QmmArgs& a, const PackedA& pa, int64_t n0, float* s) {
 
 #define MLX_EXT_STR2(x) #x
 #define MLX_EXT_STR(x) MLX_EXT_STR2(x)
-extern const KernelTable kernels = {
+extern const KernelTable quantized_matmul_kernels = {
     MLX_EXT_STR(MLX_EXT_ISA_NS),
     GemmPlan{kMR, kNR, kKC, kNC},
     qmv_prepare_entry,

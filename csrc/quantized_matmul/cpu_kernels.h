@@ -1,16 +1,15 @@
-// The interface between the generic CPU driver (cpu.cpp: threads, dtype
-// conversion of x, packing) and the per-ISA kernels (cpu_kernels.cpp, compiled
+// The interface between the CPU driver (cpu_driver.cpp: the GEMV / GEMM
+// choice, threads, packing of x) and the per-ISA kernels (cpu_kernels.cpp, compiled
 // once per instruction set). Plain structs and function pointers only: no MLX
 // or standard-library types cross this boundary.
 #pragma once
 
 #include <cstdint>
 
-namespace mlx_ext::cpu {
+#include "common/cpu/float_type.h"
+#include "common/cpu/isa.h"
 
-// Element type of scales, biases, bias and out (they share one dtype: the op
-// function casts them to the output dtype).
-enum class FloatType : int { f32 = 0, f16 = 1, bf16 = 2 };
+namespace mlx_ext::cpu {
 
 // One quantized matmul. The quantized matrix W is stored as MLX packs it:
 // `rows` rows, each a little-endian bit stream of `cols` values of `bits` bits
@@ -26,7 +25,7 @@ struct QmmArgs {
   const void* biases;
   const void* bias; // (N,) or nullptr
   void* out; // (M, N)
-  FloatType type;
+  FloatType type; // of scales, biases, bias and out (the op function casts them to one)
   int64_t M, N, K;
   int group_size;
   int bits;
@@ -68,10 +67,8 @@ struct KernelTable {
   int64_t qvm_cols;
 };
 
-// Defined in cpu_kernels.cpp, once per ISA compiled in.
-namespace scalar { extern const KernelTable kernels; }
-namespace avx2 { extern const KernelTable kernels; }
-namespace avx512 { extern const KernelTable kernels; }
-namespace neon { extern const KernelTable kernels; }
+// Defined in cpu_kernels.cpp, once per ISA compiled in; selected by
+// quantized_matmul_kernels_for(isa).
+MLX_EXT_PER_ISA(KernelTable, quantized_matmul_kernels)
 
 } // namespace mlx_ext::cpu

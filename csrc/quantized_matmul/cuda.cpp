@@ -16,6 +16,7 @@
 
 #include "mlx/backend/cuda/device.h"
 #include "mlx/backend/cuda/utils.h"
+#include "common/gpu.h"
 #include "quantized_matmul/cuda_params.h"
 #include "quantized_matmul/quantized_matmul.h"
 
@@ -294,9 +295,7 @@ void run_tensor_core(Launcher& launch, QmmParams p, const Operands& a, const std
 } // namespace
 } // namespace cuda
 
-bool QuantizedMatmul::has_gpu_kernels() {
-  return true;
-}
+MLX_EXT_HAS_GPU(QuantizedMatmul)
 
 void QuantizedMatmul::eval_gpu(const std::vector<mx::array>& inputs, mx::array& out) {
   using namespace cuda;

@@ -5,16 +5,16 @@
 #include <string>
 
 #include "../../metal/quantized_matmul_bindings.h"
-#include "common/metal_utils.h"
+#include "common/gpu.h"
+#include "common/kernel_names.h"
+#include "common/metal/library.h"
 #include "mlx/backend/metal/device.h"
 #include "quantized_matmul/metal_plan.h"
 #include "quantized_matmul/quantized_matmul.h"
 
 namespace mlx_ext {
 
-bool QuantizedMatmul::has_gpu_kernels() {
-  return true;
-}
+MLX_EXT_HAS_GPU(QuantizedMatmul)
 
 void QuantizedMatmul::eval_gpu(const std::vector<mx::array>& inputs, mx::array& out) {
   out.set_data(mx::allocator::malloc(out.nbytes()));
@@ -32,7 +32,7 @@ void QuantizedMatmul::eval_gpu(const std::vector<mx::array>& inputs, mx::array& 
   auto& d = mx::metal::device(s.device);
   const auto launch = metal_plan::plan(M, N, K, transpose_);
   const std::string name =
-      metal_plan::kernel_name(launch, metal::type_name(out.dtype()), group_size_, bits_);
+      metal_plan::kernel_name(launch, kernel_dtype_name(out.dtype()), group_size_, bits_);
   bool has_bias = has_bias_;
   const mx::metal::MTLFCList constants = {
       {&has_bias, MTL::DataType::DataTypeBool, QMM_FC_HAS_BIAS}};

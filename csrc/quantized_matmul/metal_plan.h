@@ -7,6 +7,8 @@
 #include <cstdint>
 #include <string>
 
+#include "common/math.h"
+
 namespace mlx_ext::metal_plan {
 
 // At most this many rows of x take the GEMV kernels (qmv, qvm), which read
@@ -18,10 +20,6 @@ struct Launch {
   int64_t groups[3]; // threadgroups per grid dimension
   int threads; // threads per threadgroup, along x
 };
-
-inline int64_t ceil_div(int64_t a, int64_t b) {
-  return (a + b - 1) / b;
-}
 
 // x (M, K) times the quantized matrix, out (M, N); M, N >= 1.
 inline Launch plan(int64_t M, int64_t N, int64_t K, bool transpose) {

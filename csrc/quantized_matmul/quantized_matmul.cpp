@@ -2,29 +2,13 @@
 // the Primitive's transforms. Kernels: cpu.cpp, metal.cpp, cuda.cpp.
 #include "quantized_matmul/quantized_matmul.h"
 
-#include "common/errors.h"
+#include "common/affine.h"
+#include "common/checks.h"
 
 namespace mlx_ext {
 namespace {
 
 constexpr const char* kOp = "quantized_matmul";
-
-bool valid_bits(int bits) {
-  return bits == 2 || bits == 3 || bits == 4 || bits == 5 || bits == 6 || bits == 8;
-}
-
-bool valid_group_size(int gs) {
-  return gs == 32 || gs == 64 || gs == 128;
-}
-
-// Logical (rows, cols) of the quantized matrix from its packed shape.
-std::pair<int, int> unpacked_shape(const mx::array& w, int bits) {
-  const int64_t packed_cols = w.shape(-1);
-  if ((packed_cols * 32) % bits != 0)
-    value_error(kOp, "w with shape ", w.shape(), " cannot hold ", bits, "-bit values (",
-        packed_cols, " uint32 words per row is not a whole number of values)");
-  return {w.shape(0), int(packed_cols * 32 / bits)};
-}
 
 } // namespace
 
@@ -41,65 +25,33 @@ mx::array quantized_matmul(
     mx::StreamOrDevice s) {
   if (mode != "affine")
     value_error(kOp, "mode='", mode, "' is not supported; mlx_ext implements mode='affine'");
-  if (!valid_bits(bits))
-    value_error(kOp, "bits=", bits, " is not supported; use one of 2, 3, 4, 5, 6, 8");
-  if (!valid_group_size(group_size))
-    value_error(kOp, "group_size=", group_size, " is not supported; use one of 32, 64, 128");
+  check_affine_config(kOp, bits, group_size);
   if (!biases)
     value_error(kOp, "biases are required for mode='affine' (got None)");
 
   if (x.ndim() == 0) value_error(kOp, "x must have at least one dimension, got a scalar");
-  if (!is_kernel_float(x.dtype()))
-    type_error_(kOp, "x must be float32, float16 or bfloat16, got ", x.dtype());
-  if (w.dtype() != mx::uint32)
-    type_error_(kOp, "w must be uint32 (as packed by mx.quantize), got ", w.dtype());
-  if (w.ndim() != 2)
-    value_error(kOp, "w must be 2-D (rows, packed columns), got shape ", w.shape());
-  if (!is_kernel_float(scales.dtype()))
-    type_error_(kOp, "scales must be float32, float16 or bfloat16, got ", scales.dtype());
-  if (biases->dtype() != scales.dtype())
-    type_error_(kOp, "biases must have the dtype of scales (", scales.dtype(), "), got ",
-        biases->dtype());
-
-  const auto [rows, cols] = unpacked_shape(w, bits);
+  check_kernel_float(kOp, "x", x);
+  const auto [rows, cols] = affine_matrix_shape(kOp, w, bits);
   const int K = transpose ? cols : rows; // reduction length
   const int N = transpose ? rows : cols; // output features
   if (x.shape(-1) != K)
     value_error(kOp, "x has inner dimension ", x.shape(-1), " (shape ", x.shape(),
         ") but w with shape ", w.shape(), ", bits=", bits, ", transpose=",
         transpose ? "True" : "False", " expects ", K);
-  if (cols % group_size != 0)
-    value_error(kOp, transpose ? "K" : "N", "=", cols, " (from w with shape ", w.shape(),
-        ") is not a multiple of group_size=", group_size);
-  const mx::Shape group_shape{rows, cols / group_size};
-  if (scales.shape() != group_shape)
-    value_error(kOp, "scales must have shape ", group_shape, ", got ", scales.shape());
-  if (biases->shape() != group_shape)
-    value_error(kOp, "biases must have shape ", group_shape, ", got ", biases->shape());
+  check_affine_groups(kOp, w, scales, *biases, rows, cols, group_size, transpose ? "K" : "N");
 
   mx::Dtype out_type = mx::promote_types(x.dtype(), scales.dtype());
   if (bias) {
-    if (!is_kernel_float(bias->dtype()))
-      type_error_(kOp, "bias must be float32, float16 or bfloat16, got ", bias->dtype());
+    check_kernel_float(kOp, "bias", *bias);
     if (bias->ndim() != 1 || bias->shape(0) != N)
       value_error(kOp, "bias must have shape (", N, ",), got ", bias->shape());
     out_type = mx::promote_types(out_type, bias->dtype());
   }
 
-  auto stream = mx::to_stream(s);
-  if (stream.device == mx::Device::gpu && !QuantizedMatmul::has_gpu_kernels())
-    value_error(kOp, "stream=", stream, " is a GPU stream but this build of mlx_ext has no GPU "
-        "kernels; pass stream=mx.cpu");
-  // Kernels read one float type and contiguous rows. Arrays already evaluated
-  // that way (weights, typically) skip the Contiguous node: a decode step
-  // then has one graph node per matmul instead of five.
-  auto contiguous = [&](const mx::array& a) {
-    if (a.is_available() && a.flags().row_contiguous) return a;
-    return mx::contiguous(a, false, stream);
-  };
-  auto prepare = [&](const mx::array& a) { return contiguous(mx::astype(a, out_type, stream)); };
-  std::vector<mx::array> inputs{prepare(x), contiguous(w), prepare(scales), prepare(*biases)};
-  if (bias) inputs.push_back(prepare(*bias));
+  const auto stream = kernel_stream<QuantizedMatmul>(kOp, s);
+  std::vector<mx::array> inputs{kernel_input(x, out_type, stream), contiguous_input(w, stream),
+      kernel_input(scales, out_type, stream), kernel_input(*biases, out_type, stream)};
+  if (bias) inputs.push_back(kernel_input(*bias, out_type, stream));
 
   auto out_shape = x.shape();
   out_shape.back() = N;

@@ -39,8 +39,6 @@ class QuantizedMatmul : public mx::UnaryPrimitive {
 
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override;
   void eval_gpu(const std::vector<mx::array>& inputs, mx::array& out) override;
-  // Whether this build has GPU kernels for MLX's GPU backend (Metal or CUDA).
-  static bool has_gpu_kernels();
 
   std::vector<mx::array> vjp(
       const std::vector<mx::array>& primals,

@@ -8,7 +8,7 @@
 #include <vector>
 
 #define MLX_EXT_ISA_scalar 1 // the conversion helpers, baseline build
-#include "common/simd.h"
+#include "common/cpu/simd.h"
 #include "quantized_matmul/cpu_driver.h"
 
 using namespace mlx_ext::cpu;
@@ -94,7 +94,7 @@ int main() {
   std::mt19937 rng(1234);
   bool all_ok = true;
   for (Isa isa : {Isa::scalar, Isa::avx2, Isa::avx512, Isa::neon}) {
-    const KernelTable& kt = kernels_for(isa);
+    const KernelTable& kt = quantized_matmul_kernels_for(isa);
     if (isa_name(isa) != kt.isa) continue; // not compiled into this binary
     int cases = 0;
     bool ok = true;

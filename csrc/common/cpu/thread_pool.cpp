@@ -1,4 +1,4 @@
-#include "common/thread_pool.h"
+#include "common/cpu/thread_pool.h"
 
 #include <algorithm>
 #include <atomic>

@@ -29,12 +29,4 @@ inline MTL::Library* library(mlx::core::metal::Device& d) {
   return d.get_library("mlx_ext", current_binary_dir());
 }
 
-// The type part of kernel names: float32, float16 or bfloat16.
-inline const char* type_name(mlx::core::Dtype t) {
-  if (t == mlx::core::float32) return "float32";
-  if (t == mlx::core::float16) return "float16";
-  if (t == mlx::core::bfloat16) return "bfloat16";
-  throw std::invalid_argument("[mlx_ext] the Metal kernels take float32, float16 or bfloat16");
-}
-
 } // namespace mlx_ext::metal

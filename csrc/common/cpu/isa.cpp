@@ -1,4 +1,4 @@
-#include "common/cpu_isa.h"
+#include "common/cpu/isa.h"
 
 #include <atomic>
 #include <cstdlib>
