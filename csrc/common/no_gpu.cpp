@@ -1,13 +1,18 @@
 // MLX's NO_GPU list (gpu.h): the primitives without kernels for the GPU
-// backend this build targets. Every primitive is listed for builds with no
-// GPU backend (Linux CPU wheels); a Metal or CUDA build lists those whose
-// metal.cpp / cuda.cpp does not exist yet.
+// backend this build targets. Builds with no GPU backend (Linux CPU wheels)
+// list every primitive; a Metal or CUDA build lists those whose metal.cpp /
+// cuda.cpp does not exist yet. An op function refuses a GPU stream for them
+// with a ValueError before any kernel runs (checks.h, kernel_stream).
 #include "common/gpu.h"
 #include "quantized_matmul/quantized_matmul.h"
 
 namespace mlx_ext {
 
-#if !defined(MLX_EXT_METAL) && !defined(MLX_EXT_CUDA)
+#if defined(MLX_EXT_METAL)
+// (every primitive has Metal kernels)
+#elif defined(MLX_EXT_CUDA)
+// (every primitive has CUDA kernels)
+#else
 MLX_EXT_NO_GPU(QuantizedMatmul)
 #endif
 
