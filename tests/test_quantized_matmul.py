@@ -21,14 +21,6 @@ EPS = {mx.float32: 2.0**-24, mx.float16: 2.0**-11, mx.bfloat16: 2.0**-8}
 ISAS = mlx_ext.available_cpu_isas()
 
 
-@pytest.fixture(params=ISAS)
-def isa(request):
-    """Run a test once per compiled-in instruction set, the scalar fallback included."""
-    mlx_ext.set_cpu_isa(request.param)
-    yield request.param
-    mlx_ext.set_cpu_isa("auto")
-
-
 def random_quantized(rng, rows, cols, bits, group_size, dtype):
     words = rng.integers(0, 2**32, size=(rows, cols * bits // 32), dtype=np.uint64)
     w_q = mx.array(words.astype(np.uint32))
