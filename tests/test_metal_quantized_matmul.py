@@ -30,7 +30,6 @@ BINDINGS = REPO / "metal" / "quantized_matmul_bindings.h"
 BITS = [2, 3, 4, 5, 6, 8]
 GROUP_SIZES = [32, 64, 128]
 TYPES = ["float32", "float16", "bfloat16"]
-EPS = {"float32": 2.0**-24, "float16": 2.0**-11, "bfloat16": 2.0**-8}
 # (schedule, check_bounds, has_bias) of the runs every instantiation gets.
 RUNS = [("forward", 1, True), ("reverse", 2, False), ("random", 1, True)]
 
@@ -102,10 +101,8 @@ class Problem:
         self.describe = dict(K=K, N=N, transpose=transpose, group_size=group_size, bits=bits)
         self.dtype, self.group_size, self.bits, self.transpose = dtype, group_size, bits, transpose
         rows, cols = (N, K) if transpose else (K, N)
-        words = rng.integers(0, 2**32, size=(rows, cols * bits // 32), dtype=np.uint64)
-        self.w = words.astype(np.uint32)
-        self.scales = to_device(rng.uniform(-0.1, 0.1, (rows, cols // group_size)), dtype)
-        self.biases = to_device(rng.uniform(-0.5, 0.5, (rows, cols // group_size)), dtype)
+        self.w, scales, biases = ref.random_affine_weights(rng, rows, cols, bits, group_size)
+        self.scales, self.biases = to_device(scales, dtype), to_device(biases, dtype)
         self.x = to_device(rng.standard_normal(tuple(batch) + (K,)), dtype)
         self.bias = to_device(rng.standard_normal(N), dtype)
         self.M = int(np.prod(batch, dtype=np.int64))
@@ -117,15 +114,10 @@ class Problem:
         x = from_device(self.x, d).reshape(self.M, self.K)
         scales, biases = from_device(self.scales, d), from_device(self.biases, d)
         bias = from_device(self.bias, d) if has_bias else None
-        kw = dict(transpose=self.transpose, group_size=self.group_size, bits=self.bits)
-        expected = ref.quantized_matmul(x, self.w, scales, biases, bias=bias, **kw)
-        magnitude = ref.quantized_matmul_abs(x, self.w, scales, biases, **kw)
-        if bias is not None:
-            magnitude = magnitude + np.abs(ref.to_f64(bias))
-        # The model of tests/test_quantized_matmul.py: float32 accumulation
-        # over K, then one rounding to the output dtype.
-        tol = 2 * (self.K + 4) * EPS["float32"] * magnitude + EPS[d] * np.abs(expected) + 1e-30
-        return expected, tol
+        return ref.quantized_matmul_with_tolerance(
+            x, self.w, scales, biases, out_dtype=d, transpose=self.transpose, group_size=self.group_size,
+            bits=self.bits, bias=bias,
+        )
 
     def launch(self, lib: Library, *, has_bias: bool, schedule="forward", check_bounds=1):
         """Runs what metal.cpp would run; returns (kernel host name, out as float64 (M, N))."""
