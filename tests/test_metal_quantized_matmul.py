@@ -1,16 +1,16 @@
 """metal/quantized_matmul.metal in the emulator, against tests/reference.py.
 
 Kernels are launched exactly as csrc/quantized_matmul/metal.cpp launches them:
-the same binding table (metal/quantized_matmul_bindings.h, parsed here), the
-same kernel choice and grid (`plan`, the mirror of
+the same binding table (metal/quantized_matmul_bindings.h, parsed), the same
+kernel choice and grid (`plan`, the mirror of
 csrc/quantized_matmul/metal_plan.h, checked against it below), M taken as
-x.size / K. Every instantiation runs under all three schedules, both
-bounds-check sides, with poisoning, strict mode and NaN-filled outputs.
+x.size / K. Every instantiation runs under all three runs of
+tests/metal_harness.py (schedules, bounds-check sides), with poisoning,
+strict mode and NaN-filled outputs.
 """
 
 from __future__ import annotations
 
-import re
 import shutil
 import subprocess
 import zlib
@@ -20,31 +20,31 @@ import numpy as np
 import pytest
 
 from tests.metal_emu import Library, ToolchainMissing, find_clang
+from tests.metal_harness import (
+    METAL,
+    RUNS,
+    Launch,
+    assert_matches,
+    from_device,
+    library_fixture,
+    nan_filled,
+    parse_bindings,
+    run_planned,
+    to_device,
+)
 
 from . import reference as ref
 
 REPO = Path(__file__).resolve().parents[1]
-KERNELS = REPO / "metal" / "quantized_matmul.metal"
-BINDINGS = REPO / "metal" / "quantized_matmul_bindings.h"
+BINDINGS = parse_bindings(METAL / "quantized_matmul_bindings.h", prefix="QMM", shape_struct="QmmShape")
+lib = library_fixture(METAL / "quantized_matmul.metal")
 
 BITS = [2, 3, 4, 5, 6, 8]
 GROUP_SIZES = [32, 64, 128]
 TYPES = ["float32", "float16", "bfloat16"]
 # (schedule, check_bounds, has_bias) of the runs every instantiation gets.
-RUNS = [("forward", 1, True), ("reverse", 2, False), ("random", 1, True)]
-
-
-def _bindings() -> tuple[dict[str, int], dict[str, int], np.dtype]:
-    """Buffer indices, function constant indices and the QmmShape struct."""
-    text = BINDINGS.read_text()
-    buffers = {k.lower(): int(v) for k, v in re.findall(r"#define QMM_BUFFER_(\w+) (\d+)", text)}
-    constants = {k.lower(): int(v) for k, v in re.findall(r"#define QMM_FC_(\w+) (\d+)", text)}
-    body = re.search(r"struct QmmShape \{(.*?)\};", text, re.S).group(1)
-    shape = np.dtype([(name, np.int32) for name in re.findall(r"^\s*int (\w+);", body, re.M)])
-    return buffers, constants, shape
-
-
-BUFFER, FUNCTION_CONSTANT, SHAPE = _bindings()
+RUNS_WITH_BIAS = [(schedule, check_bounds, has_bias)
+                  for (schedule, check_bounds), has_bias in zip(RUNS, (True, False, True))]
 
 
 # ---- the host code's choices (mirror of metal_plan.h) --------------------------
@@ -68,30 +68,6 @@ def plan(M: int, N: int, K: int, transpose: bool) -> tuple[str, tuple[int, int, 
 
 def kernel_name(kernel: str, dtype: str, group_size: int, bits: int) -> str:
     return f"{kernel}_{dtype}_gs{group_size}_b{bits}"
-
-
-# ---- data ------------------------------------------------------------------------
-
-
-def to_bfloat16_bits(a: np.ndarray) -> np.ndarray:
-    """Round-to-nearest-even float32 -> bfloat16 bit patterns (finite inputs)."""
-    u = np.asarray(a, np.float32).view(np.uint32).astype(np.uint64)
-    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
-
-
-def from_bfloat16_bits(bits: np.ndarray) -> np.ndarray:
-    return (bits.astype(np.uint32) << 16).view(np.float32)
-
-
-def to_device(a: np.ndarray, dtype: str) -> np.ndarray:
-    """A float array in the kernel's storage type (bfloat16 as uint16 bits)."""
-    if dtype == "bfloat16":
-        return to_bfloat16_bits(a)
-    return np.ascontiguousarray(a, dtype=np.float32 if dtype == "float32" else np.float16)
-
-
-def from_device(a: np.ndarray, dtype: str) -> np.ndarray:
-    return from_bfloat16_bits(a) if dtype == "bfloat16" else a.astype(np.float32)
 
 
 class Problem:
@@ -122,53 +98,30 @@ class Problem:
     def launch(self, lib: Library, *, has_bias: bool, schedule="forward", check_bounds=1):
         """Runs what metal.cpp would run; returns (kernel host name, out as float64 (M, N))."""
         kernel, groups, threads = plan(self.M, self.N, self.K, self.transpose)
-        name = kernel_name(kernel, self.dtype, self.group_size, self.bits)
-        out_type = np.uint16 if self.dtype == "bfloat16" else self.x.dtype
-        out = np.full((self.M, self.N), 0xFFFF if self.dtype == "bfloat16" else np.nan, out_type)
-        shape = np.zeros((), SHAPE)
+        launch = Launch(kernel, kernel_name(kernel, self.dtype, self.group_size, self.bits), groups, (threads, 1, 1))
+        out = nan_filled((self.M, self.N), self.dtype)
+        shape = np.zeros((), BINDINGS.shape)
         shape["M"], shape["N"], shape["K"] = self.M, self.N, self.K
+        buffer = BINDINGS.buffers
         buffers = {
-            BUFFER["w"]: self.w,
-            BUFFER["scales"]: self.scales,
-            BUFFER["biases"]: self.biases,
-            BUFFER["x"]: np.ascontiguousarray(self.x.reshape(self.M, self.K)),
-            BUFFER["out"]: out,
-            BUFFER["shape"]: shape,
+            buffer["w"]: self.w,
+            buffer["scales"]: self.scales,
+            buffer["biases"]: self.biases,
+            buffer["x"]: np.ascontiguousarray(self.x.reshape(self.M, self.K)),
+            buffer["out"]: out,
+            buffer["shape"]: shape,
         }
         if has_bias:
-            buffers[BUFFER["bias"]] = self.bias
-        lib.run(
-            name,
-            buffers,
-            grid=tuple(g * t for g, t in zip(groups, (threads, 1, 1))),
-            threadgroup=(threads, 1, 1),
-            function_constants={FUNCTION_CONSTANT["has_bias"]: has_bias},
-            schedule=schedule,
-            check_bounds=check_bounds,
-            poison=True,
-            strict=True,
-        )
-        return name, ref.to_f64(from_device(out, self.dtype))
+            buffers[buffer["bias"]] = self.bias
+        run_planned(lib, launch, buffers, function_constants={BINDINGS.function_constants["has_bias"]: has_bias},
+                    schedule=schedule, check_bounds=check_bounds)
+        return launch.host_name, ref.to_f64(from_device(out, self.dtype))
 
     def check(self, lib: Library, *, has_bias=True, schedule="forward", check_bounds=1) -> str:
         name, got = self.launch(lib, has_bias=has_bias, schedule=schedule, check_bounds=check_bounds)
         expected, tol = self.expected(has_bias)
-        err = np.abs(got - expected)
-        assert not np.isnan(got).any(), f"{name}: outputs left unwritten (NaN) at {np.argwhere(np.isnan(got))[:5]}"
-        worst = np.unravel_index(np.argmax(err - tol), err.shape)
-        assert np.all(err <= tol), (
-            f"{name} {self.describe} M={self.M} bias={has_bias} {schedule}: at {worst} got "
-            f"{got[worst]}, want {expected[worst]} (tolerance {tol[worst]:.3g})"
-        )
+        assert_matches(got, expected, tol, f"{name} {self.describe} M={self.M} bias={has_bias} {schedule}")
         return name
-
-
-@pytest.fixture(scope="module")
-def lib() -> Library:
-    try:
-        return Library(KERNELS)
-    except ToolchainMissing as e:
-        pytest.skip(str(e))
 
 
 # ---- every instantiation ---------------------------------------------------------
@@ -199,7 +152,7 @@ def test_every_instantiation(lib, kernel, dtype, group_size, bits):
     p = Problem(np.random.default_rng(seed), batch=batch, K=K, N=N, transpose=transpose,
                 group_size=group_size, bits=bits, dtype=dtype)
     assert plan(p.M, N, K, transpose)[0] == kernel
-    for schedule, check_bounds, has_bias in RUNS:
+    for schedule, check_bounds, has_bias in RUNS_WITH_BIAS:
         assert p.check(lib, has_bias=has_bias, schedule=schedule, check_bounds=check_bounds) == \
             kernel_name(kernel, dtype, group_size, bits)
 
@@ -219,7 +172,7 @@ def _problem(seed, *, batch, K, N, transpose, group_size=64, bits=4, dtype="floa
 
 
 def _check_all_runs(lib, p: Problem) -> str:
-    names = {p.check(lib, has_bias=b, schedule=s, check_bounds=c) for s, c, b in RUNS}
+    names = {p.check(lib, has_bias=b, schedule=s, check_bounds=c) for s, c, b in RUNS_WITH_BIAS}
     assert len(names) == 1
     return names.pop()
 
