@@ -5,15 +5,18 @@ Data in a kernel's storage types:
 The binding table metal/<op>_bindings.h (also read by the kernels and the host
 code), parsed:
     parse_bindings -> Bindings(buffers, function_constants, shape)
-A launch as the host code makes it:
-    Launch(kernel, host_name, groups, threads)
+The host code's plan, csrc/<op>/metal_plan.h, called through C++ rather than
+copied into Python:
+    Planner -> Launch(kernel, host_name, groups, threads)
 Running a kernel the way the host code would, and checking what it wrote:
     library_fixture (a module-scoped `lib`), RUNS, run_planned, assert_matches
 
     lib = library_fixture(METAL / "<op>.metal")
+    PLAN = Planner("<op>_metal_plan", "<op>/metal_plan.h", ints=("M", ...), strings=("type_name",),
+                   body="...return {kernel, host_name, {groups}, {threads}};")
 
     def test_something(lib):
-        launch = Launch("my_kernel", "my_kernel_float16", groups, threads)
+        launch = PLAN(M=..., type_name="float16")
         for schedule, check_bounds in RUNS:
             out = nan_filled((M, N), "float16")
             run_planned(lib, launch, {BINDINGS.buffers["out"]: out, ...}, schedule=schedule,
@@ -23,6 +26,7 @@ Running a kernel the way the host code would, and checking what it wrote:
 
 from __future__ import annotations
 
+import ctypes
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests import native_build
 from tests import reference as ref
 from tests.metal_emu import Library, ToolchainMissing
 
@@ -96,7 +101,7 @@ def parse_bindings(path: Path, prefix: str, shape_struct: str) -> Bindings:
     return Bindings(buffers, constants, np.dtype([(name, _MEMBER_TYPES[t]) for t, name in members]))
 
 
-# ---- launches ------------------------------------------------------------------------
+# ---- the host code's plan ------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -112,6 +117,82 @@ class Launch:
     def grid(self) -> tuple[int, int, int]:
         """Total threads per dimension (the emulator's grid, as dispatchThreads')."""
         return tuple(g * t for g, t in zip(self.groups, self.threads))
+
+
+_PLAN_WRAPPER = """\
+#include <cstdint>
+#include <cstring>
+#include <string>
+
+#include "{header}"
+
+namespace {{
+struct PlannedLaunch {{
+  std::string kernel, host_name;
+  int64_t groups[3];
+  int64_t threads[3];
+}};
+
+PlannedLaunch planned(const int64_t* ints, const char* const* strings) {{
+{arguments}
+{body}
+}}
+
+bool copy(const std::string& s, char* out, int64_t size) {{
+  if (int64_t(s.size()) >= size) return false;
+  std::memcpy(out, s.c_str(), s.size() + 1);
+  return true;
+}}
+}} // namespace
+
+extern "C" int planned_launch(const int64_t* ints, const char* const* strings, char* kernel,
+    char* host_name, int64_t name_size, int64_t* groups, int64_t* threads) {{
+  const PlannedLaunch launch = planned(ints, strings);
+  for (int i = 0; i < 3; ++i) {{
+    groups[i] = launch.groups[i];
+    threads[i] = launch.threads[i];
+  }}
+  return copy(launch.kernel, kernel, name_size) && copy(launch.host_name, host_name, name_size);
+}}
+"""
+
+
+class Planner:
+    """A csrc/<op>/metal_plan.h called from Python, so that the tests launch
+    what the host code launches from one definition of it.
+
+    `body` is C++ that sees `header`, the int64_t arguments named in `ints` and
+    the const char* ones named in `strings`, and returns
+    {kernel, host_name, {groups}, {threads}}. The wrapper is compiled by
+    tests/native_build.py (cached by content) at the first call; without a C++
+    compiler that test skips."""
+
+    def __init__(self, name: str, header: str, *, ints: tuple[str, ...], strings: tuple[str, ...], body: str):
+        arguments = [f"  const int64_t {n} = ints[{i}];" for i, n in enumerate(ints)]
+        arguments += [f"  const char* const {n} = strings[{i}];" for i, n in enumerate(strings)]
+        self.name, self.ints, self.strings = name, ints, strings
+        self.source = _PLAN_WRAPPER.format(header=header, arguments="\n".join(arguments), body=body)
+        self._function = None
+
+    def _load(self):
+        if self._function is None:
+            try:
+                library = native_build.shared_library(self.name, self.source)
+            except native_build.CompilerMissing as e:
+                pytest.skip(str(e))
+            self._function = library.planned_launch
+            self._function.restype = ctypes.c_int
+        return self._function
+
+    def __call__(self, **arguments) -> Launch:
+        assert set(arguments) == {*self.ints, *self.strings}, f"{self.name} takes {self.ints + self.strings}"
+        ints = (ctypes.c_int64 * max(len(self.ints), 1))(*(int(arguments[n]) for n in self.ints))
+        strings = (ctypes.c_char_p * max(len(self.strings), 1))(*(arguments[n].encode() for n in self.strings))
+        kernel, host_name = ctypes.create_string_buffer(256), ctypes.create_string_buffer(256)
+        groups, threads = (ctypes.c_int64 * 3)(), (ctypes.c_int64 * 3)()
+        ok = self._load()(ints, strings, kernel, host_name, ctypes.c_int64(256), groups, threads)
+        assert ok, f"{self.name}: a kernel name longer than 255 characters"
+        return Launch(kernel.value.decode(), host_name.value.decode(), tuple(groups), tuple(threads))
 
 
 # ---- running and checking --------------------------------------------------------------
