@@ -13,104 +13,18 @@
 //   qmm_t, qmm_n    M large: 32x32 tiles, simdgroup 8x8 MMA
 // T, the group size and bits are template parameters, the bias epilogue a
 // function constant; buffers are bound as quantized_matmul_bindings.h says.
+// Packed values are read and dequantized by the helpers of affine.h.
 #include <metal_simdgroup>
 #include <metal_simdgroup_matrix>
 #include <metal_stdlib>
 
+#include "affine.h"
 #include "common.h"
 #include "quantized_matmul_bindings.h"
 
 using namespace metal;
 
 constant bool qmm_has_bias [[function_constant(QMM_FC_HAS_BIAS)]];
-
-// ---- Reading packed values -------------------------------------------------
-//
-// A run of values that starts on a 16-bit boundary is read in 16-bit units.
-// Value j starts at bit s = (j * bits) % 16 of unit (j * bits) / 16; if it
-// crosses into the next unit, it lies in the 32-bit window of both. ANDing
-// the unit (or window) with mask << s gives q * 2^s exactly (at most 23
-// significant bits), so the GEMVs never shift a value: they fold 2^-s into x
-// (qmv) or into the final sums (qvm).
-
-template <int bits>
-inline uint masked_value(thread const ushort* units, int j) {
-  const int unit = j * bits / 16;
-  const int s = j * bits % 16;
-  const uint window = s + bits > 16 ? (uint(units[unit]) | (uint(units[unit + 1]) << 16))
-                                    : uint(units[unit]);
-  return window & (((1u << bits) - 1) << s);
-}
-
-// 2^-s for value j (see masked_value).
-template <int bits>
-inline float unit_shift_scale(int j) {
-  return 1.0f / float(1u << (j * bits % 16));
-}
-
-// `count` units from device memory: as whole words when `from_words` (the
-// address is 4-byte aligned and count even), else one unit at a time.
-template <int count, bool from_words>
-inline void load_units(const device ushort* src, thread ushort* units) {
-  if (from_words) {
-    const device uint* words = (const device uint*)src;
-#pragma clang loop unroll(full)
-    for (int i = 0; i < count / 2; ++i) {
-      const uint word = words[i];
-      units[2 * i] = ushort(word);
-      units[2 * i + 1] = ushort(word >> 16);
-    }
-  } else {
-#pragma clang loop unroll(full)
-    for (int i = 0; i < count; ++i) {
-      units[i] = src[i];
-    }
-  }
-}
-
-// x[0 .. 16) into xs, each times 2^-s of its value (see masked_value); returns
-// the sum of x[0 .. 16).
-template <typename T, int bits>
-inline float load_prescaled_x(const device T* x, thread float* xs) {
-  float sum = 0.0f;
-#pragma clang loop unroll(full)
-  for (int j = 0; j < 16; ++j) {
-    const float v = float(x[j]);
-    sum += v;
-    xs[j] = v * unit_shift_scale<bits>(j);
-  }
-  return sum;
-}
-
-// sum_j q_j x_j over 16 values: `bits` units against load_prescaled_x's xs.
-template <int bits>
-inline float qdot16(thread const ushort* units, thread const float* xs) {
-  float sum = 0.0f;
-#pragma clang loop unroll(full)
-  for (int j = 0; j < 16; ++j) {
-    sum += float(masked_value<bits>(units, j)) * xs[j];
-  }
-  return sum;
-}
-
-// Dequantizes 8 values (the `bits` bytes at src, starting on a byte) into dst.
-// For the GEMMs, which dequantize each weight once per 32 rows of x.
-template <int bits>
-inline void dequantize8(const device uchar* src, float scale, float bias, threadgroup float* dst) {
-  uchar bytes[bits];
-#pragma clang loop unroll(full)
-  for (int i = 0; i < bits; ++i) {
-    bytes[i] = src[i];
-  }
-#pragma clang loop unroll(full)
-  for (int j = 0; j < 8; ++j) {
-    const int byte = j * bits / 8;
-    const int s = j * bits % 8;
-    const uint window = s + bits > 8 ? (uint(bytes[byte]) | (uint(bytes[byte + 1]) << 8))
-                                     : uint(bytes[byte]);
-    dst[j] = fma(scale, float((window >> s) & ((1u << bits) - 1)), bias);
-  }
-}
 
 // ---- qmv_fast / qmv ----------------------------------------------------------
 //
@@ -168,13 +82,14 @@ template <typename T, int group_size, int bits, bool aligned>
   for (int k = 0; k < K; k += block) {
     if (aligned || k + lane * values < K) {
       float xs[values];
-      const float x_sum = load_prescaled_x<T, bits>(x + k, xs);
+      const float x_sum = mlx_ext::load_prescaled_x<T, bits>(x + k, xs);
       const int g = (k + lane * values) / group_size;
 #pragma clang loop unroll(full)
       for (int r = 0; r < rows; ++r) {
         ushort units[bits];
-        load_units<bits, bits % 2 == 0>(w_row[r] + k / 16 * bits, units);
-        acc[r] += float(scale_row[r][g]) * qdot16<bits>(units, xs) + float(bias_row[r][g]) * x_sum;
+        mlx_ext::load_units<bits, bits % 2 == 0>(w_row[r] + k / 16 * bits, units);
+        acc[r] += float(scale_row[r][g]) * mlx_ext::qdot16<bits>(units, xs) +
+            float(bias_row[r][g]) * x_sum;
       }
     }
   }
@@ -247,15 +162,15 @@ template <typename T, int group_size, int bits>
     const float xs = xk * float(scales[int64_t(k) * groups]);
     bias_acc += xk * float(biases[int64_t(k) * groups]);
     ushort units[2 * bits];
-    load_units<2 * bits, true>((const device ushort*)(w_block + k * row_words), units);
+    mlx_ext::load_units<2 * bits, true>((const device ushort*)(w_block + k * row_words), units);
 #pragma clang loop unroll(full)
     for (int j = 0; j < columns; ++j) {
-      acc[j] += xs * float(masked_value<bits>(units, j));
+      acc[j] += xs * float(mlx_ext::masked_value<bits>(units, j));
     }
   }
 #pragma clang loop unroll(full)
   for (int j = 0; j < columns; ++j) {
-    acc[j] *= unit_shift_scale<bits>(j);
+    acc[j] *= mlx_ext::unit_shift_scale<bits>(j);
   }
   mlx_ext::simd_reduce_scatter32(acc, lane);
   partial[sg * columns + lane] = acc[0] + simd_sum(bias_acc);
@@ -348,7 +263,7 @@ template <typename T, int group_size, int bits, bool transpose>
     const int64_t w_row = transpose ? n_row : min(k0 + lr, K - 1);
     const int w_col = transpose ? k0 : n0; // first of the 32 values
     const int64_t group = w_row * w_row_groups + w_col / group_size;
-    dequantize8<bits>(
+    mlx_ext::dequantize8<bits>(
         w_bytes + w_row * w_row_bytes + w_col / 8 * bits,
         float(scales[group]),
         float(biases[group]),

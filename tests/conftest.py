@@ -1,13 +1,19 @@
-"""Shared pytest configuration.
+"""Shared pytest configuration and the fixtures every operator's tests use.
 
 Hypothesis profiles: ``ci`` (the default) is derandomized with a fixed example
 budget so CI is deterministic; ``thorough`` explores far more. Select with
 ``MLX_EXT_HYPOTHESIS_PROFILE=thorough``.
+
+Fixtures: ``isa`` runs a test once per CPU instruction set compiled into
+mlx_ext (any operator with CPU kernels takes it).
 """
 
 import os
 
+import pytest
 from hypothesis import HealthCheck, settings
+
+import mlx_ext
 
 settings.register_profile(
     "ci",
@@ -31,3 +37,13 @@ pytest_plugins = [
     "tests.metal_emu.pytest_plugin",
     "tests.device_option",  # --device gpu / MLX_EXT_TEST_DEVICE=gpu
 ]
+
+
+@pytest.fixture(params=mlx_ext.available_cpu_isas())
+def isa(request):
+    """Run a test once per compiled-in instruction set, the scalar fallback included
+    (process-wide: every CPU kernel the test runs uses it; tests/device_option.py
+    keeps one copy on the GPU)."""
+    mlx_ext.set_cpu_isa(request.param)
+    yield request.param
+    mlx_ext.set_cpu_isa("auto")

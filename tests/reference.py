@@ -1,12 +1,19 @@
-"""NumPy float64 references: the one definition of each op's meaning.
+"""NumPy float64 references: the one definition of each op's meaning, and
+the test data and tolerances every backend's tests of an op share.
 
-Every function takes the op's already-rounded inputs (MLX arrays or NumPy
-arrays), widens them to float64 and computes exactly what the op means.
+Every reference function takes the op's already-rounded inputs (MLX arrays or
+NumPy arrays), widens them to float64 and computes exactly what the op means.
+A tolerance bounds, per output element, how far a kernel may be from that
+under a stated model of its rounding (EPS: the unit roundoff of each dtype).
+Builders draw random inputs in the formats the ops read.
 """
 
 import numpy as np
 
 import mlx.core as mx
+
+# Unit roundoff: rounding a value to the dtype moves it by at most EPS * |value|.
+EPS = {mx.float32: 2.0**-24, mx.float16: 2.0**-11, mx.bfloat16: 2.0**-8}
 
 
 def to_f64(a) -> np.ndarray:
@@ -16,6 +23,11 @@ def to_f64(a) -> np.ndarray:
             a = a.astype(mx.float32)
         a = np.array(a)
     return np.asarray(a, dtype=np.float64)
+
+
+def eps(dtype) -> float:
+    """EPS of an MLX dtype, or of its name ("bfloat16")."""
+    return EPS[getattr(mx, dtype) if isinstance(dtype, str) else dtype]
 
 
 def unpack_bits(w_q, bits: int) -> np.ndarray:
@@ -55,3 +67,65 @@ def quantized_matmul_abs(x, w_q, scales, biases, *, transpose=True, group_size=6
     b = np.repeat(np.abs(to_f64(biases)), group_size, axis=-1)
     w = s * q + b
     return np.abs(to_f64(x)) @ (w.T if transpose else w)
+
+
+def random_affine_weights(rng, rows, cols, bits, group_size):
+    """A random (rows, cols) matrix in MLX's affine format, as NumPy arrays:
+    uint32 words (every bit pattern is a valid packed matrix, so all values of
+    every bit width occur) and float64 scales in [-0.1, 0.1) and biases in
+    [-0.5, 0.5), one per group, for the caller to round to its dtype."""
+    words = rng.integers(0, 2**32, size=(rows, cols * bits // 32), dtype=np.uint64)
+    scales = rng.uniform(-0.1, 0.1, (rows, cols // group_size))
+    biases = rng.uniform(-0.5, 0.5, (rows, cols // group_size))
+    return words.astype(np.uint32), scales, biases
+
+
+def random_quantized(rng, rows, cols, bits, group_size, dtype):
+    """random_affine_weights as MLX arrays (w_q, scales, biases), scales and biases in dtype."""
+    w_q, scales, biases = random_affine_weights(rng, rows, cols, bits, group_size)
+    return mx.array(w_q), mx.array(scales, dtype=dtype), mx.array(biases, dtype=dtype)
+
+
+def float32_accumulation_tolerance(expected, magnitude, *, roundings, out_dtype, rounded_operand=False):
+    """The bound on |kernel - expected| for a kernel that computes a sum of
+    terms in float32 and rounds it once to out_dtype. magnitude: the sum of
+    |terms| (what the float32 roundings scale with); roundings: the most float32
+    roundings one term meets. rounded_operand: the kernel also rounded one
+    operand of each term to out_dtype (|round(w) - w| <= EPS |w|, per term)."""
+    tol = 2 * roundings * EPS[mx.float32] * magnitude + eps(out_dtype) * np.abs(expected) + 1e-30
+    if rounded_operand:
+        tol = tol + eps(out_dtype) * magnitude
+    return tol
+
+
+def quantized_matmul_with_tolerance(x, w_q, scales, biases, *, out_dtype, transpose=True, group_size=64,
+                                    bits=4, bias=None, w_rounded=False):
+    """(quantized_matmul(...), its tolerance) for a kernel that dequantizes and
+    accumulates in float32 and rounds each output to out_dtype; w_rounded: it
+    also rounded each dequantized weight to out_dtype."""
+    kw = dict(transpose=transpose, group_size=group_size, bits=bits)
+    expected = quantized_matmul(x, w_q, scales, biases, bias=bias, **kw)
+    magnitude = quantized_matmul_abs(x, w_q, scales, biases, **kw)
+    if bias is not None:
+        magnitude = magnitude + np.abs(to_f64(bias))
+    # Each term meets at most K + 4 float32 roundings (dequantize, multiply,
+    # group scale, accumulation over K).
+    tol = float32_accumulation_tolerance(expected, magnitude, roundings=x.shape[-1] + 4, out_dtype=out_dtype,
+                                         rounded_operand=w_rounded)
+    return expected, tol
+
+
+def assert_within_tolerance(got, expected, tol, what="") -> None:
+    """|got - expected| <= tol everywhere (got: an MLX or NumPy array); else
+    names the element furthest past its tolerance, after `what`."""
+    got = to_f64(got)
+    prefix = f"{what}: " if what else ""
+    assert got.shape == expected.shape, f"{prefix}shape {got.shape}, want {expected.shape}"
+    err = np.abs(got - expected)
+    tol = np.broadcast_to(tol, err.shape)
+    assert np.all(err <= tol), prefix + _furthest_past(got, expected, err - tol, tol)
+
+
+def _furthest_past(got, expected, excess, tol) -> str:
+    at = np.unravel_index(np.argmax(excess), excess.shape)
+    return f"max excess at {tuple(map(int, at))}: got {got[at]}, want {expected[at]} (tolerance {tol[at]:.3g})"

@@ -11,19 +11,14 @@ import mlx_ext
 
 from . import reference as ref
 
-EPS = {mx.float32: 2.0**-24, mx.float16: 2.0**-11}
-
 
 def assert_close_to_reference(out, x, layer, bias=None):
     w_q, scales, biases = layer["weight"], layer["scales"], layer["biases"]
     kw = dict(group_size=layer.group_size, bits=layer.bits)
-    expected = ref.quantized_matmul(x, w_q, scales, biases, bias=bias, **kw)
-    magnitude = ref.quantized_matmul_abs(x, w_q, scales, biases, **kw)
-    if bias is not None:
-        magnitude = magnitude + np.abs(ref.to_f64(bias))
-    # float32 accumulation over K terms, then one rounding to the output dtype
-    tol = 2 * (x.shape[-1] + 4) * EPS[mx.float32] * magnitude + EPS[out.dtype] * np.abs(expected)
-    np.testing.assert_array_less(np.abs(ref.to_f64(out) - expected), tol + 1e-30)
+    expected, tol = ref.quantized_matmul_with_tolerance(
+        x, w_q, scales, biases, out_dtype=out.dtype, bias=bias, **kw
+    )
+    ref.assert_within_tolerance(out, expected, tol)
 
 
 @pytest.mark.parametrize("dtype", [mx.float32, mx.float16])

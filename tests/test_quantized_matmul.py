@@ -17,24 +17,7 @@ from . import reference as ref
 BITS = [2, 3, 4, 5, 6, 8]
 GROUP_SIZES = [32, 64, 128]
 DTYPES = [mx.float32, mx.float16, mx.bfloat16]
-EPS = {mx.float32: 2.0**-24, mx.float16: 2.0**-11, mx.bfloat16: 2.0**-8}
 ISAS = mlx_ext.available_cpu_isas()
-
-
-@pytest.fixture(params=ISAS)
-def isa(request):
-    """Run a test once per compiled-in instruction set, the scalar fallback included."""
-    mlx_ext.set_cpu_isa(request.param)
-    yield request.param
-    mlx_ext.set_cpu_isa("auto")
-
-
-def random_quantized(rng, rows, cols, bits, group_size, dtype):
-    words = rng.integers(0, 2**32, size=(rows, cols * bits // 32), dtype=np.uint64)
-    w_q = mx.array(words.astype(np.uint32))
-    scales = mx.array(rng.uniform(-0.1, 0.1, (rows, cols // group_size)), dtype=dtype)
-    biases = mx.array(rng.uniform(-0.5, 0.5, (rows, cols // group_size)), dtype=dtype)
-    return w_q, scales, biases
 
 
 def cuda_rounds_w(dtype):
@@ -50,25 +33,11 @@ def assert_matches_reference(out, x, w_q, scales, biases, *, transpose, group_si
                              w_rounded=None):
     """w_rounded: whether the kernel rounded each weight to out's dtype (one
     more rounding per term); by default, cuda_rounds_w(out.dtype)."""
-    expected = ref.quantized_matmul(
-        x, w_q, scales, biases, transpose=transpose, group_size=group_size, bits=bits, bias=bias
+    expected, tol = ref.quantized_matmul_with_tolerance(
+        x, w_q, scales, biases, out_dtype=out.dtype, transpose=transpose, group_size=group_size, bits=bits,
+        bias=bias, w_rounded=cuda_rounds_w(out.dtype) if w_rounded is None else w_rounded,
     )
-    magnitude = ref.quantized_matmul_abs(
-        x, w_q, scales, biases, transpose=transpose, group_size=group_size, bits=bits
-    )
-    if bias is not None:
-        magnitude = magnitude + np.abs(ref.to_f64(bias))
-    k = x.shape[-1]
-    # Each term meets at most k + 4 float32 roundings (dequantize, multiply,
-    # group scale, accumulation over k), then one rounding to the output dtype.
-    tol = 2 * (k + 4) * EPS[mx.float32] * magnitude + EPS[out.dtype] * np.abs(expected) + 1e-30
-    if cuda_rounds_w(out.dtype) if w_rounded is None else w_rounded:
-        tol = tol + EPS[out.dtype] * magnitude  # |round(w) - w| <= EPS / 2 |w|, per term
-    got = ref.to_f64(out)
-    assert got.shape == expected.shape
-    err = np.abs(got - expected)
-    worst = np.unravel_index(np.argmax(err - tol), err.shape)
-    assert np.all(err <= tol), f"max excess at {worst}: got {got[worst]}, want {expected[worst]}"
+    ref.assert_within_tolerance(out, expected, tol)
 
 
 @st.composite
@@ -114,7 +83,7 @@ def make_x(rng, shape, dtype, layout):
 def test_matches_reference(isa, p):
     rng = np.random.default_rng(p["seed"])
     rows, cols = (p["n"], p["k"]) if p["transpose"] else (p["k"], p["n"])
-    w_q, scales, biases = random_quantized(rng, rows, cols, p["bits"], p["group_size"], p["dtype"])
+    w_q, scales, biases = ref.random_quantized(rng, rows, cols, p["bits"], p["group_size"], p["dtype"])
     x = make_x(rng, p["batch"] + (p["m"], p["k"]), p["dtype"], p["layout"])
     bias = mx.array(rng.standard_normal(p["n"]), dtype=p["dtype"]) if p["with_bias"] else None
     out = mlx_ext.quantized_matmul(
@@ -137,7 +106,7 @@ def test_every_bit_width_on_a_layer_sized_problem(isa, bits, transpose, m):
     rng = np.random.default_rng(bits * 100 + m)
     k, n = (640, 300) if transpose else (300, 640)
     rows, cols = (n, k) if transpose else (k, n)
-    w_q, scales, biases = random_quantized(rng, rows, cols, bits, 64, mx.float32)
+    w_q, scales, biases = ref.random_quantized(rng, rows, cols, bits, 64, mx.float32)
     x = mx.array(rng.standard_normal((m, k)), dtype=mx.float32)
     bias = mx.array(rng.standard_normal(n), dtype=mx.float32)
     out = mlx_ext.quantized_matmul(x, w_q, scales, biases, transpose=transpose, bits=bits, bias=bias)
@@ -161,18 +130,18 @@ def test_agrees_with_mlx_on_mx_quantize_weights(dtype, m):
     assert ours.shape == theirs.shape and ours.dtype == theirs.dtype
     scale = float(mx.abs(theirs.astype(mx.float32)).max())
     diff = float(mx.abs((ours - theirs).astype(mx.float32)).max())
-    accumulation_eps = EPS[mx.float32] if dtype == mx.float32 else EPS[dtype]
-    assert diff <= (4 * np.sqrt(k) * accumulation_eps + 2 * EPS[dtype]) * scale
+    accumulation_eps = ref.EPS[mx.float32] if dtype == mx.float32 else ref.EPS[dtype]
+    assert diff <= (4 * np.sqrt(k) * accumulation_eps + 2 * ref.EPS[dtype]) * scale
 
     exact = ref.quantized_matmul(x, w_q, scales, biases)
     our_err = np.abs(ref.to_f64(ours) - exact).max()
     their_err = np.abs(ref.to_f64(theirs) - exact).max()
-    assert our_err <= their_err * 1.01 + 4 * np.sqrt(k) * EPS[mx.float32] * scale
+    assert our_err <= their_err * 1.01 + 4 * np.sqrt(k) * ref.EPS[mx.float32] * scale
 
 
 def test_mixed_dtypes_promote_like_mlx():
     rng = np.random.default_rng(0)
-    w_q, scales, biases = random_quantized(rng, 16, 64, 4, 64, mx.float16)
+    w_q, scales, biases = ref.random_quantized(rng, 16, 64, 4, 64, mx.float16)
     x = mx.array(rng.standard_normal((3, 64)), dtype=mx.bfloat16)
     bias = mx.array(rng.standard_normal(16), dtype=mx.float32)
     out = mlx_ext.quantized_matmul(x, w_q, scales, biases, bias=bias)
@@ -182,7 +151,7 @@ def test_mixed_dtypes_promote_like_mlx():
 
 def test_vector_x_and_empty_batch():
     rng = np.random.default_rng(1)
-    w_q, scales, biases = random_quantized(rng, 24, 128, 4, 64, mx.float32)
+    w_q, scales, biases = ref.random_quantized(rng, 24, 128, 4, 64, mx.float32)
     x = mx.array(rng.standard_normal(128), dtype=mx.float32)
     out = mlx_ext.quantized_matmul(x, w_q, scales, biases)
     assert out.shape == (24,)
@@ -206,7 +175,7 @@ def test_empty_reduction_gives_the_bias(isa, m):
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_thread_count_does_not_change_results(threads):
     rng = np.random.default_rng(2)
-    w_q, scales, biases = random_quantized(rng, 200, 256, 4, 32, mx.float32)
+    w_q, scales, biases = ref.random_quantized(rng, 200, 256, 4, 32, mx.float32)
     x = mx.array(rng.standard_normal((20, 256)), dtype=mx.float32)
     before = mlx_ext.get_num_threads()
     try:

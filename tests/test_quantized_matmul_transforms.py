@@ -90,16 +90,25 @@ def test_vmap_over_weights_is_a_clear_error():
 
 
 def test_compile_matches_eager_and_is_reused():
+    """A second call with the same shape replays the compiled graph: MLX runs
+    the Python function only to trace it, once per input shape."""
     w_q, scales, biases = quantized_layer()
     bias = mx.random.normal((48,), key=mx.random.key(7))
 
     def layer(x):
         return mx.maximum(mlx_ext.quantized_matmul(x, w_q, scales, biases, bias=bias), 0.0) * 2.0
 
-    compiled = mx.compile(layer)
+    traced = []
+
+    def traced_layer(x):
+        traced.append(x.shape)
+        return layer(x)
+
+    compiled = mx.compile(traced_layer)
     for m in [1, 1, 17]:
         x = mx.random.normal((m, 128), key=mx.random.key(m))
         np.testing.assert_array_equal(np.array(compiled(x)), np.array(layer(x)))
+    assert traced == [(1, 128), (17, 128)]
 
 
 def test_compiled_grad():

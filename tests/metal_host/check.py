@@ -1,4 +1,5 @@
-"""Compile-checks the Metal host code (csrc/**/metal*.cpp) on Linux.
+"""Compile-checks the Metal host code on Linux: every operator's METAL_SOURCES
+(CMakeLists.txt) and any other csrc/**/metal*.cpp.
 
 The sources are compiled with `clang++ -fsyntax-only -target
 arm64-apple-macos14 -D_METAL_` against the headers of the macOS
@@ -22,6 +23,8 @@ import sys
 import zipfile
 from pathlib import Path
 
+from tests.cmake_operators import declared_operators
+
 REPO = Path(__file__).resolve().parents[2]
 STAND_INS = Path(__file__).resolve().parent / "include"
 CACHE = REPO / "build" / "metal_host"
@@ -38,7 +41,10 @@ def mlx_version() -> str:
 
 
 def host_sources() -> list[Path]:
-    return sorted(REPO.glob("csrc/**/metal*.cpp"))
+    """What a Metal build compiles for the GPU: each operator's METAL_SOURCES,
+    and shared code named metal*.cpp."""
+    declared = {path for op in declared_operators() for path in op.files("METAL_SOURCES")}
+    return sorted(declared | set(REPO.glob("csrc/**/metal*.cpp")))
 
 
 def fetch_headers(version: str | None = None) -> Path:
