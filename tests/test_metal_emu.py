@@ -26,45 +26,29 @@ from tests.metal_emu import (
     UnboundBufferError,
     find_clang,
 )
+from tests.metal_harness import from_bfloat16_bits, load_library, to_bfloat16_bits
 
 FIXTURES = Path(__file__).parent / "metal_emu" / "fixtures"
 SCHEDULES = ("forward", "reverse", "random")
 
 
-def _library(name: str) -> Library:
-    try:
-        return Library(FIXTURES / name)
-    except ToolchainMissing as e:
-        pytest.skip(str(e))
-
-
 @pytest.fixture(scope="module")
 def features() -> Library:
-    return _library("features.metal")
+    return load_library(FIXTURES / "features.metal")
 
 
 @pytest.fixture(scope="module")
 def diagnostics() -> Library:
-    return _library("diagnostics.metal")
+    return load_library(FIXTURES / "diagnostics.metal")
 
 
 @pytest.fixture(scope="module")
 def mlx_kernels() -> Library:
-    return _library("mlx_kernels.metal")
+    return load_library(FIXTURES / "mlx_kernels.metal")
 
 
 def _rng(seed: int = 0) -> np.random.Generator:
     return np.random.default_rng(seed)
-
-
-def to_bfloat16_bits(x: np.ndarray) -> np.ndarray:
-    """Round-to-nearest-even float32 -> bfloat16 bit patterns (finite inputs)."""
-    u = np.asarray(x, np.float32).view(np.uint32).astype(np.uint64)
-    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
-
-
-def from_bfloat16_bits(bits: np.ndarray) -> np.ndarray:
-    return (bits.astype(np.uint32) << 16).view(np.float32)
 
 
 def assert_names(err, kernel: str, thread: int | None, lane: int | None, group=(0, 0, 0)) -> None:

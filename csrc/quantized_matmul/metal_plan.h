@@ -1,7 +1,6 @@
 // Which Metal kernel of metal/quantized_matmul.metal runs a quantized matmul,
 // and on what grid. Pure C++ (no MLX, no Metal) so that the emulator tests
-// can check their Python mirror (tests/test_metal_quantized_matmul.py,
-// `plan`) against it; change both together.
+// call it too (tests/metal_harness.py, Planner): one definition of the plan.
 #pragma once
 
 #include <cstdint>
