@@ -182,10 +182,6 @@ bool aligned16(const void* p) {
   return reinterpret_cast<uintptr_t>(p) % 16 == 0;
 }
 
-int64_t ceil_div(int64_t a, int64_t b) {
-  return (a + b - 1) / b;
-}
-
 // Records kernels of one eval_gpu call in the stream's command encoder. The
 // encoder orders graph nodes by the buffers registered before each one, so
 // every launch names what it reads and writes, scratch buffers included.

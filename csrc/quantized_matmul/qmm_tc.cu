@@ -4,16 +4,11 @@
 // multiplies them with x (exact too) into float32, and each group's partial
 // product is scaled in float32: acc += s * (q . x) + b * sum(x). float32
 // activations run as three bfloat16 planes whose products are summed.
-#include "quantized_matmul/cuda_common.cuh"
+#include "common/cuda/affine.cuh"
+#include "quantized_matmul/cuda_params.h"
 
 namespace mlx_ext::cuda {
 namespace {
-
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* p) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(smem_u32(p)));
-}
 
 // The 32 values (4 * BITS bytes) of one piece of a row of W as 16 packed T
 // pairs (values 2i, 2i+1), exact integers.

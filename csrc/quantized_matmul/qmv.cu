@@ -2,10 +2,22 @@
 // every activation type: the GEMV for transpose=True (qmv_t), the kernel for
 // transpose=False (qmv_n), the generic kernel for shapes and alignments the
 // others do not take, and the sum of float partials (reduce_partials).
-#include "quantized_matmul/cuda_common.cuh"
+#include "common/cuda/affine.cuh"
+#include "quantized_matmul/cuda_params.h"
 
 namespace mlx_ext::cuda {
 namespace {
+
+// Per-bit-width geometry of the weight loads: each chunk is LOADS 16-byte
+// loads holding VPT whole values (3-, 5- and 6-bit values never straddle two
+// chunks), processed as sub-chunks of 32 values that each lie in one group.
+template <int BITS>
+struct Chunk {
+  static constexpr int LOADS = qmv_t_loads(BITS);
+  static constexpr int VPT = qmv_t_values_per_chunk(BITS);
+  static constexpr int WORDS = LOADS * 4;
+  static constexpr int SUBS = VPT / 32;
+};
 
 // transpose=True, out[m, n] = sum_g s[n, g] * sum_{k in g} q[n, k] x[m, k]
 //                             + b[n, g] * sum_{k in g} x[m, k].

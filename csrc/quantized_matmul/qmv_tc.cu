@@ -21,7 +21,8 @@
 // Block: 4 warps, the 4 quarters of K for the same 16 rows, summed through
 //   shared memory at the end. grid.x covers N in 16s, grid.y M in 8s.
 // Needs K % (4 * VPC) == 0 and x, w 16-byte aligned (cuda.cpp checks).
-#include "quantized_matmul/cuda_common.cuh"
+#include "common/cuda/affine.cuh"
+#include "quantized_matmul/cuda_params.h"
 
 namespace mlx_ext::cuda {
 namespace {
@@ -105,7 +106,7 @@ __device__ __forceinline__ void qmv_tc(const QmmParams& p) {
     has_x[i] = g < mt[i];
     x[i] = static_cast<const T*>(p.x) + (has_x[i] ? m0 + 8 * i + g : 0) * K;
   }
-  const uint32_t magic = opaque(dequant_magic<T>(), p);
+  const uint32_t magic = opaque(dequant_magic<T>(), p.M);
 
   const int spans = K / SPAN;
   const int s_begin = warp * spans / 4, s_end = (warp + 1) * spans / 4;
