@@ -17,6 +17,7 @@
 #include "mlx/backend/cuda/device.h"
 #include "mlx/backend/cuda/utils.h"
 #include "common/gpu.h"
+#include "common/kernel_names.h"
 #include "quantized_matmul/cuda_params.h"
 #include "quantized_matmul/quantized_matmul.h"
 
@@ -172,12 +173,6 @@ Kernels& kernels(int device) {
   return *k;
 }
 
-const char* type_name(mx::Dtype t) {
-  if (t == mx::float16) return "f16";
-  if (t == mx::bfloat16) return "bf16";
-  return "f32";
-}
-
 bool aligned16(const void* p) {
   return reinterpret_cast<uintptr_t>(p) % 16 == 0;
 }
@@ -285,7 +280,7 @@ void run_tensor_core(Launcher& launch, QmmParams p, const Operands& a, const std
   QmmParams r = p;
   r.x = g.out;
   r.parts = 3;
-  launch("reduce_partials_f32", ceil_div(M * p.N, 256), 1, 1, 256, 0, r, {&partial, a.bias}, {a.out});
+  launch("reduce_partials_float32", ceil_div(M * p.N, 256), 1, 1, 256, 0, r, {&partial, a.bias}, {a.out});
 }
 
 } // namespace
@@ -325,7 +320,7 @@ void QuantizedMatmul::eval_gpu(const std::vector<mx::array>& inputs, mx::array& 
   p.k_split = 1;
 
   Launcher launch(enc, s.device.index);
-  const std::string t = type_name(out.dtype());
+  const std::string t = kernel_dtype_name(out.dtype());
   const std::string b = "_b" + std::to_string(bits_);
   const bool aligned = aligned16(p.x) && aligned16(p.w);
   const int64_t elements = M * N;

@@ -328,7 +328,7 @@ __device__ __forceinline__ void qmm_t_wgmma(const QmmParams& p) {
 } // namespace
 } // namespace mlx_ext::cuda
 
-// Names: qmm_t_wgmma_<x type>_b<bits>. Block WG_THREADS (384) threads, grid
+// Names: qmm_t_wgmma_<x type, as MLX spells it>_b<bits>. Block WG_THREADS (384) threads, grid
 // (ceil(N / WG_BN), ceil(M / WG_BM)), dynamic shared memory wg_smem_bytes(bits).
 #define QMM_WGMMA(T, NAME, BITS)                                                      \
   extern "C" __global__ void __launch_bounds__(mlx_ext::cuda::WG_THREADS, 1)             \
@@ -336,7 +336,7 @@ __device__ __forceinline__ void qmm_t_wgmma(const QmmParams& p) {
     mlx_ext::cuda::qmm_t_wgmma<T, BITS>(p);                                       \
   }
 #define QMM_WGMMA_TYPES(BITS) \
-  QMM_WGMMA(mlx_ext::cuda::bf16, bf16, BITS) QMM_WGMMA(mlx_ext::cuda::f16, f16, BITS)
+  QMM_WGMMA(mlx_ext::cuda::bf16, bfloat16, BITS) QMM_WGMMA(mlx_ext::cuda::f16, float16, BITS)
 QMM_WGMMA_TYPES(2)
 QMM_WGMMA_TYPES(3)
 QMM_WGMMA_TYPES(4)

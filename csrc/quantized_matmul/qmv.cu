@@ -248,7 +248,7 @@ using mlx_ext::cuda::QMV_N_THREADS;
 using mlx_ext::cuda::QMV_T_WARPS;
 using mlx_ext::cuda::QmmParams;
 
-// Kernel names (looked up by cuda.cpp): <kernel>_<activation type>_b<bits>_m<rows of x per tile>.
+// Kernel names (looked up by cuda.cpp): <kernel>_<activation type, as MLX spells it>_b<bits>_m<rows of x per tile>.
 #define QMV_T(T, NAME, BITS, MT)                                                        \
   extern "C" __global__ void __launch_bounds__(QMV_T_WARPS * 32) qmv_t_##NAME##_b##BITS##_m##MT(   \
       const QmmParams p) {                                                               \
@@ -277,6 +277,6 @@ using mlx_ext::cuda::QmmParams;
     mlx_ext::cuda::reduce_partials<T>(p);                                                  \
   }
 
-PER_TYPE(float, f32)
-PER_TYPE(f16, f16)
-PER_TYPE(bf16, bf16)
+PER_TYPE(float, float32)
+PER_TYPE(f16, float16)
+PER_TYPE(bf16, bfloat16)

@@ -201,7 +201,7 @@ using mlx_ext::cuda::bf16;
 using mlx_ext::cuda::f16;
 using mlx_ext::cuda::QmmParams;
 
-// Names: qmv_tc_<x type>_b<bits> (8 rows of x per block) and, for 4 and 8
+// Names (<x type> as MLX spells dtypes): qmv_tc_<x type>_b<bits> (8 rows of x per block) and, for 4 and 8
 // bits, qmv_tc_<x type>_b<bits>_m<8 MT> (MT = 2 or 4 tiles of 8 rows, W
 // loaded and dequantized once for all of them: at 14336 x 4096, 4 bits, 32
 // rows, 43.6 us against 58.6 with 8-row blocks; 64-row blocks were slower
@@ -220,5 +220,5 @@ using mlx_ext::cuda::QmmParams;
 #define QMV_TC_ALL(T, NAME)                                                                    \
   QMV_TC(T, NAME, 2) QMV_TC(T, NAME, 4) QMV_TC(T, NAME, 8)                                     \
   QMV_TC_MT(T, NAME, 4, 16) QMV_TC_MT(T, NAME, 4, 32) QMV_TC_MT(T, NAME, 8, 16) QMV_TC_MT(T, NAME, 8, 32)
-QMV_TC_ALL(bf16, bf16)
-QMV_TC_ALL(f16, f16)
+QMV_TC_ALL(bf16, bfloat16)
+QMV_TC_ALL(f16, float16)
