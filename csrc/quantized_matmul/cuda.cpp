@@ -1,220 +1,29 @@
-// QuantizedMatmul::eval_gpu for MLX's CUDA backend: picks a kernel from
-// qmv.cu / qmm_tc.cu and records it in MLX's command encoder. The kernels are
-// compiled to fatbins embedded in this library (cmake/cuda.cmake) and loaded
-// through the driver API: libmlx links the CUDA runtime statically, so this
-// library cannot register kernels with a runtime of its own.
-#include <dlfcn.h>
-
+// QuantizedMatmul::eval_gpu for MLX's CUDA backend: picks kernels of qmv.cu,
+// qmv_tc.cu, qmm_tc.cu and qmm_wgmma.cu and records them in MLX's command
+// encoder (common/cuda/launcher.h), which finds them in the images embedded
+// in this library (common/cuda/registry.h).
 #include <algorithm>
 #include <cstdlib>
-#include <cstring>
-#include <fstream>
-#include <mutex>
-#include <set>
 #include <string>
-#include <unordered_map>
 
-#include "mlx/backend/cuda/device.h"
-#include "mlx/backend/cuda/utils.h"
+#include "common/cuda/launcher.h"
+#include "common/errors.h"
 #include "common/gpu.h"
 #include "common/kernel_names.h"
+#include "common/math.h"
+#include "mlx/backend/cuda/device.h"
+#include "mlx/backend/cuda/utils.h"
 #include "quantized_matmul/cuda_params.h"
 #include "quantized_matmul/quantized_matmul.h"
 
 namespace mlx_ext {
 namespace cuda {
 
-// Written by cmake/cuda.cmake: the fatbin of each .cu file.
-extern const void* const images[];
-extern const int image_count;
-
 namespace {
-
-// The few driver functions used here, from the libcuda.so.1 that libmlx
-// already loaded (no link-time dependency on the driver or its stub).
-struct Driver {
-  CUresult (*ctx_get_current)(CUcontext*);
-  CUresult (*ctx_set_current)(CUcontext);
-  CUresult (*device_get)(CUdevice*, int);
-  CUresult (*primary_ctx_retain)(CUcontext*, CUdevice);
-  CUresult (*module_load_data)(CUmodule*, const void*);
-  CUresult (*module_get_function)(CUfunction*, CUmodule, const char*);
-  CUresult (*module_get_function_count)(unsigned int*, CUmodule);
-  CUresult (*module_enumerate_functions)(CUfunction*, unsigned int, CUmodule);
-  CUresult (*func_get_name)(const char**, CUfunction);
-  CUresult (*func_set_attribute)(CUfunction, CUfunction_attribute, int);
-  CUresult (*get_error_string)(CUresult, const char**);
-
-  Driver() {
-    void* lib = dlopen("libcuda.so.1", RTLD_NOW | RTLD_NOLOAD);
-    if (!lib) lib = dlopen("libcuda.so.1", RTLD_NOW);
-    if (!lib) throw std::runtime_error("[mlx_ext.quantized_matmul] cannot load libcuda.so.1");
-    auto sym = [&](auto& fn, const char* name) {
-      fn = reinterpret_cast<std::remove_reference_t<decltype(fn)>>(dlsym(lib, name));
-      if (!fn)
-        throw std::runtime_error(std::string("[mlx_ext.quantized_matmul] libcuda.so.1 lacks ") + name);
-    };
-    sym(ctx_get_current, "cuCtxGetCurrent");
-    sym(ctx_set_current, "cuCtxSetCurrent");
-    sym(device_get, "cuDeviceGet");
-    sym(primary_ctx_retain, "cuDevicePrimaryCtxRetain");
-    sym(module_load_data, "cuModuleLoadData");
-    sym(module_get_function, "cuModuleGetFunction");
-    sym(module_get_function_count, "cuModuleGetFunctionCount");
-    sym(module_enumerate_functions, "cuModuleEnumerateFunctions");
-    sym(func_get_name, "cuFuncGetName");
-    sym(func_set_attribute, "cuFuncSetAttribute");
-    sym(get_error_string, "cuGetErrorString");
-  }
-
-  void check(CUresult r, const char* what) const {
-    if (r == CUDA_SUCCESS) return;
-    const char* msg = "unknown error";
-    get_error_string(r, &msg);
-    throw std::runtime_error(std::string("[mlx_ext.quantized_matmul] ") + what + ": " + msg);
-  }
-};
-
-const Driver& driver() {
-  static const Driver d;
-  return d;
-}
-
-// MLX_EXT_CUDA_LOG=<file>: every kernel the modules hold ("available <name>")
-// and each kernel the first time it is launched ("launch <name>"), for the
-// tests that check every kernel variant runs.
-class KernelLog {
- public:
-  void available(const std::string& name) { write("available", name); }
-  void launch(const std::string& name) {
-    if (!path_) return;
-    std::lock_guard<std::mutex> lock(mutex_);
-    if (launched_.insert(name).second) write_locked("launch", name);
-  }
-
- private:
-  void write(const char* what, const std::string& name) {
-    if (!path_) return;
-    std::lock_guard<std::mutex> lock(mutex_);
-    write_locked(what, name);
-  }
-  void write_locked(const char* what, const std::string& name) {
-    std::ofstream(path_, std::ios::app) << what << ' ' << name << '\n';
-  }
-  const char* path_ = std::getenv("MLX_EXT_CUDA_LOG");
-  std::mutex mutex_;
-  std::set<std::string> launched_;
-};
-
-KernelLog& kernel_log() {
-  static KernelLog log;
-  return log;
-}
-
-// The embedded modules of one device, and the kernels looked up in them.
-class Kernels {
- public:
-  explicit Kernels(int device) {
-    const auto& d = driver();
-    CUcontext ctx = nullptr;
-    d.check(d.ctx_get_current(&ctx), "cuCtxGetCurrent");
-    if (!ctx) { // MLX makes its device current before eval_gpu; be safe anyway
-      CUdevice dev;
-      d.check(d.device_get(&dev, device), "cuDeviceGet");
-      d.check(d.primary_ctx_retain(&ctx, dev), "cuDevicePrimaryCtxRetain");
-      d.check(d.ctx_set_current(ctx), "cuCtxSetCurrent");
-    }
-    for (int i = 0; i < image_count; ++i) {
-      CUmodule module;
-      const CUresult r = d.module_load_data(&module, images[i]);
-      // An image with no code for this GPU (the sm_90a-only Hopper GEMM on
-      // another GPU) is skipped; its kernels are then simply absent.
-      if (r == CUDA_ERROR_NO_BINARY_FOR_GPU && i > 0) continue;
-      d.check(r, "loading the kernels (see MLX_EXT_CUDA_ARCHITECTURES)");
-      modules_.push_back(module);
-      unsigned int count = 0;
-      d.check(d.module_get_function_count(&count, module), "cuModuleGetFunctionCount");
-      std::vector<CUfunction> fns(count);
-      d.check(d.module_enumerate_functions(fns.data(), count, module), "cuModuleEnumerateFunctions");
-      for (auto fn : fns) {
-        const char* name = nullptr;
-        d.check(d.func_get_name(&name, fn), "cuFuncGetName");
-        functions_[name] = fn;
-        kernel_log().available(name);
-      }
-    }
-  }
-
-  bool has(const std::string& name) const { return functions_.count(name) > 0; }
-
-  CUfunction get(const std::string& name, int smem_bytes) {
-    auto it = functions_.find(name);
-    if (it == functions_.end())
-      throw std::runtime_error("[mlx_ext.quantized_matmul] no CUDA kernel named " + name);
-    if (smem_bytes > 48 * 1024 && smem_set_.insert(name).second)
-      driver().check(driver().func_set_attribute(
-                         it->second, CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem_bytes),
-          "cuFuncSetAttribute");
-    return it->second;
-  }
-
- private:
-  std::vector<CUmodule> modules_;
-  std::unordered_map<std::string, CUfunction> functions_;
-  std::set<std::string> smem_set_;
-};
-
-Kernels& kernels(int device) {
-  static std::mutex mutex;
-  static std::unordered_map<int, std::unique_ptr<Kernels>> all;
-  std::lock_guard<std::mutex> lock(mutex);
-  auto& k = all[device];
-  if (!k) k = std::make_unique<Kernels>(device);
-  return *k;
-}
 
 bool aligned16(const void* p) {
   return reinterpret_cast<uintptr_t>(p) % 16 == 0;
 }
-
-// Records kernels of one eval_gpu call in the stream's command encoder. The
-// encoder orders graph nodes by the buffers registered before each one, so
-// every launch names what it reads and writes, scratch buffers included.
-class Launcher {
- public:
-  using Arrays = std::initializer_list<const mx::array*>;
-
-  Launcher(mx::cu::CommandEncoder& enc, int device) : enc_(enc), kernels_(kernels(device)) {}
-
-  bool has(const std::string& name) const { return kernels_.has(name); }
-
-  void operator()(const std::string& name, int64_t grid_x, int64_t grid_y, int64_t grid_z,
-      int threads, int smem_bytes, QmmParams p, Arrays reads, Arrays writes) {
-    if (grid_x > 0x7fffffff || grid_y > 65535 || grid_z > 65535)
-      throw std::runtime_error("[mlx_ext.quantized_matmul] problem too large for kernel " + name);
-    CUfunction fn = kernels_.get(name, smem_bytes);
-    kernel_log().launch(name);
-    for (const auto* a : reads)
-      if (a) enc_.set_input_array(*a);
-    for (const auto* a : writes) enc_.set_output_array(*a);
-    void* params[] = {&p};
-    enc_.add_kernel_node_raw(fn, dim3(unsigned(grid_x), unsigned(grid_y), unsigned(grid_z)),
-        dim3(threads), dim3(1, 1, 1), smem_bytes, params);
-  }
-
-  // A scratch buffer of `bytes` that lives until the encoder's work completes.
-  mx::array scratch(int64_t bytes) {
-    const int64_t floats = std::max<int64_t>(1, ceil_div(bytes, 4));
-    mx::array a(mx::allocator::malloc(floats * 4), {int(std::min<int64_t>(floats, 0x7fffffff))},
-        mx::float32);
-    enc_.add_temporary(a);
-    return a;
-  }
-
- private:
-  mx::cu::CommandEncoder& enc_;
-  Kernels& kernels_;
-};
 
 // MLX_EXT_CUDA_WGMMA=0 turns the Hopper GEMM off (tests run the mma.sync
 // GEMM on an H100 that way).
@@ -253,10 +62,8 @@ void run_tensor_core(Launcher& launch, QmmParams p, const Operands& a, const std
   p.biases_t = mx::gpu_ptr<float>(biases_t);
   p.x_sums_t = mx::gpu_ptr<float>(x_sums_t);
   p.x_planes = mx::gpu_ptr<void>(x_planes);
-  launch("qmm_prep_scales_" + t, ceil_div(int64_t(G) * p.n_pad, 256), 1, 1, 256, 0, p,
-      {a.scales, a.biases}, {&scales_t, &biases_t});
-  launch("qmm_prep_x_" + t, ceil_div(int64_t(G) * p.m_pad * 32, 256), 1, 1, 256, 0, p, {a.x},
-      {&x_sums_t, &x_planes});
+  launch({"qmm_prep_scales_" + t, {ceil_div(int64_t(G) * p.n_pad, 256), 1, 1}, 256, 0}, p, {a.scales, a.biases}, {&scales_t, &biases_t});
+  launch({"qmm_prep_x_" + t, {ceil_div(int64_t(G) * p.m_pad * 32, 256), 1, 1}, 256, 0}, p, {a.x}, {&x_sums_t, &x_planes});
 
   QmmParams g = p;
   const bool small = rows <= 64;
@@ -267,20 +74,18 @@ void run_tensor_core(Launcher& launch, QmmParams p, const Operands& a, const std
       std::to_string(p.bits) + (small ? "_s" : "_l");
   g.M = rows;
   if (!planes) {
-    launch(name, ceil_div(p.N, bn), ceil_div(rows, bm), 1, threads, smem, g,
-        {a.x, a.w, &scales_t, &biases_t, &x_sums_t, a.bias}, {a.out});
+    launch({name, {ceil_div(p.N, bn), ceil_div(rows, bm), 1}, threads, smem}, g, {a.x, a.w, &scales_t, &biases_t, &x_sums_t, a.bias}, {a.out});
     return;
   }
   auto partial = launch.scratch(rows * p.N * 4);
   g.x = p.x_planes;
   g.bias = nullptr;
   g.out = mx::gpu_ptr<void>(partial);
-  launch(name, ceil_div(p.N, bn), ceil_div(rows, bm), 1, threads, smem, g,
-      {&x_planes, a.w, &scales_t, &biases_t, &x_sums_t}, {&partial});
+  launch({name, {ceil_div(p.N, bn), ceil_div(rows, bm), 1}, threads, smem}, g, {&x_planes, a.w, &scales_t, &biases_t, &x_sums_t}, {&partial});
   QmmParams r = p;
   r.x = g.out;
   r.parts = 3;
-  launch("reduce_partials_float32", ceil_div(M * p.N, 256), 1, 1, 256, 0, r, {&partial, a.bias}, {a.out});
+  launch({"reduce_partials_float32", {ceil_div(M * p.N, 256), 1, 1}, 256, 0}, r, {&partial, a.bias}, {a.out});
 }
 
 } // namespace
@@ -319,7 +124,7 @@ void QuantizedMatmul::eval_gpu(const std::vector<mx::array>& inputs, mx::array& 
   p.bits = bits_;
   p.k_split = 1;
 
-  Launcher launch(enc, s.device.index);
+  Launcher launch(enc, s.device.index, "quantized_matmul");
   const std::string t = kernel_dtype_name(out.dtype());
   const std::string b = "_b" + std::to_string(bits_);
   const bool aligned = aligned16(p.x) && aligned16(p.w);
@@ -343,15 +148,13 @@ void QuantizedMatmul::eval_gpu(const std::vector<mx::array>& inputs, mx::array& 
                                                                      : 0;
     if (half_x && qmv_tc_rows && K > 0 && K % qmv_tc_k_multiple(bits_) == 0 && aligned) {
       const std::string rows = qmv_tc_rows == 8 ? "" : "_m" + std::to_string(qmv_tc_rows);
-      launch("qmv_tc_" + t + b + rows, ceil_div(N, QMV_TC_ROWS), ceil_div(M, qmv_tc_rows), 1, QMV_TC_THREADS, 0, p,
-          all_inputs, {&out});
+      launch({"qmv_tc_" + t + b + rows, {ceil_div(N, QMV_TC_ROWS), ceil_div(M, qmv_tc_rows), 1}, QMV_TC_THREADS, 0}, p, all_inputs, {&out});
       return;
     }
     const std::string wgmma = "qmm_t_wgmma_" + t + b;
     if (half_x && sm90 && M > 64 && K > 0 && K % WG_BK == 0 && aligned && wgmma_enabled() &&
         launch.has(wgmma)) {
-      launch(wgmma, ceil_div(N, WG_BN), ceil_div(M, WG_BM), 1, WG_THREADS, wg_smem_bytes(bits_), p,
-          all_inputs, {&out});
+      launch({wgmma, {ceil_div(N, WG_BN), ceil_div(M, WG_BM), 1}, WG_THREADS, wg_smem_bytes(bits_)}, p, all_inputs, {&out});
       return;
     }
     const bool qmv_ok = K > 0 && K % qmv_t_values_per_chunk(bits_) == 0 && aligned;
@@ -359,19 +162,18 @@ void QuantizedMatmul::eval_gpu(const std::vector<mx::array>& inputs, mx::array& 
     if (qmv_ok && (M <= 8 || !tc_ok) && ceil_div(M, 8) <= 65535) {
       const int mt = M == 1 ? 1 : 8;
       const int rows = QMV_T_WARPS * qmv_t_rows_per_warp(bits_);
-      launch("qmv_t_" + t + b + "_m" + std::to_string(mt), ceil_div(N, rows), ceil_div(M, mt), 1,
-          QMV_T_WARPS * 32, 0, p, all_inputs, {&out});
+      launch({"qmv_t_" + t + b + "_m" + std::to_string(mt), {ceil_div(N, rows), ceil_div(M, mt), 1}, QMV_T_WARPS * 32, 0}, p, all_inputs, {&out});
     } else if (tc_ok) {
       run_tensor_core(launch, p, a, t);
     } else {
-      launch("qmm_generic_t_" + t, ceil_div(elements, 256), 1, 1, 256, 0, p, all_inputs, {&out});
+      launch({"qmm_generic_t_" + t, {ceil_div(elements, 256), 1, 1}, 256, 0}, p, all_inputs, {&out});
     }
     return;
   }
 
   const bool qmv_n_ok = K > 0 && aligned16(p.w) && ceil_div(M, 4) <= 65535;
   if (!qmv_n_ok) {
-    launch("qmm_generic_n_" + t, ceil_div(elements, 256), 1, 1, 256, 0, p, all_inputs, {&out});
+    launch({"qmm_generic_n_" + t, {ceil_div(elements, 256), 1, 1}, 256, 0}, p, all_inputs, {&out});
     return;
   }
   // Enough blocks to fill the GPU: slices of K (float partials) when the
@@ -382,17 +184,17 @@ void QuantizedMatmul::eval_gpu(const std::vector<mx::array>& inputs, mx::array& 
   const std::string name = "qmv_n_" + t + b + "_m" + std::to_string(mt);
   const int64_t grid_x = ceil_div(N / 32, QMV_N_THREADS), grid_z = ceil_div(M, mt);
   if (p.k_split == 1) {
-    launch(name, grid_x, 1, grid_z, QMV_N_THREADS, 0, p, all_inputs, {&out});
+    launch({name, {grid_x, 1, grid_z}, QMV_N_THREADS, 0}, p, all_inputs, {&out});
     return;
   }
   auto partials = launch.scratch(p.k_split * elements * 4);
   QmmParams q = p;
   q.out = mx::gpu_ptr<void>(partials);
-  launch(name, grid_x, p.k_split, grid_z, QMV_N_THREADS, 0, q, all_inputs, {&partials});
+  launch({name, {grid_x, p.k_split, grid_z}, QMV_N_THREADS, 0}, q, all_inputs, {&partials});
   QmmParams r = p;
   r.x = q.out;
   r.parts = p.k_split;
-  launch("reduce_partials_" + t, ceil_div(elements, 256), 1, 1, 256, 0, r, {&partials, a.bias}, {&out});
+  launch({"reduce_partials_" + t, {ceil_div(elements, 256), 1, 1}, 256, 0}, r, {&partials, a.bias}, {&out});
 }
 
 } // namespace mlx_ext
