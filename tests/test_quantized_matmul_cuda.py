@@ -1,7 +1,7 @@
 """The CUDA kernels of mlx_ext.quantized_matmul against tests/reference.py.
 
 Every bit width x group size x activation dtype x layout runs on shapes that
-send it to each kernel family (csrc/quantized_matmul/cuda.cpp picks them):
+send it to each kernel family (csrc/quantized_matmul/cuda_plan.h picks them):
 the tensor-core and the CUDA-core GEMVs for 1 and for 2-8 rows of x, the
 tensor-core GEMV with 16- and 32-row blocks, the mma.sync GEMM with its small and large tiles (float32 x as bfloat16 planes),
 the Hopper wgmma GEMM (H100), the transpose=False kernel

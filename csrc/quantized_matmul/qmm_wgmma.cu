@@ -43,7 +43,7 @@
 //         (8 consumer warps).
 //   After the k loop the x stages hold the output tile (row stride 272 B) so that
 //   it leaves in 16-byte stores.
-// Needs K % 64 == 0 and x, w 16-byte aligned (cuda.cpp checks).
+// Needs K % 64 == 0 and x, w 16-byte aligned (cuda_plan.h checks).
 #include "common/cuda/affine.cuh"
 #include "quantized_matmul/cuda_params.h"
 

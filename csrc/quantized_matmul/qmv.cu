@@ -248,7 +248,8 @@ using mlx_ext::cuda::QMV_N_THREADS;
 using mlx_ext::cuda::QMV_T_WARPS;
 using mlx_ext::cuda::QmmParams;
 
-// Kernel names (looked up by cuda.cpp): <kernel>_<activation type, as MLX spells it>_b<bits>_m<rows of x per tile>.
+// Kernel names (chosen by cuda_plan.h): <kernel>_<activation type, as MLX
+// spells it>_b<bits>_m<rows of x per tile>.
 #define QMV_T(T, NAME, BITS, MT)                                                        \
   extern "C" __global__ void __launch_bounds__(QMV_T_WARPS * 32) qmv_t_##NAME##_b##BITS##_m##MT(   \
       const QmmParams p) {                                                               \

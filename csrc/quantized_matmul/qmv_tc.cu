@@ -20,7 +20,7 @@
 // Warp: 16 rows of W over a quarter of K's spans.
 // Block: 4 warps, the 4 quarters of K for the same 16 rows, summed through
 //   shared memory at the end. grid.x covers N in 16s, grid.y M in 8s.
-// Needs K % (4 * VPC) == 0 and x, w 16-byte aligned (cuda.cpp checks).
+// Needs K % (4 * VPC) == 0 and x, w 16-byte aligned (cuda_plan.h checks).
 #include "common/cuda/affine.cuh"
 #include "quantized_matmul/cuda_params.h"
 
