@@ -16,12 +16,17 @@ namespace mlx_ext::cuda {
 
 namespace {
 
-// MLX_EXT_CUDA_LOG=<file>: every kernel the modules hold ("available <name>")
-// and each kernel the first time it is launched ("launch <name>"), for the
-// tests that check every kernel variant runs.
+// MLX_EXT_CUDA_LOG=<file>: every kernel the modules hold ("available <name>
+// <op>/<kernel file>") and each kernel the first time it is launched
+// ("launch <name>"), for the tests that check that every kernel of an
+// operator runs.
 class KernelLog {
  public:
-  void available(const std::string& name) { write("available", name); }
+  void available(const std::string& name, const char* image) {
+    if (!path_) return;
+    std::lock_guard<std::mutex> lock(mutex_);
+    write_locked("available", name + ' ' + image);
+  }
   void launch(const std::string& name) {
     if (!path_) return;
     std::lock_guard<std::mutex> lock(mutex_);
@@ -29,11 +34,6 @@ class KernelLog {
   }
 
  private:
-  void write(const char* what, const std::string& name) {
-    if (!path_) return;
-    std::lock_guard<std::mutex> lock(mutex_);
-    write_locked(what, name);
-  }
   void write_locked(const char* what, const std::string& name) {
     std::ofstream(path_, std::ios::app) << what << ' ' << name << '\n';
   }
@@ -80,7 +80,7 @@ Kernels::Kernels(int device) {
       if (!functions_.emplace(name, fn).second)
         throw std::runtime_error(std::string("[mlx_ext] two CUDA kernels are named ") + name +
             " (the second in " + image.name + ")");
-      kernel_log().available(name);
+      kernel_log().available(name, image.name);
     }
   }
 }
