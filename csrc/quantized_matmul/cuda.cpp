@@ -1,229 +1,29 @@
-// QuantizedMatmul::eval_gpu for MLX's CUDA backend: picks a kernel from
-// qmv.cu / qmm_tc.cu and records it in MLX's command encoder. The kernels are
-// compiled to fatbins embedded in this library (cmake/cuda.cmake) and loaded
-// through the driver API: libmlx links the CUDA runtime statically, so this
-// library cannot register kernels with a runtime of its own.
-#include <dlfcn.h>
-
-#include <algorithm>
+// QuantizedMatmul::eval_gpu for MLX's CUDA backend: fills the kernels'
+// parameters (cuda_params.h) and launches what cuda_plan.h chooses, through
+// MLX's command encoder (common/cuda/launcher.h), which finds the kernels in
+// the images embedded in this library (common/cuda/registry.h).
+#include <cstdint>
 #include <cstdlib>
-#include <cstring>
-#include <fstream>
-#include <mutex>
-#include <set>
 #include <string>
-#include <unordered_map>
 
+#include "common/cuda/launcher.h"
+#include "common/errors.h"
+#include "common/gpu.h"
+#include "common/kernel_names.h"
 #include "mlx/backend/cuda/device.h"
 #include "mlx/backend/cuda/utils.h"
-#include "common/gpu.h"
 #include "quantized_matmul/cuda_params.h"
+#include "quantized_matmul/cuda_plan.h"
 #include "quantized_matmul/quantized_matmul.h"
 
 namespace mlx_ext {
 namespace cuda {
 
-// Written by cmake/cuda.cmake: the fatbin of each .cu file.
-extern const void* const images[];
-extern const int image_count;
-
 namespace {
-
-// The few driver functions used here, from the libcuda.so.1 that libmlx
-// already loaded (no link-time dependency on the driver or its stub).
-struct Driver {
-  CUresult (*ctx_get_current)(CUcontext*);
-  CUresult (*ctx_set_current)(CUcontext);
-  CUresult (*device_get)(CUdevice*, int);
-  CUresult (*primary_ctx_retain)(CUcontext*, CUdevice);
-  CUresult (*module_load_data)(CUmodule*, const void*);
-  CUresult (*module_get_function)(CUfunction*, CUmodule, const char*);
-  CUresult (*module_get_function_count)(unsigned int*, CUmodule);
-  CUresult (*module_enumerate_functions)(CUfunction*, unsigned int, CUmodule);
-  CUresult (*func_get_name)(const char**, CUfunction);
-  CUresult (*func_set_attribute)(CUfunction, CUfunction_attribute, int);
-  CUresult (*get_error_string)(CUresult, const char**);
-
-  Driver() {
-    void* lib = dlopen("libcuda.so.1", RTLD_NOW | RTLD_NOLOAD);
-    if (!lib) lib = dlopen("libcuda.so.1", RTLD_NOW);
-    if (!lib) throw std::runtime_error("[mlx_ext.quantized_matmul] cannot load libcuda.so.1");
-    auto sym = [&](auto& fn, const char* name) {
-      fn = reinterpret_cast<std::remove_reference_t<decltype(fn)>>(dlsym(lib, name));
-      if (!fn)
-        throw std::runtime_error(std::string("[mlx_ext.quantized_matmul] libcuda.so.1 lacks ") + name);
-    };
-    sym(ctx_get_current, "cuCtxGetCurrent");
-    sym(ctx_set_current, "cuCtxSetCurrent");
-    sym(device_get, "cuDeviceGet");
-    sym(primary_ctx_retain, "cuDevicePrimaryCtxRetain");
-    sym(module_load_data, "cuModuleLoadData");
-    sym(module_get_function, "cuModuleGetFunction");
-    sym(module_get_function_count, "cuModuleGetFunctionCount");
-    sym(module_enumerate_functions, "cuModuleEnumerateFunctions");
-    sym(func_get_name, "cuFuncGetName");
-    sym(func_set_attribute, "cuFuncSetAttribute");
-    sym(get_error_string, "cuGetErrorString");
-  }
-
-  void check(CUresult r, const char* what) const {
-    if (r == CUDA_SUCCESS) return;
-    const char* msg = "unknown error";
-    get_error_string(r, &msg);
-    throw std::runtime_error(std::string("[mlx_ext.quantized_matmul] ") + what + ": " + msg);
-  }
-};
-
-const Driver& driver() {
-  static const Driver d;
-  return d;
-}
-
-// MLX_EXT_CUDA_LOG=<file>: every kernel the modules hold ("available <name>")
-// and each kernel the first time it is launched ("launch <name>"), for the
-// tests that check every kernel variant runs.
-class KernelLog {
- public:
-  void available(const std::string& name) { write("available", name); }
-  void launch(const std::string& name) {
-    if (!path_) return;
-    std::lock_guard<std::mutex> lock(mutex_);
-    if (launched_.insert(name).second) write_locked("launch", name);
-  }
-
- private:
-  void write(const char* what, const std::string& name) {
-    if (!path_) return;
-    std::lock_guard<std::mutex> lock(mutex_);
-    write_locked(what, name);
-  }
-  void write_locked(const char* what, const std::string& name) {
-    std::ofstream(path_, std::ios::app) << what << ' ' << name << '\n';
-  }
-  const char* path_ = std::getenv("MLX_EXT_CUDA_LOG");
-  std::mutex mutex_;
-  std::set<std::string> launched_;
-};
-
-KernelLog& kernel_log() {
-  static KernelLog log;
-  return log;
-}
-
-// The embedded modules of one device, and the kernels looked up in them.
-class Kernels {
- public:
-  explicit Kernels(int device) {
-    const auto& d = driver();
-    CUcontext ctx = nullptr;
-    d.check(d.ctx_get_current(&ctx), "cuCtxGetCurrent");
-    if (!ctx) { // MLX makes its device current before eval_gpu; be safe anyway
-      CUdevice dev;
-      d.check(d.device_get(&dev, device), "cuDeviceGet");
-      d.check(d.primary_ctx_retain(&ctx, dev), "cuDevicePrimaryCtxRetain");
-      d.check(d.ctx_set_current(ctx), "cuCtxSetCurrent");
-    }
-    for (int i = 0; i < image_count; ++i) {
-      CUmodule module;
-      const CUresult r = d.module_load_data(&module, images[i]);
-      // An image with no code for this GPU (the sm_90a-only Hopper GEMM on
-      // another GPU) is skipped; its kernels are then simply absent.
-      if (r == CUDA_ERROR_NO_BINARY_FOR_GPU && i > 0) continue;
-      d.check(r, "loading the kernels (see MLX_EXT_CUDA_ARCHITECTURES)");
-      modules_.push_back(module);
-      unsigned int count = 0;
-      d.check(d.module_get_function_count(&count, module), "cuModuleGetFunctionCount");
-      std::vector<CUfunction> fns(count);
-      d.check(d.module_enumerate_functions(fns.data(), count, module), "cuModuleEnumerateFunctions");
-      for (auto fn : fns) {
-        const char* name = nullptr;
-        d.check(d.func_get_name(&name, fn), "cuFuncGetName");
-        functions_[name] = fn;
-        kernel_log().available(name);
-      }
-    }
-  }
-
-  bool has(const std::string& name) const { return functions_.count(name) > 0; }
-
-  CUfunction get(const std::string& name, int smem_bytes) {
-    auto it = functions_.find(name);
-    if (it == functions_.end())
-      throw std::runtime_error("[mlx_ext.quantized_matmul] no CUDA kernel named " + name);
-    if (smem_bytes > 48 * 1024 && smem_set_.insert(name).second)
-      driver().check(driver().func_set_attribute(
-                         it->second, CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem_bytes),
-          "cuFuncSetAttribute");
-    return it->second;
-  }
-
- private:
-  std::vector<CUmodule> modules_;
-  std::unordered_map<std::string, CUfunction> functions_;
-  std::set<std::string> smem_set_;
-};
-
-Kernels& kernels(int device) {
-  static std::mutex mutex;
-  static std::unordered_map<int, std::unique_ptr<Kernels>> all;
-  std::lock_guard<std::mutex> lock(mutex);
-  auto& k = all[device];
-  if (!k) k = std::make_unique<Kernels>(device);
-  return *k;
-}
-
-const char* type_name(mx::Dtype t) {
-  if (t == mx::float16) return "f16";
-  if (t == mx::bfloat16) return "bf16";
-  return "f32";
-}
 
 bool aligned16(const void* p) {
   return reinterpret_cast<uintptr_t>(p) % 16 == 0;
 }
-
-int64_t ceil_div(int64_t a, int64_t b) {
-  return (a + b - 1) / b;
-}
-
-// Records kernels of one eval_gpu call in the stream's command encoder. The
-// encoder orders graph nodes by the buffers registered before each one, so
-// every launch names what it reads and writes, scratch buffers included.
-class Launcher {
- public:
-  using Arrays = std::initializer_list<const mx::array*>;
-
-  Launcher(mx::cu::CommandEncoder& enc, int device) : enc_(enc), kernels_(kernels(device)) {}
-
-  bool has(const std::string& name) const { return kernels_.has(name); }
-
-  void operator()(const std::string& name, int64_t grid_x, int64_t grid_y, int64_t grid_z,
-      int threads, int smem_bytes, QmmParams p, Arrays reads, Arrays writes) {
-    if (grid_x > 0x7fffffff || grid_y > 65535 || grid_z > 65535)
-      throw std::runtime_error("[mlx_ext.quantized_matmul] problem too large for kernel " + name);
-    CUfunction fn = kernels_.get(name, smem_bytes);
-    kernel_log().launch(name);
-    for (const auto* a : reads)
-      if (a) enc_.set_input_array(*a);
-    for (const auto* a : writes) enc_.set_output_array(*a);
-    void* params[] = {&p};
-    enc_.add_kernel_node_raw(fn, dim3(unsigned(grid_x), unsigned(grid_y), unsigned(grid_z)),
-        dim3(threads), dim3(1, 1, 1), smem_bytes, params);
-  }
-
-  // A scratch buffer of `bytes` that lives until the encoder's work completes.
-  mx::array scratch(int64_t bytes) {
-    const int64_t floats = std::max<int64_t>(1, ceil_div(bytes, 4));
-    mx::array a(mx::allocator::malloc(floats * 4), {int(std::min<int64_t>(floats, 0x7fffffff))},
-        mx::float32);
-    enc_.add_temporary(a);
-    return a;
-  }
-
- private:
-  mx::cu::CommandEncoder& enc_;
-  Kernels& kernels_;
-};
 
 // MLX_EXT_CUDA_WGMMA=0 turns the Hopper GEMM off (tests run the mma.sync
 // GEMM on an H100 that way).
@@ -235,25 +35,19 @@ bool wgmma_enabled() {
   return on;
 }
 
-// Rows of x per tile of qmv_n: 1, 2 or 4.
-int qmv_n_tile(int64_t m) {
-  return m <= 1 ? 1 : m <= 2 ? 2 : 4;
-}
-
 // The arrays of one call: inputs (x, w, scales, biases, bias or nullptr) and out.
 struct Operands {
   const mx::array *x, *w, *scales, *biases, *bias, *out;
 };
 
-// transpose=True with K % 128 == 0 and more rows than a GEMV takes: the prep
-// kernels, the tensor-core GEMM, and for float32 x the sum of its three planes.
-void run_tensor_core(Launcher& launch, QmmParams p, const Operands& a, const std::string& t) {
-  const int64_t M = p.M;
+// The prep kernels into scratch buffers, the mma.sync GEMM, and for float32 x
+// (plan.parts == 3: its bfloat16 planes) the sum of the planes' products.
+void run_tensor_core(Launcher& launch, const qmm_plan::Plan& plan, QmmParams p, const Operands& a) {
   const int G = p.K / p.group_size;
-  const bool planes = a.out->dtype() == mx::float32;
-  const int64_t rows = planes ? 3 * M : M;
-  p.n_pad = int(ceil_div(p.N, 4) * 4);
-  p.m_pad = int(ceil_div(rows, 4) * 4);
+  const int64_t rows = plan.gemm_rows;
+  const bool planes = plan.parts > 1;
+  p.n_pad = plan.n_pad;
+  p.m_pad = plan.m_pad;
   auto scales_t = launch.scratch(int64_t(G) * p.n_pad * 4);
   auto biases_t = launch.scratch(int64_t(G) * p.n_pad * 4);
   auto x_sums_t = launch.scratch(int64_t(G) * p.m_pad * 4);
@@ -262,34 +56,24 @@ void run_tensor_core(Launcher& launch, QmmParams p, const Operands& a, const std
   p.biases_t = mx::gpu_ptr<float>(biases_t);
   p.x_sums_t = mx::gpu_ptr<float>(x_sums_t);
   p.x_planes = mx::gpu_ptr<void>(x_planes);
-  launch("qmm_prep_scales_" + t, ceil_div(int64_t(G) * p.n_pad, 256), 1, 1, 256, 0, p,
-      {a.scales, a.biases}, {&scales_t, &biases_t});
-  launch("qmm_prep_x_" + t, ceil_div(int64_t(G) * p.m_pad * 32, 256), 1, 1, 256, 0, p, {a.x},
-      {&x_sums_t, &x_planes});
+  launch(plan.prep_scales, p, {a.scales, a.biases}, {&scales_t, &biases_t});
+  launch(plan.prep_x, p, {a.x}, {&x_sums_t, &x_planes});
 
   QmmParams g = p;
-  const bool small = rows <= 64;
-  const int bm = small ? TcSmall::BM : TcLarge::BM, bn = small ? TcSmall::BN : TcLarge::BN;
-  const int threads = small ? TcSmall::THREADS : TcLarge::THREADS;
-  const int smem = small ? TcSmall::SMEM : TcLarge::SMEM;
-  const std::string name = std::string("qmm_t_tc_") + (planes ? "planes" : t) + "_b" +
-      std::to_string(p.bits) + (small ? "_s" : "_l");
   g.M = rows;
   if (!planes) {
-    launch(name, ceil_div(p.N, bn), ceil_div(rows, bm), 1, threads, smem, g,
-        {a.x, a.w, &scales_t, &biases_t, &x_sums_t, a.bias}, {a.out});
+    launch(plan.main, g, {a.x, a.w, &scales_t, &biases_t, &x_sums_t, a.bias}, {a.out});
     return;
   }
   auto partial = launch.scratch(rows * p.N * 4);
   g.x = p.x_planes;
   g.bias = nullptr;
   g.out = mx::gpu_ptr<void>(partial);
-  launch(name, ceil_div(p.N, bn), ceil_div(rows, bm), 1, threads, smem, g,
-      {&x_planes, a.w, &scales_t, &biases_t, &x_sums_t}, {&partial});
+  launch(plan.main, g, {&x_planes, a.w, &scales_t, &biases_t, &x_sums_t}, {&partial});
   QmmParams r = p;
   r.x = g.out;
-  r.parts = 3;
-  launch("reduce_partials_f32", ceil_div(M * p.N, 256), 1, 1, 256, 0, r, {&partial, a.bias}, {a.out});
+  r.parts = plan.parts;
+  launch(plan.reduce, r, {&partial, a.bias}, {a.out});
 }
 
 } // namespace
@@ -309,9 +93,9 @@ void QuantizedMatmul::eval_gpu(const std::vector<mx::array>& inputs, mx::array& 
   const int N = out.ndim() ? out.shape(-1) : 1;
   const int64_t M = N ? out.size() / N : 0;
   if (M == 0 || N == 0) return;
-  if (mx::cu::device(s.device).compute_capability_major() < 8)
-    throw std::runtime_error(
-        "[mlx_ext.quantized_matmul] the CUDA kernels need compute capability 8.0 or newer");
+  auto& device = mx::cu::device(s.device);
+  if (device.compute_capability_major() < qmm_plan::kMinComputeCapability)
+    runtime_error("quantized_matmul", "the CUDA kernels need compute capability 8.0 or newer");
 
   const Operands a{&x, &w, &inputs[2], &inputs[3], has_bias_ ? &inputs[4] : nullptr, &out};
   QmmParams p{};
@@ -326,82 +110,31 @@ void QuantizedMatmul::eval_gpu(const std::vector<mx::array>& inputs, mx::array& 
   p.K = K;
   p.group_size = group_size_;
   p.bits = bits_;
-  p.k_split = 1;
 
-  Launcher launch(enc, s.device.index);
-  const std::string t = type_name(out.dtype());
-  const std::string b = "_b" + std::to_string(bits_);
-  const bool aligned = aligned16(p.x) && aligned16(p.w);
-  const int64_t elements = M * N;
+  Launcher launch(enc, s.device.index, "quantized_matmul");
+  const std::string dtype = kernel_dtype_name(out.dtype());
+  const qmm_plan::Problem problem{
+      M, N, K, bits_, group_size_, transpose_, dtype, aligned16(p.x), aligned16(p.w)};
+  const qmm_plan::Gpu gpu{device.compute_capability_major(), device.compute_capability_minor(),
+      launch.has(qmm_plan::wgmma_kernel(dtype, bits_)), wgmma_enabled()};
+  const qmm_plan::Plan plan = qmm_plan::plan(problem, gpu);
+  p.k_split = plan.k_split;
+
   const Launcher::Arrays all_inputs{a.x, a.w, a.scales, a.biases, a.bias};
-
-  if (transpose_) {
-    // float16 / bfloat16 x: tensor-core kernels that round W to x's type as
-    // MLX's do. float32 x: exact float32 kernels (the GEMM through planes).
-    const bool half_x = out.dtype() != mx::float32;
-    const bool sm90 = mx::cu::device(s.device).compute_capability_major() == 9 &&
-        mx::cu::device(s.device).compute_capability_minor() == 0;
-    // The tensor-core GEMV: 8 rows of x per block for 2-, 4- and 8-bit W; 16
-    // or 32 rows (9 to 32 rows of x), W dequantized once for all of them, for
-    // 4 and 8 bits. (For one row of 8-bit W the CUDA-core GEMV is faster on an
-    // H200, 17.7 vs 20.7 us at 14336 x 4096, but slower on an H100, 30.7 vs
-    // 22.0: bench/cuda/kernels.cu.)
-    const bool four_or_eight = bits_ == 4 || bits_ == 8;
-    const int qmv_tc_rows = M <= 8 && (bits_ == 2 || four_or_eight) ? 8
-        : M <= 32 && four_or_eight                                   ? (M <= 16 ? 16 : 32)
-                                                                     : 0;
-    if (half_x && qmv_tc_rows && K > 0 && K % qmv_tc_k_multiple(bits_) == 0 && aligned) {
-      const std::string rows = qmv_tc_rows == 8 ? "" : "_m" + std::to_string(qmv_tc_rows);
-      launch("qmv_tc_" + t + b + rows, ceil_div(N, QMV_TC_ROWS), ceil_div(M, qmv_tc_rows), 1, QMV_TC_THREADS, 0, p,
-          all_inputs, {&out});
-      return;
-    }
-    const std::string wgmma = "qmm_t_wgmma_" + t + b;
-    if (half_x && sm90 && M > 64 && K > 0 && K % WG_BK == 0 && aligned && wgmma_enabled() &&
-        launch.has(wgmma)) {
-      launch(wgmma, ceil_div(N, WG_BN), ceil_div(M, WG_BM), 1, WG_THREADS, wg_smem_bytes(bits_), p,
-          all_inputs, {&out});
-      return;
-    }
-    const bool qmv_ok = K > 0 && K % qmv_t_values_per_chunk(bits_) == 0 && aligned;
-    const bool tc_ok = K > 0 && K % BK == 0 && aligned;
-    if (qmv_ok && (M <= 8 || !tc_ok) && ceil_div(M, 8) <= 65535) {
-      const int mt = M == 1 ? 1 : 8;
-      const int rows = QMV_T_WARPS * qmv_t_rows_per_warp(bits_);
-      launch("qmv_t_" + t + b + "_m" + std::to_string(mt), ceil_div(N, rows), ceil_div(M, mt), 1,
-          QMV_T_WARPS * 32, 0, p, all_inputs, {&out});
-    } else if (tc_ok) {
-      run_tensor_core(launch, p, a, t);
-    } else {
-      launch("qmm_generic_t_" + t, ceil_div(elements, 256), 1, 1, 256, 0, p, all_inputs, {&out});
-    }
-    return;
+  if (plan.path == qmm_plan::Path::tensor_core) {
+    run_tensor_core(launch, plan, p, a);
+  } else if (plan.parts == 1) {
+    launch(plan.main, p, all_inputs, {&out});
+  } else { // qmv_n over slices of K: float partials, then their sum
+    auto partials = launch.scratch(plan.parts * M * N * 4);
+    QmmParams q = p;
+    q.out = mx::gpu_ptr<void>(partials);
+    launch(plan.main, q, all_inputs, {&partials});
+    QmmParams r = p;
+    r.x = q.out;
+    r.parts = plan.parts;
+    launch(plan.reduce, r, {&partials, a.bias}, {&out});
   }
-
-  const bool qmv_n_ok = K > 0 && aligned16(p.w) && ceil_div(M, 4) <= 65535;
-  if (!qmv_n_ok) {
-    launch("qmm_generic_n_" + t, ceil_div(elements, 256), 1, 1, 256, 0, p, all_inputs, {&out});
-    return;
-  }
-  // Enough blocks to fill the GPU: slices of K (float partials) when the
-  // columns and rows alone give too few.
-  const int mt = qmv_n_tile(M);
-  const int64_t blocks = ceil_div(N / 32, QMV_N_THREADS) * ceil_div(M, mt);
-  p.k_split = int(std::min<int64_t>({ceil_div(1024, blocks), 64, std::max(1, K / 16)}));
-  const std::string name = "qmv_n_" + t + b + "_m" + std::to_string(mt);
-  const int64_t grid_x = ceil_div(N / 32, QMV_N_THREADS), grid_z = ceil_div(M, mt);
-  if (p.k_split == 1) {
-    launch(name, grid_x, 1, grid_z, QMV_N_THREADS, 0, p, all_inputs, {&out});
-    return;
-  }
-  auto partials = launch.scratch(p.k_split * elements * 4);
-  QmmParams q = p;
-  q.out = mx::gpu_ptr<void>(partials);
-  launch(name, grid_x, p.k_split, grid_z, QMV_N_THREADS, 0, q, all_inputs, {&partials});
-  QmmParams r = p;
-  r.x = q.out;
-  r.parts = p.k_split;
-  launch("reduce_partials_" + t, ceil_div(elements, 256), 1, 1, 256, 0, r, {&partials, a.bias}, {&out});
 }
 
 } // namespace mlx_ext

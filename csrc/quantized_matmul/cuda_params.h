@@ -5,11 +5,7 @@
 
 #include <cstdint>
 
-#ifdef __CUDACC__
-#define MLX_EXT_HOST_DEVICE __host__ __device__
-#else
-#define MLX_EXT_HOST_DEVICE
-#endif
+#include "common/math.h"
 
 namespace mlx_ext::cuda {
 

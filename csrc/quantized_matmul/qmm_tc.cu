@@ -4,16 +4,11 @@
 // multiplies them with x (exact too) into float32, and each group's partial
 // product is scaled in float32: acc += s * (q . x) + b * sum(x). float32
 // activations run as three bfloat16 planes whose products are summed.
-#include "quantized_matmul/cuda_common.cuh"
+#include "common/cuda/affine.cuh"
+#include "quantized_matmul/cuda_params.h"
 
 namespace mlx_ext::cuda {
 namespace {
-
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* p) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(smem_u32(p)));
-}
 
 // The 32 values (4 * BITS bytes) of one piece of a row of W as 16 packed T
 // pairs (values 2i, 2i+1), exact integers.
@@ -364,7 +359,7 @@ using mlx_ext::cuda::QmmParams;
 using mlx_ext::cuda::TcLarge;
 using mlx_ext::cuda::TcSmall;
 
-// Names: qmm_t_tc_<x type>_b<bits>_<l|s> (large or small tile);
+// Names: qmm_t_tc_<x type, as MLX spells it>_b<bits>_<l|s> (large or small tile);
 // qmm_t_tc_planes_...: bfloat16 planes of float32 x, float partial sums out.
 #define QMM_TC(T, TOUT, NAME, BITS, CFG, SUFFIX)                                                      \
   extern "C" __global__ void __launch_bounds__(CFG::THREADS) qmm_t_tc_##NAME##_b##BITS##_##SUFFIX( \
@@ -372,10 +367,10 @@ using mlx_ext::cuda::TcSmall;
     mlx_ext::cuda::qmm_t_tc<T, TOUT, BITS, CFG>(p);                                                \
   }
 #define QMM_TC_BITS(BITS)                               \
-  QMM_TC(f16, f16, f16, BITS, TcLarge, l)               \
-  QMM_TC(f16, f16, f16, BITS, TcSmall, s)               \
-  QMM_TC(bf16, bf16, bf16, BITS, TcLarge, l)            \
-  QMM_TC(bf16, bf16, bf16, BITS, TcSmall, s)            \
+  QMM_TC(f16, f16, float16, BITS, TcLarge, l)           \
+  QMM_TC(f16, f16, float16, BITS, TcSmall, s)           \
+  QMM_TC(bf16, bf16, bfloat16, BITS, TcLarge, l)        \
+  QMM_TC(bf16, bf16, bfloat16, BITS, TcSmall, s)        \
   QMM_TC(bf16, float, planes, BITS, TcLarge, l)         \
   QMM_TC(bf16, float, planes, BITS, TcSmall, s)
 QMM_TC_BITS(2)
@@ -392,6 +387,6 @@ QMM_TC_BITS(8)
   extern "C" __global__ void __launch_bounds__(256) qmm_prep_x_##NAME(const QmmParams p) {  \
     mlx_ext::cuda::qmm_prep_x<T, PLANES>(p);                                               \
   }
-QMM_PREP(float, f32, true)
-QMM_PREP(f16, f16, false)
-QMM_PREP(bf16, bf16, false)
+QMM_PREP(float, float32, true)
+QMM_PREP(f16, float16, false)
+QMM_PREP(bf16, bfloat16, false)

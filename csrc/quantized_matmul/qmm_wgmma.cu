@@ -43,40 +43,16 @@
 //         (8 consumer warps).
 //   After the k loop the x stages hold the output tile (row stride 272 B) so that
 //   it leaves in 16-byte stores.
-// Needs K % 64 == 0 and x, w 16-byte aligned (cuda.cpp checks).
-#include "quantized_matmul/cuda_common.cuh"
+// Needs K % 64 == 0 and x, w 16-byte aligned (cuda_plan.h checks).
+#include "common/cuda/affine.cuh"
+#include "quantized_matmul/cuda_params.h"
 
 namespace mlx_ext::cuda {
 
 namespace {
 
-__device__ __forceinline__ void mbar_init(uint32_t bar, int count) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(bar), "r"(count) : "memory");
-}
-__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
-  asm volatile(
-      "{\n.reg .pred p;\nWG_WAIT:\n"
-      "mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n"
-      "@!p bra WG_WAIT;\n}\n" ::"r"(bar),
-      "r"(parity)
-      : "memory");
-}
-__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
-  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(bar) : "memory");
-}
-// Arrives on `bar` once all of this thread's earlier cp.async have landed.
-__device__ __forceinline__ void mbar_arrive_cp_async(uint32_t bar) {
-  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];" ::"r"(bar) : "memory");
-}
+// Named barrier 1 over the two consumer warpgroups (the producer never waits on it).
 __device__ __forceinline__ void consumers_sync() { asm volatile("bar.sync 1, 256;" ::: "memory"); }
-
-// Ordinary (and cp.async) shared-memory writes seen by this thread become
-// visible to the tensor cores' async proxy after this fence.
-__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
-__device__ __forceinline__ void mma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
-__device__ __forceinline__ void mma_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void mma_wait() { asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(N) : "memory"); }
 
 // Shared-memory matrix descriptor: K-major, 128-byte swizzle, 8-row groups
 // 1024 bytes apart.
@@ -254,7 +230,7 @@ __device__ __forceinline__ void qmm_t_wgmma(const QmmParams& p) {
   };
   load_sb(0);
 
-  const uint32_t magic = opaque(dequant_magic<T>(), p);
+  const uint32_t magic = opaque(dequant_magic<T>(), p.M);
 
   // Waits for tile t and dequantizes this thread's 32 values into a.
   auto dequant = [&](int t, uint32_t(&a)[16]) {
@@ -282,12 +258,12 @@ __device__ __forceinline__ void qmm_t_wgmma(const QmmParams& p) {
     }
   };
   auto mma = [&](int t, const uint32_t(&a)[16], float(&d)[128]) {
-    mma_fence();
+    wgmma_fence();
     const uint64_t b_desc = desc_sw128(x_smem + (t % S) * WG_X_BYTES);
 #pragma unroll
     for (int k = 0; k < WG_BK / 16; ++k) // 32 B along k
       if (!(VARIANT & 4)) mma_rs_m64n256k16<T>(d, a + 4 * k, b_desc + 2 * k);
-    mma_commit();
+    wgmma_commit();
   };
   auto release = [&](int t) { // tile t's wgmma is done: its stage may be refilled
     __syncwarp();
@@ -301,17 +277,17 @@ __device__ __forceinline__ void qmm_t_wgmma(const QmmParams& p) {
   dequant(0, a0);
   for (int t = 0; t < KT; t += 2) {
     mma(t, a0, d);
-    mma_wait<1>();
+    wgmma_wait<1>();
     if (t > 0) release(t - 1);
     if (t + 1 < KT) {
       dequant(t + 1, a1);
       mma(t + 1, a1, d);
-      mma_wait<1>();
+      wgmma_wait<1>();
       release(t);
       if (t + 2 < KT) dequant(t + 2, a0);
     }
   }
-  mma_wait<0>();
+  wgmma_wait<0>();
 
   // Epilogue. Accumulator layout (m64n256k16): rows (W, n) row and row + 8,
   // columns (x, m) 8 j + 2 t4 + {0, 1}: d[4 j .. 4 j + 3] = (row, m), (row, m + 1),
@@ -352,7 +328,7 @@ __device__ __forceinline__ void qmm_t_wgmma(const QmmParams& p) {
 } // namespace
 } // namespace mlx_ext::cuda
 
-// Names: qmm_t_wgmma_<x type>_b<bits>. Block WG_THREADS (384) threads, grid
+// Names: qmm_t_wgmma_<x type, as MLX spells it>_b<bits>. Block WG_THREADS (384) threads, grid
 // (ceil(N / WG_BN), ceil(M / WG_BM)), dynamic shared memory wg_smem_bytes(bits).
 #define QMM_WGMMA(T, NAME, BITS)                                                      \
   extern "C" __global__ void __launch_bounds__(mlx_ext::cuda::WG_THREADS, 1)             \
@@ -360,7 +336,7 @@ __device__ __forceinline__ void qmm_t_wgmma(const QmmParams& p) {
     mlx_ext::cuda::qmm_t_wgmma<T, BITS>(p);                                       \
   }
 #define QMM_WGMMA_TYPES(BITS) \
-  QMM_WGMMA(mlx_ext::cuda::bf16, bf16, BITS) QMM_WGMMA(mlx_ext::cuda::f16, f16, BITS)
+  QMM_WGMMA(mlx_ext::cuda::bf16, bfloat16, BITS) QMM_WGMMA(mlx_ext::cuda::f16, float16, BITS)
 QMM_WGMMA_TYPES(2)
 QMM_WGMMA_TYPES(3)
 QMM_WGMMA_TYPES(4)

@@ -2,10 +2,22 @@
 // every activation type: the GEMV for transpose=True (qmv_t), the kernel for
 // transpose=False (qmv_n), the generic kernel for shapes and alignments the
 // others do not take, and the sum of float partials (reduce_partials).
-#include "quantized_matmul/cuda_common.cuh"
+#include "common/cuda/affine.cuh"
+#include "quantized_matmul/cuda_params.h"
 
 namespace mlx_ext::cuda {
 namespace {
+
+// Per-bit-width geometry of the weight loads: each chunk is LOADS 16-byte
+// loads holding VPT whole values (3-, 5- and 6-bit values never straddle two
+// chunks), processed as sub-chunks of 32 values that each lie in one group.
+template <int BITS>
+struct Chunk {
+  static constexpr int LOADS = qmv_t_loads(BITS);
+  static constexpr int VPT = qmv_t_values_per_chunk(BITS);
+  static constexpr int WORDS = LOADS * 4;
+  static constexpr int SUBS = VPT / 32;
+};
 
 // transpose=True, out[m, n] = sum_g s[n, g] * sum_{k in g} q[n, k] x[m, k]
 //                             + b[n, g] * sum_{k in g} x[m, k].
@@ -236,7 +248,8 @@ using mlx_ext::cuda::QMV_N_THREADS;
 using mlx_ext::cuda::QMV_T_WARPS;
 using mlx_ext::cuda::QmmParams;
 
-// Kernel names (looked up by cuda.cpp): <kernel>_<activation type>_b<bits>_m<rows of x per tile>.
+// Kernel names (chosen by cuda_plan.h): <kernel>_<activation type, as MLX
+// spells it>_b<bits>_m<rows of x per tile>.
 #define QMV_T(T, NAME, BITS, MT)                                                        \
   extern "C" __global__ void __launch_bounds__(QMV_T_WARPS * 32) qmv_t_##NAME##_b##BITS##_m##MT(   \
       const QmmParams p) {                                                               \
@@ -265,6 +278,6 @@ using mlx_ext::cuda::QmmParams;
     mlx_ext::cuda::reduce_partials<T>(p);                                                  \
   }
 
-PER_TYPE(float, f32)
-PER_TYPE(f16, f16)
-PER_TYPE(bf16, bf16)
+PER_TYPE(float, float32)
+PER_TYPE(f16, float16)
+PER_TYPE(bf16, bfloat16)

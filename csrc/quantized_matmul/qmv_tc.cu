@@ -20,8 +20,9 @@
 // Warp: 16 rows of W over a quarter of K's spans.
 // Block: 4 warps, the 4 quarters of K for the same 16 rows, summed through
 //   shared memory at the end. grid.x covers N in 16s, grid.y M in 8s.
-// Needs K % (4 * VPC) == 0 and x, w 16-byte aligned (cuda.cpp checks).
-#include "quantized_matmul/cuda_common.cuh"
+// Needs K % (4 * VPC) == 0 and x, w 16-byte aligned (cuda_plan.h checks).
+#include "common/cuda/affine.cuh"
+#include "quantized_matmul/cuda_params.h"
 
 namespace mlx_ext::cuda {
 namespace {
@@ -105,7 +106,7 @@ __device__ __forceinline__ void qmv_tc(const QmmParams& p) {
     has_x[i] = g < mt[i];
     x[i] = static_cast<const T*>(p.x) + (has_x[i] ? m0 + 8 * i + g : 0) * K;
   }
-  const uint32_t magic = opaque(dequant_magic<T>(), p);
+  const uint32_t magic = opaque(dequant_magic<T>(), p.M);
 
   const int spans = K / SPAN;
   const int s_begin = warp * spans / 4, s_end = (warp + 1) * spans / 4;
@@ -200,7 +201,7 @@ using mlx_ext::cuda::bf16;
 using mlx_ext::cuda::f16;
 using mlx_ext::cuda::QmmParams;
 
-// Names: qmv_tc_<x type>_b<bits> (8 rows of x per block) and, for 4 and 8
+// Names (<x type> as MLX spells dtypes): qmv_tc_<x type>_b<bits> (8 rows of x per block) and, for 4 and 8
 // bits, qmv_tc_<x type>_b<bits>_m<8 MT> (MT = 2 or 4 tiles of 8 rows, W
 // loaded and dequantized once for all of them: at 14336 x 4096, 4 bits, 32
 // rows, 43.6 us against 58.6 with 8-row blocks; 64-row blocks were slower
@@ -219,5 +220,5 @@ using mlx_ext::cuda::QmmParams;
 #define QMV_TC_ALL(T, NAME)                                                                    \
   QMV_TC(T, NAME, 2) QMV_TC(T, NAME, 4) QMV_TC(T, NAME, 8)                                     \
   QMV_TC_MT(T, NAME, 4, 16) QMV_TC_MT(T, NAME, 4, 32) QMV_TC_MT(T, NAME, 8, 16) QMV_TC_MT(T, NAME, 8, 32)
-QMV_TC_ALL(bf16, bf16)
-QMV_TC_ALL(f16, f16)
+QMV_TC_ALL(bf16, bfloat16)
+QMV_TC_ALL(f16, float16)
