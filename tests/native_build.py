@@ -27,9 +27,13 @@ class CompilerMissing(Exception):
     """No C++ compiler on PATH (tests skip)."""
 
 
+def cache_root() -> Path:
+    """Where the tests cache what they compile: $MLX_EXT_CACHE, else ~/.cache/mlx_ext."""
+    return Path(os.environ.get("MLX_EXT_CACHE") or Path.home() / ".cache" / "mlx_ext")
+
+
 def cache_dir() -> Path:
-    root = Path(os.environ.get("MLX_EXT_CACHE") or Path.home() / ".cache" / "mlx_ext")
-    return root / "native"
+    return cache_root() / "native"
 
 
 def compiler() -> str:

@@ -56,7 +56,7 @@ def checker_of(op: Operator) -> Checker:
 
 def cache_dir() -> Path:
     """arm64/ beside tests/native_build.py's native/ ($MLX_EXT_CACHE, default ~/.cache/mlx_ext)."""
-    return native_build.cache_dir().parent / "arm64"
+    return native_build.cache_root() / "arm64"
 
 
 def _digest(files: list[Path]) -> str:

@@ -30,6 +30,9 @@ import pytest
 
 import mlx.core as mx
 
+from tests import native_build
+from tests.cmake_operators import declared_operators
+
 ROOT = Path(__file__).resolve().parent.parent
 CSRC = ROOT / "csrc"
 SOURCES = sorted(CSRC.glob("*/*.cu"))
@@ -53,18 +56,11 @@ NVCC = find_nvcc()
 
 def declared_kernels() -> dict[str, bool]:
     """{"<op>/<name>.cu": built for sm_90a only} from the CUDA_KERNELS and
-    CUDA_KERNELS_SM90A of each mlx_ext_add_operator call in CMakeLists.txt."""
-    text = re.sub(r"#[^\n]*", "", (ROOT / "CMakeLists.txt").read_text())
-    declared = {}
-    for call in re.finditer(r"\bmlx_ext_add_operator\(([^)]*)\)", text):
-        op, *tokens = call.group(1).split()
-        keyword = None
-        for token in tokens:
-            if re.fullmatch(r"[A-Z0-9_]+", token):
-                keyword = token
-            elif keyword in ("CUDA_KERNELS", "CUDA_KERNELS_SM90A"):
-                declared[f"{op}/{token}.cu"] = keyword == "CUDA_KERNELS_SM90A"
-    return declared
+    CUDA_KERNELS_SM90A of each operator CMakeLists.txt declares."""
+    return {f"{op.name}/{name}.cu": keyword == "CUDA_KERNELS_SM90A"
+            for op in declared_operators()
+            for keyword in ("CUDA_KERNELS", "CUDA_KERNELS_SM90A")
+            for name in op.arguments.get(keyword, ())}
 
 
 def included_headers(source: Path) -> list[Path]:
@@ -92,8 +88,7 @@ def nvcc_version() -> str:
 
 
 def cache_dir() -> Path:
-    root = Path(os.environ.get("MLX_EXT_CACHE") or Path.home() / ".cache" / "mlx_ext")
-    return root / "nvcc"
+    return native_build.cache_root() / "nvcc"
 
 
 def cache_key(source: Path, flags: list[str]) -> str:

@@ -5,7 +5,8 @@ without a CUDA build of MLX (CI's).
 `g++ -fsyntax-only -std=c++20` (MLX's CMake target asks for C++20) with the
 wheel's mlx/include, the CUDA toolkit's headers beside nvcc, and the fmt
 stand-in csrc/common/cuda/shim (the wheel ships no fmt). The wheel is fetched
-once with `pip download` and its headers unpacked into build/cuda_host/. This
+once with `pip download` and its headers unpacked into build/wheel_headers/
+(tests/wheel_headers.py). This
 shows that the host code uses MLX's CUDA API as declared; it links nothing and
 runs nothing. Skipped where a tool or the download is missing, and where MLX
 has a CUDA backend (the package build compiles the host code there).
@@ -13,21 +14,20 @@ has a CUDA backend (the package build compiles the host code there).
 
 from __future__ import annotations
 
-import importlib.metadata
 import os
 import shutil
 import subprocess
-import sys
-import zipfile
 from pathlib import Path
 
 import pytest
 
 import mlx.core as mx
 
+from tests.cmake_operators import declared_operators
+from tests.wheel_headers import Unavailable, assert_check_rejects_misuse, mlx_include
+
 REPO = Path(__file__).resolve().parents[1]
 CSRC = REPO / "csrc"
-CACHE = REPO / "build" / "cuda_host"
 PLATFORMS = ["manylinux_2_35_x86_64", "manylinux_2_28_x86_64"]
 
 pytestmark = pytest.mark.skipif(
@@ -35,35 +35,16 @@ pytestmark = pytest.mark.skipif(
     reason="CUDA build of MLX: the package build compiles the host code")
 
 
-class Unavailable(Exception):
-    """A tool, header set or download the check needs is missing (a skip, not a failure)."""
-
-
 def host_sources() -> list[Path]:
-    return sorted(set(CSRC.glob("**/cuda*.cpp")) | set(CSRC.glob("common/cuda/*.cpp")))
+    """What a CUDA build compiles for the GPU: each operator's CUDA_SOURCES,
+    the shared csrc/common/cuda/*.cpp, and any other cuda*.cpp."""
+    declared = {path for op in declared_operators() for path in op.files("CUDA_SOURCES")}
+    return sorted(declared | set(CSRC.glob("**/cuda*.cpp")) | set(CSRC.glob("common/cuda/*.cpp")))
 
 
 def fetch_mlx_headers() -> Path:
-    """mlx/include of the mlx-cuda-13 wheel of the installed mlx, downloaded and unpacked once."""
-    version = importlib.metadata.version("mlx")
-    include = CACHE / f"mlx-cuda-13-{version}" / "mlx" / "include"
-    if (include / "mlx" / "backend" / "cuda" / "device.h").exists():
-        return include
-    wheels = CACHE / "wheels"
-    platforms = [flag for p in PLATFORMS for flag in ("--platform", p)]
-    cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
-           "--python-version", "3.12", *platforms, f"mlx-cuda-13=={version}", "--dest", str(wheels)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    found = sorted(wheels.glob(f"mlx_cuda_13-{version}-*.whl"))
-    if proc.returncode != 0 or not found:
-        raise Unavailable(f"could not download mlx-cuda-13=={version} (network?): "
-                          f"{proc.stderr.strip()[-300:]}")
-    with zipfile.ZipFile(found[-1]) as wheel:
-        wheel.extractall(include.parents[1],
-                         [n for n in wheel.namelist() if n.startswith("mlx/include/")])
-    for wheel_file in found:  # the headers are all that is used
-        wheel_file.unlink()
-    return include
+    return mlx_include("mlx-cuda-13", PLATFORMS, marker="mlx/backend/cuda/device.h",
+                       python_version="3.12")
 
 
 def cuda_toolkit_include() -> Path:
@@ -100,7 +81,7 @@ def toolchain() -> tuple[str, Path, Path]:
 
 
 def test_there_is_cuda_host_code():
-    assert {str(p.relative_to(CSRC)) for p in host_sources()} == {
+    assert {str(p.relative_to(CSRC)) for p in host_sources()} >= {
         "quantized_matmul/cuda.cpp", "common/cuda/driver.cpp", "common/cuda/registry.cpp"}
 
 
@@ -116,16 +97,13 @@ def test_the_check_rejects_a_misuse_of_mlx_cuda_api(toolchain, tmp_path):
     """A kernel node without its cluster shape (not a signature MLX 0.32 declares)
     fails; the same file with the declared call passes."""
     compiler, mlx_include, cuda_include = toolchain
-    body = (
+    template = (
         '#include "mlx/backend/cuda/device.h"\n'
         "void record(mlx::core::cu::CommandEncoder& enc, CUfunction fn, void** args) {\n"
-        "  enc.add_kernel_node_raw(fn, dim3(1), dim3(32), {CLUSTER}0, args);\n"
+        "  enc.add_kernel_node_raw(fn, dim3(1), dim3(32), {}0, args);\n"
         "}\n"
     )
-    good, bad = tmp_path / "good.cpp", tmp_path / "bad.cpp"
-    good.write_text(body.replace("{CLUSTER}", "dim3(1, 1, 1), "))
-    bad.write_text(body.replace("{CLUSTER}", ""))
-    assert subprocess.run(command(compiler, good, mlx_include, cuda_include)).returncode == 0
-    proc = subprocess.run(command(compiler, bad, mlx_include, cuda_include), capture_output=True,
-                          text=True)
-    assert proc.returncode != 0 and "add_kernel_node_raw" in proc.stderr
+    assert_check_rejects_misuse(
+        lambda path: subprocess.run(command(compiler, path, mlx_include, cuda_include),
+                                    capture_output=True, text=True),
+        tmp_path, template, good="dim3(1, 1, 1), ", bad="", symbol="add_kernel_node_raw")

@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from tests.metal_host import check
+from tests.wheel_headers import assert_check_rejects_misuse
 
 pytestmark = pytest.mark.skipif(
     sys.platform == "darwin", reason="on macOS the Metal build compiles the host code for real"
@@ -41,17 +42,13 @@ def test_the_check_rejects_a_misuse_of_mlx_metal_api(toolchain, tmp_path):
     """A call MLX 0.32 does not declare (the command encoder by stream index)
     fails; the same file with the declared call passes."""
     compiler, include = toolchain
-    body = (
+    template = (
         '#include "mlx/backend/metal/device.h"\n'
         "namespace mx = mlx::core;\n"
         "void encode(mx::Stream s, const mx::array& a) {\n"
-        "  auto& enc = mx::metal::get_command_encoder({ARG});\n"
+        "  auto& enc = mx::metal::get_command_encoder({});\n"
         "  enc.set_input_array(a, 0);\n"
         "}\n"
     )
-    good, bad = tmp_path / "good.cpp", tmp_path / "bad.cpp"
-    good.write_text(body.replace("{ARG}", "s"))
-    bad.write_text(body.replace("{ARG}", "s.index"))
-    assert check.check(good, compiler, include).returncode == 0
-    proc = check.check(bad, compiler, include)
-    assert proc.returncode != 0 and "get_command_encoder" in proc.stderr
+    assert_check_rejects_misuse(lambda path: check.check(path, compiler, include), tmp_path,
+                                template, good="s", bad="s.index", symbol="get_command_encoder")

@@ -48,8 +48,8 @@ PLAN = Planner(
     ints=("M", "N", "K", "transpose", "group_size", "bits"),
     strings=("type_name",),
     body="""
-  const auto launch = mlx_ext::metal_plan::plan(M, N, K, transpose != 0);
-  return {launch.kernel, mlx_ext::metal_plan::kernel_name(launch, type_name, group_size, bits),
+  const auto launch = mlx_ext::metal::qmm_plan::plan(M, N, K, transpose != 0);
+  return {launch.kernel, mlx_ext::metal::qmm_plan::kernel_name(launch, type_name, group_size, bits),
           {launch.groups[0], launch.groups[1], launch.groups[2]}, {launch.threads, 1, 1}};
 """,
 )

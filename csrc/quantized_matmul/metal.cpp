@@ -30,9 +30,9 @@ void QuantizedMatmul::eval_gpu(const std::vector<mx::array>& inputs, mx::array& 
 
   auto& s = stream();
   auto& d = mx::metal::device(s.device);
-  const auto launch = metal_plan::plan(M, N, K, transpose_);
+  const auto launch = metal::qmm_plan::plan(M, N, K, transpose_);
   const std::string name =
-      metal_plan::kernel_name(launch, kernel_dtype_name(out.dtype()), group_size_, bits_);
+      metal::qmm_plan::kernel_name(launch, kernel_dtype_name(out.dtype()), group_size_, bits_);
   bool has_bias = has_bias_;
   const mx::metal::MTLFCList constants = {
       {&has_bias, MTL::DataType::DataTypeBool, QMM_FC_HAS_BIAS}};

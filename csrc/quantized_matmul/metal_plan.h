@@ -8,7 +8,7 @@
 
 #include "common/math.h"
 
-namespace mlx_ext::metal_plan {
+namespace mlx_ext::metal::qmm_plan {
 
 // At most this many rows of x take the GEMV kernels (qmv, qvm), which read
 // the weights once per row; more take the tiled GEMMs. Not tuned on hardware.
@@ -40,4 +40,4 @@ inline std::string kernel_name(const Launch& launch, const char* type_name, int 
       "_b" + std::to_string(bits);
 }
 
-} // namespace mlx_ext::metal_plan
+} // namespace mlx_ext::metal::qmm_plan

@@ -4,7 +4,7 @@
 The sources are compiled with `clang++ -fsyntax-only -target
 arm64-apple-macos14 -D_METAL_` against the headers of the macOS
 `mlx-metal` wheel of the installed mlx version (MLX's Metal backend headers
-and metal-cpp), fetched once with `pip download` into build/metal_host/.
+and metal-cpp), fetched once with `pip download` (tests/wheel_headers.py).
 Apple's system headers that metal-cpp includes are replaced by the minimal
 stand-ins of include/; the C and C++ standard library headers are Debian's
 aarch64 cross headers (g++-aarch64-linux-gnu), which share arm64 macOS's
@@ -17,27 +17,17 @@ API as declared; it links nothing and runs nothing.
 from __future__ import annotations
 
 import glob
-import importlib.metadata
 import subprocess
 import sys
-import zipfile
 from pathlib import Path
 
 from tests.cmake_operators import declared_operators
+from tests.wheel_headers import Unavailable, mlx_include
 
 REPO = Path(__file__).resolve().parents[2]
 STAND_INS = Path(__file__).resolve().parent / "include"
-CACHE = REPO / "build" / "metal_host"
 PLATFORM = "macosx_14_0_arm64"
 CROSS_ROOT = Path("/usr/aarch64-linux-gnu/include")
-
-
-class Unavailable(Exception):
-    """A tool, header set or download the check needs is missing (a skip, not a failure)."""
-
-
-def mlx_version() -> str:
-    return importlib.metadata.version("mlx")
 
 
 def host_sources() -> list[Path]:
@@ -47,24 +37,9 @@ def host_sources() -> list[Path]:
     return sorted(declared | set(REPO.glob("csrc/**/metal*.cpp")))
 
 
-def fetch_headers(version: str | None = None) -> Path:
-    """mlx/include of the macOS mlx-metal wheel, downloaded and unpacked once."""
-    version = version or mlx_version()
-    root = CACHE / f"mlx-metal-{version}"
-    include = root / "mlx" / "include"
-    if (include / "metal_cpp" / "Metal" / "Metal.hpp").exists():
-        return include
-    wheels = CACHE / "wheels"
-    cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
-           "--platform", PLATFORM, f"mlx-metal=={version}", "--dest", str(wheels)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    found = sorted(wheels.glob(f"mlx_metal-{version}-*{PLATFORM}.whl"))
-    if proc.returncode != 0 or not found:
-        raise Unavailable(f"could not download mlx-metal=={version} for {PLATFORM} "
-                          f"(network?): {proc.stderr.strip()[-300:]}")
-    with zipfile.ZipFile(found[-1]) as wheel:
-        wheel.extractall(root, [n for n in wheel.namelist() if n.startswith("mlx/include/")])
-    return include
+def fetch_headers() -> Path:
+    """mlx/include of the macOS mlx-metal wheel of the installed mlx."""
+    return mlx_include("mlx-metal", [PLATFORM], marker="metal_cpp/Metal/Metal.hpp")
 
 
 def standard_library_includes() -> list[str]:
