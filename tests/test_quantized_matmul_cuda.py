@@ -21,6 +21,7 @@ import pytest
 import mlx.core as mx
 import mlx_ext
 
+from . import reference as ref
 from .test_quantized_matmul import BITS, DTYPES, GROUP_SIZES, assert_matches_reference
 
 HAS_CUDA = mx.is_available(mx.gpu) and hasattr(mx, "cuda") and mx.cuda.is_available()
@@ -67,10 +68,7 @@ def cases(bits, group_size, transpose):
 def run_case(bits, group_size, dtype, transpose, m, k, n, skew, seed):
     rng = np.random.default_rng(seed)
     rows, cols = (n, k) if transpose else (k, n)
-    words = rng.integers(0, 2**32, size=(rows, cols * bits // 32), dtype=np.uint64).astype(np.uint32)
-    w_q = mx.array(words)
-    scales = mx.array(rng.uniform(-0.1, 0.1, (rows, cols // group_size)), dtype=dtype)
-    biases = mx.array(rng.uniform(-0.5, 0.5, (rows, cols // group_size)), dtype=dtype)
+    w_q, scales, biases = ref.random_quantized(rng, rows, cols, bits, group_size, dtype)
     x = mx.array(rng.standard_normal((m, k)), dtype=dtype)
     bias = mx.array(rng.standard_normal(n), dtype=dtype) if m % 2 else None
     if skew == "x":
