@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import time
 
 import numpy as np
@@ -264,8 +263,7 @@ def main_gpu(args):
     if not (hasattr(mx, "cuda") and mx.cuda.is_available()):
         raise SystemExit("--device gpu needs MLX's CUDA backend (pip install 'mlx[cuda13]')")
     mx.set_default_device(mx.gpu)
-    os.environ["MLX_EXT_BENCH_MACHINE"] = gpu.machine_name()
-    info = harness.machine_info()
+    info = harness.machine_info(machine=gpu.machine_name())
     info["gpu"] = gpu.gpu_name()
     bw = gpu.copy_bandwidth()
     info.update({k: round(v, 1) if isinstance(v, float) else v for k, v in bw.items()})

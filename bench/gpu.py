@@ -8,7 +8,6 @@ beyond the L2 cache) and reports time per call.
 from __future__ import annotations
 
 import math
-import os
 import re
 import statistics
 import subprocess
@@ -37,10 +36,8 @@ def gpu_name() -> str:
 
 
 def machine_name() -> str:
-    """A results folder name: MLX_EXT_BENCH_MACHINE, else from the GPU model:
-    h200, h100, a100, l40s, else the model's name as a slug."""
-    if os.environ.get("MLX_EXT_BENCH_MACHINE"):
-        return os.environ["MLX_EXT_BENCH_MACHINE"]
+    """A results folder name from the GPU model: h200, h100, a100, l40s, else
+    the model's name as a slug."""
     name = gpu_name().lower()
     for model in ["h200", "h100", "a100", "l40s"]:
         if model in name:

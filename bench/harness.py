@@ -42,19 +42,20 @@ def cpu_model() -> str:
 
 
 def machine_name() -> str:
-    """A directory name for this machine: MLX_EXT_BENCH_MACHINE, else
-    <os>-<arch>-<cpu>-<cores>c, e.g. linux-x86_64-amd-epyc-2c."""
-    if os.environ.get("MLX_EXT_BENCH_MACHINE"):
-        return os.environ["MLX_EXT_BENCH_MACHINE"]
+    """A directory name for this CPU machine: <os>-<arch>-<cpu>-<cores>c,
+    e.g. linux-x86_64-amd-epyc-2c."""
     cpu = re.sub(r"[^a-z0-9]+", "-", cpu_model().lower()).strip("-")
     return f"{platform.system().lower()}-{platform.machine()}-{cpu}-{os.cpu_count()}c"
 
 
-def machine_info() -> dict:
+def machine_info(machine: str | None = None) -> dict:
+    """What the results ran on. machine names the results folder (e.g.
+    gpu.machine_name()); None: this CPU machine's name. MLX_EXT_BENCH_MACHINE,
+    when set, names it instead (a user's override)."""
     import mlx.core as mx
 
     info = {
-        "machine": machine_name(),
+        "machine": os.environ.get("MLX_EXT_BENCH_MACHINE") or machine or machine_name(),
         "cpu": cpu_model(),
         "cores": os.cpu_count(),
         "os": f"{platform.system()} {platform.release()}",
