@@ -25,6 +25,7 @@ import mlx.core as mx
 import mlx_ext
 
 from . import gpu, harness
+from .harness import Target
 
 SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336)]  # (N, K)
 ROWS = [1, 8, 32, 256]
@@ -99,41 +100,35 @@ def bench_shape(n, k, bits, dtype_name, rows, copy_bw, mlx_budget, repeats):
             "mlx_note": "" if mlx_t else f"not run: ~{mlx_m1 * m:.0f} s/call",
         }
         results.append(row)
-        print("  ".join(f"{key}={harness_fmt(val)}" for key, val in row.items()), flush=True)
+        harness.print_row(row)
     return results
-
-
-def harness_fmt(v):
-    return f"{v:.3g}" if isinstance(v, float) else str(v)
 
 
 def targets(rows, copy_bw):
     """The foundation issue's speed targets, checked against this run."""
-    def find(**kw):
-        return next(r for r in rows if all(r[k] == v for k, v in kw.items()))
-
     out = []
-    gemv32 = find(N=14336, K=4096, M=1, bits=4, dtype="float32")
-    gemv16 = find(N=14336, K=4096, M=1, bits=4, dtype="float16")
-    out.append(("4-bit GEMV M=1 14336x4096 (f16) >= 70% of copy bandwidth",
-                f"{gemv16['frac_copy_bw']:.0%} ({gemv16['mlx_ext_GBps']:.1f} GB/s of {copy_bw / 1e9:.1f})",
-                gemv16["frac_copy_bw"] >= 0.70))
-    out.append(("4-bit GEMV M=1 14336x4096 (f32) >= 70% of copy bandwidth",
-                f"{gemv32['frac_copy_bw']:.0%} ({gemv32['mlx_ext_GBps']:.1f} GB/s)",
-                gemv32["frac_copy_bw"] >= 0.70))
+    gemv32 = harness.find_row(rows, N=14336, K=4096, M=1, bits=4, dtype="float32")
+    gemv16 = harness.find_row(rows, N=14336, K=4096, M=1, bits=4, dtype="float16")
+    out.append(Target("4-bit GEMV M=1 14336x4096 (f16) >= 70% of copy bandwidth",
+                      f"{gemv16['frac_copy_bw']:.0%} ({gemv16['mlx_ext_GBps']:.1f} GB/s of "
+                      f"{copy_bw / 1e9:.1f})",
+                      gemv16["frac_copy_bw"] >= 0.70))
+    out.append(Target("4-bit GEMV M=1 14336x4096 (f32) >= 70% of copy bandwidth",
+                      f"{gemv32['frac_copy_bw']:.0%} ({gemv32['mlx_ext_GBps']:.1f} GB/s)",
+                      gemv32["frac_copy_bw"] >= 0.70))
     for r, name in [(gemv32, "f32"), (gemv16, "f16")]:
-        out.append((f"4-bit GEMV M=1 14336x4096 ({name}) >= 4x NumPy dense f32 GEMV",
-                    f"{r['vs_numpy']:.1f}x", r["vs_numpy"] >= 4))
-    out.append(("4-bit GEMV M=1 14336x4096 >= 30x mx.quantized_matmul, float32 activations",
-                f"{gemv32['vs_mlx']:.0f}x", gemv32["vs_mlx"] >= 30))
-    out.append(("4-bit GEMV M=1 14336x4096 >= 300x mx.quantized_matmul, float16 activations",
-                f"{gemv16['vs_mlx']:.0f}x", gemv16["vs_mlx"] >= 300))
+        out.append(Target(f"4-bit GEMV M=1 14336x4096 ({name}) >= 4x NumPy dense f32 GEMV",
+                          f"{r['vs_numpy']:.1f}x", r["vs_numpy"] >= 4))
+    out.append(Target("4-bit GEMV M=1 14336x4096 >= 30x mx.quantized_matmul, float32 activations",
+                      f"{gemv32['vs_mlx']:.0f}x", gemv32["vs_mlx"] >= 30))
+    out.append(Target("4-bit GEMV M=1 14336x4096 >= 300x mx.quantized_matmul, float16 activations",
+                      f"{gemv16['vs_mlx']:.0f}x", gemv16["vs_mlx"] >= 300))
     for dtype in DTYPES:
-        g = find(N=4096, K=4096, M=256, bits=4, dtype=dtype)
+        g = harness.find_row(rows, N=4096, K=4096, M=256, bits=4, dtype=dtype)
         frac = g["mlx_ext_GFLOPs"] / g["numpy_GFLOPs"]
-        out.append((f"4-bit GEMM M=256 4096x4096 ({dtype}) >= 60% of NumPy f32 GEMM rate",
-                    f"{frac:.0%} ({g['mlx_ext_GFLOPs']:.0f} of {g['numpy_GFLOPs']:.0f} GFLOP/s)",
-                    frac >= 0.60))
+        out.append(Target(f"4-bit GEMM M=256 4096x4096 ({dtype}) >= 60% of NumPy f32 GEMM rate",
+                          f"{frac:.0%} ({g['mlx_ext_GFLOPs']:.0f} of {g['numpy_GFLOPs']:.0f} GFLOP/s)",
+                          frac >= 0.60))
     return out
 
 
@@ -218,32 +213,32 @@ def gpu_bench_shape(n, k, rows, copy_bw, bits_list):
                 "max_rel_diff_vs_mlx": err,
             }
             results.append(row)
-            print("  ".join(f"{key}={harness_fmt(val)}" for key, val in row.items()), flush=True)
+            harness.print_row(row)
         del x
     return results
 
 
 def gpu_targets(rows, copy_bw):
     """The CUDA issue's speed targets, checked against this run."""
-    def find(**kw):
-        return next((r for r in rows if all(r[k] == v for k, v in kw.items())), None)
-
     out = []
-    gemv = find(N=14336, K=4096, M=1, bits=4)
-    gemm = find(N=4096, K=14336, M=4096, bits=4)
+    gemv = harness.find_row(rows, N=14336, K=4096, M=1, bits=4)
+    gemm = harness.find_row(rows, N=4096, K=14336, M=4096, bits=4)
     for how, p in [("one eval per round", ""), ("pipelined rounds", "p_")]:
         if gemv:
             us = gemv[p + "mlx_ext_us"]
-            out.append((f"4-bit gs64 GEMV M=1 14336x4096 >= 80% of the device copy bandwidth ({how})",
-                        f"{gemv[p + 'frac_copy_bw']:.0%} ({us:.1f} us per call, copy BW {copy_bw / 1e9:.0f} GB/s)",
-                        gemv[p + "frac_copy_bw"] >= 0.80))
-            out.append((f"4-bit gs64 GEMV M=1 14336x4096 >= 3x mx.quantized_matmul ({how})",
-                        f"{gemv[p + 'vs_mlx']:.2f}x ({us:.1f} vs {gemv[p + 'mlx_us']:.1f} us)",
-                        gemv[p + "vs_mlx"] >= 3))
+            out.append(Target(f"4-bit gs64 GEMV M=1 14336x4096 >= 80% of the device copy bandwidth "
+                              f"({how})",
+                              f"{gemv[p + 'frac_copy_bw']:.0%} ({us:.1f} us per call, "
+                              f"copy BW {copy_bw / 1e9:.0f} GB/s)",
+                              gemv[p + "frac_copy_bw"] >= 0.80))
+            out.append(Target(f"4-bit gs64 GEMV M=1 14336x4096 >= 3x mx.quantized_matmul ({how})",
+                              f"{gemv[p + 'vs_mlx']:.2f}x ({us:.1f} vs {gemv[p + 'mlx_us']:.1f} us)",
+                              gemv[p + "vs_mlx"] >= 3))
         if gemm:
-            out.append((f"4-bit gs64 GEMM M=4096 4096x14336 >= 60% of bf16 mx.matmul's rate ({how})",
-                        f"{gemm[p + 'frac_bf16_rate']:.0%} ({gemm[p + 'mlx_ext_us']:.0f} vs "
-                        f"{gemm[p + 'bf16_us']:.0f} us)", gemm[p + "frac_bf16_rate"] >= 0.60))
+            out.append(Target(f"4-bit gs64 GEMM M=4096 4096x14336 >= 60% of bf16 mx.matmul's rate "
+                              f"({how})",
+                              f"{gemm[p + 'frac_bf16_rate']:.0%} ({gemm[p + 'mlx_ext_us']:.0f} vs "
+                              f"{gemm[p + 'bf16_us']:.0f} us)", gemm[p + "frac_bf16_rate"] >= 0.60))
     return out
 
 
@@ -279,9 +274,8 @@ def main_gpu(args):
     for n, k in shapes:
         results += gpu_bench_shape(n, k, rows, bw["copy_GBps"] * 1e9, bits_list)
     markdown = harness.markdown_table(results, GPU_COLUMNS)
-    checks = gpu_targets(results, bw["copy_GBps"] * 1e9)
-    markdown += "\n\n## Speed targets (CUDA issue)\n\n" + "\n".join(
-        f"- {'MET' if ok else 'NOT MET'}: {name}: {value}" for name, value, ok in checks)
+    markdown += "\n\n" + harness.render_targets("Speed targets (CUDA issue)",
+                                                 gpu_targets(results, bw["copy_GBps"] * 1e9))
     markdown += ("\n\nReproduce: `python -m bench.bench_quantized_matmul --device gpu` "
                  "(scripts/gpu_run.sh on the GPU machine). bfloat16 activations, scales and "
                  "biases; group_size 64; weights rotated over >= 256 MiB; time per call with "
@@ -330,9 +324,8 @@ def main():
                                        args.mlx_budget, 3 if args.quick else args.repeats)
     markdown = harness.markdown_table(results, COLUMNS)
     if not args.quick:
-        checks = targets(results, bw["bytes_per_s"])
-        markdown += "\n\n## Speed targets (foundation issue)\n\n" + "\n".join(
-            f"- {'MET' if ok else 'NOT MET'}: {name}: {value}" for name, value, ok in checks)
+        markdown += "\n\n" + harness.render_targets("Speed targets (foundation issue)",
+                                                     targets(results, bw["bytes_per_s"]))
         markdown += ("\n\nReproduce: `make bench` (or `.venv/bin/python -m bench.bench_quantized_matmul`)."
                      " group_size 64, device CPU, weights rotated over > 96 MiB.")
     folder = harness.write_results("quantized_matmul" + ("_quick" if args.quick else ""), info,

@@ -16,7 +16,7 @@ import statistics
 import threading
 import time
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, NamedTuple, Sequence
 
 import numpy as np
 
@@ -133,6 +133,31 @@ def markdown_table(rows: Sequence[dict], columns: Sequence[tuple[str, str]]) -> 
     for row in rows:
         lines.append("| " + " | ".join(fmt(row.get(k, "")) for k, _ in columns) + " |")
     return "\n".join(lines)
+
+
+def print_row(row: dict) -> None:
+    """One row as key=value pairs, printed as soon as it is measured."""
+    print("  ".join(f"{key}={val:.3g}" if isinstance(val, float) else f"{key}={val}"
+                    for key, val in row.items()), flush=True)
+
+
+def find_row(rows: Iterable[dict], **match) -> dict | None:
+    """The first row whose columns have the given values (None if there is none:
+    a --quick run holds few rows)."""
+    return next((r for r in rows if all(r[k] == v for k, v in match.items())), None)
+
+
+class Target(NamedTuple):
+    """A speed target checked against a run: what it asks, what was measured."""
+    name: str
+    value: str
+    met: bool
+
+
+def render_targets(title: str, targets: Iterable[Target]) -> str:
+    """A markdown section: one '- MET: name: value' (or NOT MET) line per target."""
+    return f"## {title}\n\n" + "\n".join(
+        f"- {'MET' if t.met else 'NOT MET'}: {t.name}: {t.value}" for t in targets)
 
 
 def write_results(name: str, info: dict, rows: list[dict], markdown: str) -> Path:
