@@ -26,6 +26,7 @@ import mlx_ext
 
 from . import gpu, harness
 from .harness import Target
+from .plot import Plot
 
 SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336)]  # (N, K)
 ROWS = [1, 8, 32, 256]
@@ -139,6 +140,11 @@ COLUMNS = [
     ("frac_copy_bw", "of copy BW"), ("mlx_ext_GFLOPs", "GFLOP/s"), ("numpy_GFLOPs", "NumPy GFLOP/s"),
     ("mlx_note", "note"),
 ]
+PLOT = Plot(x="M", lines=[("mlx_ext_ms", "mlx_ext"), ("mlx_ms", "mx.quantized_matmul"),
+                          ("numpy_f32_ms", "NumPy f32 dense matmul")],
+            panels=["dtype", "bits", "N", "K"], panel_title="{dtype} x, {bits}-bit W, N={N} K={K}",
+            x_label="M (rows of x)", y_label="ms per call (missing: MLX not run, too slow)",
+            panels_per_row=3)
 
 
 # ---------------------------------------------------------------------------
@@ -252,6 +258,16 @@ GPU_COLUMNS = [
     ("p_frac_copy_bw", "of copy BW"), ("p_frac_bf16_rate", "of bf16 rate"),
     ("max_rel_diff_vs_mlx", "max rel diff vs mx.qmm"),
 ]
+GPU_PLOT = Plot(x="M", lines=[("mlx_ext_us", "mlx_ext"), ("mlx_us", "mx.quantized_matmul"),
+                              ("bf16_us", "bf16 dense mx.matmul")],
+                panels=["bits", "N", "K"], panel_title="bfloat16 x, {bits}-bit W, N={N} K={K}",
+                x_label="M (rows of x)", y_label="us per call", variant=("p_", "pipelined rounds"),
+                panels_per_row=2)
+
+
+def plot_for(info):
+    """The plot of a results file (python -m bench.plot), by the device it ran on."""
+    return GPU_PLOT if "gpu" in info else PLOT
 
 
 def main_gpu(args):
@@ -290,7 +306,7 @@ def main_gpu(args):
     name = "quantized_matmul" + ("_quick" if args.quick else "")
     if args.rows:
         name += "_m" + "-".join(str(m) for m in rows)
-    folder = harness.write_results(name, info, results, markdown)
+    folder = harness.write_results(name, info, results, markdown, GPU_PLOT)
     print(markdown)
     print(f"\nwritten to {folder}")
 
@@ -329,7 +345,7 @@ def main():
         markdown += ("\n\nReproduce: `make bench` (or `.venv/bin/python -m bench.bench_quantized_matmul`)."
                      " group_size 64, device CPU, weights rotated over > 96 MiB.")
     folder = harness.write_results("quantized_matmul" + ("_quick" if args.quick else ""), info,
-                                   results, markdown)
+                                   results, markdown, PLOT)
     print(markdown)
     print(f"\nwritten to {folder}")
 

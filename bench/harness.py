@@ -2,7 +2,8 @@
 
 Every figure is a median over repeats after warm-up; inputs rotate over
 several copies so that weights come from memory, not a warm cache; results go
-to bench/results/<machine>/<name>.{json,md} with the machine they ran on.
+to bench/results/<machine>/<name>.{json,md} with the machine they ran on, and
+a plot of them to <name>.png (bench/plot.py).
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from pathlib import Path
 from typing import Callable, Iterable, NamedTuple, Sequence
 
 import numpy as np
+
+from .plot import Plot, write_png
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -160,11 +163,15 @@ def render_targets(title: str, targets: Iterable[Target]) -> str:
         f"- {'MET' if t.met else 'NOT MET'}: {t.name}: {t.value}" for t in targets)
 
 
-def write_results(name: str, info: dict, rows: list[dict], markdown: str) -> Path:
-    """Writes bench/results/<machine>/<name>.json and .md; returns the folder."""
+def write_results(name: str, info: dict, rows: list[dict], markdown: str,
+                  plot: Plot | None = None) -> Path:
+    """Writes bench/results/<machine>/<name>.json and .md, and <name>.png when
+    given a plot (and matplotlib is there); returns the folder."""
     folder = RESULTS_DIR / info["machine"]
     folder.mkdir(parents=True, exist_ok=True)
     (folder / f"{name}.json").write_text(json.dumps({"machine": info, "rows": rows}, indent=1) + "\n")
     header = "\n".join(f"- {k}: {v}" for k, v in info.items())
     (folder / f"{name}.md").write_text(f"# {name}\n\n{header}\n\n{markdown}\n")
+    if plot:
+        write_png(folder / f"{name}.json", plot)
     return folder
