@@ -281,7 +281,7 @@ def main_gpu(args):
     print(f"device copy bandwidth {bw['copy_GBps']:.0f} GB/s (read + write): {bw}", flush=True)
     floor = gpu_call_floor()
     info.update({k: round(v, 2) for k, v in floor.items()})
-    print(f"per-call floor (N = K = 256, 64 calls per eval): {floor}", flush=True)
+    print(f"per-call floor (N = K = 256, {gpu.MAX_CALLS} calls per eval): {floor}", flush=True)
     shapes, rows, bits_list = ((GPU_SHAPES[1:2], [1, 512], [4]) if args.quick
                                else (GPU_SHAPES, GPU_ROWS, BITS))
     if args.rows:
@@ -301,7 +301,7 @@ def main_gpu(args):
                  "does), so MLX's per-call host cost overlaps the kernels; "
                  "GB/s counts the quantized weights, "
                  "scales and biases read once per call; copy BW is bytes read + written. "
-                 f"Per-call floor (a 256x256 GEMV, 64 calls per eval): mlx_ext "
+                 f"Per-call floor (a 256x256 GEMV, {gpu.MAX_CALLS} calls per eval): mlx_ext "
                  f"{floor['floor_mlx_ext_us']:.1f} us, mx.quantized_matmul {floor['floor_mlx_us']:.1f} us.")
     name = "quantized_matmul" + ("_quick" if args.quick else "")
     if args.rows:
