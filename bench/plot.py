@@ -69,7 +69,8 @@ def write_png(results_json: Path, plot: Plot) -> Path | None:
     columns = min(plot.panels_per_row, len(groups))
     rows_of_panels = math.ceil(len(groups) / columns)
     fig, axes = plt.subplots(rows_of_panels, columns, squeeze=False, layout="constrained",
-                             figsize=(4.2 * columns, 3.0 * rows_of_panels + 1.0))
+                             # wide enough for the title and the legend over a single panel
+                             figsize=(max(4.2 * columns, 9.0), 3.0 * rows_of_panels + 1.0))
     styles = [("", "-")] + ([(plot.variant[0], "--")] if plot.variant else [])
     handles = {}
     for index, (ax, group) in enumerate(zip(axes.flat, groups.values())):
