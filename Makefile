@@ -32,7 +32,9 @@ test: $(BUILD_STAMP)
 test-gpu: $(BUILD_STAMP)
 	$(PY) -m pytest tests -q --device gpu
 
+# matplotlib draws the PNG beside each results table (the bench extra).
 bench: $(BUILD_STAMP)
+	$(PIP) install --quiet "matplotlib>=3.7"
 	$(PY) -m bench.bench_quantized_matmul
 
 build: $(BUILD_STAMP)

@@ -17,10 +17,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
-import re
-import statistics
-import subprocess
 import time
 
 import numpy as np
@@ -28,7 +24,9 @@ import numpy as np
 import mlx.core as mx
 import mlx_ext
 
-from . import harness
+from . import gpu, harness
+from .harness import Target
+from .plot import Plot
 
 SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336)]  # (N, K)
 ROWS = [1, 8, 32, 256]
@@ -103,41 +101,35 @@ def bench_shape(n, k, bits, dtype_name, rows, copy_bw, mlx_budget, repeats):
             "mlx_note": "" if mlx_t else f"not run: ~{mlx_m1 * m:.0f} s/call",
         }
         results.append(row)
-        print("  ".join(f"{key}={harness_fmt(val)}" for key, val in row.items()), flush=True)
+        harness.print_row(row)
     return results
-
-
-def harness_fmt(v):
-    return f"{v:.3g}" if isinstance(v, float) else str(v)
 
 
 def targets(rows, copy_bw):
     """The foundation issue's speed targets, checked against this run."""
-    def find(**kw):
-        return next(r for r in rows if all(r[k] == v for k, v in kw.items()))
-
     out = []
-    gemv32 = find(N=14336, K=4096, M=1, bits=4, dtype="float32")
-    gemv16 = find(N=14336, K=4096, M=1, bits=4, dtype="float16")
-    out.append(("4-bit GEMV M=1 14336x4096 (f16) >= 70% of copy bandwidth",
-                f"{gemv16['frac_copy_bw']:.0%} ({gemv16['mlx_ext_GBps']:.1f} GB/s of {copy_bw / 1e9:.1f})",
-                gemv16["frac_copy_bw"] >= 0.70))
-    out.append(("4-bit GEMV M=1 14336x4096 (f32) >= 70% of copy bandwidth",
-                f"{gemv32['frac_copy_bw']:.0%} ({gemv32['mlx_ext_GBps']:.1f} GB/s)",
-                gemv32["frac_copy_bw"] >= 0.70))
+    gemv32 = harness.find_row(rows, N=14336, K=4096, M=1, bits=4, dtype="float32")
+    gemv16 = harness.find_row(rows, N=14336, K=4096, M=1, bits=4, dtype="float16")
+    out.append(Target("4-bit GEMV M=1 14336x4096 (f16) >= 70% of copy bandwidth",
+                      f"{gemv16['frac_copy_bw']:.0%} ({gemv16['mlx_ext_GBps']:.1f} GB/s of "
+                      f"{copy_bw / 1e9:.1f})",
+                      gemv16["frac_copy_bw"] >= 0.70))
+    out.append(Target("4-bit GEMV M=1 14336x4096 (f32) >= 70% of copy bandwidth",
+                      f"{gemv32['frac_copy_bw']:.0%} ({gemv32['mlx_ext_GBps']:.1f} GB/s)",
+                      gemv32["frac_copy_bw"] >= 0.70))
     for r, name in [(gemv32, "f32"), (gemv16, "f16")]:
-        out.append((f"4-bit GEMV M=1 14336x4096 ({name}) >= 4x NumPy dense f32 GEMV",
-                    f"{r['vs_numpy']:.1f}x", r["vs_numpy"] >= 4))
-    out.append(("4-bit GEMV M=1 14336x4096 >= 30x mx.quantized_matmul, float32 activations",
-                f"{gemv32['vs_mlx']:.0f}x", gemv32["vs_mlx"] >= 30))
-    out.append(("4-bit GEMV M=1 14336x4096 >= 300x mx.quantized_matmul, float16 activations",
-                f"{gemv16['vs_mlx']:.0f}x", gemv16["vs_mlx"] >= 300))
+        out.append(Target(f"4-bit GEMV M=1 14336x4096 ({name}) >= 4x NumPy dense f32 GEMV",
+                          f"{r['vs_numpy']:.1f}x", r["vs_numpy"] >= 4))
+    out.append(Target("4-bit GEMV M=1 14336x4096 >= 30x mx.quantized_matmul, float32 activations",
+                      f"{gemv32['vs_mlx']:.0f}x", gemv32["vs_mlx"] >= 30))
+    out.append(Target("4-bit GEMV M=1 14336x4096 >= 300x mx.quantized_matmul, float16 activations",
+                      f"{gemv16['vs_mlx']:.0f}x", gemv16["vs_mlx"] >= 300))
     for dtype in DTYPES:
-        g = find(N=4096, K=4096, M=256, bits=4, dtype=dtype)
+        g = harness.find_row(rows, N=4096, K=4096, M=256, bits=4, dtype=dtype)
         frac = g["mlx_ext_GFLOPs"] / g["numpy_GFLOPs"]
-        out.append((f"4-bit GEMM M=256 4096x4096 ({dtype}) >= 60% of NumPy f32 GEMM rate",
-                    f"{frac:.0%} ({g['mlx_ext_GFLOPs']:.0f} of {g['numpy_GFLOPs']:.0f} GFLOP/s)",
-                    frac >= 0.60))
+        out.append(Target(f"4-bit GEMM M=256 4096x4096 ({dtype}) >= 60% of NumPy f32 GEMM rate",
+                          f"{frac:.0%} ({g['mlx_ext_GFLOPs']:.0f} of {g['numpy_GFLOPs']:.0f} GFLOP/s)",
+                          frac >= 0.60))
     return out
 
 
@@ -148,124 +140,29 @@ COLUMNS = [
     ("frac_copy_bw", "of copy BW"), ("mlx_ext_GFLOPs", "GFLOP/s"), ("numpy_GFLOPs", "NumPy GFLOP/s"),
     ("mlx_note", "note"),
 ]
+PLOT = Plot(x="M", lines=[("mlx_ext_ms", "mlx_ext"), ("mlx_ms", "mx.quantized_matmul"),
+                          ("numpy_f32_ms", "NumPy f32 dense matmul")],
+            panels=["dtype", "bits", "N", "K"], panel_title="{dtype} x, {bits}-bit W, N={N} K={K}",
+            x_label="M (rows of x)", y_label="ms per call (missing: MLX not run, too slow)",
+            panels_per_row=3)
 
 
 # ---------------------------------------------------------------------------
 # --device gpu: mlx_ext vs mx.quantized_matmul vs bfloat16 dense mx.matmul on
-# MLX's CUDA backend. An empty mx.eval costs tens of microseconds there, so
-# each timing evaluates many independent calls at once (each on its own copy
-# of the weights, rotated beyond the L2 cache) and reports time per call.
+# MLX's CUDA backend, timed as bench/gpu.py describes.
 # ---------------------------------------------------------------------------
 GPU_SHAPES = SHAPES + [(128256, 4096)]  # (N, K); the last is an LM head
 GPU_ROWS = [1, 8, 32, 512, 4096]
-GPU_ROTATE_BYTES = 256 << 20  # weights touched per eval, > 2x the L2 cache
-GPU_EVAL_SECONDS = 8e-3  # calls per eval: enough for this much work (at most 64),
-# so that MLX commits its graph of calls in pieces and records one while the GPU
-# runs the last, as in a model's forward pass, which holds hundreds of calls
-
-
-def gpu_machine_name():
-    if os.environ.get("MLX_EXT_BENCH_MACHINE"):
-        return os.environ["MLX_EXT_BENCH_MACHINE"]
-    name = gpu_name().lower()
-    for model in ["h200", "h100", "a100", "l40s"]:
-        if model in name:
-            return model
-    return re.sub(r"[^a-z0-9]+", "-", name).strip("-") or "gpu"
-
-
-def gpu_name():
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=20)
-        return out.stdout.strip().splitlines()[0]
-    except (OSError, IndexError, subprocess.SubprocessError):
-        return "unknown GPU"
-
-
-def gpu_copy_bandwidth():
-    """Device copy bandwidth, bytes read + written per second: PyTorch's
-    device-to-device copy when PyTorch is there, and MLX's own elementwise
-    copy (x + 0 into a new buffer); the larger is the reference."""
-    nbytes = 2 << 30
-    result = {}
-    try:
-        import torch
-
-        src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device="cuda").normal_()
-        dst = torch.empty_like(src)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        times = []
-        for i in range(12):
-            start.record()
-            dst.copy_(src)
-            end.record()
-            torch.cuda.synchronize()
-            if i >= 2:
-                times.append(start.elapsed_time(end) / 1e3)
-        result["torch_copy_GBps"] = 2 * nbytes / statistics.median(times) / 1e9
-        del src, dst
-        torch.cuda.empty_cache()
-    except Exception as e:  # no PyTorch, or no CUDA in it
-        result["torch_copy_error"] = repr(e)[:200]
-    a = mx.random.normal((nbytes // 2,)).astype(mx.bfloat16)
-    mx.eval(a)
-    t = gpu_time(lambda j: a + 0, calls=4)
-    result["mlx_copy_GBps"] = 2 * nbytes / t / 1e9
-    result["copy_GBps"] = max(result.get("torch_copy_GBps", 0.0), result["mlx_copy_GBps"])
-    return result
-
-
-GPU_PIPELINE_ROUNDS = 8
-
-
-def gpu_time(make, calls, repeats=7, pipelined=False):
-    """Median seconds per call of `make(j)` with `calls` independent calls
-    per mx.eval (after one warm-up eval).
-
-    pipelined: GPU_PIPELINE_ROUNDS rounds of `calls` calls, each round built
-    and committed with mx.async_eval while the GPU still runs the round
-    before, the way mlx-lm's generate loop builds token t + 1's graph while
-    token t runs. MLX's per-call host cost (graph building, recording) then
-    overlaps the kernels instead of adding to them."""
-    def run():
-        mx.eval([make(j) for j in range(calls)])
-
-    def run_pipelined():
-        previous = None
-        for _ in range(GPU_PIPELINE_ROUNDS):
-            outs = [make(j) for j in range(calls)]
-            mx.async_eval(outs)
-            if previous is not None:
-                mx.eval(previous)
-            previous = outs
-        mx.eval(previous)
-
-    once, per_run = (run_pipelined, calls * GPU_PIPELINE_ROUNDS) if pipelined else (run, calls)
-    return harness.time_calls(lambda i: once(), warmup=1, repeats=repeats)["median_s"] / per_run
-
-
-GPU_MIN_CALLS = 8  # an eval of 1-3 large calls costs milliseconds more than its kernels
-
-
-def gpu_calls_for(make):
-    """Calls per eval so that one eval holds about GPU_EVAL_SECONDS of work,
-    and at least GPU_MIN_CALLS."""
-    one = gpu_time(make, calls=1, repeats=3)
-    return int(min(64, max(GPU_MIN_CALLS, math.ceil(GPU_EVAL_SECONDS / one))))
 
 
 def gpu_call_floor():
-    """Microseconds per call of a tiny 4-bit GEMV (N = K = 256, M = 1), 64
-    calls per eval, for mlx_ext and mx.quantized_matmul: the per-call cost of
-    building and running MLX's graph that no kernel can go under."""
+    """The per-call floor (gpu.call_floor) of a tiny 4-bit GEMV, N = K = 256, M = 1."""
     w = mx.random.normal((256, 256)).astype(mx.bfloat16)
     q = mx.quantize(w, group_size=GROUP_SIZE, bits=4)
     x = mx.random.normal((1, 256)).astype(mx.bfloat16)
     mx.eval(q, x)
-    ours = gpu_time(lambda j: mlx_ext.quantized_matmul(x, *q, group_size=GROUP_SIZE, bits=4), 64)
-    theirs = gpu_time(lambda j: mx.quantized_matmul(x, *q, group_size=GROUP_SIZE, bits=4), 64)
-    return {"floor_mlx_ext_us": 1e6 * ours, "floor_mlx_us": 1e6 * theirs}
+    return gpu.call_floor(lambda j: mlx_ext.quantized_matmul(x, *q, group_size=GROUP_SIZE, bits=4),
+                          lambda j: mx.quantized_matmul(x, *q, group_size=GROUP_SIZE, bits=4))
 
 
 def gpu_bench_shape(n, k, rows, copy_bw, bits_list):
@@ -273,12 +170,12 @@ def gpu_bench_shape(n, k, rows, copy_bw, bits_list):
     key = mx.random.key(n * 7 + k)
     dense_bytes = n * k * 2
     dense = [mx.random.normal((n, k), key=mx.random.split(key, 8)[i]).astype(dtype) * 0.02
-             for i in range(max(1, min(4, math.ceil(GPU_ROTATE_BYTES / dense_bytes))))]
+             for i in range(max(1, min(4, math.ceil(gpu.ROTATE_BYTES / dense_bytes))))]
     mx.eval(dense)
     quantized = {}
     for bits in bits_list:
         one_bytes = n * k * bits // 8 + 2 * (n * k // GROUP_SIZE) * 2
-        count = max(1, math.ceil(GPU_ROTATE_BYTES / one_bytes))
+        count = max(1, math.ceil(gpu.ROTATE_BYTES / one_bytes))
         quantized[bits] = [mx.quantize(dense[i % len(dense)] + 1e-3 * i, group_size=GROUP_SIZE,
                                        bits=bits) for i in range(count)]
         mx.eval(quantized[bits])
@@ -288,9 +185,9 @@ def gpu_bench_shape(n, k, rows, copy_bw, bits_list):
         mx.eval(x)
         flops = 2.0 * m * n * k
         dense_make = lambda j: x @ dense[j % len(dense)].T
-        dense_calls = gpu_calls_for(dense_make)
-        t_dense = gpu_time(dense_make, dense_calls)
-        t_dense_p = gpu_time(dense_make, dense_calls, pipelined=True)
+        dense_calls = gpu.calls_per_eval(dense_make)
+        t_dense = gpu.gpu_time(dense_make, dense_calls)
+        t_dense_p = gpu.gpu_time(dense_make, dense_calls, pipelined=True)
         for bits in bits_list:
             copies = quantized[bits]
             q_bytes = sum(a.nbytes for a in copies[0])
@@ -301,11 +198,11 @@ def gpu_bench_shape(n, k, rows, copy_bw, bits_list):
             a, b = ours(0), theirs(0)
             err = float(mx.abs((a - b).astype(mx.float32)).max() /
                         mx.maximum(mx.abs(b.astype(mx.float32)).max(), 1e-30))
-            calls = gpu_calls_for(theirs)
-            t_ours = gpu_time(ours, calls)
-            t_mlx = gpu_time(theirs, calls)
-            t_ours_p = gpu_time(ours, calls, pipelined=True)
-            t_mlx_p = gpu_time(theirs, calls, pipelined=True)
+            calls = gpu.calls_per_eval(theirs)
+            t_ours = gpu.gpu_time(ours, calls)
+            t_mlx = gpu.gpu_time(theirs, calls)
+            t_ours_p = gpu.gpu_time(ours, calls, pipelined=True)
+            t_mlx_p = gpu.gpu_time(theirs, calls, pipelined=True)
             row = {
                 "N": n, "K": k, "M": m, "bits": bits, "group_size": GROUP_SIZE, "dtype": "bfloat16",
                 "calls_per_eval": calls,
@@ -322,32 +219,32 @@ def gpu_bench_shape(n, k, rows, copy_bw, bits_list):
                 "max_rel_diff_vs_mlx": err,
             }
             results.append(row)
-            print("  ".join(f"{key}={harness_fmt(val)}" for key, val in row.items()), flush=True)
+            harness.print_row(row)
         del x
     return results
 
 
 def gpu_targets(rows, copy_bw):
     """The CUDA issue's speed targets, checked against this run."""
-    def find(**kw):
-        return next((r for r in rows if all(r[k] == v for k, v in kw.items())), None)
-
     out = []
-    gemv = find(N=14336, K=4096, M=1, bits=4)
-    gemm = find(N=4096, K=14336, M=4096, bits=4)
+    gemv = harness.find_row(rows, N=14336, K=4096, M=1, bits=4)
+    gemm = harness.find_row(rows, N=4096, K=14336, M=4096, bits=4)
     for how, p in [("one eval per round", ""), ("pipelined rounds", "p_")]:
         if gemv:
             us = gemv[p + "mlx_ext_us"]
-            out.append((f"4-bit gs64 GEMV M=1 14336x4096 >= 80% of the device copy bandwidth ({how})",
-                        f"{gemv[p + 'frac_copy_bw']:.0%} ({us:.1f} us per call, copy BW {copy_bw / 1e9:.0f} GB/s)",
-                        gemv[p + "frac_copy_bw"] >= 0.80))
-            out.append((f"4-bit gs64 GEMV M=1 14336x4096 >= 3x mx.quantized_matmul ({how})",
-                        f"{gemv[p + 'vs_mlx']:.2f}x ({us:.1f} vs {gemv[p + 'mlx_us']:.1f} us)",
-                        gemv[p + "vs_mlx"] >= 3))
+            out.append(Target(f"4-bit gs64 GEMV M=1 14336x4096 >= 80% of the device copy bandwidth "
+                              f"({how})",
+                              f"{gemv[p + 'frac_copy_bw']:.0%} ({us:.1f} us per call, "
+                              f"copy BW {copy_bw / 1e9:.0f} GB/s)",
+                              gemv[p + "frac_copy_bw"] >= 0.80))
+            out.append(Target(f"4-bit gs64 GEMV M=1 14336x4096 >= 3x mx.quantized_matmul ({how})",
+                              f"{gemv[p + 'vs_mlx']:.2f}x ({us:.1f} vs {gemv[p + 'mlx_us']:.1f} us)",
+                              gemv[p + "vs_mlx"] >= 3))
         if gemm:
-            out.append((f"4-bit gs64 GEMM M=4096 4096x14336 >= 60% of bf16 mx.matmul's rate ({how})",
-                        f"{gemm[p + 'frac_bf16_rate']:.0%} ({gemm[p + 'mlx_ext_us']:.0f} vs "
-                        f"{gemm[p + 'bf16_us']:.0f} us)", gemm[p + "frac_bf16_rate"] >= 0.60))
+            out.append(Target(f"4-bit gs64 GEMM M=4096 4096x14336 >= 60% of bf16 mx.matmul's rate "
+                              f"({how})",
+                              f"{gemm[p + 'frac_bf16_rate']:.0%} ({gemm[p + 'mlx_ext_us']:.0f} vs "
+                              f"{gemm[p + 'bf16_us']:.0f} us)", gemm[p + "frac_bf16_rate"] >= 0.60))
     return out
 
 
@@ -361,21 +258,30 @@ GPU_COLUMNS = [
     ("p_frac_copy_bw", "of copy BW"), ("p_frac_bf16_rate", "of bf16 rate"),
     ("max_rel_diff_vs_mlx", "max rel diff vs mx.qmm"),
 ]
+GPU_PLOT = Plot(x="M", lines=[("mlx_ext_us", "mlx_ext"), ("mlx_us", "mx.quantized_matmul"),
+                              ("bf16_us", "bf16 dense mx.matmul")],
+                panels=["bits", "N", "K"], panel_title="bfloat16 x, {bits}-bit W, N={N} K={K}",
+                x_label="M (rows of x)", y_label="us per call", variant=("p_", "pipelined rounds"),
+                panels_per_row=2)
+
+
+def plot_for(info):
+    """The plot of a results file (python -m bench.plot), by the device it ran on."""
+    return GPU_PLOT if "gpu" in info else PLOT
 
 
 def main_gpu(args):
     if not (hasattr(mx, "cuda") and mx.cuda.is_available()):
         raise SystemExit("--device gpu needs MLX's CUDA backend (pip install 'mlx[cuda13]')")
     mx.set_default_device(mx.gpu)
-    os.environ["MLX_EXT_BENCH_MACHINE"] = gpu_machine_name()
-    info = harness.machine_info()
-    info["gpu"] = gpu_name()
-    bw = gpu_copy_bandwidth()
+    info = harness.machine_info(machine=gpu.machine_name())
+    info["gpu"] = gpu.gpu_name()
+    bw = gpu.copy_bandwidth()
     info.update({k: round(v, 1) if isinstance(v, float) else v for k, v in bw.items()})
     print(f"device copy bandwidth {bw['copy_GBps']:.0f} GB/s (read + write): {bw}", flush=True)
     floor = gpu_call_floor()
     info.update({k: round(v, 2) for k, v in floor.items()})
-    print(f"per-call floor (N = K = 256, 64 calls per eval): {floor}", flush=True)
+    print(f"per-call floor (N = K = 256, {gpu.MAX_CALLS} calls per eval): {floor}", flush=True)
     shapes, rows, bits_list = ((GPU_SHAPES[1:2], [1, 512], [4]) if args.quick
                                else (GPU_SHAPES, GPU_ROWS, BITS))
     if args.rows:
@@ -384,24 +290,23 @@ def main_gpu(args):
     for n, k in shapes:
         results += gpu_bench_shape(n, k, rows, bw["copy_GBps"] * 1e9, bits_list)
     markdown = harness.markdown_table(results, GPU_COLUMNS)
-    checks = gpu_targets(results, bw["copy_GBps"] * 1e9)
-    markdown += "\n\n## Speed targets (CUDA issue)\n\n" + "\n".join(
-        f"- {'MET' if ok else 'NOT MET'}: {name}: {value}" for name, value, ok in checks)
+    markdown += "\n\n" + harness.render_targets("Speed targets (CUDA issue)",
+                                                 gpu_targets(results, bw["copy_GBps"] * 1e9))
     markdown += ("\n\nReproduce: `python -m bench.bench_quantized_matmul --device gpu` "
                  "(scripts/gpu_run.sh on the GPU machine). bfloat16 activations, scales and "
                  "biases; group_size 64; weights rotated over >= 256 MiB; time per call with "
                  "`calls/eval` independent calls per mx.eval, each eval waited for; 'pipelined': "
-                 f"{GPU_PIPELINE_ROUNDS} rounds of `calls/eval` calls, each committed with "
+                 f"{gpu.PIPELINE_ROUNDS} rounds of `calls/eval` calls, each committed with "
                  "mx.async_eval while the GPU runs the previous round (as mlx-lm's generate loop "
                  "does), so MLX's per-call host cost overlaps the kernels; "
                  "GB/s counts the quantized weights, "
                  "scales and biases read once per call; copy BW is bytes read + written. "
-                 f"Per-call floor (a 256x256 GEMV, 64 calls per eval): mlx_ext "
+                 f"Per-call floor (a 256x256 GEMV, {gpu.MAX_CALLS} calls per eval): mlx_ext "
                  f"{floor['floor_mlx_ext_us']:.1f} us, mx.quantized_matmul {floor['floor_mlx_us']:.1f} us.")
     name = "quantized_matmul" + ("_quick" if args.quick else "")
     if args.rows:
         name += "_m" + "-".join(str(m) for m in rows)
-    folder = harness.write_results(name, info, results, markdown)
+    folder = harness.write_results(name, info, results, markdown, GPU_PLOT)
     print(markdown)
     print(f"\nwritten to {folder}")
 
@@ -435,13 +340,12 @@ def main():
                                        args.mlx_budget, 3 if args.quick else args.repeats)
     markdown = harness.markdown_table(results, COLUMNS)
     if not args.quick:
-        checks = targets(results, bw["bytes_per_s"])
-        markdown += "\n\n## Speed targets (foundation issue)\n\n" + "\n".join(
-            f"- {'MET' if ok else 'NOT MET'}: {name}: {value}" for name, value, ok in checks)
+        markdown += "\n\n" + harness.render_targets("Speed targets (foundation issue)",
+                                                     targets(results, bw["bytes_per_s"]))
         markdown += ("\n\nReproduce: `make bench` (or `.venv/bin/python -m bench.bench_quantized_matmul`)."
                      " group_size 64, device CPU, weights rotated over > 96 MiB.")
     folder = harness.write_results("quantized_matmul" + ("_quick" if args.quick else ""), info,
-                                   results, markdown)
+                                   results, markdown, PLOT)
     print(markdown)
     print(f"\nwritten to {folder}")
 

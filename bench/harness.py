@@ -2,7 +2,8 @@
 
 Every figure is a median over repeats after warm-up; inputs rotate over
 several copies so that weights come from memory, not a warm cache; results go
-to bench/results/<machine>/<name>.{json,md} with the machine they ran on.
+to bench/results/<machine>/<name>.{json,md} with the machine they ran on, and
+a plot of them to <name>.png (bench/plot.py).
 """
 
 from __future__ import annotations
@@ -16,9 +17,11 @@ import statistics
 import threading
 import time
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, NamedTuple, Sequence
 
 import numpy as np
+
+from .plot import Plot, write_png
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -42,19 +45,20 @@ def cpu_model() -> str:
 
 
 def machine_name() -> str:
-    """A directory name for this machine: MLX_EXT_BENCH_MACHINE, else
-    <os>-<arch>-<cpu>-<cores>c, e.g. linux-x86_64-amd-epyc-2c."""
-    if os.environ.get("MLX_EXT_BENCH_MACHINE"):
-        return os.environ["MLX_EXT_BENCH_MACHINE"]
+    """A directory name for this CPU machine: <os>-<arch>-<cpu>-<cores>c,
+    e.g. linux-x86_64-amd-epyc-2c."""
     cpu = re.sub(r"[^a-z0-9]+", "-", cpu_model().lower()).strip("-")
     return f"{platform.system().lower()}-{platform.machine()}-{cpu}-{os.cpu_count()}c"
 
 
-def machine_info() -> dict:
+def machine_info(machine: str | None = None) -> dict:
+    """What the results ran on. machine names the results folder (e.g.
+    gpu.machine_name()); None: this CPU machine's name. MLX_EXT_BENCH_MACHINE,
+    when set, names it instead (a user's override)."""
     import mlx.core as mx
 
     info = {
-        "machine": machine_name(),
+        "machine": os.environ.get("MLX_EXT_BENCH_MACHINE") or machine or machine_name(),
         "cpu": cpu_model(),
         "cores": os.cpu_count(),
         "os": f"{platform.system()} {platform.release()}",
@@ -134,11 +138,40 @@ def markdown_table(rows: Sequence[dict], columns: Sequence[tuple[str, str]]) -> 
     return "\n".join(lines)
 
 
-def write_results(name: str, info: dict, rows: list[dict], markdown: str) -> Path:
-    """Writes bench/results/<machine>/<name>.json and .md; returns the folder."""
+def print_row(row: dict) -> None:
+    """One row as key=value pairs, printed as soon as it is measured."""
+    print("  ".join(f"{key}={val:.3g}" if isinstance(val, float) else f"{key}={val}"
+                    for key, val in row.items()), flush=True)
+
+
+def find_row(rows: Iterable[dict], **match) -> dict | None:
+    """The first row whose columns have the given values (None if there is none:
+    a --quick run holds few rows)."""
+    return next((r for r in rows if all(r[k] == v for k, v in match.items())), None)
+
+
+class Target(NamedTuple):
+    """A speed target checked against a run: what it asks, what was measured."""
+    name: str
+    value: str
+    met: bool
+
+
+def render_targets(title: str, targets: Iterable[Target]) -> str:
+    """A markdown section: one '- MET: name: value' (or NOT MET) line per target."""
+    return f"## {title}\n\n" + "\n".join(
+        f"- {'MET' if t.met else 'NOT MET'}: {t.name}: {t.value}" for t in targets)
+
+
+def write_results(name: str, info: dict, rows: list[dict], markdown: str,
+                  plot: Plot | None = None) -> Path:
+    """Writes bench/results/<machine>/<name>.json and .md, and <name>.png when
+    given a plot (and matplotlib is there); returns the folder."""
     folder = RESULTS_DIR / info["machine"]
     folder.mkdir(parents=True, exist_ok=True)
     (folder / f"{name}.json").write_text(json.dumps({"machine": info, "rows": rows}, indent=1) + "\n")
     header = "\n".join(f"- {k}: {v}" for k, v in info.items())
     (folder / f"{name}.md").write_text(f"# {name}\n\n{header}\n\n{markdown}\n")
+    if plot:
+        write_png(folder / f"{name}.json", plot)
     return folder

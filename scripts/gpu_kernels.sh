@@ -1,9 +1,24 @@
 #!/usr/bin/env bash
-# Builds and runs bench/cuda/kernels.cu on the GPU machine: the CUDA kernels
-# of the quantized matmul checked against a float64 reference and timed on
+# Builds and runs the CUDA kernel benches on the GPU machine: bench/cuda/<op>.cu
+# checks an operator's kernels against a float64 reference and times them on
 # their own, without MLX. Needs nvcc (CUDA 12.x or 13) and a Hopper GPU (the
-# Hopper GEMM is built for sm_90a). Output under $OUT (default /tmp).
+# Hopper kernels are built for sm_90a). Output under $OUT (default /tmp):
+# the binary <op>_kernels and its log <op>_kernels.log.
+#
+#   bash scripts/gpu_kernels.sh                     every bench/cuda/*.cu
+#   bash scripts/gpu_kernels.sh quantized_matmul    only these ops
+#   bash scripts/gpu_kernels.sh --checks-only       arguments with -- go to each binary
 set -euo pipefail
 OUT=${OUT:-/tmp}
-nvcc -std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a -Icsrc bench/cuda/kernels.cu -o "$OUT/qmm_kernels"
-"$OUT/qmm_kernels" "$@" | tee "$OUT/kernels.log"
+ops=() args=()
+for a in "$@"; do
+  if [[ $a == --* ]]; then args+=("$a"); else ops+=("$a"); fi
+done
+if [ ${#ops[@]} -eq 0 ]; then
+  for f in bench/cuda/*.cu; do ops+=("$(basename "$f" .cu)"); done
+fi
+for op in "${ops[@]}"; do
+  echo "=== bench/cuda/$op.cu"
+  nvcc -std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a -Icsrc "bench/cuda/$op.cu" -o "$OUT/${op}_kernels"
+  "$OUT/${op}_kernels" ${args[@]+"${args[@]}"} | tee "$OUT/${op}_kernels.log"
+done

@@ -101,7 +101,8 @@ if has bench; then
   echo "bench exit $?"
   tail -30 "$OUT/bench.log"
   folder=$(grep -o "written to .*" "$OUT/bench.log" | tail -1 | cut -d' ' -f3)
-  [ -n "$folder" ] && cp "$folder"/quantized_matmul*.json "$folder"/quantized_matmul*.md "$OUT/" 2>/dev/null
+  [ -n "$folder" ] && cp "$folder"/quantized_matmul*.json "$folder"/quantized_matmul*.md \
+    "$folder"/quantized_matmul*.png "$OUT/" 2>/dev/null
 fi
 
 stage done

@@ -3,20 +3,11 @@
 // so kernel work can be measured apart from MLX's per-call costs.
 //
 //   nvcc -std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a -Icsrc \
-//        bench/cuda/kernels.cu -o /tmp/qmm_kernels && /tmp/qmm_kernels
+//        bench/cuda/quantized_matmul.cu -o /tmp/qmm_kernels && /tmp/qmm_kernels
 //
 // (scripts/gpu_kernels.sh builds and runs it on the GPU machine.) Prints one
 // line per check and per timing; exits non-zero if a check fails.
-#include <cuda_runtime.h>
-
-#include <algorithm>
-#include <cmath>
-#include <cstdio>
-#include <cstdlib>
-#include <cstring>
-#include <string>
-#include <vector>
-
+#include "common.cuh"
 #include "quantized_matmul/qmm_wgmma.cu"
 #include "quantized_matmul/qmv.cu"
 #include "quantized_matmul/qmv_tc.cu"
@@ -35,44 +26,7 @@ __global__ void __launch_bounds__(mlx_ext::cuda::QMV_TC_THREADS) qmv_tc_bf16_u(c
   mlx_ext::cuda::qmv_tc<__nv_bfloat16, BITS, U, 1>(p);
 }
 
-#define CHECK(call)                                                                    \
-  do {                                                                                 \
-    cudaError_t e_ = (call);                                                           \
-    if (e_ != cudaSuccess) {                                                           \
-      std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #call, cudaGetErrorString(e_)); \
-      std::exit(2);                                                                    \
-    }                                                                                  \
-  } while (0)
-
 namespace {
-
-__host__ __device__ uint32_t hash32(uint64_t i, uint32_t seed) {
-  uint64_t z = i * 0x9e3779b97f4a7c15ull + seed * 0xbf58476d1ce4e5b9ull;
-  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-  return uint32_t(z ^ (z >> 31));
-}
-
-__global__ void fill_words(uint32_t* p, size_t n, uint32_t seed) {
-  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x)
-    p[i] = hash32(i, seed);
-}
-
-template <typename T>
-__global__ void fill_values(T* p, size_t n, uint32_t seed, float lo, float hi) {
-  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x)
-    p[i] = mlx_ext::cuda::from_float<T>(lo + (hi - lo) * (hash32(i, seed) >> 8) * (1.0f / 16777216.0f));
-}
-
-float to_host_float(uint16_t v, bool is_bf16) {
-  if (is_bf16) {
-    uint32_t u = uint32_t(v) << 16;
-    float f;
-    std::memcpy(&f, &u, 4);
-    return f;
-  }
-  return __half2float(*reinterpret_cast<const __half*>(&v));
-}
 
 // One problem's device buffers (16-bit activations), `copies` sets of weights.
 struct Problem {
@@ -111,12 +65,7 @@ struct Problem {
     cudaFree(x), cudaFree(out), cudaFree(bias);
     for (int c = 0; c < copies; ++c) cudaFree(w[c]), cudaFree(scales[c]), cudaFree(biases[c]);
   }
-  void fill(uint16_t* p, size_t n, uint32_t seed, float lo, float hi) {
-    if (bf16)
-      fill_values<<<1024, 256>>>(reinterpret_cast<__nv_bfloat16*>(p), n, seed, lo, hi);
-    else
-      fill_values<<<1024, 256>>>(reinterpret_cast<__half*>(p), n, seed, lo, hi);
-  }
+  void fill(uint16_t* p, size_t n, uint32_t seed, float lo, float hi) { fill_16bit(p, n, bf16, seed, lo, hi); }
   QmmParams params(int c) const {
     QmmParams p{};
     p.x = x, p.w = w[c], p.scales = scales[c], p.biases = biases[c], p.bias = bias, p.out = out;
@@ -138,11 +87,9 @@ struct Problem {
     CHECK(cudaMemcpy(hs.data(), scales[0], hs.size() * 2, cudaMemcpyDeviceToHost));
     CHECK(cudaMemcpy(hb.data(), biases[0], hb.size() * 2, cudaMemcpyDeviceToHost));
     if (bias) CHECK(cudaMemcpy(hbias.data(), bias, N * 2, cudaMemcpyDeviceToHost));
-    const int64_t total = M * N, count = samples > 0 ? std::min<int64_t>(samples, total) : total;
     const int64_t words_per_row = int64_t(K) * bits / 32;
-    double max_err = 0.0, max_ref = 0.0;
-    for (int64_t i = 0; i < count; ++i) {
-      const int64_t idx = samples > 0 ? int64_t(hash32(i, 7)) * 7919 % total : i;
+    RelativeError error;
+    for_each_sample(M * N, samples, [&](int64_t idx) {
       const int64_t m = idx / N, n = idx % N;
       double acc = bias ? to_host_float(hbias[n], bf16) : 0.0;
       const uint32_t* row = hw.data() + n * words_per_row;
@@ -155,14 +102,11 @@ struct Problem {
         acc += double(to_host_float(hx[m * K + k], bf16)) *
                (double(to_host_float(hs[g], bf16)) * q + double(to_host_float(hb[g], bf16)));
       }
-      const double got = to_host_float(ho[idx], bf16);
-      if (std::isnan(got)) return NAN;
-      max_err = std::max(max_err, std::abs(got - acc));
-      max_ref = std::max(max_ref, std::abs(acc));
-    }
-    return max_err / std::max(max_ref, 1e-30);
+      error.add(to_host_float(ho[idx], bf16), acc);
+    });
+    return error.value();
   }
-  void poison() const { CHECK(cudaMemset(out, 0xff, M * N * 2)); }  // NaN in both types
+  void poison() const { ::poison(out, M * N * 2); }
 };
 
 struct Kernel {
@@ -219,19 +163,15 @@ void launch(const Kernel& k, const QmmParams& p, cudaStream_t s = 0) {
   k.fn<<<k.grid, k.threads, k.smem, s>>>(p);
 }
 
-int failures = 0;
-
 void check(const char* what, const Problem& p, const Kernel& k, double tol = 1.5e-2) {
   p.poison();
   launch(k, p.params(0));
   CHECK(cudaGetLastError());
   CHECK(cudaDeviceSynchronize());
-  const double err = p.check(p.M * p.N > 200000 ? 4096 : 0);
-  const bool ok = err <= tol;  // false for NaN
-  failures += !ok;
-  std::printf("check %-20s %-5s bits %d gs %3d M %5lld N %6d K %6d bias %d: max err / max |ref| %.2e %s\n",
-              what, p.bf16 ? "bf16" : "f16", p.bits, p.gs, (long long)p.M, p.N, p.K, p.bias != nullptr, err,
-              ok ? "ok" : "FAILED");
+  char label[128];
+  std::snprintf(label, sizeof label, "%-20s %-5s bits %d gs %3d M %5lld N %6d K %6d bias %d", what,
+                p.bf16 ? "bf16" : "f16", p.bits, p.gs, (long long)p.M, p.N, p.K, p.bias != nullptr);
+  report_check(label, p.check(p.M * p.N > 200000 ? 4096 : 0), tol);
 }
 
 // Median microseconds per call: `reps` rounds of `calls` launches (rotating
@@ -240,71 +180,17 @@ void check(const char* what, const Problem& p, const Kernel& k, double tol = 1.5
 double time_us(const Problem& p, const Kernel& k, int calls, int reps, bool graph) {
   cudaStream_t s;
   CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
-  cudaGraphExec_t exec = nullptr;
   std::vector<QmmParams> params(calls);
   for (int i = 0; i < calls; ++i) params[i] = p.params(i % p.copies);
-  if (graph) {
-    cudaGraph_t g;
-    CHECK(cudaGraphCreate(&g, 0));
-    for (int i = 0; i < calls; ++i) {
-      cudaKernelNodeParams kp{};
-      void* args[] = {&params[i]};
-      kp.func = reinterpret_cast<void*>(k.fn);
-      kp.gridDim = k.grid, kp.blockDim = dim3(k.threads), kp.sharedMemBytes = k.smem, kp.kernelParams = args;
-      cudaGraphNode_t node;
-      CHECK(cudaGraphAddKernelNode(&node, g, nullptr, 0, &kp));
-    }
-    CHECK(cudaGraphInstantiate(&exec, g, 0));
-    CHECK(cudaGraphDestroy(g));
-  }
-  auto round = [&] {
+  cudaGraphExec_t exec = graph ? kernel_graph(k.fn, k.grid, dim3(k.threads), k.smem, params) : nullptr;
+  const double ms = median_round_ms(s, [&] {
     if (graph) CHECK(cudaGraphLaunch(exec, s));
     else
       for (int i = 0; i < calls; ++i) launch(k, params[i], s);
-  };
-  round();
-  CHECK(cudaStreamSynchronize(s));
-  cudaEvent_t a, b;
-  CHECK(cudaEventCreate(&a));
-  CHECK(cudaEventCreate(&b));
-  std::vector<float> ms;
-  for (int r = 0; r < reps; ++r) {
-    CHECK(cudaEventRecord(a, s));
-    round();
-    CHECK(cudaEventRecord(b, s));
-    CHECK(cudaEventSynchronize(b));
-    float t;
-    CHECK(cudaEventElapsedTime(&t, a, b));
-    ms.push_back(t);
-  }
-  CHECK(cudaGetLastError());
+  }, reps);
   if (exec) cudaGraphExecDestroy(exec);
-  cudaEventDestroy(a), cudaEventDestroy(b), cudaStreamDestroy(s);
-  std::sort(ms.begin(), ms.end());
-  return 1e3 * ms[ms.size() / 2] / calls;
-}
-
-double copy_gbps() {
-  const size_t bytes = size_t(1) << 30;
-  void *a, *b;
-  CHECK(cudaMalloc(&a, bytes));
-  CHECK(cudaMalloc(&b, bytes));
-  CHECK(cudaMemset(a, 1, bytes));
-  cudaEvent_t e0, e1;
-  cudaEventCreate(&e0), cudaEventCreate(&e1);
-  std::vector<float> ms;
-  for (int i = 0; i < 12; ++i) {
-    cudaEventRecord(e0);
-    CHECK(cudaMemcpyAsync(b, a, bytes, cudaMemcpyDeviceToDevice));
-    cudaEventRecord(e1);
-    cudaEventSynchronize(e1);
-    float t;
-    cudaEventElapsedTime(&t, e0, e1);
-    if (i >= 2) ms.push_back(t);
-  }
-  std::sort(ms.begin(), ms.end());
-  cudaFree(a), cudaFree(b);
-  return 2.0 * bytes / (ms[ms.size() / 2] * 1e-3) / 1e9;
+  cudaStreamDestroy(s);
+  return 1e3 * ms / calls;
 }
 
 }  // namespace
@@ -356,8 +242,8 @@ int main(int argc, char** argv) {
     check("qmv_tc", q, gemv_tc(q));
     check("qmv_t", q, gemv_old(q));
   }
-  std::printf("checks: %d failed\n", failures);
-  if (quick) return failures ? 1 : 0;
+  std::printf("checks: %d failed\n", check_failures);
+  if (quick) return check_failures ? 1 : 0;
 
   const double bw = copy_gbps();
   std::printf("\ncopy bandwidth %.0f GB/s (cudaMemcpy device to device, read + write)\n\n", bw);
@@ -418,5 +304,5 @@ int main(int argc, char** argv) {
         for (int rows : {16, 32})
           if (rows <= M) row(p, gemv_tc(p, rows), 24, true);
       }
-  return failures ? 1 : 0;
+  return check_failures ? 1 : 0;
 }
