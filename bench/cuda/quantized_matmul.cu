@@ -12,6 +12,7 @@
 #include "quantized_matmul/qmv.cu"
 #include "quantized_matmul/qmv_tc.cu"
 
+using mlx_ext::ceil_div;
 using mlx_ext::cuda::QmmParams;
 
 // The Hopper GEMM with parts of its work skipped (qmm_wgmma.cu's VARIANT),
@@ -117,12 +118,13 @@ struct Kernel {
 };
 
 Kernel gemv_old(const Problem& p) {
-  auto fn = p.bits == 4 ? (p.bf16 ? qmv_t_bf16_b4_m1 : qmv_t_f16_b4_m1)
-                        : (p.bf16 ? qmv_t_bf16_b8_m1 : qmv_t_f16_b8_m1);
+  auto fn = p.bits == 4 ? (p.bf16 ? qmv_t_bfloat16_b4_m1 : qmv_t_float16_b4_m1)
+                        : (p.bf16 ? qmv_t_bfloat16_b8_m1 : qmv_t_float16_b8_m1);
   if (p.M > 1)
-    fn = p.bits == 4 ? (p.bf16 ? qmv_t_bf16_b4_m8 : qmv_t_f16_b4_m8) : (p.bf16 ? qmv_t_bf16_b8_m8 : qmv_t_f16_b8_m8);
+    fn = p.bits == 4 ? (p.bf16 ? qmv_t_bfloat16_b4_m8 : qmv_t_float16_b4_m8)
+                     : (p.bf16 ? qmv_t_bfloat16_b8_m8 : qmv_t_float16_b8_m8);
   const int rows = mlx_ext::cuda::QMV_T_WARPS * mlx_ext::cuda::qmv_t_rows_per_warp(p.bits);
-  return {"qmv_t (CUDA cores)", fn, dim3((p.N + rows - 1) / rows, unsigned((p.M + 7) / 8)),
+  return {"qmv_t (CUDA cores)", fn, dim3(ceil_div(p.N, rows), unsigned(ceil_div(p.M, 8))),
           mlx_ext::cuda::QMV_T_WARPS * 32, 0};
 }
 
@@ -131,31 +133,35 @@ Kernel gemv_old(const Problem& p) {
 Kernel gemv_tc(const Problem& p, int rows = 8) {
   void (*fn)(QmmParams) = nullptr;
   if (rows == 8) {
-    if (p.bf16) fn = p.bits == 2 ? qmv_tc_bf16_b2 : p.bits == 4 ? qmv_tc_bf16_b4 : qmv_tc_bf16_b8;
-    else fn = p.bits == 2 ? qmv_tc_f16_b2 : p.bits == 4 ? qmv_tc_f16_b4 : qmv_tc_f16_b8;
+    if (p.bf16)
+      fn = p.bits == 2 ? qmv_tc_bfloat16_b2 : p.bits == 4 ? qmv_tc_bfloat16_b4 : qmv_tc_bfloat16_b8;
+    else
+      fn = p.bits == 2 ? qmv_tc_float16_b2 : p.bits == 4 ? qmv_tc_float16_b4 : qmv_tc_float16_b8;
   } else {
     void (*table[2][2][2])(QmmParams) = {  // [bf16][bits 4, 8][rows 16, 32]
-        {{qmv_tc_f16_b4_m16, qmv_tc_f16_b4_m32}, {qmv_tc_f16_b8_m16, qmv_tc_f16_b8_m32}},
-        {{qmv_tc_bf16_b4_m16, qmv_tc_bf16_b4_m32}, {qmv_tc_bf16_b8_m16, qmv_tc_bf16_b8_m32}}};
+        {{qmv_tc_float16_b4_m16, qmv_tc_float16_b4_m32},
+         {qmv_tc_float16_b8_m16, qmv_tc_float16_b8_m32}},
+        {{qmv_tc_bfloat16_b4_m16, qmv_tc_bfloat16_b4_m32},
+         {qmv_tc_bfloat16_b8_m16, qmv_tc_bfloat16_b8_m32}}};
     fn = table[p.bf16][p.bits == 8][rows == 32];
   }
   using mlx_ext::cuda::QMV_TC_ROWS;
   return {"qmv_tc (mma.sync) x" + std::to_string(rows), fn,
-          dim3((p.N + QMV_TC_ROWS - 1) / QMV_TC_ROWS, unsigned((p.M + rows - 1) / rows)),
+          dim3(ceil_div(p.N, QMV_TC_ROWS), unsigned(ceil_div(p.M, rows))),
           mlx_ext::cuda::QMV_TC_THREADS, 0};
 }
 
 Kernel gemm_wgmma(const Problem& p) {
   using namespace mlx_ext::cuda;
   void (*table[2][9])(QmmParams) = {
-      {nullptr, nullptr, qmm_t_wgmma_f16_b2, qmm_t_wgmma_f16_b3, qmm_t_wgmma_f16_b4, qmm_t_wgmma_f16_b5,
-       qmm_t_wgmma_f16_b6, nullptr, qmm_t_wgmma_f16_b8},
-      {nullptr, nullptr, qmm_t_wgmma_bf16_b2, qmm_t_wgmma_bf16_b3, qmm_t_wgmma_bf16_b4, qmm_t_wgmma_bf16_b5,
-       qmm_t_wgmma_bf16_b6, nullptr, qmm_t_wgmma_bf16_b8}};
+      {nullptr, nullptr, qmm_t_wgmma_float16_b2, qmm_t_wgmma_float16_b3, qmm_t_wgmma_float16_b4,
+       qmm_t_wgmma_float16_b5, qmm_t_wgmma_float16_b6, nullptr, qmm_t_wgmma_float16_b8},
+      {nullptr, nullptr, qmm_t_wgmma_bfloat16_b2, qmm_t_wgmma_bfloat16_b3, qmm_t_wgmma_bfloat16_b4,
+       qmm_t_wgmma_bfloat16_b5, qmm_t_wgmma_bfloat16_b6, nullptr, qmm_t_wgmma_bfloat16_b8}};
   auto fn = table[p.bf16][p.bits];
   const int smem = wg_smem_bytes(p.bits);
   CHECK(cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-  return {"qmm_t_wgmma", fn, dim3((p.N + WG_BN - 1) / WG_BN, unsigned((p.M + WG_BM - 1) / WG_BM)), WG_THREADS,
+  return {"qmm_t_wgmma", fn, dim3(ceil_div(p.N, WG_BN), unsigned(ceil_div(p.M, WG_BM))), WG_THREADS,
           smem};
 }
 

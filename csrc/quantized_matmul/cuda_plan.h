@@ -20,7 +20,7 @@ constexpr int kMinComputeCapability = 8;
 // The tensor-core GEMV (qmv_tc) takes up to 8 rows of x in one m16n8k16 B
 // fragment per block (2-, 4- and 8-bit W), up to 16 or 32 rows in blocks of
 // 2 or 4 such tiles (4- and 8-bit W, dequantized once for all of them;
-// 64-row blocks were slower than 32-row ones, bench/cuda/kernels.cu).
+// 64-row blocks were slower than 32-row ones, bench/cuda/quantized_matmul.cu).
 constexpr int kQmvTcTileRows = 8;
 constexpr int kQmvTcMidRows = 16;
 constexpr int kQmvTcMaxRows = 32;
@@ -151,7 +151,7 @@ inline Plan transposed(const Problem& pr, const Gpu& gpu) {
   const bool half_x = pr.dtype != "float32";
   // (For one row of 8-bit W the CUDA-core GEMV is faster on an H200, 17.7 vs
   // 20.7 us at 14336 x 4096, but slower on an H100, 30.7 vs 22.0:
-  // bench/cuda/kernels.cu.)
+  // bench/cuda/quantized_matmul.cu.)
   const int tc_rows = qmv_tc_rows(M, bits);
   if (half_x && tc_rows && K > 0 && K % qmv_tc_k_multiple(bits) == 0 && aligned) {
     const std::string rows = tc_rows == kQmvTcTileRows ? "" : "_m" + std::to_string(tc_rows);

@@ -130,7 +130,7 @@ __device__ __forceinline__ void load_row(const uint8_t* src, uint32_t (&w)[2 * B
   }
 }
 
-// VARIANT (bench/cuda/kernels.cu only, to see where the time goes; 0 in
+// VARIANT (bench/cuda/quantized_matmul.cu only, to see where the time goes; 0 in
 // the library): 2 skips the dequantization, 4 the wgmma. (A producer that
 // waited for its own cp.async and fenced before signalling, instead of
 // cp.async.mbarrier.arrive, measured slower: 1052 vs 906 us.)

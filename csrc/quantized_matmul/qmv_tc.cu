@@ -28,7 +28,7 @@ namespace mlx_ext::cuda {
 namespace {
 
 // Spans of loads in flight per lane (U), the fastest measured on an H200
-// (bench/cuda/kernels.cu): 2 for 4 bits (64 bytes of W: 12.5 us at
+// (bench/cuda/quantized_matmul.cu): 2 for 4 bits (64 bytes of W: 12.5 us at
 // 14336 x 4096, 13.2 with 8 spans, whose 128 registers halve the warps).
 constexpr __host__ __device__ int qmv_tc_spans(int bits) { return bits == 8 ? 4 : 2; }
 
@@ -205,7 +205,7 @@ using mlx_ext::cuda::QmmParams;
 // bits, qmv_tc_<x type>_b<bits>_m<8 MT> (MT = 2 or 4 tiles of 8 rows, W
 // loaded and dequantized once for all of them: at 14336 x 4096, 4 bits, 32
 // rows, 43.6 us against 58.6 with 8-row blocks; 64-row blocks were slower
-// than 32-row ones, bench/cuda/kernels.cu on an H200). Block QMV_TC_THREADS threads,
+// than 32-row ones, bench/cuda/quantized_matmul.cu on an H200). Block QMV_TC_THREADS threads,
 // grid (ceil(N / QMV_TC_ROWS), ceil(M / (8 MT))).
 #define QMV_TC(T, NAME, BITS)                                                                  \
   extern "C" __global__ void __launch_bounds__(mlx_ext::cuda::QMV_TC_THREADS) qmv_tc_##NAME##_b##BITS( \
