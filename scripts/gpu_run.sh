@@ -101,8 +101,9 @@ if has bench; then
   echo "bench exit $?"
   tail -30 "$OUT/bench.log"
   folder=$(grep -o "written to .*" "$OUT/bench.log" | tail -1 | cut -d' ' -f3)
-  [ -n "$folder" ] && cp "$folder"/quantized_matmul*.json "$folder"/quantized_matmul*.md \
-    "$folder"/quantized_matmul*.png "$OUT/" 2>/dev/null
+  # Only what this run wrote (the committed tables sit in the same folder).
+  [ -n "$folder" ] && find "$folder" -maxdepth 1 -name 'quantized_matmul*' -newer "$OUT/run.log" \
+    -exec cp {} "$OUT/" \;
 fi
 
 stage done
