@@ -44,7 +44,7 @@ def prompt_text(tokenizer_encode, length: int) -> str:
 
 
 def time_mlx_ext(model_path, dtype, prompt, max_tokens, repeats):
-    model, tokenizer, _ = gpt.load(model_path, dtype=dtype)
+    model, tokenizer = gpt.load(model_path, dtype=dtype)
     gpt.generate(model, tokenizer, prompt, max_tokens=4)
     runs = [gpt.generate(model, tokenizer, prompt, max_tokens=max_tokens) for _ in range(repeats)]
     weight_bytes = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
@@ -105,7 +105,7 @@ def main():
     info = machine_info()
     bandwidth = copy_bandwidth()["bytes_per_s"]
     info["copy_bandwidth_gb_s"] = round(bandwidth / 1e9, 2)
-    _, tokenizer, config = gpt.load(args.model)
+    _, tokenizer, config = gpt.load(args.model, return_config=True)
     info["checkpoint"] = f"{Path(args.model).name}: {config['model_type']}, {config['quantization']}"
     rows = []
     for dtype, prompt_tokens in CASES:
