@@ -231,3 +231,13 @@ def test_cli_compare(capsys):
 def test_cli_offline_hub_id(capsys):
     assert cli_main(["--model", "mlx-ext-tests/no-such-model"]) == 1
     assert "could not be downloaded" in capsys.readouterr().err
+
+
+def test_gpt_is_an_attribute_of_mlx_ext():
+    """`import mlx_ext; mlx_ext.gpt` works in a fresh interpreter (here the
+    test module's own imports would hide a missing import)."""
+    import subprocess
+    import sys
+
+    code = "import mlx_ext; print(mlx_ext.gpt.load.__name__)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout == "load\n"
