@@ -129,7 +129,8 @@ def main():
             _, tokenizer = gpt.load(model)
             prompt = prompt_ids(tokenizer, prompt_tokens)
             ours = time_mlx_ext(model, dtype, prompt, max_tokens, 3 * args.repeats)
-            theirs = time_mlx_lm(mlx_lm_checkpoint(model, Path(converted)), dtype, prompt, max_tokens, args.repeats)
+            checkpoint = mlx_lm_checkpoint(model, Path(converted))
+            theirs = time_mlx_lm(checkpoint, dtype, prompt, max_tokens, args.repeats)
             # A decode step reads every parameter once (the tied head re-reads the embedding).
             achieved = ours["weight_bytes"] * ours["decode_tps"]
             row = {

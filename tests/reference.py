@@ -80,9 +80,8 @@ def gguf_llama_logits(tensors: dict, metadata: dict, tokens: list[int]) -> np.nd
         return np.repeat(to_f64(scales), 32, axis=-1) * q + np.repeat(to_f64(biases), 32, axis=-1)
 
     def rms_norm(x, name):
-        return x / np.sqrt((x * x).mean(axis=-1, keepdims=True) + meta("attention.layer_norm_rms_epsilon")) * to_f64(
-            tensors[f"{name}.weight"]
-        )
+        eps = meta("attention.layer_norm_rms_epsilon")
+        return x / np.sqrt((x * x).mean(axis=-1, keepdims=True) + eps) * to_f64(tensors[f"{name}.weight"])
 
     heads, kv_heads = meta("attention.head_count"), meta("attention.head_count_kv")
     hidden = meta("embedding_length")

@@ -129,18 +129,20 @@ def test_cli_chat(capsys):
 
 
 def tiny_gguf(path, **metadata):
-    """A one-layer llama GGUF with float tensors and a three-token vocabulary;
+    """A one-layer llama GGUF with float tensors, an untied head and a three-token vocabulary;
     `metadata` overrides (None: removes) its metadata."""
     hidden, ffn = 64, 128
     tensors = {
         "token_embd.weight": mx.random.normal((3, hidden)),
         "output_norm.weight": mx.ones((hidden,)),
+        "output.weight": mx.random.normal((3, hidden)) * 0.05,
         "blk.0.attn_norm.weight": mx.ones((hidden,)),
         "blk.0.ffn_norm.weight": mx.ones((hidden,)),
     }
-    for name, shape in {"attn_q": (hidden, hidden), "attn_k": (hidden // 2, hidden), "attn_v": (hidden // 2, hidden),
-                        "attn_output": (hidden, hidden), "ffn_gate": (ffn, hidden), "ffn_up": (ffn, hidden),
-                        "ffn_down": (hidden, ffn)}.items():
+    shapes = {"attn_q": (hidden, hidden), "attn_k": (hidden // 2, hidden), "attn_v": (hidden // 2, hidden),
+              "attn_output": (hidden, hidden), "ffn_gate": (ffn, hidden), "ffn_up": (ffn, hidden),
+              "ffn_down": (hidden, ffn)}
+    for name, shape in shapes.items():
         tensors[f"blk.0.{name}.weight"] = mx.random.normal(shape) * 0.05
     values = {
         "general.architecture": "llama",
@@ -163,8 +165,12 @@ def tiny_gguf(path, **metadata):
 
 
 def test_tiny_float_gguf_is_quantized_on_load(tmp_path):
-    model, tokenizer = gpt.load(tiny_gguf(tmp_path / "tiny.gguf"), bits=8, group_size=32)
+    path = tiny_gguf(tmp_path / "tiny.gguf", **{
+        "llama.rope.scaling.type": "linear", "llama.rope.scaling.factor": mx.array(2.0)
+    })
+    model, tokenizer = gpt.load(path, bits=8, group_size=32)
     assert model.model.layers[0].mlp.up_proj.bits == 8 and model.model.layers[0].mlp.up_proj.group_size == 32
+    assert model.args.rope_scaling == {"type": "linear", "factor": 2.0} and not model.args.tie_word_embeddings
     assert tokenizer.encode("abba") == [1, 2, 2, 1]
     assert gpt.generate(model, tokenizer, "ab", max_tokens=3).stats.prompt_tokens == 2
 
@@ -177,6 +183,7 @@ def test_tiny_float_gguf_is_quantized_on_load(tmp_path):
         ({"tokenizer.ggml.tokens": None}, "has no tokenizer"),
         ({"tokenizer.ggml.model": "llama"}, "tokenizer model 'llama' is not supported"),
         ({"llama.block_count": None}, "no 'llama.block_count'"),
+        ({"llama.rope.scaling.type": "yarn"}, "RoPE scaling 'yarn' is not supported"),
     ],
 )
 def test_bad_gguf_metadata_fails_clearly(tmp_path, metadata, message):
@@ -233,7 +240,8 @@ def test_convert_round_trip_through_mlx_lm(tmp_path, smollm2):
 
     assert convert_main([str(smollm2_path()), str(tmp_path / "smollm2")]) == 0
     config = json.loads((tmp_path / "smollm2" / "config.json").read_text())
-    assert config["quantization"] == {"group_size": 32, "bits": 4, "model.embed_tokens": {"group_size": 32, "bits": 8}}
+    embedding = {"group_size": 32, "bits": 8}
+    assert config["quantization"] == {"group_size": 32, "bits": 4, "model.embed_tokens": embedding}
     theirs, their_tokenizer = mlx_lm.load(str(tmp_path / "smollm2"))
     model, tokenizer = smollm2
     messages = [{"role": "user", "content": "What is the capital of France?"}]
@@ -244,3 +252,21 @@ def test_convert_round_trip_through_mlx_lm(tmp_path, smollm2):
     assert str(report) == "replaced: 1 QuantizedEmbedding, 210 QuantizedLinear; left: none"
     their_tokens = [token for token, _ in generate_step(mx.array(prompt), theirs, max_tokens=8)]
     assert their_tokens == list(gpt.generate_tokens(model, prompt, max_tokens=8, sampler=gpt.make_sampler()))
+
+
+def test_cli_interactive_chat_keeps_the_cache(monkeypatch, capsys):
+    smollm2_path()
+    turns = iter(["What is the capital of France?", "And of Italy?"])
+
+    def next_turn(prompt):
+        try:
+            return next(turns)
+        except StopIteration:
+            raise EOFError from None
+
+    monkeypatch.setattr("builtins.input", next_turn)
+    assert cli_main(["--model", "smollm2", "--chat", "--max-tokens", "12"]) == 0
+    out = capsys.readouterr().out
+    assert "Paris" in out and "Rome" in out
+    second_prompt = int(out.split("[mlx_ext  prompt ")[2].split()[0])
+    assert second_prompt < 20  # only the new turn's tokens

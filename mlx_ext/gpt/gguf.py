@@ -74,19 +74,22 @@ def _value(metadata: dict, key: str, default=None):
     return value.item() if isinstance(value, mx.array) else value
 
 
-def config_from_metadata(metadata: dict) -> dict:
-    """A Hugging Face style config.json of a GGUF llama."""
+def config_from_metadata(metadata: dict, tensors: dict) -> dict:
+    """A Hugging Face style config.json of a GGUF llama (tied embeddings
+    where the file has no output matrix)."""
     architecture = metadata.get("general.architecture")
     if architecture not in SUPPORTED_ARCHITECTURES:
         raise GGUFError(
             f"[mlx_ext.gpt] GGUF architecture {architecture!r} is not supported "
             f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
         )
-    if "llama.rope.scaling.type" in metadata:
-        raise GGUFError("[mlx_ext.gpt] GGUF RoPE scaling (llama.rope.scaling.*) is not supported")
 
     def get(key, default=None):
         return _value(metadata, f"{architecture}.{key}", default)
+
+    rope_scaling = get("rope.scaling.type", "none")
+    if rope_scaling not in ("none", "linear"):
+        raise GGUFError(f"[mlx_ext.gpt] GGUF RoPE scaling {rope_scaling!r} is not supported (only 'linear')")
 
     heads = get("attention.head_count")
     hidden = get("embedding_length")
@@ -104,16 +107,19 @@ def config_from_metadata(metadata: dict) -> dict:
         "head_dim": head_dim,
         "rms_norm_eps": get("attention.layer_norm_rms_epsilon"),
         "rope_theta": get("rope.freq_base", 10000.0),
+        "rope_scaling": (
+            {"type": "linear", "factor": get("rope.scaling.factor")} if rope_scaling == "linear" else None
+        ),
         "max_position_embeddings": get("context_length", 2048),
         "bos_token_id": _value(metadata, "tokenizer.ggml.bos_token_id", -1),
         "eos_token_id": _value(metadata, "tokenizer.ggml.eos_token_id", -1),
+        "tie_word_embeddings": "output.weight" not in tensors,
     }
 
 
 def hugging_face_weights(tensors: dict, config: dict) -> dict:
     """The tensors under Hugging Face names, Q and K rows in Hugging Face's
-    rotary order; ``tie_word_embeddings`` is set in `config` from whether the
-    file has an output matrix."""
+    rotary order (head counts from `config`)."""
     weights = {}
     for name, tensor in tensors.items():
         module, _, kind = name.rpartition(".")
@@ -127,7 +133,6 @@ def hugging_face_weights(tensors: dict, config: dict) -> dict:
         if short in ROTARY_HEADS:
             tensor = _rotary_rows_to_hugging_face(tensor, config[ROTARY_HEADS[short]])
         weights[f"{mapped}.{kind}"] = tensor
-    config["tie_word_embeddings"] = "lm_head.weight" not in weights
     return weights
 
 
@@ -152,7 +157,8 @@ def tokenizer_from_metadata(metadata: dict) -> Tokenizer:
     pre = metadata.get("tokenizer.ggml.pre", "default")
     if pre not in PRE_TOKENIZERS:
         raise GGUFError(
-            f"[mlx_ext.gpt] GGUF pre-tokenizer {pre!r} is not supported (supported: {', '.join(PRE_TOKENIZERS)})"
+            f"[mlx_ext.gpt] GGUF pre-tokenizer {pre!r} is not supported "
+            f"(supported: {', '.join(PRE_TOKENIZERS)})"
         )
     from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors
 
@@ -182,7 +188,7 @@ def tokenizer_from_metadata(metadata: dict) -> Tokenizer:
         fast.post_processor = processors.TemplateProcessing(
             single=f"{bos} $A", special_tokens=[(bos, tokens.index(bos))]
         )
-    end_ids = {_value(metadata, key, -1) for key in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id")}
+    end_ids = {_value(metadata, f"tokenizer.ggml.{kind}_token_id", -1) for kind in ("eos", "eot")}
     return Tokenizer(
         fast,
         {i for i in end_ids if i >= 0},

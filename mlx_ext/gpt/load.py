@@ -50,7 +50,9 @@ def named_model_path(name: str) -> Path:
     for file in files:
         if file.name == file_name:
             return Path(file.locate())
-    raise ModelNotFoundError(f"[mlx_ext.gpt] {distribution} is installed without {file_name}: reinstall it: {install}")
+    raise ModelNotFoundError(
+        f"[mlx_ext.gpt] {distribution} is installed without {file_name}: reinstall it: {install}"
+    )
 
 
 def resolve_model_path(path_or_hub_id: str | Path) -> Path:
@@ -93,7 +95,7 @@ def load(
     path = resolve_model_path(path_or_hub_id)
     if path.is_file():
         tensors, metadata = read_gguf(path)
-        config = config_from_metadata(metadata)
+        config = config_from_metadata(metadata, tensors)
         tokenizer = tokenizer_from_metadata(metadata)
         weights = hugging_face_weights(tensors, config)
         model = build_model(config, weights, requantize=True, bits=bits, group_size=group_size, dtype=dtype)

@@ -11,7 +11,7 @@ def _fast_tokenizer_class():
         from tokenizers import Tokenizer as FastTokenizer
     except ImportError as e:
         raise ImportError(
-            "[mlx_ext.gpt] the tokenizer needs the 'tokenizers' package (pip install 'mlx_ext[lm]')"
+            "[mlx_ext.gpt] the tokenizer needs the 'tokenizers' package (pip install 'mlx_ext[models]')"
         ) from e
     return FastTokenizer
 
@@ -117,7 +117,9 @@ def _compiled_template(source: str):
         from jinja2.exceptions import TemplateError
         from jinja2.sandbox import ImmutableSandboxedEnvironment
     except ImportError as e:
-        raise ImportError("[mlx_ext.gpt] chat templates need the 'jinja2' package (pip install 'mlx_ext[lm]')") from e
+        raise ImportError(
+            "[mlx_ext.gpt] chat templates need the 'jinja2' package (pip install 'mlx_ext[models]')"
+        ) from e
 
     def raise_exception(message):
         raise TemplateError(message)
