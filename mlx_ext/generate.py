@@ -99,6 +99,9 @@ def main(argv=None) -> int:
     except (gpt.ModelNotFoundError, gpt.GGUFError) as e:
         print(e, file=sys.stderr)
         return 1
+    if args.chat is not None and tokenizer.chat_template is None:
+        print(f"[mlx_ext.gpt] {args.model} has no chat template: give it a --prompt instead", file=sys.stderr)
+        return 1
     sampler = gpt.make_sampler(args.temp, args.top_p, args.top_k)
     print(f"[{args.model}: {config['model_type']}, {model.dtype}, sampler temp={args.temp} "
           f"top_p={args.top_p} top_k={args.top_k} seed={args.seed}]")

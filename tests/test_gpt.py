@@ -228,6 +228,11 @@ def test_cli_compare(capsys):
     assert "tokens agree: yes, all 24" in out
 
 
+def test_cli_chat_needs_a_chat_template(capsys):
+    assert cli_main(["--chat", "Hello"]) == 1
+    assert "has no chat template" in capsys.readouterr().err
+
+
 def test_cli_offline_hub_id(capsys):
     assert cli_main(["--model", "mlx-ext-tests/no-such-model"]) == 1
     assert "could not be downloaded" in capsys.readouterr().err
