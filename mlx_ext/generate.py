@@ -109,7 +109,9 @@ def main(argv=None) -> int:
         interactive_chat(model, tokenizer, args, sampler)
         return 0
     if args.chat is not None:
-        prompt = tokenizer.apply_chat_template([{"role": "user", "content": args.chat}])
+        prompt = tokenizer.apply_chat_template(
+            [{"role": "user", "content": args.chat}], add_generation_prompt=True
+        )
         print(f"> {args.chat}")
     else:
         prompt = args.prompt

@@ -77,10 +77,12 @@ def test_tokenizer_from_gguf(smollm2):
 
 def test_chat_template(smollm2):
     _, tokenizer = smollm2
-    text = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False)
+    messages = [{"role": "user", "content": "Hi"}]
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     assert text.endswith("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
     assert text.startswith("<|im_start|>system\n")  # the template's default system prompt
-    assert tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}]) == tokenizer.encode(text)
+    assert tokenizer.apply_chat_template(messages, add_generation_prompt=True) == tokenizer.encode(text)
+    assert tokenizer.apply_chat_template(messages, tokenize=False) == text.removesuffix("<|im_start|>assistant\n")
 
 
 def test_streaming_is_exact_and_linear(smollm2):
@@ -115,7 +117,7 @@ def test_chat_turns_keep_the_cache(smollm2):
     after_first = session.cache.offset
     assert after_first == first.stats.prompt_tokens + len(first.tokens) + 1  # + <|im_end|>
     second = session.ask("And of Italy?", max_tokens=12)
-    whole = tokenizer.apply_chat_template(session.messages[:-1])
+    whole = tokenizer.apply_chat_template(session.messages[:-1], add_generation_prompt=True)
     assert second.stats.prompt_tokens == len(whole) - after_first < 20
     assert session.cache.offset == len(whole) + len(second.tokens) + 1
     assert "Rome" in second.text
@@ -245,7 +247,7 @@ def test_convert_round_trip_through_mlx_lm(tmp_path, smollm2):
     theirs, their_tokenizer = mlx_lm.load(str(tmp_path / "smollm2"))
     model, tokenizer = smollm2
     messages = [{"role": "user", "content": "What is the capital of France?"}]
-    prompt = tokenizer.apply_chat_template(messages)
+    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
     assert their_tokenizer.apply_chat_template(messages, add_generation_prompt=True) == prompt
     assert "Paris" in mlx_lm.generate(theirs, their_tokenizer, prompt, max_tokens=10)
     report = mlx_ext.patch(theirs)

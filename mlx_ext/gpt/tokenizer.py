@@ -77,10 +77,12 @@ class Tokenizer:
         return self._tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def apply_chat_template(
-        self, messages: list[dict], *, add_generation_prompt: bool = True, tokenize: bool = True
+        self, messages: list[dict], *, add_generation_prompt: bool = False, tokenize: bool = True
     ) -> list[int] | str:
         """The conversation rendered by the model's chat template (jinja2, in
-        the sandbox Hugging Face uses), as token ids or, with tokenize=False, text."""
+        the sandbox Hugging Face uses), as token ids or, with tokenize=False,
+        text; Hugging Face's signature and defaults (add_generation_prompt=True
+        opens the assistant's turn)."""
         if self.chat_template is None:
             raise ValueError("[mlx_ext.gpt] this model has no chat template")
         text = _compiled_template(self.chat_template).render(
