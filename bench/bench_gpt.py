@@ -1,19 +1,22 @@
 """Decode and prompt tokens/s of the mlx_ext GPT loop against mlx_lm.generate.
 
-Both run the same 4-bit checkpoint (the embedded kjv-byte-llama unless
---model) on the same prompt tokens with greedy decoding, in float16 and in
-float32 activations (float parameters and scales cast). Each loop is timed the
-same way: prompt tokens/s = prompt tokens / time until the first new token;
-decode tokens/s = tokens after the first / time from the first to the last.
-Each figure is the median of --repeats runs after a warm-up run (three times as
-many for mlx_ext, whose runs are short: the median then rides out other load
-on a shared machine).
+Both run the same 4-bit checkpoint on the same prompt tokens with greedy
+decoding, in float16 and in float32 activations (float parameters and scales
+cast): the embedded kjv-byte-llama, and SmolLM2-135M-Instruct (its Q4_1 GGUF;
+mlx-lm runs it converted by mlx_ext.convert) at llama-bench's pp512 / tg128.
+Each loop is timed the same way: prompt tokens/s = prompt tokens / time until
+the first new token; decode tokens/s = tokens after the first / time from the
+first to the last. Each figure is the median of --repeats runs after a warm-up
+run (three times as many for mlx_ext, whose runs are short: the median then
+rides out other load on a shared machine). The perplexity is
+``mlx_ext.gpt.perplexity`` on the package's held-out English text.
 
     python -m bench.bench_gpt          # -> bench/results/<machine>/gpt.{json,md}
 """
 
 import argparse
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
@@ -21,6 +24,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from mlx_ext import gpt
+from mlx_ext.convert import convert
 from mlx_ext.gpt.load import cast_parameters
 
 from .harness import copy_bandwidth, machine_info, markdown_table, write_results
@@ -30,25 +34,30 @@ PASSAGE = (
     "good: and God divided the light from the darkness. And God called the light Day, and the "
     "darkness he called Night. And the evening and the morning were the first day. "
 )
-# (activation dtype, prompt tokens): MLX's own CPU quantized matmul is very slow in
-# float16, so the float16 rows keep the prompt short to bound the run time.
-CASES = [(mx.float32, 32), (mx.float32, 512), (mx.float16, 32)]
+KJV = str(gpt.DEFAULT_MODEL)
+# (model, activation dtype, prompt tokens, generated tokens): MLX's own CPU
+# quantized matmul is very slow in float16, so the float16 rows stay short.
+CASES = [
+    (KJV, mx.float32, 32, 64),
+    (KJV, mx.float32, 512, 64),
+    (KJV, mx.float16, 32, 64),
+    ("smollm2", mx.float32, 512, 128),
+    ("smollm2", mx.float16, 32, 16),
+]
 
 
-def prompt_text(tokenizer_encode, length: int) -> str:
-    """A prompt of exactly `length` tokens for a byte-level tokenizer (longer text, cut)."""
-    text = PASSAGE * (length // len(PASSAGE) + 1)
-    while len(tokenizer_encode(text)) > length:
-        text = text[:-1]
-    return text
+def prompt_ids(tokenizer, length: int) -> list[int]:
+    """The first `length` tokens of the passage, repeated as needed."""
+    return tokenizer.encode(PASSAGE * (length // 8 + 1))[:length]
 
 
 def time_mlx_ext(model_path, dtype, prompt, max_tokens, repeats):
-    model, tokenizer, _ = gpt.load(model_path, dtype=dtype)
+    model, tokenizer = gpt.load(model_path, dtype=dtype)
     gpt.generate(model, tokenizer, prompt, max_tokens=4)
     runs = [gpt.generate(model, tokenizer, prompt, max_tokens=max_tokens) for _ in range(repeats)]
     weight_bytes = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
     return {
+        "perplexity": gpt.perplexity(model, tokenizer),
         "prompt_tps": statistics.median(r.stats.prompt_tps for r in runs),
         "decode_tps": statistics.median(r.stats.generation_tps for r in runs),
         "peak_memory_mb": max(r.stats.peak_memory_bytes for r in runs) / 1e6,
@@ -95,62 +104,77 @@ def first_difference(ours: list[int], theirs: list[int]) -> str:
     return "none" if index is None else str(index)
 
 
+def mlx_lm_checkpoint(model: str, folder: Path) -> str:
+    """A checkpoint directory as it is; a GGUF (or named model) converted into `folder`."""
+    if Path(model).is_dir():
+        return model
+    return str(convert(model, folder / Path(model).stem))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default=str(gpt.DEFAULT_MODEL))
-    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--models", nargs="*", default=sorted({case[0] for case in CASES}),
+                        help="models of CASES to run (default: all)")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
 
     info = machine_info()
     bandwidth = copy_bandwidth()["bytes_per_s"]
     info["copy_bandwidth_gb_s"] = round(bandwidth / 1e9, 2)
-    _, tokenizer, config = gpt.load(args.model)
-    info["checkpoint"] = f"{Path(args.model).name}: {config['model_type']}, {config['quantization']}"
     rows = []
-    for dtype, prompt_tokens in CASES:
-        prompt = prompt_text(tokenizer.encode, prompt_tokens)
-        ours = time_mlx_ext(args.model, dtype, prompt, args.max_tokens, 3 * args.repeats)
-        theirs = time_mlx_lm(args.model, dtype, prompt, args.max_tokens, args.repeats)
-        # A decode step reads every parameter once (the tied head re-reads the embedding).
-        achieved = ours["weight_bytes"] * ours["decode_tps"]
-        row = {
-            "dtype": str(dtype).split(".")[-1],
-            "prompt_tokens": ours["prompt_tokens"],
-            "generated_tokens": args.max_tokens,
-            "mlx_ext_prompt_tps": ours["prompt_tps"],
-            "mlx_lm_prompt_tps": theirs["prompt_tps"],
-            "prompt_speedup": ours["prompt_tps"] / theirs["prompt_tps"],
-            "mlx_ext_decode_tps": ours["decode_tps"],
-            "mlx_lm_decode_tps": theirs["decode_tps"],
-            "decode_speedup": ours["decode_tps"] / theirs["decode_tps"],
-            "mlx_ext_decode_weight_gb_s": achieved / 1e9,
-            "mlx_ext_decode_fraction_of_copy_bw": achieved / bandwidth,
-            "mlx_ext_peak_memory_mb": ours["peak_memory_mb"],
-            "mlx_lm_peak_memory_mb": theirs["peak_memory_mb"],
-            "parameter_mb": ours["weight_bytes"] / 1e6,
-            "first_differing_token": first_difference(ours["tokens"], theirs["tokens"]),
-        }
-        rows.append(row)
-        print(row, flush=True)
+    with tempfile.TemporaryDirectory() as converted:
+        for model, dtype, prompt_tokens, max_tokens in CASES:
+            if model not in args.models:
+                continue
+            _, tokenizer = gpt.load(model)
+            prompt = prompt_ids(tokenizer, prompt_tokens)
+            ours = time_mlx_ext(model, dtype, prompt, max_tokens, 3 * args.repeats)
+            checkpoint = mlx_lm_checkpoint(model, Path(converted))
+            theirs = time_mlx_lm(checkpoint, dtype, prompt, max_tokens, args.repeats)
+            # A decode step reads every parameter once (the tied head re-reads the embedding).
+            achieved = ours["weight_bytes"] * ours["decode_tps"]
+            row = {
+                "model": Path(model).name,
+                "dtype": str(dtype).split(".")[-1],
+                "prompt_tokens": ours["prompt_tokens"],
+                "generated_tokens": max_tokens,
+                "mlx_ext_prompt_tps": ours["prompt_tps"],
+                "mlx_lm_prompt_tps": theirs["prompt_tps"],
+                "prompt_speedup": ours["prompt_tps"] / theirs["prompt_tps"],
+                "mlx_ext_decode_tps": ours["decode_tps"],
+                "mlx_lm_decode_tps": theirs["decode_tps"],
+                "decode_speedup": ours["decode_tps"] / theirs["decode_tps"],
+                "mlx_ext_decode_weight_gb_s": achieved / 1e9,
+                "mlx_ext_decode_fraction_of_copy_bw": achieved / bandwidth,
+                "mlx_ext_peak_memory_mb": ours["peak_memory_mb"],
+                "mlx_lm_peak_memory_mb": theirs["peak_memory_mb"],
+                "parameter_mb": ours["weight_bytes"] / 1e6,
+                "perplexity": ours["perplexity"],
+                "first_differing_token": first_difference(ours["tokens"], theirs["tokens"]),
+            }
+            rows.append(row)
+            print(row, flush=True)
     columns = [
-        ("dtype", "activations"), ("prompt_tokens", "prompt tokens"), ("generated_tokens", "generated"),
+        ("model", "model"), ("dtype", "activations"), ("prompt_tokens", "prompt tokens"), ("generated_tokens", "generated"),
         ("mlx_ext_prompt_tps", "mlx_ext prompt tok/s"), ("mlx_lm_prompt_tps", "mlx_lm prompt tok/s"),
         ("prompt_speedup", "prompt ratio"),
         ("mlx_ext_decode_tps", "mlx_ext decode tok/s"), ("mlx_lm_decode_tps", "mlx_lm decode tok/s"),
         ("decode_speedup", "decode ratio"),
         ("mlx_ext_decode_weight_gb_s", "mlx_ext weights GB/s"),
         ("mlx_ext_decode_fraction_of_copy_bw", "of copy bandwidth"),
-        ("parameter_mb", "parameters MB"),
+        ("parameter_mb", "parameters MB"), ("perplexity", "perplexity"),
         ("first_differing_token", "tokens differ from"),
     ]
     table = markdown_table(rows, columns)
     notes = (
-        f"Checkpoint {info['checkpoint']}, greedy, median of {3 * args.repeats} runs (mlx_ext) and "
+        f"Greedy, median of {3 * args.repeats} runs (mlx_ext) and "
         f"{args.repeats} runs (mlx_lm) after a warm-up. mlx_lm is "
         f"mlx_lm.stream_generate (what mlx_lm.generate runs), timed with the same definitions as "
         f"mlx_ext. 'tokens differ from': the first generated token where the two loops disagree "
-        f"(none: all agree); in float16 mlx_ext accumulates and attends in float32 on the CPU."
+        f"(none: all agree); in float16 mlx_ext accumulates and attends in float32 on the CPU. "
+        f"smollm2: SmolLM2-135M-Instruct, Q4_1 GGUF (4-bit g32, 8-bit g32 tied embedding); mlx_lm "
+        f"runs it converted by mlx_ext.convert. Perplexity: mlx_ext.gpt.perplexity on the held-out "
+        f"text (Pride and Prejudice, ch. 1), per token of each model's tokenizer."
     )
     folder = write_results("gpt", info, rows, f"{notes}\n\n{table}")
     print(table)

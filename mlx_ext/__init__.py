@@ -26,6 +26,7 @@ from ._ext import (  # noqa: E402
 )
 from . import nn  # noqa: E402
 from .lm import patch, unpatch  # noqa: E402
+from . import gpt  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -33,6 +34,7 @@ __all__ = [
     "available_cpu_isas",
     "get_cpu_isa",
     "get_num_threads",
+    "gpt",
     "nn",
     "patch",
     "quantized_matmul",

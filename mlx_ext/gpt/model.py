@@ -138,12 +138,18 @@ class Model(nn.Module):
         if not args.tie_word_embeddings:
             self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
 
-    def __call__(self, tokens: mx.array, cache: KVCache) -> mx.array:
+    def __call__(self, tokens: mx.array, cache: KVCache | None = None) -> mx.array:
         """Logits (B, L, vocab) of the (B, L) tokens that follow the cache's
-        contents; the caller reserves room first and advances ``cache.offset`` after."""
+        contents (None: a fresh cache), which then holds them too (its offset
+        advanced by L)."""
+        if cache is None:
+            cache = self.make_cache()
+        if isinstance(cache.offset, int):  # outside a compiled step: room is made here
+            cache.reserve(tokens.shape[0], tokens.shape[1])
         h = self.model.embed_tokens(tokens)
         for i, layer in enumerate(self.model.layers):
             h = layer(h, cache, i)
+        cache.offset = cache.offset + tokens.shape[1]
         h = self.model.norm(h)
         if self.args.tie_word_embeddings:
             return self.model.embed_tokens.as_linear(h)

@@ -1,15 +1,16 @@
 """Next-token samplers: greedy, or temperature with top-k then top-p filtering.
 
 A sampler maps logits (B, vocab) to tokens (B,) with lazy MLX ops, so the
-decode loop can queue the next step before the current token is known. Seed
-the draw with ``mx.random.seed``.
+decode loop can queue the next step before the current token is known. A
+random sampler draws with the ``key`` it is given (an ``mx.random.key``), or
+from MLX's global generator.
 """
 
 from typing import Callable
 
 import mlx.core as mx
 
-Sampler = Callable[[mx.array], mx.array]
+Sampler = Callable[..., mx.array]  # (logits, key=None) -> tokens
 
 
 def make_sampler(temp: float = 0.0, top_p: float = 1.0, top_k: int = 0) -> Sampler:
@@ -21,16 +22,16 @@ def make_sampler(temp: float = 0.0, top_p: float = 1.0, top_k: int = 0) -> Sampl
             f"[mlx_ext.gpt] need temp >= 0, 0 < top_p <= 1, top_k >= 0; got {temp}, {top_p}, {top_k}"
         )
     if temp == 0:
-        return lambda logits: mx.argmax(logits, axis=-1)
+        return lambda logits, key=None: mx.argmax(logits, axis=-1)
 
-    def sample(logits: mx.array) -> mx.array:
+    def sample(logits: mx.array, key: mx.array | None = None) -> mx.array:
         logits = logits.astype(mx.float32) / temp
         if 0 < top_k < logits.shape[-1]:
             kth_largest = mx.topk(logits, top_k, axis=-1).min(axis=-1, keepdims=True)
             logits = mx.where(logits < kth_largest, -mx.inf, logits)
         if top_p < 1:
             logits = _top_p(logits, top_p)
-        return mx.random.categorical(logits, axis=-1)
+        return mx.random.categorical(logits, axis=-1, key=key)
 
     return sample
 
