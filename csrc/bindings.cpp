@@ -31,17 +31,18 @@ NB_MODULE(_ext, m) {
       "w"_a,
       "scales"_a,
       "biases"_a = nb::none(),
-      nb::kw_only(),
       "transpose"_a = true,
-      "group_size"_a = 64,
-      "bits"_a = 4,
+      "group_size"_a = nb::none(),
+      "bits"_a = nb::none(),
       "mode"_a = "affine",
+      nb::kw_only(),
       "bias"_a = nb::none(),
       "stream"_a = nb::none(),
       nb::sig(
           "def quantized_matmul(x: mlx.core.array, w: mlx.core.array, scales: mlx.core.array, "
-          "biases: mlx.core.array | None = None, *, transpose: bool = True, group_size: int = 64, "
-          "bits: int = 4, mode: str = 'affine', bias: mlx.core.array | None = None, "
+          "biases: mlx.core.array | None = None, transpose: bool = True, "
+          "group_size: int | None = None, bits: int | None = None, mode: str = 'affine', *, "
+          "bias: mlx.core.array | None = None, "
           "stream: mlx.core.Stream | mlx.core.Device | None = None) -> mlx.core.array"),
       R"(Matrix multiplication with a quantized matrix, fused with an optional bias.
 
@@ -55,8 +56,8 @@ Args:
     scales (array): per-group scales, shape ``(rows, cols // group_size)``.
     biases (array): per-group biases, same shape and dtype as ``scales``.
     transpose (bool): multiply by the transpose of the dequantized ``w``.
-    group_size (int): 32, 64 or 128.
-    bits (int): 2, 3, 4, 5, 6 or 8.
+    group_size (int, optional): 32, 64 or 128; None takes the mode's default, 64.
+    bits (int, optional): 2, 3, 4, 5, 6 or 8; None takes the mode's default, 4.
     mode (str): only ``"affine"``.
     bias (array, optional): ``(N,)`` added to every output row in the kernel.
     stream: the stream or device to run on.

@@ -1,4 +1,4 @@
-"""mlx_ext.quantized_matmul under MLX's transforms: grad/vjp (x and bias),
+"""mlx_ext.quantized_matmul under MLX's transforms: grad/vjp (x, scales, biases, bias),
 jvp, vmap, compile, and streams."""
 
 import numpy as np
@@ -46,17 +46,60 @@ def test_grad_keeps_dtype_of_half_x():
     np.testing.assert_allclose(ref.to_f64(dx), np.broadcast_to(expected, (4, 128)), rtol=2e-3, atol=2e-3)
 
 
-@pytest.mark.parametrize("argnum", [1, 2, 3])
-def test_grad_wrt_quantized_weights_is_a_clear_error(argnum):
+def test_grad_wrt_packed_w_is_a_clear_error():
     w_q, scales, biases = quantized_layer()
     x = mx.random.normal((4, 128), key=mx.random.key(1))
-    args = [x, w_q, scales, biases]
 
     def f(*a):
         return mlx_ext.quantized_matmul(*a).sum()
 
-    with pytest.raises(ValueError, match=r"^\[mlx_ext\.quantized_matmul\] gradients with respect to the quantized weights"):
-        mx.grad(f, argnums=argnum)(*args)
+    with pytest.raises(ValueError, match=r"^\[mlx_ext\.quantized_matmul\] gradients with respect to the packed weights w"):
+        mx.grad(f, argnums=1)(x, w_q, scales, biases)
+
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.float16])
+@pytest.mark.parametrize("transpose", [True, False])
+@pytest.mark.parametrize("bits,group_size", [(4, 64), (3, 32), (8, 128)])
+def test_grad_wrt_scales_and_biases(bits, group_size, transpose, dtype):
+    """d/d scale = sum over the group of dW * q, d/d bias = sum of dW, where dW
+    is g^T x (transpose) or x^T g: the gradient MLX defines, for QAT / DWQ."""
+    rows, cols = (48, 256) if transpose else (256, 128)
+    w_q, scales, biases = quantized_layer(n=rows, k=cols, bits=bits, group_size=group_size)
+    scales, biases = scales.astype(dtype), biases.astype(dtype)
+    k, n = (cols, rows) if transpose else (rows, cols)
+    x = mx.random.normal((2, 3, k), key=mx.random.key(3)).astype(dtype)
+    g = mx.random.normal((2, 3, n), key=mx.random.key(4))
+
+    def loss(s, b, fn):
+        y = fn(x, w_q, s, b, transpose=transpose, group_size=group_size, bits=bits)
+        return (y.astype(mx.float32) * g).sum()
+
+    ds, db = mx.grad(loss, argnums=(0, 1))(scales, biases, mlx_ext.quantized_matmul)
+    assert ds.dtype == dtype and db.dtype == dtype
+    dw = ref.to_f64(g).reshape(-1, n).T @ ref.to_f64(x).reshape(-1, k)  # (n, k)
+    dw = (dw if transpose else dw.T).reshape(rows, cols // group_size, group_size)
+    q = ref.unpack_bits(w_q, bits).reshape(rows, cols // group_size, group_size)
+    want_ds, want_db = (dw * q).sum(-1), dw.sum(-1)
+    tol = 2e-3 if dtype == mx.float16 else 1e-4
+    for got, want in [(ds, want_ds), (db, want_db)]:
+        scale = np.abs(want).max()
+        np.testing.assert_allclose(ref.to_f64(got), want, rtol=tol, atol=tol * scale)
+    # The same as MLX's own vjp.
+    mds, mdb = mx.grad(loss, argnums=(0, 1))(scales, biases, mx.quantized_matmul)
+    np.testing.assert_allclose(ref.to_f64(ds), ref.to_f64(mds), rtol=tol, atol=tol * np.abs(want_ds).max())
+    np.testing.assert_allclose(ref.to_f64(db), ref.to_f64(mdb), rtol=tol, atol=tol * np.abs(want_db).max())
+
+
+def test_group_size_and_bits_default_as_in_mlx():
+    """None takes the mode's defaults, and the arguments after biases may be
+    positional, as in mx.quantized_matmul's signature."""
+    w_q, scales, biases = quantized_layer()  # group size 64, 4 bits: affine's defaults
+    x = mx.random.normal((3, 128), key=mx.random.key(1))
+    want = mlx_ext.quantized_matmul(x, w_q, scales, biases, transpose=True, group_size=64, bits=4)
+    for got in [mlx_ext.quantized_matmul(x, w_q, scales, biases),
+                mlx_ext.quantized_matmul(x, w_q, scales, biases, group_size=None, bits=None),
+                mlx_ext.quantized_matmul(x, w_q, scales, biases, True, None, None, "affine")]:
+        assert mx.array_equal(got, want).item()
 
 
 def test_jvp_matches_the_linear_map():

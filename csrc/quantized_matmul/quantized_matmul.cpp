@@ -18,13 +18,16 @@ mx::array quantized_matmul(
     const mx::array& scales,
     const std::optional<mx::array>& biases,
     bool transpose,
-    int group_size,
-    int bits,
+    std::optional<int> group_size_or_default,
+    std::optional<int> bits_or_default,
     const std::string& mode,
     const std::optional<mx::array>& bias,
     mx::StreamOrDevice s) {
   if (mode != "affine")
     value_error(kOp, "mode='", mode, "' is not supported; mlx_ext implements mode='affine'");
+  // MLX's defaults for mode="affine" where the caller passes None.
+  const int group_size = group_size_or_default.value_or(64);
+  const int bits = bits_or_default.value_or(4);
   check_affine_config(kOp, bits, group_size);
   if (!biases)
     value_error(kOp, "biases are required for mode='affine' (got None)");
@@ -75,17 +78,51 @@ std::vector<mx::array> QuantizedMatmul::vjp(
       auto dx = quantized_matmul(cotan, primals[1], primals[2], primals[3], !transpose_,
           group_size_, bits_, "affine", std::nullopt, stream());
       grads.push_back(mx::astype(dx, primals[0].dtype(), stream()));
+    } else if (arg == 2 || arg == 3) {
+      grads.push_back(arg == 2 ? scales_grad(primals, cotan) : biases_grad(primals, cotan));
     } else if (arg == 4 && has_bias_) {
       std::vector<int> axes(cotan.ndim() - 1);
       for (int i = 0; i < int(axes.size()); ++i) axes[i] = i;
       auto db = axes.empty() ? cotan : mx::sum(cotan, axes, false, stream());
       grads.push_back(mx::astype(db, primals[4].dtype(), stream()));
     } else {
-      value_error(kOp, "gradients with respect to the quantized weights (w, scales, biases) "
-          "are not supported; differentiate with respect to x or bias only");
+      value_error(kOp, "gradients with respect to the packed weights w are not supported "
+          "(as in MLX); differentiate with respect to x, scales, biases or bias");
     }
   }
   return grads;
+}
+
+// The gradient of the dequantized matrix W (rows, cols), split into its groups:
+// (rows, cols / group_size, group_size). out = x W^T (transpose) or x W, so
+// dW = g^T x or x^T g over every row of x.
+mx::array QuantizedMatmul::weight_grad_by_group(
+    const std::vector<mx::array>& primals, const mx::array& cotan) {
+  const auto& s = stream();
+  const auto x = mx::reshape(primals[0], {-1, primals[0].shape(-1)}, s);
+  const auto g = mx::reshape(mx::astype(cotan, x.dtype(), s), {-1, cotan.shape(-1)}, s);
+  auto dw = transpose_ ? mx::matmul(mx::transpose(g, s), x, s)
+                       : mx::matmul(mx::transpose(x, s), g, s);
+  return mx::unflatten(dw, -1, {-1, group_size_}, s);
+}
+
+// d/d scale of a group = the sum over the group of dW * q (w = scale * q +
+// bias), as MLX's QuantizedMatmul::vjp defines it.
+mx::array QuantizedMatmul::scales_grad(const std::vector<mx::array>& primals, const mx::array& cotan) {
+  const auto& s = stream();
+  const auto& scales = primals[2];
+  auto q = mx::dequantize(primals[1], mx::ones_like(scales, s), mx::zeros_like(scales, s),
+      group_size_, bits_, "affine", std::nullopt, std::nullopt, s);
+  q = mx::unflatten(q, -1, {-1, group_size_}, s);
+  auto ds = mx::sum(mx::multiply(weight_grad_by_group(primals, cotan), q, s), -1, false, s);
+  return mx::astype(ds, scales.dtype(), s);
+}
+
+// d/d bias of a group = the sum over the group of dW.
+mx::array QuantizedMatmul::biases_grad(const std::vector<mx::array>& primals, const mx::array& cotan) {
+  const auto& s = stream();
+  auto db = mx::sum(weight_grad_by_group(primals, cotan), -1, false, s);
+  return mx::astype(db, primals[3].dtype(), s);
 }
 
 std::vector<mx::array> QuantizedMatmul::jvp(

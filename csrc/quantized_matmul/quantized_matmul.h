@@ -20,8 +20,8 @@ mx::array quantized_matmul(
     const mx::array& scales,
     const std::optional<mx::array>& biases,
     bool transpose,
-    int group_size,
-    int bits,
+    std::optional<int> group_size,
+    std::optional<int> bits,
     const std::string& mode,
     const std::optional<mx::array>& bias,
     mx::StreamOrDevice s = {});
@@ -63,6 +63,10 @@ class QuantizedMatmul : public mx::UnaryPrimitive {
   bool has_bias() const { return has_bias_; }
 
  private:
+  mx::array weight_grad_by_group(const std::vector<mx::array>& primals, const mx::array& cotan);
+  mx::array scales_grad(const std::vector<mx::array>& primals, const mx::array& cotan);
+  mx::array biases_grad(const std::vector<mx::array>& primals, const mx::array& cotan);
+
   int group_size_;
   int bits_;
   bool transpose_;
