@@ -1,0 +1,13 @@
+// Runs one attention call on the CPU: cuts it into tasks over (batch, kv
+// head, query block) and, when those are too few to occupy the threads
+// (decode), over key chunks too, merged afterwards by log-sum-exp. Free of
+// MLX types so that native tests can drive the kernels of any ISA directly.
+#pragma once
+
+#include "attention/cpu_kernels.h"
+
+namespace mlx_ext::cpu {
+
+void run_attention(const AttentionKernels& kernels, const AttentionArgs& a);
+
+} // namespace mlx_ext::cpu

@@ -1,0 +1,327 @@
+// Attention CPU kernels, compiled once per ISA (simd.h).
+//
+// attend: one task is query rows [l0, l1) of the G = Hq / Hkv query heads that
+// share kv head `hkv` of batch `b` (R = G * (l1 - l0) rows, q pre-scaled to
+// float32), against keys [s0, s1) in blocks of kKeyBlock keys. Each block of
+// K and of V is brought once into a float32 tile and serves all R rows, so
+// each K/V byte is read once per task. Per row and block: the scores, then
+// the online-softmax update of the row's running max m, sum l and float32
+// accumulator (D floats). Blocks no row can see (causal, window, kv_lengths)
+// are never loaded; per row, keys outside its range are never scored.
+//
+// Quantized K/V tiles hold the codes as floats and never the dequantized
+// values: per group g of D, q . k = s_g (q . codes)_g + b_g (sum q)_g, and the
+// value accumulator takes p s_g codes_g plus p b_g in a per-group term.
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "attention/cpu_kernels.h"
+#include "common/cpu/float_io.h"
+#include "common/cpu/simd.h"
+
+namespace mlx_ext::cpu::MLX_EXT_ISA_NS {
+namespace {
+
+constexpr int kKeyBlock = 64;
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// A block of keys or values as float32 rows of D values: the values, or (bits
+// != 0) the codes 0 .. 2^bits - 1 with each row's per-group scale and bias.
+struct Tile {
+  const float* x; // (n, D)
+  const float* scale; // (n, groups)
+  const float* bias; // (n, groups)
+};
+
+struct TileStorage {
+  std::vector<float> x, scale, bias;
+};
+
+// Rows [row0, row0 + n) of a (rows, D) K or V (rows flattened over B, Hkv, S).
+template <FloatType T, int bits>
+Tile load_tile(const AttentionArgs& a, const void* data, const void* scales, const void* biases,
+    int64_t row0, int64_t n, TileStorage& st) {
+  const int64_t D = a.D;
+  if constexpr (bits == 0) {
+    if constexpr (T == FloatType::f32) {
+      return {static_cast<const float*>(data) + row0 * D, nullptr, nullptr};
+    } else {
+      st.x.resize(n * D);
+      convert_to_float<T>(data, row0 * D, n * D, st.x.data());
+      return {st.x.data(), nullptr, nullptr};
+    }
+  } else {
+    const int64_t groups = D / a.group_size;
+    st.x.resize(n * D);
+    st.scale.resize(n * groups);
+    st.bias.resize(n * groups);
+    const uint8_t* codes = static_cast<const uint8_t*>(data) + row0 * D * bits / 8;
+    float* x = st.x.data();
+    if constexpr (bits == 8) {
+      for (int64_t i = 0; i < n * D; ++i) x[i] = float(codes[i]);
+    } else { // byte i holds values 2i (low nibble) and 2i + 1
+      for (int64_t i = 0; i < n * D / 2; ++i) {
+        x[2 * i] = float(codes[i] & 15);
+        x[2 * i + 1] = float(codes[i] >> 4);
+      }
+    }
+    convert_to_float<T>(scales, row0 * groups, n * groups, st.scale.data());
+    convert_to_float<T>(biases, row0 * groups, n * groups, st.bias.data());
+    return {x, st.scale.data(), st.bias.data()};
+  }
+}
+
+// x . row j of the tile (x_sums: the sums of x over each group, quantized only).
+template <int bits>
+MLX_EXT_INLINE float tile_dot(const float* x, const float* x_sums, const Tile& t, int64_t j,
+    int64_t D, int group_size) {
+  const float* row = t.x + j * D;
+  if constexpr (bits == 0) {
+    VecF acc = zero();
+    int64_t d = 0;
+    for (; d + kWidth <= D; d += kWidth) acc = fma(load(x + d), load(row + d), acc);
+    float s = reduce_add(acc);
+    for (; d < D; ++d) s += x[d] * row[d];
+    return s;
+  } else { // group sizes are multiples of every kWidth
+    const int64_t groups = D / group_size;
+    const float* scale = t.scale + j * groups;
+    const float* bias = t.bias + j * groups;
+    VecF acc = zero();
+    float s = 0.0f;
+    for (int64_t g = 0; g < groups; ++g) {
+      VecF part = zero();
+      for (int64_t d = g * group_size; d < (g + 1) * group_size; d += kWidth)
+        part = fma(load(x + d), load(row + d), part);
+      acc = fma(broadcast(scale[g]), part, acc);
+      s += bias[g] * x_sums[g];
+    }
+    return s + reduce_add(acc);
+  }
+}
+
+// acc += p * row j of the tile; quantized: acc += p s_g codes per group and
+// acc_groups[g] += p b_g (added to each of the group's D entries at the end).
+template <int bits>
+MLX_EXT_INLINE void tile_axpy(float p, const Tile& t, int64_t j, float* acc, float* acc_groups,
+    int64_t D, int group_size) {
+  const float* row = t.x + j * D;
+  if constexpr (bits == 0) {
+    const VecF pv = broadcast(p);
+    int64_t d = 0;
+    for (; d + kWidth <= D; d += kWidth) store(acc + d, fma(pv, load(row + d), load(acc + d)));
+    for (; d < D; ++d) acc[d] += p * row[d];
+  } else {
+    const int64_t groups = D / group_size;
+    for (int64_t g = 0; g < groups; ++g) {
+      const VecF w = broadcast(p * t.scale[j * groups + g]);
+      for (int64_t d = g * group_size; d < (g + 1) * group_size; d += kWidth)
+        store(acc + d, fma(w, load(row + d), load(acc + d)));
+      acc_groups[g] += p * t.bias[j * groups + g];
+    }
+  }
+}
+
+// The keys [lo, hi) query row i of batch b may see: up to kv_lengths[b]
+// (clamped to [0, S]); causal: up to its position, lower-right aligned to
+// that length; window: only the last `window` of those.
+MLX_EXT_INLINE void visible_keys(const AttentionArgs& a, int64_t b, int64_t i, int64_t& lo,
+    int64_t& hi) {
+  const int64_t len = a.kv_lengths ? std::clamp<int64_t>(a.kv_lengths[b], 0, a.S) : a.S;
+  lo = 0;
+  hi = len;
+  if (a.causal) {
+    const int64_t pos = i + len - a.L;
+    hi = std::min(hi, pos + 1);
+    if (a.window) lo = std::max<int64_t>(0, pos + 1 - a.window);
+  }
+  hi = std::max(hi, lo);
+}
+
+// Everything one task keeps per query row, as R-row arrays.
+struct RowState {
+  std::vector<float> q, q_sums, acc, acc_groups, m, l, scores;
+  std::vector<int64_t> lo, hi;
+  TileStorage k_tile, v_tile;
+};
+
+template <FloatType T, int bits>
+void attend(const AttentionArgs& a, const AttentionTask& t, const AttentionPartials* parts) {
+  const int64_t D = a.D, G = a.Hq / a.Hkv, n_l = t.l1 - t.l0, R = G * n_l;
+  const int gs = a.group_size;
+  const int64_t groups = bits ? D / gs : 0;
+  thread_local RowState st;
+  st.q.resize(R * D);
+  st.acc.assign(R * D, 0.0f);
+  st.q_sums.resize(R * groups);
+  st.acc_groups.assign(R * groups, 0.0f);
+  st.m.resize(R);
+  st.l.resize(R);
+  st.lo.resize(R);
+  st.hi.resize(R);
+  st.scores.resize(kKeyBlock);
+
+  const bool sinks = a.sinks && (!parts || parts->chunk == 0);
+  int64_t first = t.s1, last = t.s0; // the union of the rows' key ranges
+  for (int64_t r = 0; r < R; ++r) {
+    const int64_t h = t.hkv * G + r / n_l, i = t.l0 + r % n_l;
+    float* q = st.q.data() + r * D;
+    convert_to_float<T>(a.q, ((t.b * a.Hq + h) * a.L + i) * D, D, q);
+    for (int64_t d = 0; d < D; ++d) q[d] *= a.scale;
+    for (int64_t g = 0; g < groups; ++g) {
+      float s = 0.0f;
+      for (int64_t d = g * gs; d < (g + 1) * gs; ++d) s += q[d];
+      st.q_sums[r * groups + g] = s;
+    }
+    visible_keys(a, t.b, i, st.lo[r], st.hi[r]);
+    st.lo[r] = std::max(st.lo[r], t.s0);
+    st.hi[r] = std::min(st.hi[r], t.s1);
+    if (st.lo[r] < st.hi[r]) {
+      first = std::min(first, st.lo[r]);
+      last = std::max(last, st.hi[r]);
+    }
+    // A sink is one more logit with no value: the softmax starts from it.
+    st.m[r] = sinks ? a.sinks[h] : kNegInf;
+    st.l[r] = sinks ? 1.0f : 0.0f;
+  }
+
+  const int64_t kv_row0 = (t.b * a.Hkv + t.hkv) * a.S;
+  for (int64_t j0 = first; j0 < last; j0 += kKeyBlock) {
+    const int64_t n = std::min<int64_t>(kKeyBlock, last - j0);
+    const Tile kt = load_tile<T, bits>(a, a.k, a.k_scales, a.k_biases, kv_row0 + j0, n, st.k_tile);
+    const Tile vt = load_tile<T, bits>(a, a.v, a.v_scales, a.v_biases, kv_row0 + j0, n, st.v_tile);
+    for (int64_t r = 0; r < R; ++r) {
+      const int64_t begin = std::max(st.lo[r], j0), end = std::min(st.hi[r], j0 + n);
+      if (begin >= end) continue;
+      const int64_t h = t.hkv * G + r / n_l, i = t.l0 + r % n_l;
+      const float* q = st.q.data() + r * D;
+      const float* q_sums = st.q_sums.data() + r * groups;
+      float* s = st.scores.data() - j0;
+      float block_max = kNegInf;
+      const int64_t mask_row = t.b * a.mask_strides[0] + h * a.mask_strides[1] + i * a.mask_strides[2];
+      for (int64_t j = begin; j < end; ++j) {
+        s[j] = tile_dot<bits>(q, q_sums, kt, j - j0, D, gs);
+        if (a.mask) {
+          const int64_t at = mask_row + j * a.mask_strides[3];
+          if (a.mask_is_bool) {
+            if (!static_cast<const uint8_t*>(a.mask)[at]) s[j] = kNegInf;
+          } else {
+            s[j] += static_cast<const float*>(a.mask)[at];
+          }
+        }
+        block_max = std::max(block_max, s[j]);
+      }
+      if (block_max == kNegInf) continue;
+      float* acc = st.acc.data() + r * D;
+      float* acc_groups = st.acc_groups.data() + r * groups;
+      // Online softmax: rescale what was summed under the old max.
+      const float m = std::max(st.m[r], block_max);
+      const float alpha = std::exp(st.m[r] - m);
+      if (alpha != 1.0f) {
+        const VecF av = broadcast(alpha);
+        int64_t d = 0;
+        for (; d + kWidth <= D; d += kWidth) store(acc + d, fma(av, load(acc + d), zero()));
+        for (; d < D; ++d) acc[d] *= alpha;
+        for (int64_t g = 0; g < groups; ++g) acc_groups[g] *= alpha;
+        st.l[r] *= alpha;
+      }
+      st.m[r] = m;
+      for (int64_t j = begin; j < end; ++j) {
+        const float p = std::exp(s[j] - m);
+        if (p == 0.0f) continue;
+        st.l[r] += p;
+        tile_axpy<bits>(p, vt, j - j0, st.acc.data() + r * D, acc_groups, D, gs);
+      }
+    }
+  }
+
+  const int64_t n_rows = a.B * a.Hq * a.L;
+  for (int64_t r = 0; r < R; ++r) {
+    const int64_t h = t.hkv * G + r / n_l, i = t.l0 + r % n_l;
+    const int64_t row = (t.b * a.Hq + h) * a.L + i;
+    float* acc = st.acc.data() + r * D;
+    for (int64_t d = 0; d < D && groups; ++d) acc[d] += st.acc_groups[r * groups + d / gs];
+    if (parts) {
+      const int64_t at = parts->chunk * n_rows + row;
+      parts->m[at] = st.m[r];
+      parts->l[at] = st.l[r];
+      std::copy(acc, acc + D, parts->acc + at * D);
+      continue;
+    }
+    // A row that sees no key (and has no sink) attends to nothing: 0.
+    const float inv = st.l[r] > 0.0f ? 1.0f / st.l[r] : 0.0f;
+    for (int64_t d = 0; d < D; ++d) store_float<T>(a.out, row * D + d, acc[d] * inv);
+    a.lse[row] = st.l[r] > 0.0f ? st.m[r] + std::log(st.l[r]) : kNegInf;
+  }
+}
+
+// Rows [r0, r1) of (B, Hq, L): out = sum_c e^(m_c - M) acc_c / sum_c e^(m_c - M) l_c.
+template <FloatType T>
+void merge(const AttentionArgs& a, const AttentionPartials& p, int64_t chunks, int64_t r0,
+    int64_t r1) {
+  const int64_t D = a.D, n_rows = a.B * a.Hq * a.L;
+  thread_local std::vector<float> acc;
+  acc.resize(D);
+  for (int64_t r = r0; r < r1; ++r) {
+    float M = kNegInf;
+    for (int64_t c = 0; c < chunks; ++c)
+      if (p.l[c * n_rows + r] > 0.0f) M = std::max(M, p.m[c * n_rows + r]);
+    std::fill(acc.begin(), acc.end(), 0.0f);
+    float l = 0.0f;
+    for (int64_t c = 0; c < chunks && M != kNegInf; ++c) {
+      const int64_t at = c * n_rows + r;
+      if (p.l[at] == 0.0f) continue;
+      const float w = std::exp(p.m[at] - M);
+      l += w * p.l[at];
+      const VecF wv = broadcast(w);
+      const float* src = p.acc + at * D;
+      int64_t d = 0;
+      for (; d + kWidth <= D; d += kWidth) store(acc.data() + d, fma(wv, load(src + d), load(acc.data() + d)));
+      for (; d < D; ++d) acc[d] += w * src[d];
+    }
+    const float inv = l > 0.0f ? 1.0f / l : 0.0f;
+    for (int64_t d = 0; d < D; ++d) store_float<T>(a.out, r * D + d, acc[d] * inv);
+    a.lse[r] = l > 0.0f ? M + std::log(l) : kNegInf;
+  }
+}
+
+template <FloatType T>
+void attend_bits(const AttentionArgs& a, const AttentionTask& t, const AttentionPartials* p) {
+  switch (a.bits) {
+    case 4: return attend<T, 4>(a, t, p);
+    case 8: return attend<T, 8>(a, t, p);
+    default: return attend<T, 0>(a, t, p);
+  }
+}
+
+void attend_entry(const AttentionArgs& a, const AttentionTask& t, const AttentionPartials* p) {
+  switch (a.type) {
+    case FloatType::f16: return attend_bits<FloatType::f16>(a, t, p);
+    case FloatType::bf16: return attend_bits<FloatType::bf16>(a, t, p);
+    default: return attend_bits<FloatType::f32>(a, t, p);
+  }
+}
+
+void merge_entry(const AttentionArgs& a, const AttentionPartials& p, int64_t chunks, int64_t r0,
+    int64_t r1) {
+  switch (a.type) {
+    case FloatType::f16: return merge<FloatType::f16>(a, p, chunks, r0, r1);
+    case FloatType::bf16: return merge<FloatType::bf16>(a, p, chunks, r0, r1);
+    default: return merge<FloatType::f32>(a, p, chunks, r0, r1);
+  }
+}
+
+} // namespace
+
+#define MLX_EXT_STR2(x) #x
+#define MLX_EXT_STR(x) MLX_EXT_STR2(x)
+extern const AttentionKernels attention_kernels = {
+    MLX_EXT_STR(MLX_EXT_ISA_NS),
+    kKeyBlock,
+    attend_entry,
+    merge_entry,
+};
+
+} // namespace mlx_ext::cpu::MLX_EXT_ISA_NS

@@ -1,0 +1,76 @@
+// The interface between the attention CPU driver (cpu_driver.cpp: task
+// shapes, threads, the split of keys in decode) and the per-ISA kernels
+// (cpu_kernels.cpp, compiled once per instruction set). Plain structs and
+// function pointers only.
+#pragma once
+
+#include <cstdint>
+
+#include "common/cpu/float_type.h"
+#include "common/cpu/isa.h"
+
+namespace mlx_ext::cpu {
+
+// One attention call. q, out (B, Hq, L, D); K and V (B, Hkv, S, D), query
+// head h reads kv head h / (Hq / Hkv). All contiguous.
+struct AttentionArgs {
+  const void* q;
+  // Float K/V: the values. Quantized: the packed codes (uint32 words, D * bits
+  // / 32 per key), with scales and biases (B, Hkv, S, D / group_size).
+  const void* k;
+  const void* v;
+  const void* k_scales;
+  const void* k_biases;
+  const void* v_scales;
+  const void* v_biases;
+  // bool (one byte per value) or float32 additive mask of shape (Bm, Hm, Lm,
+  // Sm), read at b * mask_strides[0] + h * [1] + i * [2] + j * [3] (element
+  // strides, 0 on broadcast dims); nullptr when none.
+  const void* mask;
+  bool mask_is_bool;
+  int64_t mask_strides[4];
+  const float* sinks; // (Hq,) or nullptr
+  const int32_t* kv_lengths; // (B,) or nullptr; each clamped to [0, S]
+  void* out; // (B, Hq, L, D), `type`
+  float* lse; // (B, Hq, L): log-sum-exp of each row's logits (sinks included)
+  FloatType type; // of q, out, float K/V, scales and biases
+  int64_t B, Hq, Hkv, L, S, D;
+  float scale;
+  bool causal; // lower-right aligned to each sequence's key length
+  int window; // 0: none
+  int bits; // 0: float K/V
+  int group_size;
+};
+
+// One forward task: query rows [l0, l1) of every query head of kv head
+// `hkv` in batch `b`, against keys [s0, s1).
+struct AttentionTask {
+  int64_t b, hkv, l0, l1, s0, s1;
+};
+
+// Unnormalised partial results of one task over a key range, for the
+// log-sum-exp merge: per row (b, h, l) the running max m, the sum of
+// exp(logit - m) and the accumulator sum exp(logit - m) v (D floats).
+struct AttentionPartials {
+  float* m; // (chunks, B, Hq, L)
+  float* l; // (chunks, B, Hq, L)
+  float* acc; // (chunks, B, Hq, L, D)
+  int64_t chunk; // which chunk this task writes
+};
+
+struct AttentionKernels {
+  const char* isa;
+  // Key block of the tiled loop; the driver's key chunks are multiples of it.
+  int key_block;
+  // The task's rows over its keys: normalised into out and lse when
+  // `partials` is nullptr, else unnormalised into partials (sinks join chunk 0).
+  void (*attend)(const AttentionArgs&, const AttentionTask&, const AttentionPartials* partials);
+  // Rows [r0, r1) of the flattened (B, Hq, L): merges `chunks` partials into
+  // out and lse.
+  void (*merge)(const AttentionArgs&, const AttentionPartials&, int64_t chunks, int64_t r0,
+      int64_t r1);
+};
+
+MLX_EXT_PER_ISA(AttentionKernels, attention_kernels)
+
+} // namespace mlx_ext::cpu
