@@ -1,5 +1,5 @@
-// The op function (validation, input preparation, graph building) and the
-// Primitives' transforms. Kernels: cpu.cpp (forward), cpu_backward.cpp.
+// The op function: validation, input preparation, graph building.
+// Transforms: transforms.cpp. Kernels: cpu.cpp.
 #include "attention/attention.h"
 
 #include "common/affine.h"
@@ -8,7 +8,7 @@
 namespace mlx_ext {
 namespace {
 
-constexpr const char* kOp = "scaled_dot_product_attention";
+constexpr const char* kOp = kAttentionOp;
 
 // The head dims the CPU kernels take.
 constexpr int kMaxHeadDim = 256;
@@ -216,22 +216,16 @@ mx::array scaled_dot_product_attention(
   if (sinks) inputs.push_back(kernel_input(*sinks, mx::float32, stream));
   if (kv_lengths) inputs.push_back(contiguous_input(*kv_lengths, stream));
 
-  auto outputs = mx::array::make_arrays(
-      {q.shape(), mx::Shape{d.B, d.Hq, d.L}},
-      {q.dtype(), mx::float32},
-      std::make_shared<ScaledDotProductAttention>(stream, c),
-      std::move(inputs));
-  return outputs[0];
+  return attention_node(std::move(inputs), c, stream)[0];
 }
 
-bool ScaledDotProductAttention::is_equivalent(const mx::Primitive& other) const {
-  return config_ == static_cast<const ScaledDotProductAttention&>(other).config_;
-}
-
-std::vector<mx::Shape> ScaledDotProductAttention::output_shapes(
-    const std::vector<mx::array>& inputs) {
+std::vector<mx::array> attention_node(
+    std::vector<mx::array> inputs, const AttentionConfig& config, const mx::Stream& s) {
   const auto& q = inputs[0];
-  return {q.shape(), mx::Shape{q.shape(0), q.shape(1), q.shape(2)}};
+  auto shapes = std::vector<mx::Shape>{q.shape(), {q.shape(0), q.shape(1), q.shape(2)}};
+  auto dtypes = std::vector<mx::Dtype>{q.dtype(), mx::float32};
+  return mx::array::make_arrays(std::move(shapes), std::move(dtypes),
+      std::make_shared<ScaledDotProductAttention>(s, config), std::move(inputs));
 }
 
 } // namespace mlx_ext

@@ -17,6 +17,9 @@ namespace mlx_ext {
 
 namespace mx = mlx::core;
 
+// The op's name in error messages: "[mlx_ext.scaled_dot_product_attention] ...".
+inline constexpr const char* kAttentionOp = "scaled_dot_product_attention";
+
 // k or v: a float array (B, Hkv, S, D), or the (w_q, scales, biases) tuple of
 // mlx-lm's QuantizedKVCache, quantized along D.
 using KvInput = std::variant<mx::array, std::vector<mx::array>>;
@@ -65,6 +68,11 @@ struct AttentionInputs {
   explicit AttentionInputs(const AttentionConfig& c);
 };
 
+// The primitive's node over inputs prepared as the op function prepares them
+// (AttentionInputs order): {out, lse}.
+std::vector<mx::array> attention_node(
+    std::vector<mx::array> inputs, const AttentionConfig& config, const mx::Stream& s);
+
 // Outputs: out (B, Hq, L, D) in q's dtype, and the log-sum-exp of each row's
 // logits (B, Hq, L) float32 (sinks included; -inf for a row that sees no key),
 // which the backward uses to recompute probabilities without the scores.
@@ -76,11 +84,42 @@ class ScaledDotProductAttention : public mx::Primitive {
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
   void eval_gpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
 
+  std::vector<mx::array> vjp(
+      const std::vector<mx::array>& primals,
+      const std::vector<mx::array>& cotangents,
+      const std::vector<int>& argnums,
+      const std::vector<mx::array>& outputs) override;
+  std::vector<mx::array> jvp(
+      const std::vector<mx::array>& primals,
+      const std::vector<mx::array>& tangents,
+      const std::vector<int>& argnums) override;
+  std::pair<std::vector<mx::array>, std::vector<int>> vmap(
+      const std::vector<mx::array>& inputs,
+      const std::vector<int>& axes) override;
+
   const char* name() const override { return "mlx_ext::ScaledDotProductAttention"; }
   bool is_equivalent(const mx::Primitive& other) const override;
   std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override;
 
   const AttentionConfig& config() const { return config_; }
+
+ private:
+  AttentionConfig config_;
+};
+
+// The fused backward: inputs are the forward's, then its lse, delta (B, Hq,
+// L) float32 = sum(d_out * out, -1), and d_out, the cotangent of out;
+// outputs dq, and dk, dv for float K/V, in q's dtype.
+class ScaledDotProductAttentionVjp : public mx::Primitive {
+ public:
+  ScaledDotProductAttentionVjp(mx::Stream stream, AttentionConfig config)
+      : mx::Primitive(stream), config_(config) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
+  void eval_gpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
+
+  const char* name() const override { return "mlx_ext::ScaledDotProductAttentionVjp"; }
+  bool is_equivalent(const mx::Primitive& other) const override;
 
  private:
   AttentionConfig config_;

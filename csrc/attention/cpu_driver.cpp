@@ -16,11 +16,15 @@ constexpr int64_t kRowsPerTask = 64;
 // Split keys when there are fewer tasks than this many per thread.
 constexpr int64_t kTasksPerThread = 4;
 
+// Query rows per task of each query head (a task covers all G of one kv head).
+int64_t query_block(const AttentionArgs& a) {
+  return std::min(a.L, std::max<int64_t>(1, kRowsPerTask / (a.Hq / a.Hkv)));
+}
+
 } // namespace
 
 void run_attention(const AttentionKernels& kt, const AttentionArgs& a) {
-  const int64_t G = a.Hq / a.Hkv;
-  const int64_t rows = std::min(a.L, std::max<int64_t>(1, kRowsPerTask / G));
+  const int64_t rows = query_block(a);
   const int64_t q_blocks = ceil_div(a.L, rows);
   const int64_t tasks = a.B * a.Hkv * q_blocks;
   const int64_t wanted = kTasksPerThread * num_threads();
@@ -57,6 +61,24 @@ void run_attention(const AttentionKernels& kt, const AttentionArgs& a) {
   const int64_t merge_rows = std::max<int64_t>(1, ceil_div(n_rows, wanted));
   parallel_for(ceil_div(n_rows, merge_rows), [&](int64_t t) {
     kt.merge(a, p, chunks, t * merge_rows, std::min(n_rows, (t + 1) * merge_rows));
+  });
+}
+
+void run_attention_backward(
+    const AttentionBackwardKernels& kt, int key_block, const AttentionArgs& a,
+    const AttentionGrads& g) {
+  const int64_t rows = std::max<int64_t>(1, query_block(a));
+  const int64_t q_blocks = ceil_div(a.L, rows);
+  parallel_for(a.B * a.Hkv * q_blocks, [&](int64_t t) {
+    const int64_t qb = t % q_blocks, bh = t / q_blocks;
+    kt.dq(a, g, AttentionTask{bh / a.Hkv, bh % a.Hkv, qb * rows, std::min(a.L, (qb + 1) * rows), 0, a.S});
+  });
+  if (!g.dk) return;
+  const int64_t k_blocks = ceil_div(a.S, key_block);
+  parallel_for(a.B * a.Hkv * k_blocks, [&](int64_t t) {
+    const int64_t kb = t % k_blocks, bh = t / k_blocks;
+    kt.dkv(a, g, AttentionTask{bh / a.Hkv, bh % a.Hkv, 0, a.L, kb * key_block,
+        std::min(a.S, (kb + 1) * key_block)});
   });
 }
 

@@ -73,4 +73,24 @@ struct AttentionKernels {
 
 MLX_EXT_PER_ISA(AttentionKernels, attention_kernels)
 
+// The gradients of one attention call, given the cotangent of out.
+struct AttentionGrads {
+  const void* d_out; // (B, Hq, L, D), the args' type
+  const float* lse; // (B, Hq, L): the forward's log-sum-exp
+  const float* delta; // (B, Hq, L): d_out . out of each row
+  void* dq; // (B, Hq, L, D)
+  void* dk; // (B, Hkv, S, D); float K/V only
+  void* dv;
+};
+
+struct AttentionBackwardKernels {
+  // dq of the task's rows, over all the keys they see.
+  void (*dq)(const AttentionArgs&, const AttentionGrads&, const AttentionTask&);
+  // dk and dv of keys [s0, s1) (at most key_block of them) of kv head `hkv`,
+  // over all the query rows that see them; l0 and l1 are ignored.
+  void (*dkv)(const AttentionArgs&, const AttentionGrads&, const AttentionTask&);
+};
+
+MLX_EXT_PER_ISA(AttentionBackwardKernels, attention_backward_kernels)
+
 } // namespace mlx_ext::cpu

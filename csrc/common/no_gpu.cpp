@@ -11,11 +11,14 @@ namespace mlx_ext {
 
 #if defined(MLX_EXT_METAL)
 MLX_EXT_NO_GPU_MULTI(ScaledDotProductAttention)
+MLX_EXT_NO_GPU_MULTI(ScaledDotProductAttentionVjp)
 #elif defined(MLX_EXT_CUDA)
 MLX_EXT_NO_GPU_MULTI(ScaledDotProductAttention)
+MLX_EXT_NO_GPU_MULTI(ScaledDotProductAttentionVjp)
 #else
 MLX_EXT_NO_GPU(QuantizedMatmul)
 MLX_EXT_NO_GPU_MULTI(ScaledDotProductAttention)
+MLX_EXT_NO_GPU_MULTI(ScaledDotProductAttentionVjp)
 #endif
 
 } // namespace mlx_ext
