@@ -44,8 +44,8 @@ void backward_dq(const AttentionArgs& a, const AttentionGrads& gr, const Attenti
     if (st.lo[r] >= st.hi[r]) continue;
     first = std::min(first, st.lo[r]);
     last = std::max(last, st.hi[r]);
-    load_row<T>(a.q, row, D, a.scale, st.q.data() + r * D, groups, gs, st.q_sums.data() + r * groups);
-    load_row<T>(gr.d_out, row, D, 1.0f, st.d_out.data() + r * D, groups, gs,
+    load_row<T, bits>(a.q, row, D, a.scale, st.q.data() + r * D, groups, gs, st.q_sums.data() + r * groups);
+    load_row<T, bits>(gr.d_out, row, D, 1.0f, st.d_out.data() + r * D, groups, gs,
         st.d_out_sums.data() + r * groups);
   }
   const int64_t kv_row0 = (t.b * a.Hkv + t.hkv) * a.S;
@@ -61,21 +61,21 @@ void backward_dq(const AttentionArgs& a, const AttentionGrads& gr, const Attenti
       const float* q = st.q.data() + r * D;
       const float* d_out = st.d_out.data() + r * D;
       for (int64_t j = begin; j < end; ++j) {
-        const float s = apply_mask(a, m_row, j, tile_dot<bits>(q, st.q_sums.data() + r * groups, kt, j - j0, D, gs));
-        const float p = std::exp(s - lse);
+        float s, dp;
+        tile_dot<1, bits>(q, st.q_sums.data() + r * groups, kt, j - j0, D, gs, &s);
+        const float p = exp_nonpositive(apply_mask(a, m_row, j, s) - lse);
         if (p == 0.0f) continue;
-        const float dp = tile_dot<bits>(d_out, st.d_out_sums.data() + r * groups, vt, j - j0, D, gs);
-        tile_axpy<bits>(p * (dp - delta), kt, j - j0, st.acc.data() + r * D,
-            st.acc_groups.data() + r * groups, D, gs);
+        tile_dot<1, bits>(d_out, st.d_out_sums.data() + r * groups, vt, j - j0, D, gs, &dp);
+        const float ds = p * (dp - delta);
+        tile_axpy<1, bits>(&ds, kt, j - j0, st.acc.data() + r * D, st.acc_groups.data() + r * groups, D, gs);
       }
     }
   }
   for (int64_t r = 0; r < R; ++r) {
-    const int64_t row = row_of(r);
-    for (int64_t d = 0; d < D; ++d) {
-      const float dq = st.acc[r * D + d] + (groups ? st.acc_groups[r * groups + d / gs] : 0.0f);
-      store_float<T>(gr.dq, row * D + d, a.scale * dq);
-    }
+    float* dq = st.acc.data() + r * D;
+    for (int64_t d = 0; d < D && groups; ++d) dq[d] += st.acc_groups[r * groups + d / gs];
+    from_code_order<bits>(dq, D);
+    for (int64_t d = 0; d < D; ++d) store_float<T>(gr.dq, row_of(r) * D + d, a.scale * dq[d]);
   }
 }
 
@@ -103,16 +103,18 @@ void backward_dkv(const AttentionArgs& a, const AttentionGrads& gr, const Attent
       hi = std::min(hi, t.s1);
       const float lse = gr.lse[row], delta = gr.delta[row];
       if (lo >= hi || lse == kNegInf) continue;
-      load_row<T>(a.q, row, D, a.scale, st.q.data(), 0, 0, nullptr);
-      load_row<T>(gr.d_out, row, D, 1.0f, st.d_out.data(), 0, 0, nullptr);
+      load_row<T, 0>(a.q, row, D, a.scale, st.q.data(), 0, 0, nullptr);
+      load_row<T, 0>(gr.d_out, row, D, 1.0f, st.d_out.data(), 0, 0, nullptr);
       const int64_t m_row = mask_row(a, t.b, h, i);
       for (int64_t j = lo - t.s0; j < hi - t.s0; ++j) {
-        const float s = apply_mask(a, m_row, t.s0 + j, tile_dot<0>(st.q.data(), nullptr, kt, j, D, 0));
-        const float p = std::exp(s - lse);
+        float s, dp;
+        tile_dot<1, 0>(st.q.data(), nullptr, kt, j, D, 0, &s);
+        const float p = exp_nonpositive(apply_mask(a, m_row, t.s0 + j, s) - lse);
         if (p == 0.0f) continue;
-        const float dp = tile_dot<0>(st.d_out.data(), nullptr, vt, j, D, 0);
-        tile_axpy<0>(p, d_out_row, 0, dv + j * D, nullptr, D, 0);
-        tile_axpy<0>(p * (dp - delta), q_row, 0, dk + j * D, nullptr, D, 0);
+        tile_dot<1, 0>(st.d_out.data(), nullptr, vt, j, D, 0, &dp);
+        const float ds = p * (dp - delta);
+        tile_axpy<1, 0>(&p, d_out_row, 0, dv + j * D, nullptr, D, 0);
+        tile_axpy<1, 0>(&ds, q_row, 0, dk + j * D, nullptr, D, 0);
       }
     }
   }

@@ -4,10 +4,12 @@
 // share kv head `hkv` of batch `b` (R = G * (l1 - l0) rows, q pre-scaled to
 // float32), against keys [s0, s1) in blocks of kKeyBlock keys. Each block of
 // K and of V is brought once into a float32 tile and serves all R rows, so
-// each K/V byte is read once per task. Per row and block: the scores, then
-// the online-softmax update of the row's running max m, sum l and float32
-// accumulator (D floats). Blocks no row can see (causal, window, kv_lengths)
-// are never loaded; per row, keys outside its range are never scored.
+// each K/V byte is read once per task. Rows go kRows at a time through a
+// block: their scores (each tile row loaded once for all of them), the
+// online-softmax update of each row's running max m, sum l and float32
+// accumulator (D floats), then p v into the accumulators. Blocks no row can
+// see (causal, window, kv_lengths) are never loaded, nor scored for a group
+// of rows that cannot see them.
 //
 // Quantized K/V tiles hold the codes as floats and never the dequantized
 // values: per group g of D, q . k = s_g (q . codes)_g + b_g (sum q)_g, and the
@@ -16,6 +18,9 @@
 
 namespace mlx_ext::cpu::MLX_EXT_ISA_NS {
 namespace {
+
+// Rows that share each load of a K or V tile row.
+constexpr int kRows = 4;
 
 // Everything one task keeps per query row, as R-row arrays.
 struct RowState {
@@ -38,13 +43,13 @@ void attend(const AttentionArgs& a, const AttentionTask& t, const AttentionParti
   st.l.resize(R);
   st.lo.resize(R);
   st.hi.resize(R);
-  st.scores.resize(kKeyBlock);
+  st.scores.resize(kRows * kKeyBlock);
 
   const bool sinks = a.sinks && (!parts || parts->chunk == 0);
   int64_t first = t.s1, last = t.s0; // the union of the rows' key ranges
   for (int64_t r = 0; r < R; ++r) {
     const int64_t h = t.hkv * G + r / n_l, i = t.l0 + r % n_l;
-    load_row<T>(a.q, (t.b * a.Hq + h) * a.L + i, D, a.scale, st.q.data() + r * D, groups, gs,
+    load_row<T, bits>(a.q, (t.b * a.Hq + h) * a.L + i, D, a.scale, st.q.data() + r * D, groups, gs,
         st.q_sums.data() + r * groups);
     visible_keys(a, t.b, i, st.lo[r], st.hi[r]);
     st.lo[r] = std::max(st.lo[r], t.s0);
@@ -63,39 +68,73 @@ void attend(const AttentionArgs& a, const AttentionTask& t, const AttentionParti
     const int64_t n = std::min<int64_t>(kKeyBlock, last - j0);
     const Tile kt = load_tile<T, bits>(a, a.k, a.k_scales, a.k_biases, kv_row0 + j0, n, st.k_tile);
     const Tile vt = load_tile<T, bits>(a, a.v, a.v_scales, a.v_biases, kv_row0 + j0, n, st.v_tile);
-    for (int64_t r = 0; r < R; ++r) {
-      const int64_t begin = std::max(st.lo[r], j0), end = std::min(st.hi[r], j0 + n);
+    for (int64_t r0 = 0; r0 < R; r0 += kRows) {
+      const int64_t nr = std::min<int64_t>(kRows, R - r0);
+      // The keys of this block any of the rows sees; scores for all of them,
+      // each key's tile row loaded once for the kRows rows.
+      int64_t begin = j0 + n, end = j0;
+      for (int64_t r = r0; r < r0 + nr; ++r) {
+        const int64_t b = std::max(st.lo[r], j0), e = std::min(st.hi[r], j0 + n);
+        if (b < e) begin = std::min(begin, b), end = std::max(end, e);
+      }
       if (begin >= end) continue;
-      const int64_t h = t.hkv * G + r / n_l, i = t.l0 + r % n_l;
-      const float* q = st.q.data() + r * D;
-      const float* q_sums = st.q_sums.data() + r * groups;
-      float* s = st.scores.data() - j0;
-      float block_max = kNegInf;
-      const int64_t m_row = mask_row(a, t.b, h, i);
+      const float* q = st.q.data() + r0 * D;
+      const float* q_sums = st.q_sums.data() + r0 * groups;
+      float* p = st.scores.data(); // (kRows, kKeyBlock), then (kKeyBlock, kRows) probabilities
+      float s[kRows];
       for (int64_t j = begin; j < end; ++j) {
-        s[j] = apply_mask(a, m_row, j, tile_dot<bits>(q, q_sums, kt, j - j0, D, gs));
-        block_max = std::max(block_max, s[j]);
+        if (nr == kRows) {
+          tile_dot<kRows, bits>(q, q_sums, kt, j - j0, D, gs, s);
+        } else {
+          for (int64_t i = 0; i < nr; ++i) tile_dot<1, bits>(q + i * D, q_sums + i * groups, kt, j - j0, D, gs, s + i);
+        }
+        for (int64_t i = 0; i < nr; ++i) p[i * kKeyBlock + j - j0] = s[i];
       }
-      if (block_max == kNegInf) continue;
-      float* acc = st.acc.data() + r * D;
-      float* acc_groups = st.acc_groups.data() + r * groups;
-      // Online softmax: rescale what was summed under the old max.
-      const float m = std::max(st.m[r], block_max);
-      const float alpha = std::exp(st.m[r] - m);
-      if (alpha != 1.0f) {
-        const VecF av = broadcast(alpha);
-        int64_t d = 0;
-        for (; d + kWidth <= D; d += kWidth) store(acc + d, fma(av, load(acc + d), zero()));
-        for (; d < D; ++d) acc[d] *= alpha;
-        for (int64_t g = 0; g < groups; ++g) acc_groups[g] *= alpha;
-        st.l[r] *= alpha;
+      for (int64_t i = 0; i < nr; ++i) {
+        const int64_t r = r0 + i;
+        float* row_p = p + i * kKeyBlock - j0;
+        const int64_t b = std::max(st.lo[r], begin), e = std::min(st.hi[r], end);
+        const int64_t m_row = mask_row(a, t.b, t.hkv * G + r / n_l, t.l0 + r % n_l);
+        float block_max = kNegInf;
+        for (int64_t j = begin; j < end; ++j) {
+          row_p[j] = j >= b && j < e ? apply_mask(a, m_row, j, row_p[j]) : kNegInf;
+          block_max = std::max(block_max, row_p[j]);
+        }
+        if (block_max == kNegInf) {
+          std::fill(row_p + begin, row_p + end, 0.0f);
+          continue;
+        }
+        // Online softmax: rescale what was summed under the old max.
+        const float m = std::max(st.m[r], block_max);
+        const float alpha = exp_nonpositive(st.m[r] - m);
+        if (alpha != 1.0f) {
+          float* acc = st.acc.data() + r * D;
+          const VecF av = broadcast(alpha);
+          int64_t d = 0;
+          for (; d + kWidth <= D; d += kWidth) store(acc + d, fma(av, load(acc + d), zero()));
+          for (; d < D; ++d) acc[d] *= alpha;
+          for (int64_t g = 0; g < groups; ++g) st.acc_groups[r * groups + g] *= alpha;
+          st.l[r] *= alpha;
+        }
+        st.m[r] = m;
+        float sum = 0.0f;
+        for (int64_t j = begin; j < end; ++j) {
+          row_p[j] = exp_nonpositive(row_p[j] - m);
+          sum += row_p[j];
+        }
+        st.l[r] += sum;
       }
-      st.m[r] = m;
+      float* acc = st.acc.data() + r0 * D;
+      float* acc_groups = st.acc_groups.data() + r0 * groups;
       for (int64_t j = begin; j < end; ++j) {
-        const float p = std::exp(s[j] - m);
-        if (p == 0.0f) continue;
-        st.l[r] += p;
-        tile_axpy<bits>(p, vt, j - j0, st.acc.data() + r * D, acc_groups, D, gs);
+        float w[kRows];
+        for (int64_t i = 0; i < nr; ++i) w[i] = p[i * kKeyBlock + j - j0];
+        if (nr == kRows) {
+          tile_axpy<kRows, bits>(w, vt, j - j0, acc, acc_groups, D, gs);
+        } else {
+          for (int64_t i = 0; i < nr; ++i)
+            tile_axpy<1, bits>(w + i, vt, j - j0, acc + i * D, acc_groups + i * groups, D, gs);
+        }
       }
     }
   }
@@ -106,6 +145,7 @@ void attend(const AttentionArgs& a, const AttentionTask& t, const AttentionParti
     const int64_t row = (t.b * a.Hq + h) * a.L + i;
     float* acc = st.acc.data() + r * D;
     for (int64_t d = 0; d < D && groups; ++d) acc[d] += st.acc_groups[r * groups + d / gs];
+    from_code_order<bits>(acc, D);
     if (parts) {
       const int64_t at = parts->chunk * n_rows + row;
       parts->m[at] = st.m[r];
@@ -136,7 +176,7 @@ void merge(const AttentionArgs& a, const AttentionPartials& p, int64_t chunks, i
     for (int64_t c = 0; c < chunks && M != kNegInf; ++c) {
       const int64_t at = c * n_rows + r;
       if (p.l[at] == 0.0f) continue;
-      const float w = std::exp(p.m[at] - M);
+      const float w = exp_nonpositive(p.m[at] - M);
       l += w * p.l[at];
       const VecF wv = broadcast(w);
       const float* src = p.acc + at * D;

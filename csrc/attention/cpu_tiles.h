@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -17,6 +18,59 @@ namespace mlx_ext::cpu::MLX_EXT_ISA_NS {
 
 constexpr int kKeyBlock = 64;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// exp(x) for x <= 0 (softmax arguments), within 2 ulp; 0 below -87 and for
+// -inf. Branch-free arithmetic, so that a loop of it vectorises on every ISA
+// (Cephes' expf: x = n ln2 + r, |r| <= ln2 / 2, a degree-6 polynomial in r).
+MLX_EXT_INLINE float exp_nonpositive(float x) {
+  const float xc = std::max(x, -87.0f);
+  const float n = (xc * 1.44269504f + 12582912.0f) - 12582912.0f; // round to nearest
+  const float r = (xc - n * 0.693359375f) + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t bits = (int32_t(n) + 127) << 23;
+  float two_n;
+  std::memcpy(&two_n, &bits, 4);
+  return x < -87.0f ? 0.0f : p * two_n;
+}
+
+// 4-bit codes unpack in this order within each block of 32 values: the 16
+// low nibbles (values 0, 2, .., 30), then the 16 high ones (1, 3, .., 31), a
+// plain widening of bytes on every ISA. A row dotted with such a tile (q, dO)
+// is put in that order first and a row accumulated from one (out, dq) is put
+// back after: group sums and dot products do not change.
+template <int bits>
+MLX_EXT_INLINE void to_code_order(float* row, int64_t D) {
+  if constexpr (bits == 4) {
+    float tmp[32];
+    for (int64_t b = 0; b < D; b += 32) {
+      for (int i = 0; i < 16; ++i) {
+        tmp[i] = row[b + 2 * i];
+        tmp[16 + i] = row[b + 2 * i + 1];
+      }
+      std::memcpy(row + b, tmp, sizeof(tmp));
+    }
+  }
+}
+
+template <int bits>
+MLX_EXT_INLINE void from_code_order(float* row, int64_t D) {
+  if constexpr (bits == 4) {
+    float tmp[32];
+    for (int64_t b = 0; b < D; b += 32) {
+      for (int i = 0; i < 16; ++i) {
+        tmp[2 * i] = row[b + i];
+        tmp[2 * i + 1] = row[b + 16 + i];
+      }
+      std::memcpy(row + b, tmp, sizeof(tmp));
+    }
+  }
+}
 
 // A block of keys or values as float32 rows of D values: the values, or (bits
 // != 0) the codes 0 .. 2^bits - 1 with each row's per-group scale and bias.
@@ -52,10 +106,10 @@ Tile load_tile(const AttentionArgs& a, const void* data, const void* scales, con
     float* x = st.x.data();
     if constexpr (bits == 8) {
       for (int64_t i = 0; i < n * D; ++i) x[i] = float(codes[i]);
-    } else { // byte i holds values 2i (low nibble) and 2i + 1
-      for (int64_t i = 0; i < n * D / 2; ++i) {
-        x[2 * i] = float(codes[i] & 15);
-        x[2 * i + 1] = float(codes[i] >> 4);
+    } else { // byte i holds values 2i (low nibble) and 2i + 1: see to_code_order
+      for (int64_t b = 0; b < n * D; b += 32, codes += 16) {
+        for (int i = 0; i < 16; ++i) x[b + i] = float(codes[i] & 15);
+        for (int i = 0; i < 16; ++i) x[b + 16 + i] = float(codes[i] >> 4);
       }
     }
     convert_to_float<T>(scales, row0 * groups, n * groups, st.scale.data());
@@ -64,53 +118,77 @@ Tile load_tile(const AttentionArgs& a, const void* data, const void* scales, con
   }
 }
 
-// x . row j of the tile (x_sums: the sums of x over each group, quantized only).
-template <int bits>
-MLX_EXT_INLINE float tile_dot(const float* x, const float* x_sums, const Tile& t, int64_t j,
-    int64_t D, int group_size) {
+// out[i] = x_i . row j of the tile for NR rows x_i (stride D; x_sums: their
+// sums over each group, stride `groups`, quantized only). The NR rows share
+// every load of the tile's row and give NR independent FMA chains.
+template <int NR, int bits>
+MLX_EXT_INLINE void tile_dot(const float* x, const float* x_sums, const Tile& t, int64_t j,
+    int64_t D, int group_size, float* out) {
   const float* row = t.x + j * D;
+  VecF acc[NR];
+  for (int i = 0; i < NR; ++i) acc[i] = zero();
   if constexpr (bits == 0) {
-    VecF acc = zero();
     int64_t d = 0;
-    for (; d + kWidth <= D; d += kWidth) acc = fma(load(x + d), load(row + d), acc);
-    float s = reduce_add(acc);
-    for (; d < D; ++d) s += x[d] * row[d];
-    return s;
+    for (; d + kWidth <= D; d += kWidth) {
+      const VecF k = load(row + d);
+      for (int i = 0; i < NR; ++i) acc[i] = fma(load(x + i * D + d), k, acc[i]);
+    }
+    for (int i = 0; i < NR; ++i) {
+      out[i] = reduce_add(acc[i]);
+      for (int64_t e = d; e < D; ++e) out[i] += x[i * D + e] * row[e];
+    }
   } else { // group sizes are multiples of every kWidth
     const int64_t groups = D / group_size;
     const float* scale = t.scale + j * groups;
     const float* bias = t.bias + j * groups;
-    VecF acc = zero();
-    float s = 0.0f;
+    float s[NR] = {};
     for (int64_t g = 0; g < groups; ++g) {
-      VecF part = zero();
-      for (int64_t d = g * group_size; d < (g + 1) * group_size; d += kWidth)
-        part = fma(load(x + d), load(row + d), part);
-      acc = fma(broadcast(scale[g]), part, acc);
-      s += bias[g] * x_sums[g];
+      VecF part[NR];
+      for (int i = 0; i < NR; ++i) part[i] = zero();
+      for (int64_t d = g * group_size; d < (g + 1) * group_size; d += kWidth) {
+        const VecF c = load(row + d);
+        for (int i = 0; i < NR; ++i) part[i] = fma(load(x + i * D + d), c, part[i]);
+      }
+      const VecF sg = broadcast(scale[g]);
+      for (int i = 0; i < NR; ++i) {
+        acc[i] = fma(sg, part[i], acc[i]);
+        s[i] += bias[g] * x_sums[i * groups + g];
+      }
     }
-    return s + reduce_add(acc);
+    for (int i = 0; i < NR; ++i) out[i] = s[i] + reduce_add(acc[i]);
   }
 }
 
-// acc += p * row j of the tile; quantized: acc += p s_g codes per group and
-// acc_groups[g] += p b_g (added to each of the group's D entries at the end).
-template <int bits>
-MLX_EXT_INLINE void tile_axpy(float p, const Tile& t, int64_t j, float* acc, float* acc_groups,
-    int64_t D, int group_size) {
+// acc_i += p[i] * row j of the tile for NR rows (stride D); quantized: acc_i
+// += p[i] s_g codes per group and acc_groups_i[g] += p[i] b_g (stride
+// `groups`; added to each of the group's D entries at the end).
+template <int NR, int bits>
+MLX_EXT_INLINE void tile_axpy(const float* p, const Tile& t, int64_t j, float* acc,
+    float* acc_groups, int64_t D, int group_size) {
   const float* row = t.x + j * D;
   if constexpr (bits == 0) {
-    const VecF pv = broadcast(p);
+    VecF w[NR];
+    for (int i = 0; i < NR; ++i) w[i] = broadcast(p[i]);
     int64_t d = 0;
-    for (; d + kWidth <= D; d += kWidth) store(acc + d, fma(pv, load(row + d), load(acc + d)));
-    for (; d < D; ++d) acc[d] += p * row[d];
+    for (; d + kWidth <= D; d += kWidth) {
+      const VecF v = load(row + d);
+      for (int i = 0; i < NR; ++i) store(acc + i * D + d, fma(w[i], v, load(acc + i * D + d)));
+    }
+    for (; d < D; ++d)
+      for (int i = 0; i < NR; ++i) acc[i * D + d] += p[i] * row[d];
   } else {
     const int64_t groups = D / group_size;
     for (int64_t g = 0; g < groups; ++g) {
-      const VecF w = broadcast(p * t.scale[j * groups + g]);
-      for (int64_t d = g * group_size; d < (g + 1) * group_size; d += kWidth)
-        store(acc + d, fma(w, load(row + d), load(acc + d)));
-      acc_groups[g] += p * t.bias[j * groups + g];
+      const float sg = t.scale[j * groups + g], bg = t.bias[j * groups + g];
+      VecF w[NR];
+      for (int i = 0; i < NR; ++i) {
+        w[i] = broadcast(p[i] * sg);
+        acc_groups[i * groups + g] += p[i] * bg;
+      }
+      for (int64_t d = g * group_size; d < (g + 1) * group_size; d += kWidth) {
+        const VecF c = load(row + d);
+        for (int i = 0; i < NR; ++i) store(acc + i * D + d, fma(w[i], c, load(acc + i * D + d)));
+      }
     }
   }
 }
@@ -144,13 +222,14 @@ MLX_EXT_INLINE float apply_mask(const AttentionArgs& a, int64_t row, int64_t j, 
   return s + static_cast<const float*>(a.mask)[at];
 }
 
-// dst[0:D] = scale * float(src row), and the sums of dst over each group of
-// group_size (quantized K/V only: groups may be 0).
-template <FloatType T>
+// dst[0:D] = scale * float(src row) in code order, and the sums of dst over
+// each group of group_size (quantized K/V only: groups may be 0).
+template <FloatType T, int bits>
 MLX_EXT_INLINE void load_row(const void* src, int64_t row, int64_t D, float scale, float* dst,
     int64_t groups, int group_size, float* sums) {
   convert_to_float<T>(src, row * D, D, dst);
   for (int64_t d = 0; d < D; ++d) dst[d] *= scale;
+  to_code_order<bits>(dst, D);
   for (int64_t g = 0; g < groups; ++g) {
     float s = 0.0f;
     for (int64_t d = g * group_size; d < (g + 1) * group_size; ++d) s += dst[d];
