@@ -256,3 +256,47 @@ def test_peak_memory_stays_linear():
     print(f"inputs {inputs} B, scores {scores} B, peak: mlx_ext {ours} B, mx.fast {theirs} B")
     assert ours <= 2 * inputs
     assert theirs >= scores
+
+
+def test_kv_views_are_read_in_place_or_copied(isa):
+    """A slice [..., :S, :] of a cache is read in place (no copy: the peak
+    stays below K's size); other layouts (heads interleaved, a broadcast
+    head, D strided) give the same results as contiguous K/V."""
+    rng = np.random.default_rng(5)
+    q = mx.array(rng.normal(size=(2, 4, 3, 64)), dtype=mx.float32)
+    cache = [mx.array(rng.normal(size=(2, 2, 512, 64)), dtype=mx.float32) for _ in range(2)]
+    mx.eval(cache)
+    k, v = (c[:, :, :300, :] for c in cache)
+    mx.eval(k, v)
+    mx.synchronize()
+    base = mx.get_active_memory()
+    mx.reset_peak_memory()
+    out = sdpa_eval(q, k, v)
+    assert mx.get_peak_memory() - base < k.nbytes // 4
+    assert_matches_reference(out, q, mx.array(np.array(k)), mx.array(np.array(v)), scale=0.125)
+
+    bshd = mx.array(rng.normal(size=(2, 300, 2, 64)), dtype=mx.float32)
+    views = [
+        mx.swapaxes(bshd, 1, 2),  # heads interleaved: rows of a head are not contiguous
+        mx.broadcast_to(k[:, :1], k.shape),  # one head shared (stride 0)
+        mx.swapaxes(mx.swapaxes(k, 2, 3) * 1, 2, 3),  # D strided
+    ]
+    for view in views:
+        out = sdpa_eval(q, view, v)
+        assert_matches_reference(out, q, mx.array(np.array(view)), mx.array(np.array(v)), scale=0.125)
+
+
+def test_quantized_cache_slices(isa):
+    rng = np.random.default_rng(6)
+    q = mx.array(rng.normal(size=(1, 4, 2, 64)), dtype=mx.float16)
+    k, v = (random_quantized_kv(rng, (1, 2, 256, 64), 4, 32, mx.float16) for _ in range(2))
+    k_view, v_view = (tuple(x[:, :, :100, :] for x in t) for t in (k, v))
+    out = mlx_ext.scaled_dot_product_attention(q, k_view, v_view, scale=0.125, group_size=32)
+    k_copy, v_copy = (tuple(mx.array(np.array(x)) for x in t) for t in (k_view, v_view))
+    assert_matches_reference(out, q, k_copy, v_copy, scale=0.125, group_size=32)
+
+
+def sdpa_eval(q, k, v):
+    out = mlx_ext.scaled_dot_product_attention(q, k, v, scale=0.125)
+    mx.eval(out)
+    return out

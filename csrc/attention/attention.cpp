@@ -200,15 +200,17 @@ mx::array scaled_dot_product_attention(
   }
 
   const auto stream = kernel_stream<ScaledDotProductAttention>(kOp, s);
+  // K and V are passed as they are (cast to q's dtype): the kernels read a
+  // slice of a cache in place (cpu.cpp: kv_rows).
   std::vector<mx::array> inputs{contiguous_input(q, stream)};
   for (const auto* kv : {&k, &v}) {
     if (c.quantized()) {
       const auto& t = std::get<std::vector<mx::array>>(*kv);
-      inputs.push_back(contiguous_input(t[0], stream));
-      inputs.push_back(kernel_input(t[1], q.dtype(), stream));
-      inputs.push_back(kernel_input(t[2], q.dtype(), stream));
+      inputs.push_back(t[0]);
+      inputs.push_back(mx::astype(t[1], q.dtype(), stream));
+      inputs.push_back(mx::astype(t[2], q.dtype(), stream));
     } else {
-      inputs.push_back(kernel_input(std::get<mx::array>(*kv), q.dtype(), stream));
+      inputs.push_back(mx::astype(std::get<mx::array>(*kv), q.dtype(), stream));
     }
   }
   if (c.mask == MaskKind::boolean || c.mask == MaskKind::additive)

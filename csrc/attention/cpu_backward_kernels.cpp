@@ -48,11 +48,10 @@ void backward_dq(const AttentionArgs& a, const AttentionGrads& gr, const Attenti
     load_row<T, bits>(gr.d_out, row, D, 1.0f, st.d_out.data() + r * D, groups, gs,
         st.d_out_sums.data() + r * groups);
   }
-  const int64_t kv_row0 = (t.b * a.Hkv + t.hkv) * a.S;
   for (int64_t j0 = first; j0 < last; j0 += kKeyBlock) {
     const int64_t n = std::min<int64_t>(kKeyBlock, last - j0);
-    const Tile kt = load_tile<T, bits>(a, a.k, a.k_scales, a.k_biases, kv_row0 + j0, n, st.k_tile);
-    const Tile vt = load_tile<T, bits>(a, a.v, a.v_scales, a.v_biases, kv_row0 + j0, n, st.v_tile);
+    const Tile kt = load_tile<T, bits>(a, a.k, t.b, t.hkv, j0, n, st.k_tile);
+    const Tile vt = load_tile<T, bits>(a, a.v, t.b, t.hkv, j0, n, st.v_tile);
     for (int64_t r = 0; r < R; ++r) {
       const int64_t begin = std::max(st.lo[r], j0), end = std::min(st.hi[r], j0 + n);
       const int64_t row = row_of(r);
@@ -88,9 +87,8 @@ void backward_dkv(const AttentionArgs& a, const AttentionGrads& gr, const Attent
   st.acc.assign(2 * n * D, 0.0f); // dk rows, then dv rows
   float* dk = st.acc.data();
   float* dv = dk + n * D;
-  const int64_t kv_row0 = (t.b * a.Hkv + t.hkv) * a.S + t.s0;
-  const Tile kt = load_tile<T, 0>(a, a.k, nullptr, nullptr, kv_row0, n, st.k_tile);
-  const Tile vt = load_tile<T, 0>(a, a.v, nullptr, nullptr, kv_row0, n, st.v_tile);
+  const Tile kt = load_tile<T, 0>(a, a.k, t.b, t.hkv, t.s0, n, st.k_tile);
+  const Tile vt = load_tile<T, 0>(a, a.v, t.b, t.hkv, t.s0, n, st.v_tile);
   const Tile q_row{st.q.data(), nullptr, nullptr};
   const Tile d_out_row{st.d_out.data(), nullptr, nullptr};
   for (int64_t g = 0; g < G; ++g) {
@@ -118,9 +116,10 @@ void backward_dkv(const AttentionArgs& a, const AttentionGrads& gr, const Attent
       }
     }
   }
+  const int64_t out0 = ((t.b * a.Hkv + t.hkv) * a.S + t.s0) * D; // dk, dv are contiguous
   for (int64_t e = 0; e < n * D; ++e) {
-    store_float<T>(gr.dk, kv_row0 * D + e, dk[e]);
-    store_float<T>(gr.dv, kv_row0 * D + e, dv[e]);
+    store_float<T>(gr.dk, out0 + e, dk[e]);
+    store_float<T>(gr.dv, out0 + e, dv[e]);
   }
 }
 

@@ -63,11 +63,10 @@ void attend(const AttentionArgs& a, const AttentionTask& t, const AttentionParti
     st.l[r] = sinks ? 1.0f : 0.0f;
   }
 
-  const int64_t kv_row0 = (t.b * a.Hkv + t.hkv) * a.S;
   for (int64_t j0 = first; j0 < last; j0 += kKeyBlock) {
     const int64_t n = std::min<int64_t>(kKeyBlock, last - j0);
-    const Tile kt = load_tile<T, bits>(a, a.k, a.k_scales, a.k_biases, kv_row0 + j0, n, st.k_tile);
-    const Tile vt = load_tile<T, bits>(a, a.v, a.v_scales, a.v_biases, kv_row0 + j0, n, st.v_tile);
+    const Tile kt = load_tile<T, bits>(a, a.k, t.b, t.hkv, j0, n, st.k_tile);
+    const Tile vt = load_tile<T, bits>(a, a.v, t.b, t.hkv, j0, n, st.v_tile);
     for (int64_t r0 = 0; r0 < R; r0 += kRows) {
       const int64_t nr = std::min<int64_t>(kRows, R - r0);
       // The keys of this block any of the rows sees; scores for all of them,

@@ -11,18 +11,26 @@
 
 namespace mlx_ext::cpu {
 
-// One attention call. q, out (B, Hq, L, D); K and V (B, Hkv, S, D), query
-// head h reads kv head h / (Hq / Hkv). All contiguous.
+// One array of K or V whose rows (one per key) are contiguous within each
+// (batch, kv head), as in a slice [..., :S, :] of a preallocated cache: row j
+// of (b, h) is row b * batch_stride + h * head_stride + j.
+struct KvRows {
+  const void* data;
+  int64_t batch_stride, head_stride; // in rows
+  int64_t at(int64_t b, int64_t h, int64_t j) const { return b * batch_stride + h * head_stride + j; }
+};
+
+// K or V: float values (D per row), or packed codes (uint32 words, D * bits /
+// 32 per row) with scales and biases (D / group_size per row).
+struct KvInput {
+  KvRows x, scales, biases;
+};
+
+// One attention call. q, out (B, Hq, L, D), contiguous; K and V (B, Hkv, S,
+// D); query head h reads kv head h / (Hq / Hkv).
 struct AttentionArgs {
   const void* q;
-  // Float K/V: the values. Quantized: the packed codes (uint32 words, D * bits
-  // / 32 per key), with scales and biases (B, Hkv, S, D / group_size).
-  const void* k;
-  const void* v;
-  const void* k_scales;
-  const void* k_biases;
-  const void* v_scales;
-  const void* v_biases;
+  KvInput k, v;
   // bool (one byte per value) or float32 additive mask of shape (Bm, Hm, Lm,
   // Sm), read at b * mask_strides[0] + h * [1] + i * [2] + j * [3] (element
   // strides, 0 on broadcast dims); nullptr when none.

@@ -84,17 +84,18 @@ struct TileStorage {
   std::vector<float> x, scale, bias;
 };
 
-// Rows [row0, row0 + n) of a (rows, D) K or V (rows flattened over B, Hkv, S).
+// Keys [j0, j0 + n) of kv head h of batch b, from K or V.
 template <FloatType T, int bits>
-Tile load_tile(const AttentionArgs& a, const void* data, const void* scales, const void* biases,
-    int64_t row0, int64_t n, TileStorage& st) {
+Tile load_tile(const AttentionArgs& a, const KvInput& kv, int64_t b, int64_t h, int64_t j0,
+    int64_t n, TileStorage& st) {
   const int64_t D = a.D;
+  const int64_t row0 = kv.x.at(b, h, j0);
   if constexpr (bits == 0) {
     if constexpr (T == FloatType::f32) {
-      return {static_cast<const float*>(data) + row0 * D, nullptr, nullptr};
+      return {static_cast<const float*>(kv.x.data) + row0 * D, nullptr, nullptr};
     } else {
       st.x.resize(n * D);
-      convert_to_float<T>(data, row0 * D, n * D, st.x.data());
+      convert_to_float<T>(kv.x.data, row0 * D, n * D, st.x.data());
       return {st.x.data(), nullptr, nullptr};
     }
   } else {
@@ -102,18 +103,18 @@ Tile load_tile(const AttentionArgs& a, const void* data, const void* scales, con
     st.x.resize(n * D);
     st.scale.resize(n * groups);
     st.bias.resize(n * groups);
-    const uint8_t* codes = static_cast<const uint8_t*>(data) + row0 * D * bits / 8;
+    const uint8_t* codes = static_cast<const uint8_t*>(kv.x.data) + row0 * D * bits / 8;
     float* x = st.x.data();
     if constexpr (bits == 8) {
       for (int64_t i = 0; i < n * D; ++i) x[i] = float(codes[i]);
     } else { // byte i holds values 2i (low nibble) and 2i + 1: see to_code_order
-      for (int64_t b = 0; b < n * D; b += 32, codes += 16) {
-        for (int i = 0; i < 16; ++i) x[b + i] = float(codes[i] & 15);
-        for (int i = 0; i < 16; ++i) x[b + 16 + i] = float(codes[i] >> 4);
+      for (int64_t c = 0; c < n * D; c += 32, codes += 16) {
+        for (int i = 0; i < 16; ++i) x[c + i] = float(codes[i] & 15);
+        for (int i = 0; i < 16; ++i) x[c + 16 + i] = float(codes[i] >> 4);
       }
     }
-    convert_to_float<T>(scales, row0 * groups, n * groups, st.scale.data());
-    convert_to_float<T>(biases, row0 * groups, n * groups, st.bias.data());
+    convert_to_float<T>(kv.scales.data, kv.scales.at(b, h, j0) * groups, n * groups, st.scale.data());
+    convert_to_float<T>(kv.biases.data, kv.biases.at(b, h, j0) * groups, n * groups, st.bias.data());
     return {x, st.scale.data(), st.bias.data()};
   }
 }
