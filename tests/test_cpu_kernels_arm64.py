@@ -1,7 +1,8 @@
 """The arm64 (NEON and scalar) CPU kernels, cross-compiled and run under
 qemu-user on x86-64 machines, where the extension itself cannot exercise them.
-tests/native/kernel_check.cpp compares every kernel path against a float64
-reference. On an arm64 machine the ordinary tests run NEON natively."""
+tests/native/kernel_check.cpp (quantized matmul) and attention_check.cpp
+compare every kernel path against a float64 reference. On an arm64 machine
+the ordinary tests run NEON natively."""
 
 import hashlib
 import platform
@@ -14,13 +15,9 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 CXX = "aarch64-linux-gnu-g++"
 QEMU = "qemu-aarch64"
-SOURCES = [
-    "tests/native/kernel_check.cpp",
-    "csrc/quantized_matmul/cpu_driver.cpp",
-    "csrc/common/cpu/thread_pool.cpp",
-    "csrc/common/cpu/isa.cpp",
-]
-KERNELS = "csrc/quantized_matmul/cpu_kernels.cpp"
+COMMON = ["csrc/common/cpu/thread_pool.cpp", "csrc/common/cpu/isa.cpp"]
+SOURCES = ["tests/native/kernel_check.cpp", "csrc/quantized_matmul/cpu_driver.cpp", *COMMON]
+KERNELS = ["csrc/quantized_matmul/cpu_kernels.cpp"]
 HEADERS = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").rglob("*.h"))
 
 pytestmark = pytest.mark.skipif(
@@ -30,10 +27,11 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def build_checker() -> Path:
-    """Cross-compiles the checker, cached by the content of its sources."""
+def build_checker(sources=SOURCES, kernels=KERNELS) -> Path:
+    """Cross-compiles a checker (`kernels` once per ISA), cached by the content
+    of its sources."""
     digest = hashlib.sha256()
-    for name in SOURCES + [KERNELS] + HEADERS:
+    for name in sources + kernels + HEADERS:
         digest.update(name.encode() + (ROOT / name).read_bytes())
     out = ROOT / "build" / "arm64-check" / digest.hexdigest()[:16]
     binary = out / "kernel_check"
@@ -43,13 +41,14 @@ def build_checker() -> Path:
     flags = ["-std=c++17", "-O2", f"-I{ROOT / 'csrc'}"]
     objects = []
     for isa in ["scalar", "neon"]:
-        obj = out / f"kernels_{isa}.o"
-        subprocess.run([CXX, *flags, f"-DMLX_EXT_ISA_{isa}=1", "-c", str(ROOT / KERNELS), "-o", str(obj)],
-                       check=True)
-        objects.append(str(obj))
+        for i, kernel in enumerate(kernels):
+            obj = out / f"kernels_{isa}_{i}.o"
+            subprocess.run([CXX, *flags, f"-DMLX_EXT_ISA_{isa}=1", "-c", str(ROOT / kernel), "-o", str(obj)],
+                           check=True)
+            objects.append(str(obj))
     subprocess.run(
         [CXX, *flags, "-static", "-pthread", "-DMLX_EXT_HAVE_ISA_scalar", "-DMLX_EXT_HAVE_ISA_neon",
-         *[str(ROOT / s) for s in SOURCES], *objects, "-o", str(binary)],
+         *[str(ROOT / s) for s in sources], *objects, "-o", str(binary)],
         check=True,
     )
     return binary
@@ -60,3 +59,13 @@ def test_neon_and_scalar_kernels_match_reference_under_qemu():
     assert result.returncode == 0, result.stdout + result.stderr
     lines = result.stdout.splitlines()
     assert "ok scalar: 432 cases" in lines and "ok neon: 432 cases" in lines, result.stdout
+
+
+def test_attention_kernels_match_reference_under_qemu():
+    checker = build_checker(
+        ["tests/native/attention_check.cpp", "csrc/attention/cpu_driver.cpp", *COMMON],
+        ["csrc/attention/cpu_kernels.cpp", "csrc/attention/cpu_backward_kernels.cpp"])
+    result = subprocess.run([QEMU, str(checker)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr
+    lines = result.stdout.splitlines()
+    assert "ok scalar: 72 cases" in lines and "ok neon: 72 cases" in lines, result.stdout[-3000:]
