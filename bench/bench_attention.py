@@ -84,6 +84,15 @@ def numpy_gemm_rate(n=2048):
     return 2 * n**3 / t
 
 
+def finish_row(row, ours, numpy_fn, repeats, budget):
+    """Adds the NumPy column to `row` and gives its peaks in MB."""
+    t, row["peak_numpy_MB"] = numpy_timed(numpy_fn, repeats, budget)
+    row["numpy_ms"], row["numpy_x"] = t * 1e3, t / ours
+    for key in [c for c in row if c.startswith("peak_")]:
+        row[key] = row[key] / 1e6
+    return row
+
+
 def decode_row(kv_len, kind, copy_bw, repeats, budget):
     kv = [mx.random.normal((1, HKV, kv_len, D), key=mx.random.key(i)) for i in (1, 2)]
     q = mx.random.normal((1, HQ, 1, D), key=mx.random.key(0))
@@ -120,12 +129,7 @@ def decode_row(kv_len, kind, copy_bw, repeats, budget):
             q, k, v, scale=scale, mask=None, group_size=GROUP_SIZE, bits=bits)), repeats, budget)
         row["mlx_lm_ms"], row["mlx_lm_x"] = t * 1e3, t / ours
     np_q = np.array(q.astype(mx.float32))[0]
-    t, row["peak_numpy_MB"] = numpy_timed(lambda: numpy_attention(np_q, np_k, np_v, scale, False),
-                                          repeats, budget)
-    row["numpy_ms"], row["numpy_x"] = t * 1e3, t / ours
-    for key in [c for c in row if c.startswith("peak_")]:
-        row[key] = row[key] / 1e6
-    return row
+    return finish_row(row, ours, lambda: numpy_attention(np_q, np_k, np_v, scale, False), repeats, budget)
 
 
 def prefill_row(length, gemm_rate, repeats, budget):
@@ -145,12 +149,7 @@ def prefill_row(length, gemm_rate, repeats, budget):
     row["fast_ms"], row["fast_x"] = t * 1e3, t / ours
     np_q, np_k, np_v = (np.array(x)[0] for x in (q, k, v))
     np_k = np.ascontiguousarray(np_k.transpose(0, 2, 1))
-    t, row["peak_numpy_MB"] = numpy_timed(lambda: numpy_attention(np_q, np_k, np_v, scale, True),
-                                          repeats, budget)
-    row["numpy_ms"], row["numpy_x"] = t * 1e3, t / ours
-    for key in [c for c in row if c.startswith("peak_")]:
-        row[key] = row[key] / 1e6
-    return row
+    return finish_row(row, ours, lambda: numpy_attention(np_q, np_k, np_v, scale, True), repeats, budget)
 
 
 COLUMNS = [

@@ -18,7 +18,7 @@ QEMU = "qemu-aarch64"
 COMMON = ["csrc/common/cpu/thread_pool.cpp", "csrc/common/cpu/isa.cpp"]
 SOURCES = ["tests/native/kernel_check.cpp", "csrc/quantized_matmul/cpu_driver.cpp", *COMMON]
 KERNELS = ["csrc/quantized_matmul/cpu_kernels.cpp"]
-HEADERS = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").rglob("*.h"))
+HEADERS = sorted(str(p.relative_to(ROOT)) for d in ("csrc", "tests/native") for p in (ROOT / d).rglob("*.h"))
 
 pytestmark = pytest.mark.skipif(
     platform.machine() != "x86_64" or not (shutil.which(CXX) and shutil.which(QEMU)),

@@ -44,14 +44,19 @@ MLX_EXT_INLINE float exp_nonpositive(float x) {
 // plain widening of bytes on every ISA. A row dotted with such a tile (q, dO)
 // is put in that order first and a row accumulated from one (out, dq) is put
 // back after: group sums and dot products do not change.
-template <int bits>
-MLX_EXT_INLINE void to_code_order(float* row, int64_t D) {
+template <int bits, bool to_codes>
+MLX_EXT_INLINE void permute_code_order(float* row, int64_t D) {
   if constexpr (bits == 4) {
     float tmp[32];
     for (int64_t b = 0; b < D; b += 32) {
       for (int i = 0; i < 16; ++i) {
-        tmp[i] = row[b + 2 * i];
-        tmp[16 + i] = row[b + 2 * i + 1];
+        if constexpr (to_codes) {
+          tmp[i] = row[b + 2 * i];
+          tmp[16 + i] = row[b + 2 * i + 1];
+        } else {
+          tmp[2 * i] = row[b + i];
+          tmp[2 * i + 1] = row[b + 16 + i];
+        }
       }
       std::memcpy(row + b, tmp, sizeof(tmp));
     }
@@ -59,17 +64,13 @@ MLX_EXT_INLINE void to_code_order(float* row, int64_t D) {
 }
 
 template <int bits>
+MLX_EXT_INLINE void to_code_order(float* row, int64_t D) {
+  permute_code_order<bits, true>(row, D);
+}
+
+template <int bits>
 MLX_EXT_INLINE void from_code_order(float* row, int64_t D) {
-  if constexpr (bits == 4) {
-    float tmp[32];
-    for (int64_t b = 0; b < D; b += 32) {
-      for (int i = 0; i < 16; ++i) {
-        tmp[2 * i] = row[b + i];
-        tmp[2 * i + 1] = row[b + 16 + i];
-      }
-      std::memcpy(row + b, tmp, sizeof(tmp));
-    }
-  }
+  permute_code_order<bits, false>(row, D);
 }
 
 // A block of keys or values as float32 rows of D values: the values, or (bits

@@ -13,28 +13,11 @@
 
 #define MLX_EXT_ISA_scalar 1 // the conversion helpers, baseline build
 #include "attention/cpu_driver.h"
-#include "common/cpu/simd.h"
+#include "float_buffer.h"
 
 using namespace mlx_ext::cpu;
 
 namespace {
-
-// A float array stored in type t (values rounded to it), readable as double.
-struct Buffer {
-  FloatType type;
-  std::vector<float> f32;
-  std::vector<uint16_t> f16;
-  Buffer(FloatType t, size_t n) : type(t), f32(t == FloatType::f32 ? n : 0), f16(t == FloatType::f32 ? 0 : n) {}
-  void* data() { return type == FloatType::f32 ? static_cast<void*>(f32.data()) : f16.data(); }
-  void set(size_t i, float v) {
-    if (type == FloatType::f32) f32[i] = v;
-    else f16[i] = type == FloatType::f16 ? scalar::float_to_half(v) : scalar::float_to_bf16(v);
-  }
-  double get(size_t i) const {
-    if (type == FloatType::f32) return f32[i];
-    return type == FloatType::f16 ? scalar::half_to_float(f16[i]) : scalar::bf16_to_float(f16[i]);
-  }
-};
 
 struct Problem {
   int64_t B, Hq, Hkv, L, S, D;
