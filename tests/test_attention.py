@@ -300,3 +300,21 @@ def sdpa_eval(q, k, v):
     out = mlx_ext.scaled_dot_product_attention(q, k, v, scale=0.125)
     mx.eval(out)
     return out
+
+
+@pytest.mark.parametrize("threads", [1, 3, 8])
+def test_thread_count_does_not_change_the_meaning(threads):
+    """Other thread counts split decode keys into other chunks: same results."""
+    rng = np.random.default_rng(7)
+    q = mx.array(rng.normal(size=(2, 6, 1, 64)), dtype=mx.float32)
+    k, v = (random_quantized_kv(rng, (2, 3, 700, 64), 8, 64, mx.float32) for _ in range(2))
+    kwargs = dict(scale=0.125, sinks=mx.array(rng.normal(size=6), dtype=mx.float32),
+                  kv_lengths=mx.array([650, 3], dtype=mx.int32), bits=8)
+    default = mlx_ext.get_num_threads()
+    mlx_ext.set_num_threads(threads)
+    try:
+        out = mlx_ext.scaled_dot_product_attention(q, k, v, **kwargs)
+        mx.eval(out)
+    finally:
+        mlx_ext.set_num_threads(default)
+    assert_matches_reference(out, q, k, v, **kwargs)

@@ -22,9 +22,68 @@ namespace {
 // Rows that share each load of a K or V tile row.
 constexpr int kRows = 4;
 
+// acc_i[d0:d1] += sum_j w_i[j] x[j, d0:d1] over tile rows j in [jb, je), for NR
+// rows i (w_i at stride kKeyBlock, acc_i at stride D). The accumulators of
+// two vectors of d for all NR rows stay in registers across the keys, so each
+// key costs one load of x per vector and no stores.
+template <int NR>
+MLX_EXT_INLINE void weighted_rows(const float* w, const float* x, int64_t jb, int64_t je, int64_t d0,
+    int64_t d1, float* acc, int64_t D) {
+  int64_t d = d0;
+  for (; d + 2 * kWidth <= d1; d += 2 * kWidth) {
+    VecF a0[NR], a1[NR];
+    for (int i = 0; i < NR; ++i) a0[i] = load(acc + i * D + d), a1[i] = load(acc + i * D + d + kWidth);
+    for (int64_t j = jb; j < je; ++j) {
+      const VecF v0 = load(x + j * D + d), v1 = load(x + j * D + d + kWidth);
+      for (int i = 0; i < NR; ++i) {
+        const VecF wi = broadcast(w[i * kKeyBlock + j]);
+        a0[i] = fma(wi, v0, a0[i]);
+        a1[i] = fma(wi, v1, a1[i]);
+      }
+    }
+    for (int i = 0; i < NR; ++i) store(acc + i * D + d, a0[i]), store(acc + i * D + d + kWidth, a1[i]);
+  }
+  for (; d + kWidth <= d1; d += kWidth) {
+    VecF a0[NR];
+    for (int i = 0; i < NR; ++i) a0[i] = load(acc + i * D + d);
+    for (int64_t j = jb; j < je; ++j) {
+      const VecF v0 = load(x + j * D + d);
+      for (int i = 0; i < NR; ++i) a0[i] = fma(broadcast(w[i * kKeyBlock + j]), v0, a0[i]);
+    }
+    for (int i = 0; i < NR; ++i) store(acc + i * D + d, a0[i]);
+  }
+  for (; d < d1; ++d)
+    for (int i = 0; i < NR; ++i)
+      for (int64_t j = jb; j < je; ++j) acc[i * D + d] += w[i * kKeyBlock + j] * x[j * D + d];
+}
+
+// p v for NR rows over tile rows [jb, je) (p_i at stride kKeyBlock). For
+// quantized V, per group: the weights p_ij s_jg against the codes (in
+// `weights`, NR x kKeyBlock) and sum_j p_ij b_jg into acc_groups.
+template <int NR, int bits>
+MLX_EXT_INLINE void accumulate_pv(const float* p, const Tile& vt, int64_t jb, int64_t je, float* acc,
+    float* acc_groups, int64_t D, int group_size, float* weights) {
+  if constexpr (bits == 0) {
+    weighted_rows<NR>(p, vt.x, jb, je, 0, D, acc, D);
+  } else {
+    const int64_t groups = D / group_size;
+    for (int64_t g = 0; g < groups; ++g) {
+      for (int i = 0; i < NR; ++i) {
+        float bias_sum = 0.0f;
+        for (int64_t j = jb; j < je; ++j) {
+          weights[i * kKeyBlock + j] = p[i * kKeyBlock + j] * vt.scale[j * groups + g];
+          bias_sum += p[i * kKeyBlock + j] * vt.bias[j * groups + g];
+        }
+        acc_groups[i * groups + g] += bias_sum;
+      }
+      weighted_rows<NR>(weights, vt.x, jb, je, g * group_size, (g + 1) * group_size, acc, D);
+    }
+  }
+}
+
 // Everything one task keeps per query row, as R-row arrays.
 struct RowState {
-  std::vector<float> q, q_sums, acc, acc_groups, m, l, scores;
+  std::vector<float> q, q_sums, acc, acc_groups, m, l, scores, weights;
   std::vector<int64_t> lo, hi;
   TileStorage k_tile, v_tile;
 };
@@ -44,6 +103,7 @@ void attend(const AttentionArgs& a, const AttentionTask& t, const AttentionParti
   st.lo.resize(R);
   st.hi.resize(R);
   st.scores.resize(kRows * kKeyBlock);
+  st.weights.resize(kRows * kKeyBlock);
 
   const bool sinks = a.sinks && (!parts || parts->chunk == 0);
   int64_t first = t.s1, last = t.s0; // the union of the rows' key ranges
@@ -125,15 +185,12 @@ void attend(const AttentionArgs& a, const AttentionTask& t, const AttentionParti
       }
       float* acc = st.acc.data() + r0 * D;
       float* acc_groups = st.acc_groups.data() + r0 * groups;
-      for (int64_t j = begin; j < end; ++j) {
-        float w[kRows];
-        for (int64_t i = 0; i < nr; ++i) w[i] = p[i * kKeyBlock + j - j0];
-        if (nr == kRows) {
-          tile_axpy<kRows, bits>(w, vt, j - j0, acc, acc_groups, D, gs);
-        } else {
-          for (int64_t i = 0; i < nr; ++i)
-            tile_axpy<1, bits>(w + i, vt, j - j0, acc + i * D, acc_groups + i * groups, D, gs);
-        }
+      if (nr == kRows) {
+        accumulate_pv<kRows, bits>(p, vt, begin - j0, end - j0, acc, acc_groups, D, gs, st.weights.data());
+      } else {
+        for (int64_t i = 0; i < nr; ++i)
+          accumulate_pv<1, bits>(p + i * kKeyBlock, vt, begin - j0, end - j0, acc + i * D,
+              acc_groups + i * groups, D, gs, st.weights.data());
       }
     }
   }
