@@ -5,9 +5,11 @@
 // float32), against keys [s0, s1) in blocks of kKeyBlock keys. Each block of
 // K and of V is brought once into a float32 tile and serves all R rows, so
 // each K/V byte is read once per task. Rows go kRows at a time through a
-// block: their scores (each tile row loaded once for all of them), the
+// block: their scores (each tile row loaded once for all of them; with many
+// rows the key tile is transposed and keys fill the vector lanes), the
 // online-softmax update of each row's running max m, sum l and float32
-// accumulator (D floats), then p v into the accumulators. Blocks no row can
+// accumulator (D floats), then p v into the accumulators (in registers
+// across the block's keys). Blocks no row can
 // see (causal, window, kv_lengths) are never loaded, nor scored for a group
 // of rows that cannot see them.
 //
@@ -21,6 +23,68 @@ namespace {
 
 // Rows that share each load of a K or V tile row.
 constexpr int kRows = 4;
+// From this many rows per task on, key tiles are transposed (see attend).
+constexpr int64_t kTransposeRows = 16;
+
+// A tile of n keys transposed to columns: x (D, kKeyBlock), scale and bias
+// (groups, kKeyBlock); columns n.. are left as they were.
+Tile transpose_keys(const Tile& t, int64_t n, int64_t D, int64_t groups, TileStorage& st) {
+  st.x.resize(D * kKeyBlock);
+  st.scale.resize(groups * kKeyBlock);
+  st.bias.resize(groups * kKeyBlock);
+  for (int64_t j = 0; j < n; ++j) {
+    for (int64_t d = 0; d < D; ++d) st.x[d * kKeyBlock + j] = t.x[j * D + d];
+    for (int64_t g = 0; g < groups; ++g) {
+      st.scale[g * kKeyBlock + j] = t.scale[j * groups + g];
+      st.bias[g * kKeyBlock + j] = t.bias[j * groups + g];
+    }
+  }
+  return {st.x.data(), st.scale.data(), st.bias.data()};
+}
+
+// out_i[0:kKeyBlock] = q_i . k_j for NR rows against a transposed key tile,
+// keys in the vector lanes: two vectors of keys x NR rows of accumulators
+// stay in registers over d and need no horizontal sums. Quantized: per group,
+// s_jg (q_i . codes_j)_g + b_jg (sum q_i)_g.
+template <int NR, int bits>
+MLX_EXT_INLINE void block_scores(const float* q, const float* q_sums, const Tile& kt, int64_t D,
+    int group_size, float* out) {
+  static_assert(kKeyBlock % (2 * kWidth) == 0, "key blocks are whole pairs of vectors");
+  const int64_t groups = bits ? D / group_size : 1;
+  const int64_t span = bits ? group_size : D;
+  for (int64_t jc = 0; jc < kKeyBlock; jc += 2 * kWidth) {
+    VecF acc[NR][2];
+    for (int i = 0; i < NR; ++i) acc[i][0] = zero(), acc[i][1] = zero();
+    for (int64_t g = 0; g < groups; ++g) {
+      VecF part[NR][2];
+      for (int i = 0; i < NR; ++i) part[i][0] = zero(), part[i][1] = zero();
+      for (int64_t d = g * span; d < (g + 1) * span; ++d) {
+        const float* k = kt.x + d * kKeyBlock + jc;
+        const VecF k0 = load(k), k1 = load(k + kWidth);
+        for (int i = 0; i < NR; ++i) {
+          const VecF qd = broadcast(q[i * D + d]);
+          part[i][0] = fma(qd, k0, part[i][0]);
+          part[i][1] = fma(qd, k1, part[i][1]);
+        }
+      }
+      if constexpr (bits == 0) {
+        for (int i = 0; i < NR; ++i) acc[i][0] = part[i][0], acc[i][1] = part[i][1];
+      } else {
+        const float* sg = kt.scale + g * kKeyBlock + jc;
+        const float* bg = kt.bias + g * kKeyBlock + jc;
+        for (int c = 0; c < 2; ++c) {
+          const VecF s = load(sg + c * kWidth), b = load(bg + c * kWidth);
+          for (int i = 0; i < NR; ++i)
+            acc[i][c] = fma(b, broadcast(q_sums[i * groups + g]), fma(s, part[i][c], acc[i][c]));
+        }
+      }
+    }
+    for (int i = 0; i < NR; ++i) {
+      store(out + i * kKeyBlock + jc, acc[i][0]);
+      store(out + i * kKeyBlock + jc + kWidth, acc[i][1]);
+    }
+  }
+}
 
 // acc_i[d0:d1] += sum_j w_i[j] x[j, d0:d1] over tile rows j in [jb, je), for NR
 // rows i (w_i at stride kKeyBlock, acc_i at stride D). The accumulators of
@@ -85,7 +149,7 @@ MLX_EXT_INLINE void accumulate_pv(const float* p, const Tile& vt, int64_t jb, in
 struct RowState {
   std::vector<float> q, q_sums, acc, acc_groups, m, l, scores, weights;
   std::vector<int64_t> lo, hi;
-  TileStorage k_tile, v_tile;
+  TileStorage k_tile, k_transposed, v_tile;
 };
 
 template <FloatType T, int bits>
@@ -123,9 +187,14 @@ void attend(const AttentionArgs& a, const AttentionTask& t, const AttentionParti
     st.l[r] = sinks ? 1.0f : 0.0f;
   }
 
+  // Many rows (prefill) amortise transposing each key tile, which lets the
+  // scores be computed with keys in the vector lanes (block_scores); few rows
+  // (decode) take one dot product per key (tile_dot).
+  const bool transposed = R >= kTransposeRows;
   for (int64_t j0 = first; j0 < last; j0 += kKeyBlock) {
     const int64_t n = std::min<int64_t>(kKeyBlock, last - j0);
-    const Tile kt = load_tile<T, bits>(a, a.k, t.b, t.hkv, j0, n, st.k_tile);
+    Tile kt = load_tile<T, bits>(a, a.k, t.b, t.hkv, j0, n, st.k_tile);
+    if (transposed) kt = transpose_keys(kt, n, D, groups, st.k_transposed);
     const Tile vt = load_tile<T, bits>(a, a.v, t.b, t.hkv, j0, n, st.v_tile);
     for (int64_t r0 = 0; r0 < R; r0 += kRows) {
       const int64_t nr = std::min<int64_t>(kRows, R - r0);
@@ -139,15 +208,25 @@ void attend(const AttentionArgs& a, const AttentionTask& t, const AttentionParti
       if (begin >= end) continue;
       const float* q = st.q.data() + r0 * D;
       const float* q_sums = st.q_sums.data() + r0 * groups;
-      float* p = st.scores.data(); // (kRows, kKeyBlock), then (kKeyBlock, kRows) probabilities
-      float s[kRows];
-      for (int64_t j = begin; j < end; ++j) {
+      float* p = st.scores.data(); // (kRows, kKeyBlock): scores, then probabilities
+      if (transposed) {
         if (nr == kRows) {
-          tile_dot<kRows, bits>(q, q_sums, kt, j - j0, D, gs, s);
+          block_scores<kRows, bits>(q, q_sums, kt, D, gs, p);
         } else {
-          for (int64_t i = 0; i < nr; ++i) tile_dot<1, bits>(q + i * D, q_sums + i * groups, kt, j - j0, D, gs, s + i);
+          for (int64_t i = 0; i < nr; ++i)
+            block_scores<1, bits>(q + i * D, q_sums + i * groups, kt, D, gs, p + i * kKeyBlock);
         }
-        for (int64_t i = 0; i < nr; ++i) p[i * kKeyBlock + j - j0] = s[i];
+      } else {
+        float s[kRows];
+        for (int64_t j = begin; j < end; ++j) {
+          if (nr == kRows) {
+            tile_dot<kRows, bits>(q, q_sums, kt, j - j0, D, gs, s);
+          } else {
+            for (int64_t i = 0; i < nr; ++i)
+              tile_dot<1, bits>(q + i * D, q_sums + i * groups, kt, j - j0, D, gs, s + i);
+          }
+          for (int64_t i = 0; i < nr; ++i) p[i * kKeyBlock + j - j0] = s[i];
+        }
       }
       for (int64_t i = 0; i < nr; ++i) {
         const int64_t r = r0 + i;
