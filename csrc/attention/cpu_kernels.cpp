@@ -9,9 +9,9 @@
 // rows the key tile is transposed and keys fill the vector lanes), the
 // online-softmax update of each row's running max m, sum l and float32
 // accumulator (D floats), then p v into the accumulators (in registers
-// across the block's keys). Blocks no row can
-// see (causal, window, kv_lengths) are never loaded, nor scored for a group
-// of rows that cannot see them.
+// across the block's keys). Blocks no row can see (causal, window,
+// kv_lengths) are never loaded, nor scored for a group of rows that cannot
+// see them.
 //
 // Quantized K/V tiles hold the codes as floats and never the dequantized
 // values: per group g of D, q . k = s_g (q . codes)_g + b_g (sum q)_g, and the
