@@ -222,7 +222,8 @@ def main():
         markdown += "\n\n## Speed targets (attention issue)\n\n" + "\n".join(
             f"- {'MET' if ok else 'NOT MET'}: {name}: {value}"
             for name, value, ok in targets(rows, bw["bytes_per_s"]))
-    markdown += "\n\nReproduce: `.venv/bin/python -m bench.bench_attention`. " + __doc__.split("\n\n")[2]
+    markdown += ("\n\nReproduce: `.venv/bin/python -m bench.bench_attention`. "
+                 + " ".join(__doc__.split("\n\n")[2].split()))
     folder = harness.write_results("attention" + ("_quick" if args.quick else ""), info, rows, markdown)
     print(markdown)
     print(f"\nwritten to {folder}")

@@ -26,6 +26,27 @@ constexpr int kRows = 4;
 // From this many rows per task on, key tiles are transposed (see attend).
 constexpr int64_t kTransposeRows = 16;
 
+// max and sum of x[0:n] in 8 independent lanes: no chain of n dependent
+// operations, and a form the compiler vectorises without reassociating.
+MLX_EXT_INLINE float max_of(const float* x, int64_t n) {
+  float m[8] = {kNegInf, kNegInf, kNegInf, kNegInf, kNegInf, kNegInf, kNegInf, kNegInf};
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8)
+    for (int l = 0; l < 8; ++l) m[l] = std::max(m[l], x[j + l]);
+  for (; j < n; ++j) m[0] = std::max(m[0], x[j]);
+  return std::max(std::max(std::max(m[0], m[1]), std::max(m[2], m[3])),
+      std::max(std::max(m[4], m[5]), std::max(m[6], m[7])));
+}
+
+MLX_EXT_INLINE float sum_of(const float* x, int64_t n) {
+  float s[8] = {};
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8)
+    for (int l = 0; l < 8; ++l) s[l] += x[j + l];
+  for (; j < n; ++j) s[0] += x[j];
+  return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
+}
+
 // A tile of n keys transposed to columns: x (D, kKeyBlock), scale and bias
 // (groups, kKeyBlock); columns n.. are left as they were.
 Tile transpose_keys(const Tile& t, int64_t n, int64_t D, int64_t groups, TileStorage& st) {
@@ -233,11 +254,11 @@ void attend(const AttentionArgs& a, const AttentionTask& t, const AttentionParti
         float* row_p = p + i * kKeyBlock - j0;
         const int64_t b = std::max(st.lo[r], begin), e = std::min(st.hi[r], end);
         const int64_t m_row = mask_row(a, t.b, t.hkv * G + r / n_l, t.l0 + r % n_l);
-        float block_max = kNegInf;
-        for (int64_t j = begin; j < end; ++j) {
-          row_p[j] = j >= b && j < e ? apply_mask(a, m_row, j, row_p[j]) : kNegInf;
-          block_max = std::max(block_max, row_p[j]);
-        }
+        std::fill(row_p + begin, row_p + std::max(begin, b), kNegInf);
+        std::fill(row_p + std::max(e, begin), row_p + end, kNegInf);
+        if (a.mask)
+          for (int64_t j = b; j < e; ++j) row_p[j] = apply_mask(a, m_row, j, row_p[j]);
+        const float block_max = max_of(row_p + begin, end - begin);
         if (block_max == kNegInf) {
           std::fill(row_p + begin, row_p + end, 0.0f);
           continue;
@@ -255,12 +276,8 @@ void attend(const AttentionArgs& a, const AttentionTask& t, const AttentionParti
           st.l[r] *= alpha;
         }
         st.m[r] = m;
-        float sum = 0.0f;
-        for (int64_t j = begin; j < end; ++j) {
-          row_p[j] = exp_nonpositive(row_p[j] - m);
-          sum += row_p[j];
-        }
-        st.l[r] += sum;
+        for (int64_t j = begin; j < end; ++j) row_p[j] = exp_nonpositive(row_p[j] - m);
+        st.l[r] += sum_of(row_p + begin, end - begin);
       }
       float* acc = st.acc.data() + r0 * D;
       float* acc_groups = st.acc_groups.data() + r0 * groups;
