@@ -10,10 +10,37 @@
 // - dkv: one task is one key block of one kv head (float K/V only), over
 //   every query row of its G query heads that sees it; the block's dk and dv
 //   accumulate in float32 tiles.
+// Both take the rows four at a time, sharing each load of a tile row.
 #include "attention/cpu_tiles.h"
 
 namespace mlx_ext::cpu::MLX_EXT_ISA_NS {
 namespace {
+
+// Rows that share each load of a K or V tile row.
+constexpr int kRows = 4;
+
+// out[i] = x_i . row j of the tile for the nr <= kRows rows x_i (stride D).
+template <int bits>
+MLX_EXT_INLINE void row_dots(int64_t nr, const float* x, const float* x_sums, const Tile& t, int64_t j,
+    int64_t D, int group_size, float* out) {
+  const int64_t groups = bits ? D / group_size : 0;
+  if (nr == kRows) return tile_dot<kRows, bits>(x, x_sums, t, j, D, group_size, out);
+  for (int64_t i = 0; i < nr; ++i)
+    tile_dot<1, bits>(x + i * D, x_sums ? x_sums + i * groups : nullptr, t, j, D, group_size, out + i);
+}
+
+// dst[0:D] += sum_i w[i] rows_i for nr rows (stride D): one load and store of
+// dst per vector for all of them.
+MLX_EXT_INLINE void combine_rows(int64_t nr, const float* w, const float* rows, int64_t D, float* dst) {
+  int64_t d = 0;
+  for (; d + kWidth <= D; d += kWidth) {
+    VecF acc = load(dst + d);
+    for (int64_t i = 0; i < nr; ++i) acc = fma(broadcast(w[i]), load(rows + i * D + d), acc);
+    store(dst + d, acc);
+  }
+  for (; d < D; ++d)
+    for (int64_t i = 0; i < nr; ++i) dst[d] += w[i] * rows[i * D + d];
+}
 
 struct BackwardState {
   std::vector<float> q, q_sums, d_out, d_out_sums, acc, acc_groups;
@@ -52,21 +79,35 @@ void backward_dq(const AttentionArgs& a, const AttentionGrads& gr, const Attenti
     const int64_t n = std::min<int64_t>(kKeyBlock, last - j0);
     const Tile kt = load_tile<T, bits>(a, a.k, t.b, t.hkv, j0, n, st.k_tile);
     const Tile vt = load_tile<T, bits>(a, a.v, t.b, t.hkv, j0, n, st.v_tile);
-    for (int64_t r = 0; r < R; ++r) {
-      const int64_t begin = std::max(st.lo[r], j0), end = std::min(st.hi[r], j0 + n);
-      const int64_t row = row_of(r);
-      const float lse = gr.lse[row], delta = gr.delta[row];
-      const int64_t m_row = mask_row(a, t.b, t.hkv * G + r / n_l, t.l0 + r % n_l);
-      const float* q = st.q.data() + r * D;
-      const float* d_out = st.d_out.data() + r * D;
+    for (int64_t r0 = 0; r0 < R; r0 += kRows) {
+      const int64_t nr = std::min<int64_t>(kRows, R - r0);
+      int64_t begin = j0 + n, end = j0, m_row[kRows];
+      for (int64_t i = 0; i < nr; ++i) {
+        const int64_t r = r0 + i, b = std::max(st.lo[r], j0), e = std::min(st.hi[r], j0 + n);
+        if (b < e) begin = std::min(begin, b), end = std::max(end, e);
+        m_row[i] = mask_row(a, t.b, t.hkv * G + r / n_l, t.l0 + r % n_l);
+      }
       for (int64_t j = begin; j < end; ++j) {
-        float s, dp;
-        tile_dot<1, bits>(q, st.q_sums.data() + r * groups, kt, j - j0, D, gs, &s);
-        const float p = exp_nonpositive(apply_mask(a, m_row, j, s) - lse);
-        if (p == 0.0f) continue;
-        tile_dot<1, bits>(d_out, st.d_out_sums.data() + r * groups, vt, j - j0, D, gs, &dp);
-        const float ds = p * (dp - delta);
-        tile_axpy<1, bits>(&ds, kt, j - j0, st.acc.data() + r * D, st.acc_groups.data() + r * groups, D, gs);
+        float s[kRows], dp[kRows], ds[kRows];
+        row_dots<bits>(nr, st.q.data() + r0 * D, st.q_sums.data() + r0 * groups, kt, j - j0, D, gs, s);
+        row_dots<bits>(nr, st.d_out.data() + r0 * D, st.d_out_sums.data() + r0 * groups, vt, j - j0, D, gs, dp);
+        bool any = false;
+        for (int64_t i = 0; i < nr; ++i) {
+          const int64_t r = r0 + i, row = row_of(r);
+          const bool seen = j >= st.lo[r] && j < st.hi[r];
+          const float p = seen ? exp_nonpositive(apply_mask(a, m_row[i], j, s[i]) - gr.lse[row]) : 0.0f;
+          ds[i] = p * (dp[i] - gr.delta[row]);
+          any |= ds[i] != 0.0f;
+        }
+        if (!any) continue;
+        float* acc = st.acc.data() + r0 * D;
+        float* acc_groups = st.acc_groups.data() + r0 * groups;
+        if (nr == kRows) {
+          tile_axpy<kRows, bits>(ds, kt, j - j0, acc, acc_groups, D, gs);
+        } else {
+          for (int64_t i = 0; i < nr; ++i)
+            tile_axpy<1, bits>(ds + i, kt, j - j0, acc + i * D, acc_groups + i * groups, D, gs);
+        }
       }
     }
   }
@@ -82,37 +123,43 @@ template <FloatType T>
 void backward_dkv(const AttentionArgs& a, const AttentionGrads& gr, const AttentionTask& t) {
   const int64_t D = a.D, G = a.Hq / a.Hkv, n = t.s1 - t.s0;
   thread_local BackwardState st;
-  st.q.resize(D);
-  st.d_out.resize(D);
+  st.q.resize(kRows * D);
+  st.d_out.resize(kRows * D);
   st.acc.assign(2 * n * D, 0.0f); // dk rows, then dv rows
   float* dk = st.acc.data();
   float* dv = dk + n * D;
   const Tile kt = load_tile<T, 0>(a, a.k, t.b, t.hkv, t.s0, n, st.k_tile);
   const Tile vt = load_tile<T, 0>(a, a.v, t.b, t.hkv, t.s0, n, st.v_tile);
-  const Tile q_row{st.q.data(), nullptr, nullptr};
-  const Tile d_out_row{st.d_out.data(), nullptr, nullptr};
   for (int64_t g = 0; g < G; ++g) {
     const int64_t h = t.hkv * G + g;
-    for (int64_t i = 0; i < a.L; ++i) {
-      const int64_t row = (t.b * a.Hq + h) * a.L + i;
-      int64_t lo, hi;
-      visible_keys(a, t.b, i, lo, hi);
-      lo = std::max(lo, t.s0);
-      hi = std::min(hi, t.s1);
-      const float lse = gr.lse[row], delta = gr.delta[row];
-      if (lo >= hi || lse == kNegInf) continue;
-      load_row<T, 0>(a.q, row, D, a.scale, st.q.data(), 0, 0, nullptr);
-      load_row<T, 0>(gr.d_out, row, D, 1.0f, st.d_out.data(), 0, 0, nullptr);
-      const int64_t m_row = mask_row(a, t.b, h, i);
-      for (int64_t j = lo - t.s0; j < hi - t.s0; ++j) {
-        float s, dp;
-        tile_dot<1, 0>(st.q.data(), nullptr, kt, j, D, 0, &s);
-        const float p = exp_nonpositive(apply_mask(a, m_row, t.s0 + j, s) - lse);
-        if (p == 0.0f) continue;
-        tile_dot<1, 0>(st.d_out.data(), nullptr, vt, j, D, 0, &dp);
-        const float ds = p * (dp - delta);
-        tile_axpy<1, 0>(&p, d_out_row, 0, dv + j * D, nullptr, D, 0);
-        tile_axpy<1, 0>(&ds, q_row, 0, dk + j * D, nullptr, D, 0);
+    for (int64_t i0 = 0; i0 < a.L; i0 += kRows) {
+      const int64_t nr = std::min<int64_t>(kRows, a.L - i0);
+      int64_t lo[kRows], hi[kRows], m_row[kRows], begin = n, end = 0;
+      for (int64_t i = 0; i < nr; ++i) {
+        const int64_t row = (t.b * a.Hq + h) * a.L + i0 + i;
+        visible_keys(a, t.b, i0 + i, lo[i], hi[i]);
+        lo[i] = std::max(lo[i], t.s0) - t.s0;
+        hi[i] = gr.lse[row] == kNegInf ? lo[i] : std::min(hi[i], t.s1) - t.s0;
+        if (lo[i] < hi[i]) begin = std::min(begin, lo[i]), end = std::max(end, hi[i]);
+        m_row[i] = mask_row(a, t.b, h, i0 + i);
+      }
+      if (begin >= end) continue; // no row of the group sees this block
+      const int64_t row0 = (t.b * a.Hq + h) * a.L + i0;
+      for (int64_t i = 0; i < nr; ++i) {
+        load_row<T, 0>(a.q, row0 + i, D, a.scale, st.q.data() + i * D, 0, 0, nullptr);
+        load_row<T, 0>(gr.d_out, row0 + i, D, 1.0f, st.d_out.data() + i * D, 0, 0, nullptr);
+      }
+      for (int64_t j = begin; j < end; ++j) {
+        float s[kRows], dp[kRows], p[kRows], ds[kRows];
+        row_dots<0>(nr, st.q.data(), nullptr, kt, j, D, 0, s);
+        row_dots<0>(nr, st.d_out.data(), nullptr, vt, j, D, 0, dp);
+        for (int64_t i = 0; i < nr; ++i) {
+          const bool seen = j >= lo[i] && j < hi[i];
+          p[i] = seen ? exp_nonpositive(apply_mask(a, m_row[i], t.s0 + j, s[i]) - gr.lse[row0 + i]) : 0.0f;
+          ds[i] = p[i] * (dp[i] - gr.delta[row0 + i]);
+        }
+        combine_rows(nr, p, st.d_out.data(), D, dv + j * D);
+        combine_rows(nr, ds, st.q.data(), D, dk + j * D);
       }
     }
   }
