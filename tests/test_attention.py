@@ -321,3 +321,24 @@ def test_thread_count_does_not_change_the_meaning(threads):
     finally:
         mlx_ext.set_num_threads(default)
     assert_matches_reference(out, q, k, v, **kwargs)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_matches_mlx_lm_quantized_attention_on_its_cache(bits):
+    """The tuples mlx-lm's QuantizedKVCache returns (slices of its buffers),
+    against mlx-lm's own quantized attention with a causal mask."""
+    from mlx_lm.models.base import quantized_scaled_dot_product_attention
+    from mlx_lm.models.cache import QuantizedKVCache
+
+    rng = np.random.default_rng(8)
+    cache = QuantizedKVCache(group_size=64, bits=bits)
+    for length in (300, 5):  # a prefill, then a chunk: offset 305 of a 512-step buffer
+        kv = [mx.array(rng.normal(size=(1, 2, length, 128)), dtype=mx.float32) for _ in range(2)]
+        k, v = cache.update_and_fetch(*kv)
+    q = mx.array(rng.normal(size=(1, 8, 5, 128)), dtype=mx.float32)
+    got = mlx_ext.scaled_dot_product_attention(q, k, v, scale=128**-0.5, mask="causal", bits=bits)
+    # mlx-lm scales its queries in place (queries *= scale): give it a copy.
+    want = quantized_scaled_dot_product_attention(q * 1, k, v, scale=128**-0.5, mask="causal",
+                                                  group_size=64, bits=bits)
+    np.testing.assert_allclose(np.array(got), np.array(want), rtol=1e-4, atol=1e-4)
+    assert_matches_reference(got, q, k, v, scale=128**-0.5, mask="causal", bits=bits)
