@@ -5,6 +5,7 @@
 #include <nanobind/stl/variant.h>
 #include <nanobind/stl/vector.h>
 
+#include "attention/attention.h"
 #include "common/cpu/isa.h"
 #include "common/errors.h"
 #include "common/cpu/thread_pool.h"
@@ -65,6 +66,62 @@ Args:
 Returns:
     array: shape ``(..., N)``; dtype promoted from x, scales (and bias).
     Accumulation is float32 for every dtype.)");
+
+  m.def(
+      "scaled_dot_product_attention",
+      &mlx_ext::scaled_dot_product_attention,
+      "q"_a,
+      "k"_a,
+      "v"_a,
+      nb::kw_only(),
+      "scale"_a,
+      "mask"_a = nb::none(),
+      "sinks"_a = nb::none(),
+      "window"_a = nb::none(),
+      "kv_lengths"_a = nb::none(),
+      "group_size"_a = 64,
+      "bits"_a = nb::none(),
+      "stream"_a = nb::none(),
+      nb::sig(
+          "def scaled_dot_product_attention(q: mlx.core.array, "
+          "k: mlx.core.array | tuple[mlx.core.array, mlx.core.array, mlx.core.array], "
+          "v: mlx.core.array | tuple[mlx.core.array, mlx.core.array, mlx.core.array], *, "
+          "scale: float, mask: str | mlx.core.array | None = None, "
+          "sinks: mlx.core.array | None = None, window: int | None = None, "
+          "kv_lengths: mlx.core.array | None = None, group_size: int = 64, "
+          "bits: int | None = None, "
+          "stream: mlx.core.Stream | mlx.core.Device | None = None) -> mlx.core.array"),
+      R"(Fused scaled dot-product attention: ``softmax(scale * q @ k.T + mask) @ v``.
+
+Means what ``mx.fast.scaled_dot_product_attention`` means for the arguments it
+shares with it, and never materialises the ``L x S`` scores.
+
+Args:
+    q (array): ``(B, Hq, L, D)``; float32, float16 or bfloat16; D a multiple
+        of 8 up to 256.
+    k, v (array or tuple): ``(B, Hkv, S, D)`` with ``Hq % Hkv == 0`` (GQA,
+        MQA), cast to q's dtype; or both the ``(w_q, scales, biases)`` tuples
+        of mlx-lm's ``QuantizedKVCache`` (affine, quantized along D), read as
+        packed codes.
+    scale (float): multiplies ``q @ k.T``.
+    mask: ``None``; ``"causal"`` (lower-right aligned: query i sees keys
+        ``j <= i + S - L``; needs ``L <= S``); a bool array (True = attend) or
+        an additive float array broadcastable to ``(B, Hq, L, S)``.
+    sinks (array, optional): ``(Hq,)`` logits that join each row's softmax
+        denominator only.
+    window (int, optional): sliding window: each query sees at most the last
+        ``window`` keys up to its causal position (implies causal).
+    kv_lengths (array, optional): int32 ``(B,)``, the valid keys of each
+        sequence of a right-padded cache; the causal position and window are
+        then aligned to that length. Values outside ``[0, S]`` are clamped.
+    group_size (int): of quantized K/V: 32, 64 or 128.
+    bits (int, optional): of quantized K/V, 4 or 8 (default: from the packed
+        width and D).
+    stream: the stream or device to run on.
+
+Returns:
+    array: ``(B, Hq, L, D)`` in q's dtype. Softmax and accumulation in
+    float32. A row that sees no key (all masked, no sink) is 0.)");
 
   m.def("get_num_threads", &mlx_ext::cpu::num_threads,
       "Number of threads the CPU kernels use (the caller included).");

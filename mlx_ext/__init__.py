@@ -21,6 +21,7 @@ from ._ext import (  # noqa: E402
     get_cpu_isa,
     get_num_threads,
     quantized_matmul,
+    scaled_dot_product_attention,
     set_cpu_isa,
     set_num_threads,
 )
@@ -38,6 +39,7 @@ __all__ = [
     "nn",
     "patch",
     "quantized_matmul",
+    "scaled_dot_product_attention",
     "set_cpu_isa",
     "set_num_threads",
     "unpatch",

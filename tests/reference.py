@@ -191,3 +191,72 @@ def gguf_llama_logits(tensors: dict, metadata: dict, tokens: list[int]) -> np.nd
         x = x + (gate / (1 + np.exp(-gate)) * up) @ matrix(f"{block}.ffn_down").T
     head = matrix("output") if "output.weight" in tensors else embedding
     return rms_norm(x, "output_norm") @ head.T
+
+
+def attention_kv(x, head_dim: int, group_size: int = 64, bits=None):
+    """k or v of scaled_dot_product_attention as float64 (B, Hkv, S, D), with
+    the magnitude of each value's terms (|scale| q + |bias| for a quantized
+    (w_q, scales, biases) tuple, dequantized along D)."""
+    if not isinstance(x, (tuple, list)):
+        values = to_f64(x)
+        return values, np.abs(values)
+    w_q, scales, biases = x
+    bits = bits or w_q.shape[-1] * 32 // head_dim
+    lead = tuple(w_q.shape[:-1])
+    codes = unpack_bits(np.array(w_q).reshape(-1, w_q.shape[-1]), bits).astype(np.float64)
+    s = np.repeat(to_f64(scales).reshape(-1, scales.shape[-1]), group_size, axis=-1)
+    b = np.repeat(to_f64(biases).reshape(-1, biases.shape[-1]), group_size, axis=-1)
+    return (s * codes + b).reshape(lead + (head_dim,)), (np.abs(s) * codes + np.abs(b)).reshape(
+        lead + (head_dim,)
+    )
+
+
+def attention_visible(batch, heads, q_len, kv_len, *, mask=None, window=None, kv_lengths=None):
+    """Which keys each query row sees, (B, Hq, L, S) bool: the first
+    kv_lengths[b] keys (clamped to [0, S]); with mask="causal" or a window,
+    keys up to the row's position i + len_b - L (lower-right aligned), and with
+    a window only the last `window` of those; a bool mask on top."""
+    lens = np.full(batch, kv_len) if kv_lengths is None else np.clip(np.array(kv_lengths), 0, kv_len)
+    j = np.arange(kv_len)
+    visible = np.broadcast_to(j < lens[:, None, None, None], (batch, heads, q_len, kv_len)).copy()
+    if (isinstance(mask, str) and mask == "causal") or window is not None:
+        pos = np.arange(q_len)[None, :] + lens[:, None] - q_len  # (B, L)
+        visible &= (j <= pos[:, None, :, None])
+        if window is not None:
+            visible &= j > pos[:, None, :, None] - window
+    if isinstance(mask, mx.array) and mask.dtype == mx.bool_:
+        visible &= np.array(mask)
+    return visible
+
+
+def attention_probabilities(q, k, *, scale, mask=None, sinks=None, window=None, kv_lengths=None):
+    """softmax over the visible keys (and the sinks' extra logits) of
+    scale * q k^T + additive mask, in float64: (B, Hq, L, S); a row that sees
+    no key and has no sink is all zeros. k: float64 (B, Hkv, S, D)."""
+    q = to_f64(q)
+    batch, heads, q_len, _ = q.shape
+    k = np.repeat(k, heads // k.shape[1], axis=1)
+    logits = scale * (q @ np.swapaxes(k, -1, -2))
+    if isinstance(mask, mx.array) and mask.dtype != mx.bool_:
+        logits = logits + to_f64(mask)
+    visible = attention_visible(batch, heads, q_len, k.shape[2], mask=mask, window=window,
+                                kv_lengths=kv_lengths)
+    logits = np.where(visible, logits, -np.inf)
+    sink = np.full((1, heads, 1, 1), -np.inf) if sinks is None else to_f64(sinks)[None, :, None, None]
+    top = np.maximum(logits.max(axis=-1, keepdims=True, initial=-np.inf), sink)
+    safe_top = np.where(np.isfinite(top), top, 0.0)
+    weights = np.where(visible, np.exp(logits - safe_top), 0.0)
+    total = weights.sum(axis=-1, keepdims=True) + np.exp(sink - safe_top)
+    return np.where(total > 0, weights / np.where(total > 0, total, 1.0), 0.0)
+
+
+def scaled_dot_product_attention(q, k, v, *, scale, mask=None, sinks=None, window=None,
+                                 kv_lengths=None, group_size=64, bits=None):
+    """mlx_ext.scaled_dot_product_attention in float64: k and v arrays or
+    quantized (w_q, scales, biases) tuples; (B, Hq, L, D)."""
+    head_dim = q.shape[-1]
+    keys, _ = attention_kv(k, head_dim, group_size, bits)
+    values, _ = attention_kv(v, head_dim, group_size, bits)
+    p = attention_probabilities(q, keys, scale=scale, mask=mask, sinks=sinks, window=window,
+                                kv_lengths=kv_lengths)
+    return p @ np.repeat(values, q.shape[1] // values.shape[1], axis=1)

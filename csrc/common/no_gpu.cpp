@@ -3,17 +3,22 @@
 // list every primitive; a Metal or CUDA build lists those whose metal.cpp /
 // cuda.cpp does not exist yet. An op function refuses a GPU stream for them
 // with a ValueError before any kernel runs (checks.h, kernel_stream).
+#include "attention/attention.h"
 #include "common/gpu.h"
 #include "quantized_matmul/quantized_matmul.h"
 
 namespace mlx_ext {
 
 #if defined(MLX_EXT_METAL)
-// (every primitive has Metal kernels)
+MLX_EXT_NO_GPU_MULTI(ScaledDotProductAttention)
+MLX_EXT_NO_GPU_MULTI(ScaledDotProductAttentionVjp)
 #elif defined(MLX_EXT_CUDA)
-// (every primitive has CUDA kernels)
+MLX_EXT_NO_GPU_MULTI(ScaledDotProductAttention)
+MLX_EXT_NO_GPU_MULTI(ScaledDotProductAttentionVjp)
 #else
 MLX_EXT_NO_GPU(QuantizedMatmul)
+MLX_EXT_NO_GPU_MULTI(ScaledDotProductAttention)
+MLX_EXT_NO_GPU_MULTI(ScaledDotProductAttentionVjp)
 #endif
 
 } // namespace mlx_ext

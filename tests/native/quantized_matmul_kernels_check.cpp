@@ -12,34 +12,12 @@
 #include <vector>
 
 #define MLX_EXT_ISA_scalar 1 // the conversion helpers, baseline build
-#include "common/cpu/simd.h"
 #include "quantized_matmul/cpu_driver.h"
+#include "float_buffer.h"
 
 using namespace mlx_ext::cpu;
 
 namespace {
-
-uint16_t encode(FloatType t, float v) {
-  return t == FloatType::f16 ? scalar::float_to_half(v) : scalar::float_to_bf16(v);
-}
-double decode(FloatType t, const void* p, size_t i) {
-  if (t == FloatType::f32) return static_cast<const float*>(p)[i];
-  const uint16_t h = static_cast<const uint16_t*>(p)[i];
-  return t == FloatType::f16 ? scalar::half_to_float(h) : scalar::bf16_to_float(h);
-}
-
-// A float array stored in type t (values rounded to it).
-struct Buffer {
-  FloatType type;
-  std::vector<float> f32;
-  std::vector<uint16_t> f16;
-  Buffer(FloatType t, size_t n) : type(t), f32(t == FloatType::f32 ? n : 0), f16(t == FloatType::f32 ? 0 : n) {}
-  void* data() { return type == FloatType::f32 ? static_cast<void*>(f32.data()) : f16.data(); }
-  void set(size_t i, float v) {
-    if (type == FloatType::f32) f32[i] = v; else f16[i] = encode(type, v);
-  }
-  double get(size_t i) { return decode(type, data(), i); }
-};
 
 int64_t value_at(const std::vector<uint8_t>& w, int64_t row_bytes, int64_t r, int64_t c, int bits) {
   int64_t v = 0;
