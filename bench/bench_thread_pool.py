@@ -7,20 +7,23 @@ Dispatch: bench/cpu/thread_pool.cpp (compiled against csrc/common/cpu/
 thread_pool.cpp) times parallel_for call by call with 1..128 trivial tasks,
 back to back and after 20 us of caller work. GEMV: a 576x576 4-bit (group 64)
 float32 quantized_matmul at M=1, 200 of them chained in one graph (each
-output is the next input), in microseconds per matmul; "eval" times mx.eval
-of a graph built beforehand, "build+eval" also its construction in Python.
+output is the next input), in microseconds per matmul: mx.eval of a graph
+built beforehand.
 
 --baseline COMMIT also compiles the pool of COMMIT, and --baseline-ext a copy
 of the extension (mlx_ext/_ext*.so) built at that commit; the two versions
 then run in alternation (A, B, A, B, ...), each in its own process, so that
 noise from other work on the machine hits both. Figures are medians over
---rounds runs of per-run medians.
+--rounds runs of per-run medians; for the GEMV also the best run, closest to
+an idle machine (other processes on a 2-core machine halve what a second
+thread can do).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -87,9 +90,8 @@ def gemv_worker(ext: str | None, repeats: int) -> dict:
     for threads in (1, 2):
         mlx_ext.set_num_threads(threads)
         graphs = [chain() for _ in range(repeats + 2)]
-        t_eval = harness.time_calls(lambda i: mx.eval(graphs[i]), repeats=repeats)["median_s"]
-        t_all = harness.time_calls(lambda i: mx.eval(chain()), repeats=repeats)["median_s"]
-        result[threads] = {"eval": t_eval / CHAIN * 1e6, "build_eval": t_all / CHAIN * 1e6}
+        seconds = harness.time_calls(lambda i: mx.eval(graphs[i]), repeats=repeats)["median_s"]
+        result[threads] = seconds / CHAIN * 1e6
     return result
 
 
@@ -98,10 +100,6 @@ def run_gemv(ext: str | None, repeats: int) -> dict:
     out = subprocess.run(cmd + (["--ext", ext] if ext else []), cwd=ROOT, check=True,
                          capture_output=True, text=True).stdout
     return {int(t): v for t, v in json.loads(out).items()}
-
-
-def median_over(runs: list[dict], key) -> float:
-    return statistics.median(key(r) for r in runs)
 
 
 def main():
@@ -136,30 +134,32 @@ def main():
         threads, n_tasks, gap_us = case
         row = {"benchmark": "dispatch", "threads": threads, "n_tasks": n_tasks, "gap_us": gap_us}
         for v in dispatch:
-            row[f"{v}_ns"] = median_over(dispatch[v], lambda run: run[case])
+            row[f"{v}_ns"] = round(statistics.median(run[case] for run in dispatch[v]))
         rows.append(row)
     for threads in (1, 2):
         row = {"benchmark": "gemv_576x576_4bit_m1_chained", "threads": threads}
         for v in gemv:
-            for kind in ("eval", "build_eval"):
-                row[f"{v}_{kind}_us"] = median_over(gemv[v], lambda run: run[threads][kind])
+            runs = [run[threads] for run in gemv[v]]
+            row.update({f"{v}_us": statistics.median(runs), f"{v}_best_us": min(runs), f"{v}_runs_us": runs})
         rows.append(row)
 
     label = {"before": f"before (pool of {args.baseline})", "after": "after" if args.baseline else "this tree"}
     info = harness.machine_info()
     info.pop("mlx_ext_threads", None)  # each case sets its own
+    info["load_average_at_end"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
     dispatch_cols = [("threads", "threads"), ("n_tasks", "tasks"), ("gap_us", "caller work between calls, us")]
     dispatch_cols += [(f"{v}_ns", f"{label[v]}, ns per call") for v in dispatch]
     gemv_cols = [("threads", "threads")]
-    for kind, what in (("eval", "eval"), ("build_eval", "build+eval")):
-        gemv_cols += [(f"{v}_{kind}_us", f"{label[v]}: {what}, us per matmul") for v in gemv]
+    gemv_cols += [(f"{v}_us", f"{label[v]}, us per matmul") for v in gemv]
+    gemv_cols += [(f"{v}_best_us", f"{label[v]}, best run") for v in gemv]
     markdown = (
-        f"Median over {args.rounds} rounds; the versions alternate within each round.\n\n"
+        f"Each figure is the median over {args.rounds} runs of each version (run alternately) of "
+        f"the run's median; 'best run' is the lowest run median.\n\n"
         f"## parallel_for dispatch\n\nMedian wall time of one call with n trivial tasks "
         f"({args.calls} calls back to back, {args.calls // 5} after 20 us of caller work each).\n\n"
         + harness.markdown_table([r for r in rows if r["benchmark"] == "dispatch"], dispatch_cols)
         + f"\n\n## 576x576 4-bit GEMV at M=1 through MLX\n\n{CHAIN} mlx_ext.quantized_matmul "
-        f"chained in one graph (float32, group 64), median of {args.repeats} graphs per round.\n\n"
+        f"chained in one graph (float32, group 64), median of {args.repeats} graphs per run.\n\n"
         + harness.markdown_table([r for r in rows if r["benchmark"] != "dispatch"], gemv_cols)
     )
     folder = harness.write_results("thread_pool", info, rows, markdown)
