@@ -2,8 +2,9 @@
 checks of tests/native/thread_pool_check.cpp: built as is, and under
 ThreadSanitizer and AddressSanitizer where the compiler supports them.
 
-No task that Python can reach throws (the kernels allocate nothing inside
-their tasks), so exception propagation is checked natively only."""
+Exception propagation is checked natively only: no input that Python can
+pass makes a kernel's task throw (short of running out of memory for a
+task's scratch buffer)."""
 
 import subprocess
 
