@@ -2,16 +2,48 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <cstdlib>
+#include <exception>
 #include <memory>
 #include <mutex>
 #include <stdexcept>
+#include <string>
 #include <thread>
 #include <vector>
 
+#if defined(__x86_64__) || defined(_M_X64) || defined(__i386__)
+#include <immintrin.h>
+#endif
+
 namespace mlx_ext::cpu {
 namespace {
+
+using Task = std::function<void(int64_t)>;
+
+// How long a worker spins after its last job before it sleeps.
+constexpr auto kSpin = std::chrono::microseconds(100);
+
+// One step of a spin-wait: a pause instruction, and every 64th step a yield
+// of the core, so that a spinning thread never starves one that shares its
+// core (more threads than free cores: another process, a second CPU stream).
+inline void relax(uint32_t step) {
+  if (step % 64 == 0) {
+    std::this_thread::yield();
+  } else {
+#if defined(__x86_64__) || defined(_M_X64) || defined(__i386__)
+    _mm_pause();
+#elif defined(__aarch64__) || defined(__arm__)
+    asm volatile("yield");
+#endif
+  }
+}
+
+// The job word: epoch << 32 | kOpen | workers inside.
+constexpr uint64_t kOpen = uint64_t(1) << 31;
+constexpr uint64_t kInside = kOpen - 1;
+inline uint64_t epoch_of(uint64_t word) { return word >> 32; }
 
 class Pool {
  public:
@@ -30,58 +62,90 @@ class Pool {
 
   int size() const { return int(workers_.size()) + 1; }
 
-  void run(int64_t n_tasks, const std::function<void(int64_t)>& task) {
-    std::unique_lock<std::mutex> job(job_mutex_, std::try_to_lock);
-    if (!job.owns_lock() || workers_.empty() || n_tasks <= 1) {
+  void run(int64_t n_tasks, const Task& task) {
+    if (workers_.empty() || busy_.exchange(true, std::memory_order_acquire)) {
       for (int64_t i = 0; i < n_tasks; ++i) task(i);
       return;
     }
-    {
-      std::lock_guard<std::mutex> lock(mutex_);
-      task_ = &task;
-      n_tasks_ = n_tasks;
-      next_.store(0);
-      busy_workers_ = int(workers_.size());
-      ++generation_;
+    task_ = &task;
+    n_tasks_ = n_tasks;
+    next_.store(0, std::memory_order_relaxed);
+    failed_.store(false, std::memory_order_relaxed);
+    word_.store((epoch_of(word_.load(std::memory_order_relaxed)) + 1) << 32 | kOpen);
+    if (sleepers_.load() > 0) {
+      { std::lock_guard<std::mutex> lock(mutex_); }
+      wake_.notify_all();
     }
-    wake_.notify_all();
-    take_tasks(task, n_tasks);
-    // Every worker must have left the job before `task` goes out of scope.
-    std::unique_lock<std::mutex> lock(mutex_);
-    done_.wait(lock, [this] { return busy_workers_ == 0; });
+    take_tasks();
+    word_.fetch_and(~kOpen, std::memory_order_relaxed);
+    for (uint32_t i = 1; word_.load(std::memory_order_acquire) & kInside; ++i) relax(i);
+    std::exception_ptr error = std::move(error_);
+    error_ = nullptr;
+    busy_.store(false, std::memory_order_release);
+    if (error) std::rethrow_exception(error);
   }
 
  private:
-  void take_tasks(const std::function<void(int64_t)>& task, int64_t n_tasks) {
-    for (int64_t i = next_.fetch_add(1); i < n_tasks; i = next_.fetch_add(1)) task(i);
+  void take_tasks() {
+    const int64_t n = n_tasks_;
+    try {
+      for (int64_t i = next_.fetch_add(1, std::memory_order_relaxed); i < n;
+           i = next_.fetch_add(1, std::memory_order_relaxed))
+        (*task_)(i);
+    } catch (...) {
+      if (!failed_.exchange(true, std::memory_order_relaxed)) error_ = std::current_exception();
+      next_.store(n, std::memory_order_relaxed); // skip the tasks not yet started
+    }
+  }
+
+  bool new_job(uint64_t seen) const { return stop_ || epoch_of(word_.load()) != seen; }
+
+  void wait_for_job(uint64_t seen) {
+    const auto until = std::chrono::steady_clock::now() + kSpin;
+    for (uint32_t i = 1; !new_job(seen); ++i) {
+      if (i % 64 == 0 && std::chrono::steady_clock::now() > until) {
+        std::unique_lock<std::mutex> lock(mutex_);
+        sleepers_.fetch_add(1);
+        wake_.wait(lock, [&] { return new_job(seen); });
+        sleepers_.fetch_sub(1);
+        return;
+      }
+      relax(i);
+    }
   }
 
   void work() {
     uint64_t seen = 0;
-    std::unique_lock<std::mutex> lock(mutex_);
     while (true) {
-      wake_.wait(lock, [&] { return stop_ || generation_ != seen; });
+      wait_for_job(seen);
       if (stop_) return;
-      seen = generation_;
-      const auto* task = task_;
-      const int64_t n_tasks = n_tasks_;
-      lock.unlock();
-      take_tasks(*task, n_tasks);
-      lock.lock();
-      if (--busy_workers_ == 0) done_.notify_one();
+      uint64_t word = word_.load();
+      seen = epoch_of(word);
+      while ((word & kOpen) && epoch_of(word) == seen) {
+        if (word_.compare_exchange_weak(word, word + 1, std::memory_order_acquire)) {
+          take_tasks();
+          word_.fetch_sub(1, std::memory_order_release);
+          break;
+        }
+      }
     }
   }
 
-  std::vector<std::thread> workers_;
-  std::mutex job_mutex_; // one job at a time; a second caller runs inline
-  std::mutex mutex_;
-  std::condition_variable wake_, done_;
-  bool stop_ = false;
-  uint64_t generation_ = 0;
-  const std::function<void(int64_t)>* task_ = nullptr;
+  // What a spinning worker reads, and the job it then joins: one cache line.
+  alignas(64) std::atomic<uint64_t> word_{0};
+  std::atomic<bool> stop_{false};
+  const Task* task_ = nullptr;
   int64_t n_tasks_ = 0;
-  int busy_workers_ = 0;
-  std::atomic<int64_t> next_{0};
+  // The task counter, on a line of its own.
+  alignas(64) std::atomic<int64_t> next_{0};
+  // Mostly the caller's.
+  alignas(64) std::atomic<bool> busy_{false}; // one job at a time; a second caller runs inline
+  std::atomic<bool> failed_{false};
+  std::exception_ptr error_;
+  std::atomic<int> sleepers_{0};
+  std::mutex mutex_;
+  std::condition_variable wake_;
+  std::vector<std::thread> workers_;
 };
 
 int default_threads() {
@@ -115,6 +179,10 @@ void set_num_threads(int n) {
 }
 
 void parallel_for(int64_t n_tasks, const std::function<void(int64_t)>& task) {
+  if (n_tasks <= 1) {
+    if (n_tasks == 1) task(0);
+    return;
+  }
   pool()->run(n_tasks, task);
 }
 
