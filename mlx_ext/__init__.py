@@ -24,7 +24,8 @@ from ._ext import (  # noqa: E402
     set_cpu_isa,
     set_num_threads,
 )
-from . import nn  # noqa: E402
+from . import nn, sparse  # noqa: E402
+from .sparse import sparse_matmul  # noqa: E402
 from .lm import patch, unpatch  # noqa: E402
 
 __version__ = "0.1.0"
@@ -38,5 +39,7 @@ __all__ = [
     "quantized_matmul",
     "set_cpu_isa",
     "set_num_threads",
+    "sparse",
+    "sparse_matmul",
     "unpatch",
 ]

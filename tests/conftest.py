@@ -7,7 +7,10 @@ budget so CI is deterministic; ``thorough`` explores far more. Select with
 
 import os
 
+import pytest
 from hypothesis import HealthCheck, settings
+
+import mlx_ext
 
 settings.register_profile(
     "ci",
@@ -31,3 +34,11 @@ pytest_plugins = [
     "tests.metal_emu.pytest_plugin",
     "tests.device_option",  # --device gpu / MLX_EXT_TEST_DEVICE=gpu
 ]
+
+
+@pytest.fixture(params=mlx_ext.available_cpu_isas())
+def isa(request):
+    """Run a test once per compiled-in instruction set, the scalar fallback included."""
+    mlx_ext.set_cpu_isa(request.param)
+    yield request.param
+    mlx_ext.set_cpu_isa("auto")

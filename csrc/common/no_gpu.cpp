@@ -5,15 +5,20 @@
 // with a ValueError before any kernel runs (checks.h, kernel_stream).
 #include "common/gpu.h"
 #include "quantized_matmul/quantized_matmul.h"
+#include "sparse_matmul/sparse_matmul.h"
 
 namespace mlx_ext {
 
 #if defined(MLX_EXT_METAL)
-// (every primitive has Metal kernels)
+MLX_EXT_NO_GPU(SparseMatmul)
+MLX_EXT_NO_GPU(SparseSampledMatmul)
 #elif defined(MLX_EXT_CUDA)
-// (every primitive has CUDA kernels)
+MLX_EXT_NO_GPU(SparseMatmul)
+MLX_EXT_NO_GPU(SparseSampledMatmul)
 #else
 MLX_EXT_NO_GPU(QuantizedMatmul)
+MLX_EXT_NO_GPU(SparseMatmul)
+MLX_EXT_NO_GPU(SparseSampledMatmul)
 #endif
 
 } // namespace mlx_ext
