@@ -94,14 +94,15 @@ def _to_numpy(a):
 class SparseMatrix(nn.Module):
     """Common part of the formats: the layout, sizes and (de)serialisation."""
 
-    _pattern = ()  # the arrays of the pattern, frozen
-
     def __init__(self, layout: dict):
         super().__init__()
         self["_layout"] = json.dumps(layout, sort_keys=True)
 
     def _finish(self):
-        self.freeze(keys=list(self._pattern), strict=False)
+        # Only float values train: the pattern (and quantized values) are fixed.
+        self.freeze()
+        if "data" in self:
+            self.unfreeze(keys=["data"])
 
     @property
     def layout(self) -> dict:
@@ -202,8 +203,6 @@ class CSR(SparseMatrix):
     """Compressed sparse rows: ``data`` (nnz,), ``indices`` (nnz,) columns as
     uint16 when K <= 65536 (else uint32), ``indptr`` (N + 1,) int32."""
 
-    _pattern = ("indices", "indptr")
-
     def __init__(self, data, indices, indptr, shape):
         n, k = _shape("CSR", shape)
         data = _values("CSR", "data", data, 1)
@@ -264,8 +263,6 @@ class Bitmask(SparseMatrix):
     ``data`` (nnz,), ``mask`` (N, ceil(K / 32)) uint32 (bit k % 32 of word
     k // 32 marks W[n, k] stored), ``row_ptr`` (N + 1,) int32 (derived)."""
 
-    _pattern = ("mask", "row_ptr")
-
     def __init__(self, data, mask, shape):
         """``mask``: bool (N, K), or packed uint32 (N, ceil(K / 32))."""
         n, k = _shape("Bitmask", shape)
@@ -310,8 +307,6 @@ class Bitmask(SparseMatrix):
 class BSR(SparseMatrix):
     """Block sparse rows: ``data`` (nnzb, bn, bk) dense blocks, ``indices``
     (nnzb,) int32 block columns, ``indptr`` (N / bn + 1,) int32."""
-
-    _pattern = ("indices", "indptr")
 
     def __init__(self, data, indices, indptr, shape):
         n, k = _shape("BSR", shape)
@@ -401,8 +396,6 @@ class NM(SparseMatrix):
     quantization of them, ``bits`` 4 or 8) and ``codes`` (N, words) uint32,
     the position in [0, m) of each kept value within its group, 2 bits each
     for m = 4 and 4 bits for m = 8."""
-
-    _pattern = ("codes",)
 
     def __init__(self, data, codes, shape, n=2, m=4, *, bits=None, group_size=64):
         """``data``: (N, K n / m) float kept values; ``codes``: (N, K n / m)
