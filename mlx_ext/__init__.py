@@ -26,6 +26,7 @@ from ._ext import (  # noqa: E402
 )
 from . import nn, sparse  # noqa: E402
 from .sparse import sparse_matmul  # noqa: E402
+from .sparsify import SparsifyReport, sparsify  # noqa: E402
 from .lm import patch, unpatch  # noqa: E402
 
 __version__ = "0.1.0"
@@ -41,5 +42,7 @@ __all__ = [
     "set_num_threads",
     "sparse",
     "sparse_matmul",
+    "sparsify",
+    "SparsifyReport",
     "unpatch",
 ]
