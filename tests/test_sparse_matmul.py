@@ -58,9 +58,12 @@ def problems(draw):
     k = 32 * draw(st.integers(1, 4)) + (draw(st.sampled_from([0, 8, 24])) if fmt in ("csr", "bitmask") else 0)
     if fmt == "nm_q":  # quantization groups of 32 compressed values, 1:4 included
         k = 128 * draw(st.integers(1, 2))
+    block = draw(st.sampled_from([8, 16, 32]))
+    if fmt == "bsr":
+        n, k = block * draw(st.integers(1, 3)), block * draw(st.integers(1, 4))
     batch = draw(st.sampled_from([(1,), (3,), (2, 5), (17,), (40,), (2, 3, 7)]))
     return dict(
-        fmt=fmt, n=n, k=k, batch=batch,
+        fmt=fmt, n=n, k=k, batch=batch, block=block,
         density=draw(st.sampled_from([0.0, 0.05, 0.3, 0.7, 1.0])),
         nm=draw(st.sampled_from([(2, 4), (4, 8), (1, 4)])),
         bits=draw(st.sampled_from([4, 8])),
@@ -78,7 +81,8 @@ def test_matches_reference(isa, p):
     rng = np.random.default_rng(p["seed"])
     w = mx.array(rng.standard_normal((p["n"], p["k"])), dtype=p["w_dtype"])
     group_size = 32 if p["k"] // p["nm"][1] * p["nm"][0] % 64 else 64
-    ws = make_container(p["fmt"], w, rng, p["density"], nm=p["nm"], bits=p["bits"], group_size=group_size)
+    ws = make_container(p["fmt"], w, rng, p["density"], block=p["block"], nm=p["nm"], bits=p["bits"],
+                        group_size=group_size)
     shape = p["batch"] + (p["k"],)
     if p["transposed_x"]:  # a non-contiguous x: the transpose of a (K, ...) array
         x = mx.array(rng.standard_normal(shape[::-1]), dtype=p["x_dtype"]).T

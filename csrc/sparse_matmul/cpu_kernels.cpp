@@ -9,7 +9,7 @@
 // the weight is loaded once per panel and reused across all its rows of x,
 // and a block of BSR or a group of N:M expands into consecutive columns, so
 // consecutive updates read consecutive panel rows. With width 1 (one row of
-// x, decode) the update is a scalar gather with four independent sums.
+// x, decode) see matmul_rows_gather.
 #include <algorithm>
 #include <vector>
 
@@ -59,18 +59,25 @@ MLX_EXT_INLINE void for_each_stored(const SparseW& w, int64_t r, F&& f) {
       break;
     }
     case SparseKind::nm: {
-      // Compressed value j of the row sits in group j / n at position code_j.
+      // Compressed value j of the row sits in group j / n at position code_j;
+      // `base` follows the group's first column without dividing.
       const int64_t kc = w.K / w.m * w.n;
       const int64_t code_words = (kc * w.code_bits + 31) / 32;
       const auto* codes = static_cast<const uint32_t*>(w.pattern) + r * code_words;
       const uint32_t code_mask = (1u << w.code_bits) - 1;
-      const auto code = [&](int64_t j) {
+      int64_t base = 0;
+      int t = 0;
+      const auto column = [&](int64_t j) {
         const int64_t bit = j * w.code_bits;
-        return int64_t((codes[bit / 32] >> (bit % 32)) & code_mask);
+        const int64_t col = base + ((codes[bit / 32] >> (bit % 32)) & code_mask);
+        if (++t == w.n) t = 0, base += w.m;
+        return col;
       };
       if (w.bits == 0) {
-        for (int64_t j = 0; j < kc; ++j)
-          f(j / w.n * w.m + code(j), r * kc + j, load_float<VT>(w.values, r * kc + j));
+        for (int64_t j = 0; j < kc; ++j) {
+          const int64_t col = column(j);
+          f(col, r * kc + j, load_float<VT>(w.values, r * kc + j));
+        }
       } else {
         // MLX's affine packing of the compressed row: bits 4 or 8 never
         // straddle a word; w = scale * q + bias per group.
@@ -83,7 +90,8 @@ MLX_EXT_INLINE void for_each_stored(const SparseW& w, int64_t r, F&& f) {
           for (int64_t j = g * w.group_size; j < (g + 1) * w.group_size; ++j) {
             const int64_t bit = j * w.bits;
             const float q = float((wq[bit / 32] >> (bit % 32)) & q_mask);
-            f(j / w.n * w.m + code(j), r * kc + j, scale * q + bias);
+            const int64_t col = column(j);
+            f(col, r * kc + j, scale * q + bias);
           }
         }
       }
@@ -108,18 +116,259 @@ MLX_EXT_INLINE void store_any(FloatType t, void* p, int64_t i, float v) {
   }
 }
 
-// One row of x (decode): out[m, r] for r in [r0, r1), each row of W once per row of x.
+// --- Decode (one row of x): W streamed once, x gathered by column ----------
+//
+// Each row of W becomes (values, columns): CSR has both; Bitmask and N:M
+// expand their pattern into a per-thread column buffer first (and quantized
+// N:M dequantizes its row), BSR reads x contiguously per block. The dot
+// product then takes kWidth values at a time, x gathered by the columns.
+
+#if defined(MLX_EXT_ISA_avx512)
+using VecI = __m512i;
+MLX_EXT_INLINE VecI load_index(const uint16_t* p) {
+  return _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+MLX_EXT_INLINE VecI load_index(const uint32_t* p) { return _mm512_loadu_si512(p); }
+MLX_EXT_INLINE VecI load_index(const int32_t* p) { return _mm512_loadu_si512(p); }
+MLX_EXT_INLINE VecF gather(const float* x, VecI i) { return {_mm512_i32gather_ps(i, x, 4)}; }
+#elif defined(MLX_EXT_ISA_avx2)
+using VecI = __m256i;
+MLX_EXT_INLINE VecI load_index(const uint16_t* p) {
+  return _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+MLX_EXT_INLINE VecI load_index(const uint32_t* p) {
+  return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+}
+MLX_EXT_INLINE VecI load_index(const int32_t* p) {
+  return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+}
+MLX_EXT_INLINE VecF gather(const float* x, VecI i) { return {_mm256_i32gather_ps(x, i, 4)}; }
+#else
+struct VecI {
+  int64_t v[kWidth];
+};
+template <typename Index>
+MLX_EXT_INLINE VecI load_index(const Index* p) {
+  VecI r;
+  for (int l = 0; l < kWidth; ++l) r.v[l] = int64_t(p[l]);
+  return r;
+}
+MLX_EXT_INLINE VecF gather(const float* x, VecI i) {
+  alignas(64) float g[kWidth];
+  for (int l = 0; l < kWidth; ++l) g[l] = x[i.v[l]];
+  return load(g);
+}
+#endif
+
+// sum_i values[j0 + i] * x[cols[i]] for i < n.
+template <FloatType VT, typename Index>
+MLX_EXT_INLINE float gather_dot(const void* values, int64_t j0, const Index* cols, int64_t n,
+    const float* x) {
+  VecF acc0 = zero(), acc1 = zero();
+  int64_t i = 0;
+  for (; i + 2 * kWidth <= n; i += 2 * kWidth) {
+    acc0 = fma(load_floats<VT>(values, j0 + i), gather(x, load_index(cols + i)), acc0);
+    acc1 = fma(load_floats<VT>(values, j0 + i + kWidth), gather(x, load_index(cols + i + kWidth)), acc1);
+  }
+  if (i + kWidth <= n) {
+    acc0 = fma(load_floats<VT>(values, j0 + i), gather(x, load_index(cols + i)), acc0);
+    i += kWidth;
+  }
+  float s = reduce_add(add(acc0, acc1));
+  for (; i < n; ++i) s += load_float<VT>(values, j0 + i) * x[cols[i]];
+  return s;
+}
+
+#if defined(MLX_EXT_ISA_avx512) || defined(MLX_EXT_ISA_avx2)
+// x[base + local[l]] for lane l, every local index in [0, 2 kWidth): the two
+// vectors of x from base permuted, no gather (N:M with n / m >= 1/2).
+MLX_EXT_INLINE VecF window(const float* x, VecI local) {
+#if defined(MLX_EXT_ISA_avx512)
+  return {_mm512_permutex2var_ps(_mm512_loadu_ps(x), local, _mm512_loadu_ps(x + 16))};
+#else
+  const __m256 lo = _mm256_permutevar8x32_ps(_mm256_loadu_ps(x), local);
+  const __m256 hi = _mm256_permutevar8x32_ps(_mm256_loadu_ps(x + 8), local);
+  return {_mm256_blendv_ps(lo, hi, _mm256_castsi256_ps(_mm256_cmpgt_epi32(local, _mm256_set1_epi32(7))))};
+#endif
+}
+
+// gather_dot for N:M rows whose every kWidth values span exactly 2 kWidth
+// columns (2:4, 4:8): chunk c of the values reads x[2 kWidth c, 2 kWidth (c + 1)).
+template <FloatType VT>
+MLX_EXT_INLINE float window_dot(const void* values, int64_t j0, const int32_t* cols, int64_t n,
+    const float* x) {
+  VecF acc = zero();
+  int64_t i = 0;
+  for (; i + kWidth <= n; i += kWidth) {
+    const int32_t base = int32_t(2 * i);
+#if defined(MLX_EXT_ISA_avx512)
+    const VecI local = _mm512_sub_epi32(load_index(cols + i), _mm512_set1_epi32(base));
+#else
+    const VecI local = _mm256_sub_epi32(load_index(cols + i), _mm256_set1_epi32(base));
+#endif
+    acc = fma(load_floats<VT>(values, j0 + i), window(x + base, local), acc);
+  }
+  float s = reduce_add(acc);
+  for (; i < n; ++i) s += load_float<VT>(values, j0 + i) * x[cols[i]];
+  return s;
+}
+#else
+template <FloatType VT>
+MLX_EXT_INLINE float window_dot(const void* values, int64_t j0, const int32_t* cols, int64_t n,
+    const float* x) {
+  return gather_dot<VT>(values, j0, cols, n, x);
+}
+#endif
+
+// sum_i values[j0 + i] * x[i] for i < n.
+template <FloatType VT>
+MLX_EXT_INLINE float contiguous_dot(const void* values, int64_t j0, const float* x, int64_t n) {
+  VecF acc = zero();
+  int64_t i = 0;
+  for (; i + kWidth <= n; i += kWidth) acc = fma(load_floats<VT>(values, j0 + i), load(x + i), acc);
+  float s = reduce_add(acc);
+  for (; i < n; ++i) s += load_float<VT>(values, j0 + i) * x[i];
+  return s;
+}
+
+// Set-bit positions of every byte value, lowest first, and their count.
+struct BytePositions {
+  uint8_t pos[256][8];
+  uint8_t count[256];
+  constexpr BytePositions() : pos(), count() {
+    for (int b = 0; b < 256; ++b)
+      for (int bit = 0; bit < 8; ++bit)
+        if (b >> bit & 1) pos[b][count[b]++] = uint8_t(bit);
+  }
+};
+constexpr BytePositions kBytePositions;
+
+// Columns of the stored values of bitmask row r, in order, into cols (room
+// for K + 8: each byte of the mask writes 8); returns their count.
+int64_t bitmask_columns(const SparseW& w, int64_t r, int32_t* cols) {
+  const int64_t bytes = (w.K + 31) / 32 * 4;
+  const auto* mask = reinterpret_cast<const uint8_t*>(w.pattern) + r * bytes;
+  int64_t n = 0;
+  for (int64_t byte = 0; byte < bytes; ++byte) {
+    const uint8_t b = mask[byte];
+#if defined(MLX_EXT_ISA_avx512) || defined(MLX_EXT_ISA_avx2)
+    const __m128i pos = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(kBytePositions.pos[b]));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(cols + n),
+        _mm256_add_epi32(_mm256_cvtepu8_epi32(pos), _mm256_set1_epi32(int32_t(byte * 8))));
+#else
+    for (int t = 0; t < 8; ++t) cols[n + t] = int32_t(byte * 8 + kBytePositions.pos[b][t]);
+#endif
+    n += kBytePositions.count[b];
+  }
+  return n;
+}
+
+// Columns of the kept values of N:M row r: first[j] (the first column of
+// value j's group, the same for every row) plus its code.
+template <int code_bits>
+void nm_columns(const SparseW& w, int64_t r, const int32_t* first, int32_t* cols) {
+  constexpr int per_word = 32 / code_bits;
+  const int64_t kc = w.K / w.m * w.n;
+  const auto* codes = static_cast<const uint32_t*>(w.pattern) + r * ((kc + per_word - 1) / per_word);
+  constexpr uint32_t mask = (1u << code_bits) - 1;
+  // Whole words with their codes unrolled (constant shifts), then the rest.
+  const int64_t full = kc / per_word;
+  for (int64_t i = 0; i < full; ++i) {
+    const uint32_t word = codes[i];
+#pragma GCC unroll 16
+    for (int t = 0; t < per_word; ++t)
+      cols[i * per_word + t] = first[i * per_word + t] + int32_t((word >> (t * code_bits)) & mask);
+  }
+  for (int64_t j = full * per_word; j < kc; ++j)
+    cols[j] = first[j] + int32_t((codes[full] >> ((j - full * per_word) * code_bits)) & mask);
+}
+
+// The kept values of quantized N:M row r, dequantized into values.
+template <FloatType VT, int bits>
+void nm_dequantize(const SparseW& w, int64_t r, float* values) {
+  constexpr int per_word = 32 / bits;
+  const int64_t kc = w.K / w.m * w.n, groups = kc / w.group_size;
+  const auto* wq = static_cast<const uint32_t*>(w.values) + r * (kc / per_word);
+  const int64_t words_per_group = w.group_size / per_word;
+  for (int64_t g = 0; g < groups; ++g) {
+    const float scale = load_float<VT>(w.scales, r * groups + g);
+    const float bias = load_float<VT>(w.biases, r * groups + g);
+    // One word at a time, its values unrolled: constant shifts the compiler vectorizes.
+    for (int64_t i = g * words_per_group; i < (g + 1) * words_per_group; ++i) {
+      const uint32_t word = wq[i];
+#pragma GCC unroll 8
+      for (int t = 0; t < per_word; ++t)
+        values[i * per_word + t] = scale * float(int32_t((word >> (t * bits)) & ((1u << bits) - 1))) + bias;
+    }
+  }
+}
+
+// Per-thread buffers of the decode path: one row's columns and values, and
+// the N:M groups' first columns.
+struct DecodeScratch {
+  std::vector<int32_t> cols, first;
+  std::vector<float> values;
+};
+
+template <FloatType VT>
+float decode_row(const SparseW& w, int64_t r, const float* x, DecodeScratch& s) {
+  switch (w.kind) {
+    case SparseKind::csr: {
+      const int64_t j0 = w.row_ptr[r], n = w.row_ptr[r + 1] - j0;
+      if (w.wide_columns)
+        return gather_dot<VT>(w.values, j0, static_cast<const uint32_t*>(w.pattern) + j0, n, x);
+      return gather_dot<VT>(w.values, j0, static_cast<const uint16_t*>(w.pattern) + j0, n, x);
+    }
+    case SparseKind::bitmask: {
+      const int64_t n = bitmask_columns(w, r, s.cols.data());
+      return gather_dot<VT>(w.values, w.row_ptr[r], s.cols.data(), n, x);
+    }
+    case SparseKind::bsr: {
+      const int64_t br = r / w.block_n, i = r % w.block_n;
+      const auto* block_cols = static_cast<const int32_t*>(w.pattern);
+      float sum = 0.0f;
+      for (int64_t b = w.row_ptr[br]; b < w.row_ptr[br + 1]; ++b)
+        sum += contiguous_dot<VT>(w.values, (b * w.block_n + i) * w.block_k,
+            x + int64_t(block_cols[b]) * w.block_k, w.block_k);
+      return sum;
+    }
+    case SparseKind::nm: {
+      const int64_t kc = w.K / w.m * w.n;
+      if (w.code_bits == 2) {
+        nm_columns<2>(w, r, s.first.data(), s.cols.data());
+      } else {
+        nm_columns<4>(w, r, s.first.data(), s.cols.data());
+      }
+      const bool windowed = 2 * w.n == w.m && kWidth % w.n == 0;
+      if (w.bits == 0)
+        return windowed ? window_dot<VT>(w.values, r * kc, s.cols.data(), kc, x)
+                        : gather_dot<VT>(w.values, r * kc, s.cols.data(), kc, x);
+      if (w.bits == 4) {
+        nm_dequantize<VT, 4>(w, r, s.values.data());
+      } else {
+        nm_dequantize<VT, 8>(w, r, s.values.data());
+      }
+      return windowed ? window_dot<FloatType::f32>(s.values.data(), 0, s.cols.data(), kc, x)
+                      : gather_dot<FloatType::f32>(s.values.data(), 0, s.cols.data(), kc, x);
+    }
+  }
+  return 0.0f;
+}
+
 template <FloatType VT>
 void matmul_rows_gather(const SparseW& w, const XPanels& xp, const SparseOut& o, int64_t r0,
     int64_t r1) {
+  thread_local DecodeScratch s;
+  if (int64_t(s.cols.size()) < w.K + 8) s.cols.resize(w.K + 8), s.values.resize(w.K);
+  if (w.kind == SparseKind::nm) {
+    s.first.resize(w.K / w.m * w.n);
+    for (int64_t j = 0; j < int64_t(s.first.size()); ++j) s.first[j] = int32_t(j / w.n * w.m);
+  }
   for (int64_t m = 0; m < xp.M; ++m) {
     const float* x = xp.xt + m * w.K;
     for (int64_t r = r0; r < r1; ++r) {
-      float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-      unsigned c = 0;
-      for_each_stored<VT>(w, r, [&](int64_t col, int64_t, float v) { acc[c++ & 3] += v * x[col]; });
       const float bias = o.bias ? load_any(o.type, o.bias, r) : 0.0f;
-      store_any(o.type, o.out, m * w.N + r, (acc[0] + acc[1]) + (acc[2] + acc[3]) + bias);
+      store_any(o.type, o.out, m * w.N + r, decode_row<VT>(w, r, x, s) + bias);
     }
   }
 }
