@@ -157,3 +157,25 @@ def test_vmap_over_x():
     x = mx.array(rng.standard_normal((3, 5, 32)), dtype=mx.float32)
     out = mx.vmap(lambda x: mlx_ext.sparse_matmul(x, ws), in_axes=1)(x)
     assert_matches_reference(out, mx.moveaxis(x, 1, 0), ws)
+
+
+@pytest.mark.parametrize("nm", [(2, 4), (4, 8), (1, 4), (3, 8)])
+@pytest.mark.parametrize("k", [40, 72, 256])
+@pytest.mark.parametrize("m", [1, 3])
+def test_nm_shapes(isa, nm, k, m):
+    """N:M rows whose kept values fill no whole number of code words."""
+    rng = np.random.default_rng(k)
+    w = mx.array(rng.standard_normal((24, k)), dtype=mx.bfloat16)
+    ws = sparse.NM.from_dense(w, *nm)
+    x = mx.array(rng.standard_normal((m, k)), dtype=mx.float32)
+    assert_matches_reference(mlx_ext.sparse_matmul(x, ws), x, ws)
+
+
+@pytest.mark.parametrize("block", [16, 32, 64, (16, 64)])
+@pytest.mark.parametrize("m", [1, 3, 40])
+def test_bsr_blocks(isa, block, m):
+    rng = np.random.default_rng(5)
+    w = mx.array(rng.standard_normal((128, 192)), dtype=mx.float16)
+    ws = sparse.BSR.from_dense(w, block=block, density=0.5)
+    x = mx.array(rng.standard_normal((m, 192)), dtype=mx.float16)
+    assert_matches_reference(mlx_ext.sparse_matmul(x, ws), x, ws)

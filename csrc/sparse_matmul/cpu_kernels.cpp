@@ -406,15 +406,6 @@ void matmul_rows_typed(const SparseW& w, const XPanels& xp, const SparseOut& o, 
   matmul_rows_panel<VT, 4>(w, xp, o, r0, r1);
 }
 
-MLX_EXT_INLINE float dot(const float* a, const float* b, int64_t n) {
-  VecF acc = zero();
-  int64_t i = 0;
-  for (; i + kWidth <= n; i += kWidth) acc = fma(load(a + i), load(b + i), acc);
-  float s = reduce_add(acc);
-  for (; i < n; ++i) s += a[i] * b[i];
-  return s;
-}
-
 // One dot product over the M rows per stored value: gt and xt hold each row of
 // g (and column of x) contiguously.
 template <FloatType VT>
@@ -422,7 +413,7 @@ void sampled_rows_typed(const SparseW& w, const float* gt, const float* xt, int6
     void* dvalues, int64_t r0, int64_t r1) {
   for (int64_t r = r0; r < r1; ++r)
     for_each_stored<VT>(w, r, [&](int64_t col, int64_t j, float) {
-      store_float<VT>(dvalues, j, dot(gt + r * M, xt + col * M, M));
+      store_float<VT>(dvalues, j, contiguous_dot<FloatType::f32>(gt, r * M, xt + col * M, M));
     });
 }
 
