@@ -57,10 +57,13 @@ std::vector<float> pack_panels(const float* x, int64_t M, int64_t K, int width) 
   const int64_t tiles = ceil_div(M, width);
   std::vector<float> xt(tiles * K * width);
   parallel_for(tiles, [&](int64_t t) {
+    // Writes in order; the reads walk `width` rows of x side by side.
     float* dst = xt.data() + t * K * width;
-    for (int i = 0; i < width; ++i) {
-      const int64_t m = t * width + i;
-      for (int64_t k = 0; k < K; ++k) dst[k * width + i] = m < M ? x[m * K + k] : 0.0f;
+    const int64_t rows = std::min<int64_t>(width, M - t * width);
+    const float* src = x + t * width * K;
+    for (int64_t k = 0; k < K; ++k) {
+      for (int64_t i = 0; i < rows; ++i) dst[k * width + i] = src[i * K + k];
+      for (int64_t i = rows; i < width; ++i) dst[k * width + i] = 0.0f;
     }
   });
   return xt;

@@ -8,8 +8,9 @@
 // w[r, k] does one rank-1 update acc[0:width] += w[r, k] * xt[k, 0:width]:
 // the weight is loaded once per panel and reused across all its rows of x,
 // and a block of BSR or a group of N:M expands into consecutive columns, so
-// consecutive updates read consecutive panel rows. With width 1 (one row of
-// x, decode) see matmul_rows_gather.
+// consecutive updates read consecutive panel rows; BSR updates several rows
+// of a block at once (bsr_panel_rows). With width 1 (one row of x, decode)
+// see matmul_rows_gather.
 #include <algorithm>
 #include <vector>
 
@@ -373,28 +374,90 @@ void matmul_rows_gather(const SparseW& w, const XPanels& xp, const SparseOut& o,
   }
 }
 
+// The sums of one row r of W over a panel, kept as `width` consecutive floats
+// of the task's buffer (row r - r0); written to out once the task's rows are
+// done, each output row in one run (columns of out one at a time would touch
+// a new cache line per value).
+template <int V>
+MLX_EXT_INLINE void keep_panel_row(float* sums, const VecF* acc) {
+  for (int v = 0; v < V; ++v) store(sums + v * kWidth, acc[v]);
+}
+
+void store_panel(const SparseOut& o, const float* sums, int width, int64_t N, int64_t m0,
+    int64_t rows, int64_t r0, int64_t r1) {
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t r = r0; r < r1; ++r) {
+      const float bias = o.bias ? load_any(o.type, o.bias, r) : 0.0f;
+      store_any(o.type, o.out, (m0 + i) * N + r, sums[(r - r0) * width + i] + bias);
+    }
+}
+
+// BSR: the R rows r .. r + R - 1 of one block row share their columns, so
+// each vector of the panel loaded serves R rows: an R x V tile of
+// accumulators, a dense micro-kernel over each block's bk columns.
+#if defined(MLX_EXT_ISA_avx2)
+constexpr int kBsrRows = 2; // 16 vector registers
+#else
+constexpr int kBsrRows = 4;
+#endif
+
+template <FloatType VT, int R, int V>
+void bsr_panel_rows(const SparseW& w, const float* xt, int64_t r, float* sums) {
+  constexpr int width = V * kWidth;
+  const int64_t br = r / w.block_n, i0 = r % w.block_n;
+  const auto* block_cols = static_cast<const int32_t*>(w.pattern);
+  VecF acc[R][V];
+  for (int ri = 0; ri < R; ++ri)
+    for (int v = 0; v < V; ++v) acc[ri][v] = zero();
+  for (int64_t b = w.row_ptr[br]; b < w.row_ptr[br + 1]; ++b) {
+    const float* xp = xt + int64_t(block_cols[b]) * w.block_k * width;
+    const int64_t j0 = (b * w.block_n + i0) * w.block_k;
+    for (int kk = 0; kk < w.block_k; ++kk) {
+      VecF xv[V];
+      for (int v = 0; v < V; ++v) xv[v] = load(xp + kk * width + v * kWidth);
+      for (int ri = 0; ri < R; ++ri) {
+        const VecF wv = broadcast(load_float<VT>(w.values, j0 + ri * w.block_k + kk));
+        for (int v = 0; v < V; ++v) acc[ri][v] = fma(wv, xv[v], acc[ri][v]);
+      }
+    }
+  }
+  for (int ri = 0; ri < R; ++ri) keep_panel_row<V>(sums + ri * width, acc[ri]);
+}
+
 // Panels of V * kWidth rows of x: V vector accumulators per row of W.
 template <FloatType VT, int V>
 void matmul_rows_panel(const SparseW& w, const XPanels& xp, const SparseOut& o, int64_t r0,
     int64_t r1) {
   constexpr int width = V * kWidth;
+  thread_local std::vector<float> sums;
+  sums.resize((r1 - r0) * width);
   for (int64_t t = 0; t < xp.tiles; ++t) {
     const float* xt = xp.xt + t * w.K * width;
-    const int64_t rows = std::min<int64_t>(width, xp.M - t * width);
-    for (int64_t r = r0; r < r1; ++r) {
-      VecF acc[V];
-      for (int v = 0; v < V; ++v) acc[v] = zero();
-      for_each_stored<VT>(w, r, [&](int64_t col, int64_t, float value) {
-        const VecF b = broadcast(value);
-        const float* p = xt + col * width;
-        for (int v = 0; v < V; ++v) acc[v] = fma(b, load(p + v * kWidth), acc[v]);
-      });
-      alignas(64) float sums[width];
-      for (int v = 0; v < V; ++v) store(sums + v * kWidth, acc[v]);
-      const float bias = o.bias ? load_any(o.type, o.bias, r) : 0.0f;
-      for (int64_t i = 0; i < rows; ++i)
-        store_any(o.type, o.out, (t * width + i) * w.N + r, sums[i] + bias);
+    if (w.kind == SparseKind::bsr) {
+      for (int64_t r = r0; r < r1;) {
+        const int64_t block_row_end = std::min<int64_t>(r1, (r / w.block_n + 1) * w.block_n);
+        if (r + kBsrRows <= block_row_end) {
+          bsr_panel_rows<VT, kBsrRows, V>(w, xt, r, sums.data() + (r - r0) * width);
+          r += kBsrRows;
+        } else {
+          bsr_panel_rows<VT, 1, V>(w, xt, r, sums.data() + (r - r0) * width);
+          r += 1;
+        }
+      }
+    } else {
+      for (int64_t r = r0; r < r1; ++r) {
+        VecF acc[V];
+        for (int v = 0; v < V; ++v) acc[v] = zero();
+        for_each_stored<VT>(w, r, [&](int64_t col, int64_t, float value) {
+          const VecF b = broadcast(value);
+          const float* p = xt + col * width;
+          for (int v = 0; v < V; ++v) acc[v] = fma(b, load(p + v * kWidth), acc[v]);
+        });
+        keep_panel_row<V>(sums.data() + (r - r0) * width, acc);
+      }
     }
+    const int64_t m0 = t * width;
+    store_panel(o, sums.data(), width, w.N, m0, std::min<int64_t>(width, xp.M - m0), r0, r1);
   }
 }
 
