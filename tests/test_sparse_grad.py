@@ -3,6 +3,8 @@ values on their fixed pattern and bias, against central finite differences
 of the same nonlinear loss computed in float64 by tests/reference.py, along
 random directions."""
 
+import zlib
+
 import numpy as np
 import pytest
 
@@ -43,7 +45,7 @@ def central_difference(f, args, i, direction):
 @pytest.mark.parametrize("fmt", list(MAKERS))
 @pytest.mark.parametrize("batch", [(1,), (2, 9)])
 def test_gradients_match_finite_differences(isa, fmt, batch):
-    rng = np.random.default_rng(hash((fmt, batch)) % 2**32)
+    rng = np.random.default_rng(zlib.crc32(f"{fmt}{batch}".encode()))
     n, k = 16, 64
     w = mx.array(rng.standard_normal((n, k)), dtype=mx.float32)
     ws = MAKERS[fmt](w)
@@ -58,14 +60,16 @@ def test_gradients_match_finite_differences(isa, fmt, batch):
         direction = mx.array(rng.standard_normal(args[i].shape), dtype=mx.float32)
         expected = central_difference(loss_of(ws, ref.sparse_matmul, np.sin), args, i, direction)
         got = (g * direction).sum().item()
-        assert got == pytest.approx(expected, rel=1e-4, abs=1e-4), f"argument {i}"
+        # float32 rounding of the sum's terms, relative to their magnitudes.
+        tol = 1e-5 * (mx.abs(g) * mx.abs(direction)).sum().item() + 1e-6
+        assert got == pytest.approx(expected, rel=1e-4, abs=tol), f"argument {i}"
         def along(a, i=i):
             moved = list(args)
             moved[i] = a
             return [f(*moved)]
 
         _, (jvp,) = mx.jvp(along, [args[i]], [direction])
-        assert jvp.item() == pytest.approx(expected, rel=1e-4, abs=1e-4), f"jvp of argument {i}"
+        assert jvp.item() == pytest.approx(expected, rel=1e-4, abs=tol), f"jvp of argument {i}"
 
 
 @pytest.mark.parametrize("fmt", ["csr", "bitmask", "bsr", "nm"])
