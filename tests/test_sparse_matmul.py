@@ -179,3 +179,15 @@ def test_bsr_blocks(isa, block, m):
     ws = sparse.BSR.from_dense(w, block=block, density=0.5)
     x = mx.array(rng.standard_normal((m, 192)), dtype=mx.float16)
     assert_matches_reference(mlx_ext.sparse_matmul(x, ws), x, ws)
+
+
+@pytest.mark.parametrize("fmt", ["csr", "bitmask"])
+@pytest.mark.parametrize("k", [7, 40, 56, 100])
+@pytest.mark.parametrize("m", [1, 3])
+def test_unstructured_partial_mask_words(isa, fmt, k, m):
+    """Rows whose mask ends inside a word (and a byte): the decode kernels' tails."""
+    rng = np.random.default_rng(k)
+    w = mx.array(rng.standard_normal((20, k)), dtype=mx.float16)
+    ws = make_container(fmt, w, rng, 0.6)
+    x = mx.array(rng.standard_normal((m, k)), dtype=mx.float32)
+    assert_matches_reference(mlx_ext.sparse_matmul(x, ws), x, ws)

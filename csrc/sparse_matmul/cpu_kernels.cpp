@@ -244,6 +244,44 @@ struct BytePositions {
 };
 constexpr BytePositions kBytePositions;
 
+#if defined(MLX_EXT_ISA_avx512)
+// Bitmask row r . x without a list of columns, 16 columns (two bytes of the
+// mask) at a time: the x values at the set positions compressed into the low
+// lanes, against as many stored values loaded under the same count (masked
+// loads: nothing is read past them).
+template <FloatType VT>
+MLX_EXT_INLINE __m512 load_first(const void* p, int64_t i, __mmask16 first) {
+  if constexpr (VT == FloatType::f32) {
+    return _mm512_maskz_loadu_ps(first, static_cast<const float*>(p) + i);
+  } else {
+    const __m256i h = _mm256_maskz_loadu_epi16(first, static_cast<const uint16_t*>(p) + i);
+    if constexpr (VT == FloatType::f16) return _mm512_cvtph_ps(h);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  }
+}
+
+template <FloatType VT>
+float bitmask_dot(const SparseW& w, int64_t r, const float* x) {
+  const int64_t halves = (w.K + 31) / 32 * 2; // 16-bit halves of the mask words
+  const auto* mask = reinterpret_cast<const uint16_t*>(w.pattern) + r * halves;
+  __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+  int64_t j = w.row_ptr[r], h = 0;
+  for (; h + 2 <= w.K / 16; h += 2) {
+    const __mmask16 m0 = mask[h], m1 = mask[h + 1];
+    const int c0 = __builtin_popcount(m0), c1 = __builtin_popcount(m1);
+    const __m512 x0 = _mm512_maskz_compress_ps(m0, _mm512_loadu_ps(x + h * 16));
+    const __m512 x1 = _mm512_maskz_compress_ps(m1, _mm512_loadu_ps(x + h * 16 + 16));
+    acc0 = _mm512_fmadd_ps(load_first<VT>(w.values, j, __mmask16((1u << c0) - 1)), x0, acc0);
+    acc1 = _mm512_fmadd_ps(load_first<VT>(w.values, j + c0, __mmask16((1u << c1) - 1)), x1, acc1);
+    j += c0 + c1;
+  }
+  float s = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+  for (h *= 16; h < halves * 16; h += 16)
+    for (uint32_t bits = mask[h / 16]; bits; bits &= bits - 1)
+      s += load_float<VT>(w.values, j++) * x[h + __builtin_ctz(bits)];
+  return s;
+}
+#else
 // Columns of the stored values of bitmask row r, in order, into cols (room
 // for K + 8: each byte of the mask writes 8); returns their count.
 int64_t bitmask_columns(const SparseW& w, int64_t r, int32_t* cols) {
@@ -252,7 +290,7 @@ int64_t bitmask_columns(const SparseW& w, int64_t r, int32_t* cols) {
   int64_t n = 0;
   for (int64_t byte = 0; byte < bytes; ++byte) {
     const uint8_t b = mask[byte];
-#if defined(MLX_EXT_ISA_avx512) || defined(MLX_EXT_ISA_avx2)
+#if defined(MLX_EXT_ISA_avx2)
     const __m128i pos = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(kBytePositions.pos[b]));
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(cols + n),
         _mm256_add_epi32(_mm256_cvtepu8_epi32(pos), _mm256_set1_epi32(int32_t(byte * 8))));
@@ -263,6 +301,7 @@ int64_t bitmask_columns(const SparseW& w, int64_t r, int32_t* cols) {
   }
   return n;
 }
+#endif
 
 // Columns of the kept values of N:M row r: first[j] (the first column of
 // value j's group, the same for every row) plus its code.
@@ -321,8 +360,12 @@ float decode_row(const SparseW& w, int64_t r, const float* x, DecodeScratch& s) 
       return gather_dot<VT>(w.values, j0, static_cast<const uint16_t*>(w.pattern) + j0, n, x);
     }
     case SparseKind::bitmask: {
+#if defined(MLX_EXT_ISA_avx512)
+      return bitmask_dot<VT>(w, r, x);
+#else
       const int64_t n = bitmask_columns(w, r, s.cols.data());
       return gather_dot<VT>(w.values, w.row_ptr[r], s.cols.data(), n, x);
+#endif
     }
     case SparseKind::bsr: {
       const int64_t br = r / w.block_n, i = r % w.block_n;
