@@ -1,16 +1,21 @@
 // Sparse matmul CPU kernels, compiled once per ISA (see simd.h). Every format
 // is read through one row iterator, for_each_stored, which yields the stored
 // values of one row of W with their columns; the kernels around it are shared.
+// One task of every kernel owns rows r0 .. r1 of W (the driver balances them
+// by stored values) and writes only their outputs: no atomics.
 //
-// matmul_rows: one task computes out[:, r0:r1]. For each panel of `width`
-// rows of x (packed transposed, so that column k of the panel is `width`
-// contiguous floats), each row of W is streamed once and every stored value
-// w[r, k] does one rank-1 update acc[0:width] += w[r, k] * xt[k, 0:width]:
-// the weight is loaded once per panel and reused across all its rows of x,
-// and a block of BSR or a group of N:M expands into consecutive columns, so
-// consecutive updates read consecutive panel rows; BSR updates several rows
-// of a block at once (bsr_panel_rows). With width 1 (one row of x, decode)
-// see matmul_rows_gather.
+// matmul_rows_gather (decode, one row of x): each row of W streamed once as a
+// SIMD dot product with x gathered by column; see "Decode" below.
+//
+// matmul_rows_panel (prefill): for each panel of `width` rows of x (packed
+// transposed, so that column k of the panel is `width` contiguous floats),
+// each row of W is streamed once and every stored value w[r, k] does one
+// rank-1 update acc[0:width] += w[r, k] * xt[k, 0:width]: the weight is loaded
+// once per panel and reused across all its rows of x. BSR updates several
+// rows of a block at once (bsr_panel_rows, a dense micro-kernel per block).
+//
+// sampled_rows (the values' gradient): one dot product over M per stored value.
+// transpose (for the x-gradient): W^T as CSR, one counting sort.
 #include <algorithm>
 #include <vector>
 
@@ -119,10 +124,11 @@ MLX_EXT_INLINE void store_any(FloatType t, void* p, int64_t i, float v) {
 
 // --- Decode (one row of x): W streamed once, x gathered by column ----------
 //
-// Each row of W becomes (values, columns): CSR has both; Bitmask and N:M
-// expand their pattern into a per-thread column buffer first (and quantized
-// N:M dequantizes its row), BSR reads x contiguously per block. The dot
-// product then takes kWidth values at a time, x gathered by the columns.
+// Each row of W becomes (values, columns): CSR has both; N:M expands its codes
+// into a per-thread column buffer (and quantized N:M dequantizes its row),
+// then permutes x in registers for 2:4 and 4:8; Bitmask compresses x by the
+// mask on AVX-512 (else expands its columns); BSR reads x contiguously per
+// block. The dot products take kWidth values at a time.
 
 #if defined(MLX_EXT_ISA_avx512)
 using VecI = __m512i;
