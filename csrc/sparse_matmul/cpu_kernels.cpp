@@ -26,6 +26,23 @@
 namespace mlx_ext::cpu::MLX_EXT_ISA_NS {
 namespace {
 
+// Calls f(col, j, value) for the kept values j0 .. j1 - 1 of float N:M row r
+// (j0 a multiple of n): value j sits in group j / n at position code_j; `base`
+// follows the group's first column without dividing.
+template <FloatType VT, typename F>
+MLX_EXT_INLINE void for_each_nm_value(const SparseW& w, int64_t r, int64_t j0, int64_t j1, F&& f) {
+  const int64_t kc = w.K / w.m * w.n;
+  const auto* codes = static_cast<const uint32_t*>(w.pattern) + r * ((kc * w.code_bits + 31) / 32);
+  const uint32_t code_mask = (1u << w.code_bits) - 1;
+  int64_t base = j0 / w.n * w.m;
+  int t = 0;
+  for (int64_t j = j0; j < j1; ++j) {
+    const int64_t bit = j * w.code_bits;
+    f(base + ((codes[bit / 32] >> (bit % 32)) & code_mask), r * kc + j, load_float<VT>(w.values, r * kc + j));
+    if (++t == w.n) t = 0, base += w.m;
+  }
+}
+
 // Calls f(col, j, value) for each stored value of row r of W: its column, its
 // index in the values array and its value as float. VT: the values' type.
 template <FloatType VT, typename F>
@@ -65,40 +82,25 @@ MLX_EXT_INLINE void for_each_stored(const SparseW& w, int64_t r, F&& f) {
       break;
     }
     case SparseKind::nm: {
-      // Compressed value j of the row sits in group j / n at position code_j;
-      // `base` follows the group's first column without dividing.
       const int64_t kc = w.K / w.m * w.n;
-      const int64_t code_words = (kc * w.code_bits + 31) / 32;
-      const auto* codes = static_cast<const uint32_t*>(w.pattern) + r * code_words;
+      if (w.bits == 0) return for_each_nm_value<VT>(w, r, 0, kc, f);
+      // MLX's affine packing of the compressed row: bits 4 or 8 never
+      // straddle a word; w = scale * q + bias per group.
+      const auto* codes = static_cast<const uint32_t*>(w.pattern) + r * ((kc * w.code_bits + 31) / 32);
       const uint32_t code_mask = (1u << w.code_bits) - 1;
+      const auto* wq = static_cast<const uint32_t*>(w.values) + r * (kc * w.bits / 32);
+      const int64_t groups = kc / w.group_size;
+      const uint32_t q_mask = (1u << w.bits) - 1;
       int64_t base = 0;
       int t = 0;
-      const auto column = [&](int64_t j) {
-        const int64_t bit = j * w.code_bits;
-        const int64_t col = base + ((codes[bit / 32] >> (bit % 32)) & code_mask);
-        if (++t == w.n) t = 0, base += w.m;
-        return col;
-      };
-      if (w.bits == 0) {
-        for (int64_t j = 0; j < kc; ++j) {
-          const int64_t col = column(j);
-          f(col, r * kc + j, load_float<VT>(w.values, r * kc + j));
-        }
-      } else {
-        // MLX's affine packing of the compressed row: bits 4 or 8 never
-        // straddle a word; w = scale * q + bias per group.
-        const auto* wq = static_cast<const uint32_t*>(w.values) + r * (kc * w.bits / 32);
-        const int64_t groups = kc / w.group_size;
-        const uint32_t q_mask = (1u << w.bits) - 1;
-        for (int64_t g = 0; g < groups; ++g) {
-          const float scale = load_float<VT>(w.scales, r * groups + g);
-          const float bias = load_float<VT>(w.biases, r * groups + g);
-          for (int64_t j = g * w.group_size; j < (g + 1) * w.group_size; ++j) {
-            const int64_t bit = j * w.bits;
-            const float q = float((wq[bit / 32] >> (bit % 32)) & q_mask);
-            const int64_t col = column(j);
-            f(col, r * kc + j, scale * q + bias);
-          }
+      for (int64_t g = 0; g < groups; ++g) {
+        const float scale = load_float<VT>(w.scales, r * groups + g);
+        const float bias = load_float<VT>(w.biases, r * groups + g);
+        for (int64_t j = g * w.group_size; j < (g + 1) * w.group_size; ++j) {
+          const float q = float((wq[j * w.bits / 32] >> (j * w.bits % 32)) & q_mask);
+          const int64_t bit = j * w.code_bits;
+          f(base + ((codes[bit / 32] >> (bit % 32)) & code_mask), r * kc + j, scale * q + bias);
+          if (++t == w.n) t = 0, base += w.m;
         }
       }
       break;
@@ -473,6 +475,31 @@ void bsr_panel_rows(const SparseW& w, const float* xt, int64_t r, float* sums) {
   for (int ri = 0; ri < R; ++ri) keep_panel_row<V>(sums + ri * width, acc[ri]);
 }
 
+// Float N:M, K in blocks of kNmBlock columns: all the task's rows add their
+// values of one block before the next, so the block's slice of the panel
+// (kNmBlock x width floats) stays in L1 instead of the whole panel in L2.
+constexpr int64_t kNmBlock = 128; // a multiple of every m
+
+template <FloatType VT, int V>
+void nm_panel_rows(const SparseW& w, const float* xt, int64_t r0, int64_t r1, float* sums) {
+  constexpr int width = V * kWidth;
+  std::fill(sums, sums + (r1 - r0) * width, 0.0f);
+  for (int64_t k0 = 0; k0 < w.K; k0 += kNmBlock) {
+    const int64_t j0 = k0 / w.m * w.n, j1 = std::min(w.K, k0 + kNmBlock) / w.m * w.n;
+    for (int64_t r = r0; r < r1; ++r) {
+      float* row_sums = sums + (r - r0) * width;
+      VecF acc[V];
+      for (int v = 0; v < V; ++v) acc[v] = load(row_sums + v * kWidth);
+      for_each_nm_value<VT>(w, r, j0, j1, [&](int64_t col, int64_t, float value) {
+        const VecF b = broadcast(value);
+        const float* p = xt + col * width;
+        for (int v = 0; v < V; ++v) acc[v] = fma(b, load(p + v * kWidth), acc[v]);
+      });
+      keep_panel_row<V>(row_sums, acc);
+    }
+  }
+}
+
 // Panels of V * kWidth rows of x: V vector accumulators per row of W.
 template <FloatType VT, int V>
 void matmul_rows_panel(const SparseW& w, const XPanels& xp, const SparseOut& o, int64_t r0,
@@ -493,6 +520,8 @@ void matmul_rows_panel(const SparseW& w, const XPanels& xp, const SparseOut& o, 
           r += 1;
         }
       }
+    } else if (w.kind == SparseKind::nm && w.bits == 0) {
+      nm_panel_rows<VT, V>(w, xt, r0, r1, sums.data());
     } else {
       for (int64_t r = r0; r < r1; ++r) {
         VecF acc[V];
