@@ -98,7 +98,25 @@ class SparseMatrix(nn.Module):
         super().__init__()
         self["_layout"] = json.dumps(layout, sort_keys=True)
 
+    _pattern_keys = ()
+
+    def __setitem__(self, key, value):
+        # A pattern replaced after construction (load_weights, update, or by
+        # hand) is validated again before the next product; so is a values
+        # array whose size changes.
+        old = self.get(key)
+        if key in self._pattern_keys or (isinstance(old, mx.array) and old.shape != value.shape):
+            object.__setattr__(self, "_unchecked", True)
+        super().__setitem__(key, value)
+
+    def _check(self):
+        """Validate the pattern if it changed since it was last validated."""
+        if self.__dict__.get("_unchecked"):
+            self._validate()
+            object.__setattr__(self, "_unchecked", False)
+
     def _finish(self):
+        object.__setattr__(self, "_unchecked", False)
         # Only float values train: the pattern (and quantized values) are fixed.
         self.freeze()
         if "data" in self:
@@ -164,6 +182,8 @@ def sparse_matmul(x: mx.array, ws, bias=None, *, stream=None) -> mx.array:
     if not isinstance(ws, dict) or "_layout" not in ws:
         raise TypeError(f"[mlx_ext.sparse_matmul] ws must be a container of mlx_ext.sparse "
                         f"(CSR, Bitmask, BSR, NM), got {type(ws).__name__}")
+    if isinstance(ws, SparseMatrix):
+        ws._check()
     layout = json.loads(ws["_layout"])
     return sparse_matmul_arrays(
         x, layout["format"], _arrays(ws), tuple(layout["shape"]),
@@ -182,6 +202,7 @@ def load(path: str) -> SparseMatrix:
     for k, v in arrays.items():
         ws[k] = v
     ws._finish()
+    ws._validate()
     return ws
 
 
@@ -216,6 +237,15 @@ class CSR(SparseMatrix):
         self.indices = mx.array(cols.astype(np.uint16 if k <= 65536 else np.uint32))
         self.indptr = ptr
         self._finish()
+
+    _pattern_keys = ("indices", "indptr")
+
+    def _validate(self):
+        cols = np.array(self.indices).astype(np.int64)
+        if cols.shape != tuple(self.data.shape):
+            _fail("CSR", f"indices must have the shape of data {tuple(self.data.shape)}, got {cols.shape}")
+        ptr = _row_pointers("CSR", "indptr", np.array(self.indptr), self.shape[0], cols.size)
+        _sorted_columns("CSR", "indices", cols, np.array(ptr), self.shape[1])
 
     @classmethod
     def from_dense(cls, w, mask=None, density=None, **prune_kwargs):
@@ -290,6 +320,17 @@ class Bitmask(SparseMatrix):
                                      n, data.size)
         self._finish()
 
+    _pattern_keys = ("mask", "row_ptr")
+
+    def _validate(self):
+        n, k = self.shape
+        words = np.array(self.mask)
+        if k % 32 and np.any(words[:, -1] >> np.uint32(k % 32)):
+            _fail("Bitmask", f"mask has bits set past column K={k}")
+        ptr = _row_pointers("Bitmask", "row_ptr", np.array(self.row_ptr), n, self.data.size)
+        if np.any(np.diff(np.array(ptr)) != _unpack_bits(words, k).sum(axis=1)):
+            _fail("Bitmask", "row_ptr does not count the bits of the mask's rows")
+
     @classmethod
     def from_dense(cls, w, mask=None, density=None, **prune_kwargs):
         w, mask = _dense_and_mask("Bitmask", w, mask, density, prune_kwargs)
@@ -325,6 +366,14 @@ class BSR(SparseMatrix):
         self.indices = mx.array(cols.astype(np.int32))
         self.indptr = ptr
         self._finish()
+
+    _pattern_keys = ("indices", "indptr")
+
+    def _validate(self):
+        (n, k), (bn, bk) = self.shape, self.layout["block"]
+        cols = np.array(self.indices).astype(np.int64)
+        ptr = _row_pointers("BSR", "indptr", np.array(self.indptr), n // bn, cols.size)
+        _sorted_columns("BSR", "indices", cols, np.array(ptr), k // bk)
 
     @classmethod
     def from_dense(cls, w, block=32, mask=None, density=None):
@@ -432,6 +481,17 @@ class NM(SparseMatrix):
             self.w_q, self.scales, self.biases = mx.quantize(data, group_size, bits)
         self.codes = mx.array(_pack_codes(codes, m))
         self._finish()
+
+    _pattern_keys = ("codes",)
+
+    def _validate(self):
+        rows, k = self.shape
+        n, m = self.layout["n"], self.layout["m"]
+        codes = _unpack_codes(np.array(self.codes), k // m * n, m)
+        if codes.size and codes.max() >= m:
+            _fail("NM", f"codes must lie in [0, {m}), got {codes.max()}")
+        if n > 1 and np.any(np.diff(codes.reshape(rows, -1, n), axis=-1) <= 0):
+            _fail("NM", "codes must be strictly increasing within each group of n")
 
     @classmethod
     def from_dense(cls, w, n=2, m=4, *, mask=None, bits=None, group_size=64, **prune_kwargs):

@@ -108,14 +108,15 @@ def test_op_dtypes(ws):
         mlx_ext.sparse_matmul(mx.ones((3, 4)), mx.ones((2, 4)))
 
 
-def test_op_checks_arrays_changed_after_construction(ws):
-    """The op re-checks what shapes and dtypes can say, whatever the container holds."""
-    ws["indptr"] = mx.array([0, 2, 3, 3], dtype=mx.int32)
+def test_op_checks_shapes_and_dtypes_of_plain_dicts(ws):
+    """The plain dict mx.compile hands over is checked by what shapes and dtypes can say."""
+    d = dict(ws)
+    d["indptr"] = mx.array([0, 2, 3, 3], dtype=mx.int32)
     with pytest.raises(ValueError, match=r"^\[mlx_ext\.sparse_matmul\] indptr must have shape \(3\)"):
-        mlx_ext.sparse_matmul(mx.ones((1, 4)), ws)
-    ws["indptr"] = mx.array([0, 2, 3], dtype=mx.int64)
+        mlx_ext.sparse_matmul(mx.ones((1, 4)), d)
+    d["indptr"] = mx.array([0, 2, 3], dtype=mx.int64)
     with pytest.raises(TypeError, match=r"^\[mlx_ext\.sparse_matmul\] indptr must be int32"):
-        mlx_ext.sparse_matmul(mx.ones((1, 4)), ws)
+        mlx_ext.sparse_matmul(mx.ones((1, 4)), d)
 
 
 def test_raw_op_block_and_bits():
@@ -146,3 +147,28 @@ def test_value_gradient_of_quantized_nm_refused():
 
     with pytest.raises(ValueError, match=r"^\[mlx_ext\.sparse_matmul\] gradients with respect to"):
         mx.grad(loss)(ws["w_q"])
+
+
+def test_pattern_replaced_after_construction_is_validated_again(ws):
+    """load_weights / update / item assignment replace arrays past the
+    constructor: the next product validates the pattern again."""
+    ws["indices"] = mx.array([0, 4, 1], dtype=mx.uint16)  # same shape and dtype, column 4 of 4
+    with pytest.raises(ValueError, match=r"^\[mlx_ext\.sparse\.CSR\] indices has 4, outside"):
+        mlx_ext.sparse_matmul(mx.ones((1, 4)), ws)
+    ws["indices"] = mx.array([0, 3, 1], dtype=mx.uint16)
+    np.testing.assert_array_equal(np.array(mlx_ext.sparse_matmul(mx.ones((1, 4)), ws)), [[2.0, 1.0]])
+
+
+@pytest.mark.parametrize("make, key, bad, match", [
+    (lambda: sparse.Bitmask.from_dense(mx.ones((2, 40))), "row_ptr",
+     mx.array([0, 41, 80], dtype=mx.int32), "row_ptr does not count"),
+    (lambda: sparse.BSR.from_dense(mx.ones((4, 4)), block=2), "indices",
+     mx.array([0, 2, 0, 1], dtype=mx.int32), r"indices has 2, outside \[0, 2\)"),
+    (lambda: sparse.NM.from_dense(mx.ones((1, 8)), 4, 8), "codes",
+     mx.array([[0x98 | (0xA << 8) | (0xB << 12)]], dtype=mx.uint32), r"codes must lie in \[0, 8\)"),
+])
+def test_update_with_a_bad_pattern_is_refused(make, key, bad, match):
+    ws = make()
+    ws.update({key: bad})
+    with pytest.raises(ValueError, match=match):
+        mlx_ext.sparse_matmul(mx.ones((1, ws.shape[1])), ws)
