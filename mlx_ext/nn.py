@@ -1,4 +1,5 @@
-"""Quantized layers that compute through ``mlx_ext.quantized_matmul``.
+"""Quantized layers that compute through ``mlx_ext.quantized_matmul``, and
+``SparseLinear`` through ``mlx_ext.sparse_matmul``.
 
 They subclass MLX's layers, so they hold the same parameters (``weight``,
 ``scales``, ``biases``, ``bias``) and attributes (``group_size``, ``bits``,
@@ -10,6 +11,7 @@ raises ``ValueError`` for other modes).
 import mlx.core as mx
 import mlx.nn as nn
 
+from . import sparse
 from ._ext import quantized_matmul
 
 
@@ -41,3 +43,75 @@ class QuantizedEmbedding(nn.QuantizedEmbedding):
 
     def as_linear(self, x: mx.array) -> mx.array:
         return _quantized_matmul(self, x)
+
+
+class SparseLinear(nn.Module):
+    """A Linear layer whose weight (N, K) is a container of ``mlx_ext.sparse``
+    (``CSR``, ``Bitmask``, ``BSR`` or ``NM``), computed by
+    ``mlx_ext.sparse_matmul`` with the bias added in the kernel."""
+
+    def __init__(self, weight, bias=None):
+        super().__init__()
+        self.weight = weight
+        if bias is not None:
+            self.bias = bias
+
+    @property
+    def output_dims(self) -> int:
+        return self.weight.shape[0]
+
+    @property
+    def input_dims(self) -> int:
+        return self.weight.shape[1]
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return sparse.sparse_matmul(x, self.weight, self.get("bias"))
+
+    @classmethod
+    def from_linear(cls, layer, *, density=None, pattern=None, format=None, method="magnitude",
+                    activation_norms=None, bits=None, group_size=None, block=32):
+        """Prune an ``nn.Linear`` or ``nn.QuantizedLinear`` (dequantized) and
+        store it sparse.
+
+        Args:
+            density (float): the fraction of each row kept, or
+            pattern (str): ``"n:m"`` along K (2:4, 4:8).
+            format (str): ``"nm"`` for a pattern; for a density ``"bitmask"``
+                (the default from 30%), ``"csr"`` (the default below) or ``"bsr"``.
+            method (str): ``"magnitude"`` or ``"wanda"`` (needs ``activation_norms``, (K,)).
+            bits (int): 4 or 8 to quantize N:M values; by default a quantized
+                layer keeps its bits when they are 4 or 8.
+            group_size (int): of the quantized N:M values (the layer's, else 64).
+            block (int): BSR block size.
+        """
+        quantized = isinstance(layer, nn.QuantizedLinear)
+        if quantized:
+            w = mx.dequantize(layer["weight"], layer["scales"], layer.get("biases"),
+                              layer.group_size, layer.bits, mode=layer.mode)
+        elif isinstance(layer, nn.Linear):
+            w = layer["weight"]
+        else:
+            raise TypeError(f"[mlx_ext.nn.SparseLinear] from_linear needs an nn.Linear or "
+                            f"nn.QuantizedLinear, got {type(layer).__name__}")
+        mask = sparse.prune(w, density=density, pattern=pattern, method=method,
+                            activation_norms=activation_norms)
+        if format is None:
+            format = "nm" if pattern is not None else "bitmask" if density >= 0.3 else "csr"
+        if format == "nm":
+            if pattern is None:
+                raise ValueError("[mlx_ext.nn.SparseLinear] format='nm' needs pattern='n:m'")
+            n, m = (int(p) for p in pattern.split(":"))
+            if bits is None and quantized and layer.bits in (4, 8) and layer.mode == "affine":
+                bits = layer.bits
+            kc = w.shape[1] // m * n
+            if group_size is None:
+                group_size = layer.group_size if quantized and kc % layer.group_size == 0 else 64
+            weight = sparse.NM.from_dense(w, n, m, mask=mask, bits=bits, group_size=group_size)
+        elif format == "bsr":
+            weight = sparse.BSR.from_dense(w, block=block, mask=mask)
+        elif format in ("csr", "bitmask"):
+            weight = (sparse.CSR if format == "csr" else sparse.Bitmask).from_dense(w, mask=mask)
+        else:
+            raise ValueError(f"[mlx_ext.nn.SparseLinear] format must be 'csr', 'bitmask', 'bsr' "
+                             f"or 'nm', got {format!r}")
+        return cls(weight, layer.get("bias"))

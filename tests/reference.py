@@ -260,3 +260,51 @@ def scaled_dot_product_attention(q, k, v, *, scale, mask=None, sinks=None, windo
     p = attention_probabilities(q, keys, scale=scale, mask=mask, sinks=sinks, window=window,
                                 kv_lengths=kv_lengths)
     return p @ np.repeat(values, q.shape[1] // values.shape[1], axis=1)
+
+
+def sparse_to_dense(ws) -> np.ndarray:
+    """W (N, K) in float64 decoded from the raw arrays of an mlx_ext.sparse
+    container (each format's layout as mlx_ext/sparse.py documents it)."""
+    import json
+
+    layout = json.loads(ws["_layout"])
+    n, k = layout["shape"]
+    w = np.zeros((n, k))
+    fmt = layout["format"]
+    if fmt == "csr":
+        ptr = np.array(ws["indptr"]).astype(np.int64)
+        cols = np.array(ws["indices"]).astype(np.int64)
+        for r in range(n):
+            w[r, cols[ptr[r]:ptr[r + 1]]] = to_f64(ws["data"])[ptr[r]:ptr[r + 1]]
+    elif fmt == "bitmask":
+        words = np.array(ws["mask"]).astype(np.uint64)
+        stored = (words[:, :, None] >> np.arange(32, dtype=np.uint64)) & np.uint64(1)
+        w[stored.reshape(n, -1)[:, :k].astype(bool)] = to_f64(ws["data"])
+    elif fmt == "bsr":
+        bn, bk = layout["block"]
+        ptr = np.array(ws["indptr"]).astype(np.int64)
+        cols = np.array(ws["indices"]).astype(np.int64)
+        blocks = to_f64(ws["data"])
+        for br in range(n // bn):
+            for b in range(ptr[br], ptr[br + 1]):
+                w[br * bn:(br + 1) * bn, cols[b] * bk:(cols[b] + 1) * bk] = blocks[b]
+    else:  # nm
+        nn_, m, bits = layout["n"], layout["m"], layout["bits"]
+        kc = k // m * nn_
+        if bits:
+            values = dequantize(ws["w_q"], ws["scales"], ws["biases"], layout["group_size"], bits)
+        else:
+            values = to_f64(ws["data"])
+        code_bits = 2 if m == 4 else 4
+        codes = unpack_bits(ws["codes"], code_bits)[:, :kc]
+        cols = (np.arange(kc) // nn_) * m + codes
+        np.put_along_axis(w, cols, values, axis=1)
+    return w
+
+
+def sparse_matmul(x, ws, bias=None):
+    """x @ W.T (+ bias) for the sparse W of an mlx_ext.sparse container."""
+    out = to_f64(x) @ sparse_to_dense(ws).T
+    if bias is not None:
+        out = out + to_f64(bias)
+    return out

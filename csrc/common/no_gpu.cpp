@@ -6,19 +6,26 @@
 #include "attention/attention.h"
 #include "common/gpu.h"
 #include "quantized_matmul/quantized_matmul.h"
+#include "sparse_matmul/sparse_matmul.h"
 
 namespace mlx_ext {
 
 #if defined(MLX_EXT_METAL)
 MLX_EXT_NO_GPU_MULTI(ScaledDotProductAttention)
 MLX_EXT_NO_GPU_MULTI(ScaledDotProductAttentionVjp)
+MLX_EXT_NO_GPU(SparseMatmul)
+MLX_EXT_NO_GPU(SparseSampledMatmul)
 #elif defined(MLX_EXT_CUDA)
 MLX_EXT_NO_GPU_MULTI(ScaledDotProductAttention)
 MLX_EXT_NO_GPU_MULTI(ScaledDotProductAttentionVjp)
+MLX_EXT_NO_GPU(SparseMatmul)
+MLX_EXT_NO_GPU(SparseSampledMatmul)
 #else
 MLX_EXT_NO_GPU(QuantizedMatmul)
 MLX_EXT_NO_GPU_MULTI(ScaledDotProductAttention)
 MLX_EXT_NO_GPU_MULTI(ScaledDotProductAttentionVjp)
+MLX_EXT_NO_GPU(SparseMatmul)
+MLX_EXT_NO_GPU(SparseSampledMatmul)
 #endif
 
 } // namespace mlx_ext

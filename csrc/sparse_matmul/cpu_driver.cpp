@@ -1,0 +1,128 @@
+#include "sparse_matmul/cpu_driver.h"
+
+#include <algorithm>
+#include <functional>
+#include <vector>
+
+#include "common/cpu/thread_pool.h"
+#include "common/math.h"
+
+namespace mlx_ext::cpu {
+namespace {
+
+// What a row costs beside its stored values (empty rows still write outputs).
+constexpr int64_t kRowCost = 8;
+
+// cost[r]: the cost of rows [0, r) of W, for r in [0, N].
+std::vector<int64_t> row_costs(const SparseW& w) {
+  std::vector<int64_t> cost(w.N + 1, 0);
+  for (int64_t r = 0; r < w.N; ++r) {
+    int64_t stored;
+    switch (w.kind) {
+      case SparseKind::csr:
+      case SparseKind::bitmask: stored = w.row_ptr[r + 1] - w.row_ptr[r]; break;
+      case SparseKind::bsr: {
+        const int64_t br = r / w.block_n;
+        stored = int64_t(w.row_ptr[br + 1] - w.row_ptr[br]) * w.block_k;
+        break;
+      }
+      default: stored = w.K / w.m * w.n;
+    }
+    cost[r + 1] = cost[r] + stored + kRowCost;
+  }
+  return cost;
+}
+
+// Row bounds of about `tasks` ranges of equal cost (threads over rows,
+// balanced by stored values rather than by rows).
+std::vector<int64_t> balanced_rows(const SparseW& w, int64_t tasks) {
+  const auto cost = row_costs(w);
+  std::vector<int64_t> bounds{0};
+  for (int64_t t = 1; t < tasks; ++t) {
+    const int64_t target = cost.back() * t / tasks;
+    const int64_t r = std::lower_bound(cost.begin(), cost.end(), target) - cost.begin();
+    if (r > bounds.back() && r < w.N) bounds.push_back(r);
+  }
+  bounds.push_back(w.N);
+  return bounds;
+}
+
+void for_row_ranges(const SparseW& w, int64_t tasks, const std::function<void(int64_t, int64_t)>& f) {
+  const auto bounds = balanced_rows(w, tasks);
+  parallel_for(int64_t(bounds.size()) - 1, [&](int64_t t) { f(bounds[t], bounds[t + 1]); });
+}
+
+// x (M, K) transposed into panels of `width` rows (layout: XPanels).
+std::vector<float> pack_panels(const float* x, int64_t M, int64_t K, int width) {
+  const int64_t tiles = ceil_div(M, width);
+  std::vector<float> xt(tiles * K * width);
+  parallel_for(tiles, [&](int64_t t) {
+    // Writes in order; the reads walk `width` rows of x side by side.
+    float* dst = xt.data() + t * K * width;
+    const int64_t rows = std::min<int64_t>(width, M - t * width);
+    const float* src = x + t * width * K;
+    for (int64_t k = 0; k < K; ++k) {
+      for (int64_t i = 0; i < rows; ++i) dst[k * width + i] = src[i * K + k];
+      for (int64_t i = rows; i < width; ++i) dst[k * width + i] = 0.0f;
+    }
+  });
+  return xt;
+}
+
+// a (rows, cols) -> (cols, rows).
+std::vector<float> transposed(const float* a, int64_t rows, int64_t cols) {
+  std::vector<float> t(rows * cols);
+  parallel_for(ceil_div(cols, 64), [&](int64_t b) {
+    for (int64_t c = b * 64; c < std::min(cols, (b + 1) * 64); ++c)
+      for (int64_t r = 0; r < rows; ++r) t[c * rows + r] = a[r * cols + c];
+  });
+  return t;
+}
+
+void run_rows(const SparseKernelTable& kt, const SparseW& w, const float* x, int64_t M,
+    const SparseOut& out) {
+  // One row of x: W is streamed once, gathering from x. More rows: panels as
+  // wide as the kernel takes (or one vector, for a few rows), W streamed once
+  // per panel.
+  const int narrow = kt.panel_width / 4;
+  const int width = M == 1 ? 1 : M <= narrow ? narrow : kt.panel_width;
+  std::vector<float> packed;
+  if (width > 1) packed = pack_panels(x, M, w.K, width);
+  const XPanels xp{width > 1 ? packed.data() : x, M, ceil_div(M, width), width};
+  for_row_ranges(w, 16 * num_threads(), [&](int64_t r0, int64_t r1) { kt.matmul_rows(w, xp, out, r0, r1); });
+}
+
+} // namespace
+
+void run_sparse_matmul(const SparseKernelTable& kernels, const SparseW& w, const float* x,
+    int64_t M, const SparseOut& out, bool transpose) {
+  if (transpose) return run_rows(kernels, w, x, M, out);
+  // x W = x (W^T)^T: W^T as CSR (a deterministic counting sort, no float
+  // atomics), then the same row kernels.
+  const int64_t nnz = row_costs(w).back() - kRowCost * w.N;
+  std::vector<int32_t> col_ptr(w.K + 1);
+  std::vector<uint32_t> rows(nnz);
+  std::vector<float> values(nnz);
+  kernels.transpose(w, col_ptr.data(), rows.data(), values.data());
+  SparseW wt{};
+  wt.kind = SparseKind::csr;
+  wt.value_type = FloatType::f32;
+  wt.values = values.data();
+  wt.pattern = rows.data();
+  wt.row_ptr = col_ptr.data();
+  wt.wide_columns = true;
+  wt.N = w.K;
+  wt.K = w.N;
+  run_rows(kernels, wt, x, M, out);
+}
+
+void run_sparse_sampled(const SparseKernelTable& kernels, const SparseW& w, const float* g,
+    const float* x, int64_t M, void* dvalues) {
+  const auto gt = transposed(g, M, w.N);
+  const auto xt = transposed(x, M, w.K);
+  for_row_ranges(w, 16 * num_threads(), [&](int64_t r0, int64_t r1) {
+    kernels.sampled_rows(w, gt.data(), xt.data(), M, dvalues, r0, r1);
+  });
+}
+
+} // namespace mlx_ext::cpu

@@ -1,0 +1,603 @@
+// Sparse matmul CPU kernels, compiled once per ISA (see simd.h). Every format
+// is read through one row iterator, for_each_stored, which yields the stored
+// values of one row of W with their columns; the kernels around it are shared.
+// One task of every kernel owns rows r0 .. r1 of W (the driver balances them
+// by stored values) and writes only their outputs: no atomics.
+//
+// matmul_rows_gather (decode, one row of x): each row of W streamed once as a
+// SIMD dot product with x gathered by column; see "Decode" below.
+//
+// matmul_rows_panel (prefill): for each panel of `width` rows of x (packed
+// transposed, so that column k of the panel is `width` contiguous floats),
+// each row of W is streamed once and every stored value w[r, k] does one
+// rank-1 update acc[0:width] += w[r, k] * xt[k, 0:width]: the weight is loaded
+// once per panel and reused across all its rows of x. BSR updates several
+// rows of a block at once (bsr_panel_rows, a dense micro-kernel per block).
+//
+// sampled_rows (the values' gradient): one dot product over M per stored value.
+// transpose (for the x-gradient): W^T as CSR, one counting sort.
+#include <algorithm>
+#include <vector>
+
+#include "common/cpu/float_io.h"
+#include "common/cpu/simd.h"
+#include "sparse_matmul/cpu_kernels.h"
+
+namespace mlx_ext::cpu::MLX_EXT_ISA_NS {
+namespace {
+
+// Calls f(col, j, value) for the kept values j0 .. j1 - 1 of float N:M row r
+// (j0 a multiple of n): value j sits in group j / n at position code_j; `base`
+// follows the group's first column without dividing.
+template <FloatType VT, typename F>
+MLX_EXT_INLINE void for_each_nm_value(const SparseW& w, int64_t r, int64_t j0, int64_t j1, F&& f) {
+  const int64_t kc = w.K / w.m * w.n;
+  const auto* codes = static_cast<const uint32_t*>(w.pattern) + r * ((kc * w.code_bits + 31) / 32);
+  const uint32_t code_mask = (1u << w.code_bits) - 1;
+  int64_t base = j0 / w.n * w.m;
+  int t = 0;
+  for (int64_t j = j0; j < j1; ++j) {
+    const int64_t bit = j * w.code_bits;
+    f(base + ((codes[bit / 32] >> (bit % 32)) & code_mask), r * kc + j, load_float<VT>(w.values, r * kc + j));
+    if (++t == w.n) t = 0, base += w.m;
+  }
+}
+
+// Calls f(col, j, value) for each stored value of row r of W: its column, its
+// index in the values array and its value as float. VT: the values' type.
+template <FloatType VT, typename F>
+MLX_EXT_INLINE void for_each_stored(const SparseW& w, int64_t r, F&& f) {
+  switch (w.kind) {
+    case SparseKind::csr: {
+      const int64_t end = w.row_ptr[r + 1];
+      if (w.wide_columns) {
+        const auto* cols = static_cast<const uint32_t*>(w.pattern);
+        for (int64_t j = w.row_ptr[r]; j < end; ++j) f(int64_t(cols[j]), j, load_float<VT>(w.values, j));
+      } else {
+        const auto* cols = static_cast<const uint16_t*>(w.pattern);
+        for (int64_t j = w.row_ptr[r]; j < end; ++j) f(int64_t(cols[j]), j, load_float<VT>(w.values, j));
+      }
+      break;
+    }
+    case SparseKind::bitmask: {
+      // Set bits of the row's mask, lowest first, in the order of the values.
+      const int64_t words = (w.K + 31) / 32;
+      const auto* mask = static_cast<const uint32_t*>(w.pattern) + r * words;
+      int64_t j = w.row_ptr[r];
+      for (int64_t word = 0; word < words; ++word)
+        for (uint32_t bits = mask[word]; bits; bits &= bits - 1, ++j)
+          f(word * 32 + __builtin_ctz(bits), j, load_float<VT>(w.values, j));
+      break;
+    }
+    case SparseKind::bsr: {
+      // Row i of each block of block row br: block_k consecutive columns.
+      const int64_t br = r / w.block_n, i = r % w.block_n;
+      const auto* block_cols = static_cast<const int32_t*>(w.pattern);
+      const int64_t block_size = int64_t(w.block_n) * w.block_k;
+      for (int64_t b = w.row_ptr[br]; b < w.row_ptr[br + 1]; ++b) {
+        const int64_t col0 = int64_t(block_cols[b]) * w.block_k;
+        const int64_t j0 = b * block_size + i * w.block_k;
+        for (int kk = 0; kk < w.block_k; ++kk) f(col0 + kk, j0 + kk, load_float<VT>(w.values, j0 + kk));
+      }
+      break;
+    }
+    case SparseKind::nm: {
+      const int64_t kc = w.K / w.m * w.n;
+      if (w.bits == 0) return for_each_nm_value<VT>(w, r, 0, kc, f);
+      // MLX's affine packing of the compressed row: bits 4 or 8 never
+      // straddle a word; w = scale * q + bias per group.
+      const auto* codes = static_cast<const uint32_t*>(w.pattern) + r * ((kc * w.code_bits + 31) / 32);
+      const uint32_t code_mask = (1u << w.code_bits) - 1;
+      const auto* wq = static_cast<const uint32_t*>(w.values) + r * (kc * w.bits / 32);
+      const int64_t groups = kc / w.group_size;
+      const uint32_t q_mask = (1u << w.bits) - 1;
+      int64_t base = 0;
+      int t = 0;
+      for (int64_t g = 0; g < groups; ++g) {
+        const float scale = load_float<VT>(w.scales, r * groups + g);
+        const float bias = load_float<VT>(w.biases, r * groups + g);
+        for (int64_t j = g * w.group_size; j < (g + 1) * w.group_size; ++j) {
+          const float q = float((wq[j * w.bits / 32] >> (j * w.bits % 32)) & q_mask);
+          const int64_t bit = j * w.code_bits;
+          f(base + ((codes[bit / 32] >> (bit % 32)) & code_mask), r * kc + j, scale * q + bias);
+          if (++t == w.n) t = 0, base += w.m;
+        }
+      }
+      break;
+    }
+  }
+}
+
+MLX_EXT_INLINE float load_any(FloatType t, const void* p, int64_t i) {
+  switch (t) {
+    case FloatType::f16: return load_float<FloatType::f16>(p, i);
+    case FloatType::bf16: return load_float<FloatType::bf16>(p, i);
+    default: return load_float<FloatType::f32>(p, i);
+  }
+}
+
+MLX_EXT_INLINE void store_any(FloatType t, void* p, int64_t i, float v) {
+  switch (t) {
+    case FloatType::f16: return store_float<FloatType::f16>(p, i, v);
+    case FloatType::bf16: return store_float<FloatType::bf16>(p, i, v);
+    default: return store_float<FloatType::f32>(p, i, v);
+  }
+}
+
+// --- Decode (one row of x): W streamed once, x gathered by column ----------
+//
+// Each row of W becomes (values, columns): CSR has both; N:M expands its codes
+// into a per-thread column buffer (and quantized N:M dequantizes its row),
+// then permutes x in registers for 2:4 and 4:8; Bitmask compresses x by the
+// mask on AVX-512 (else expands its columns); BSR reads x contiguously per
+// block. The dot products take kWidth values at a time.
+
+#if defined(MLX_EXT_ISA_avx512)
+using VecI = __m512i;
+MLX_EXT_INLINE VecI load_index(const uint16_t* p) {
+  return _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+MLX_EXT_INLINE VecI load_index(const uint32_t* p) { return _mm512_loadu_si512(p); }
+MLX_EXT_INLINE VecI load_index(const int32_t* p) { return _mm512_loadu_si512(p); }
+MLX_EXT_INLINE VecF gather(const float* x, VecI i) { return {_mm512_i32gather_ps(i, x, 4)}; }
+#elif defined(MLX_EXT_ISA_avx2)
+using VecI = __m256i;
+MLX_EXT_INLINE VecI load_index(const uint16_t* p) {
+  return _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+MLX_EXT_INLINE VecI load_index(const uint32_t* p) {
+  return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+}
+MLX_EXT_INLINE VecI load_index(const int32_t* p) {
+  return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+}
+MLX_EXT_INLINE VecF gather(const float* x, VecI i) { return {_mm256_i32gather_ps(x, i, 4)}; }
+#else
+struct VecI {
+  int64_t v[kWidth];
+};
+template <typename Index>
+MLX_EXT_INLINE VecI load_index(const Index* p) {
+  VecI r;
+  for (int l = 0; l < kWidth; ++l) r.v[l] = int64_t(p[l]);
+  return r;
+}
+MLX_EXT_INLINE VecF gather(const float* x, VecI i) {
+  alignas(64) float g[kWidth];
+  for (int l = 0; l < kWidth; ++l) g[l] = x[i.v[l]];
+  return load(g);
+}
+#endif
+
+// sum_i values[j0 + i] * x[cols[i]] for i < n.
+template <FloatType VT, typename Index>
+MLX_EXT_INLINE float gather_dot(const void* values, int64_t j0, const Index* cols, int64_t n,
+    const float* x) {
+  VecF acc0 = zero(), acc1 = zero();
+  int64_t i = 0;
+  for (; i + 2 * kWidth <= n; i += 2 * kWidth) {
+    acc0 = fma(load_floats<VT>(values, j0 + i), gather(x, load_index(cols + i)), acc0);
+    acc1 = fma(load_floats<VT>(values, j0 + i + kWidth), gather(x, load_index(cols + i + kWidth)), acc1);
+  }
+  if (i + kWidth <= n) {
+    acc0 = fma(load_floats<VT>(values, j0 + i), gather(x, load_index(cols + i)), acc0);
+    i += kWidth;
+  }
+  float s = reduce_add(add(acc0, acc1));
+  for (; i < n; ++i) s += load_float<VT>(values, j0 + i) * x[cols[i]];
+  return s;
+}
+
+#if defined(MLX_EXT_ISA_avx512) || defined(MLX_EXT_ISA_avx2)
+// x[base + local[l]] for lane l, every local index in [0, 2 kWidth): the two
+// vectors of x from base permuted, no gather (N:M with n / m >= 1/2).
+MLX_EXT_INLINE VecF window(const float* x, VecI local) {
+#if defined(MLX_EXT_ISA_avx512)
+  return {_mm512_permutex2var_ps(_mm512_loadu_ps(x), local, _mm512_loadu_ps(x + 16))};
+#else
+  const __m256 lo = _mm256_permutevar8x32_ps(_mm256_loadu_ps(x), local);
+  const __m256 hi = _mm256_permutevar8x32_ps(_mm256_loadu_ps(x + 8), local);
+  return {_mm256_blendv_ps(lo, hi, _mm256_castsi256_ps(_mm256_cmpgt_epi32(local, _mm256_set1_epi32(7))))};
+#endif
+}
+
+// gather_dot for N:M rows whose every kWidth values span exactly 2 kWidth
+// columns (2:4, 4:8): chunk c of the values reads x[2 kWidth c, 2 kWidth (c + 1)).
+template <FloatType VT>
+MLX_EXT_INLINE float window_dot(const void* values, int64_t j0, const int32_t* cols, int64_t n,
+    const float* x) {
+  VecF acc = zero();
+  int64_t i = 0;
+  for (; i + kWidth <= n; i += kWidth) {
+    const int32_t base = int32_t(2 * i);
+#if defined(MLX_EXT_ISA_avx512)
+    const VecI local = _mm512_sub_epi32(load_index(cols + i), _mm512_set1_epi32(base));
+#else
+    const VecI local = _mm256_sub_epi32(load_index(cols + i), _mm256_set1_epi32(base));
+#endif
+    acc = fma(load_floats<VT>(values, j0 + i), window(x + base, local), acc);
+  }
+  float s = reduce_add(acc);
+  for (; i < n; ++i) s += load_float<VT>(values, j0 + i) * x[cols[i]];
+  return s;
+}
+#else
+template <FloatType VT>
+MLX_EXT_INLINE float window_dot(const void* values, int64_t j0, const int32_t* cols, int64_t n,
+    const float* x) {
+  return gather_dot<VT>(values, j0, cols, n, x);
+}
+#endif
+
+// sum_i values[j0 + i] * x[i] for i < n.
+template <FloatType VT>
+MLX_EXT_INLINE float contiguous_dot(const void* values, int64_t j0, const float* x, int64_t n) {
+  VecF acc = zero();
+  int64_t i = 0;
+  for (; i + kWidth <= n; i += kWidth) acc = fma(load_floats<VT>(values, j0 + i), load(x + i), acc);
+  float s = reduce_add(acc);
+  for (; i < n; ++i) s += load_float<VT>(values, j0 + i) * x[i];
+  return s;
+}
+
+// Set-bit positions of every byte value, lowest first, and their count.
+struct BytePositions {
+  uint8_t pos[256][8];
+  uint8_t count[256];
+  constexpr BytePositions() : pos(), count() {
+    for (int b = 0; b < 256; ++b)
+      for (int bit = 0; bit < 8; ++bit)
+        if (b >> bit & 1) pos[b][count[b]++] = uint8_t(bit);
+  }
+};
+constexpr BytePositions kBytePositions;
+
+#if defined(MLX_EXT_ISA_avx512)
+// Bitmask row r . x without a list of columns, 16 columns (two bytes of the
+// mask) at a time: the x values at the set positions compressed into the low
+// lanes, against as many stored values loaded under the same count (masked
+// loads: nothing is read past them).
+template <FloatType VT>
+MLX_EXT_INLINE __m512 load_first(const void* p, int64_t i, __mmask16 first) {
+  if constexpr (VT == FloatType::f32) {
+    return _mm512_maskz_loadu_ps(first, static_cast<const float*>(p) + i);
+  } else {
+    const __m256i h = _mm256_maskz_loadu_epi16(first, static_cast<const uint16_t*>(p) + i);
+    if constexpr (VT == FloatType::f16) return _mm512_cvtph_ps(h);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  }
+}
+
+template <FloatType VT>
+float bitmask_dot(const SparseW& w, int64_t r, const float* x) {
+  const int64_t halves = (w.K + 31) / 32 * 2; // 16-bit halves of the mask words
+  const auto* mask = reinterpret_cast<const uint16_t*>(w.pattern) + r * halves;
+  __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+  int64_t j = w.row_ptr[r], h = 0;
+  for (; h + 2 <= w.K / 16; h += 2) {
+    const __mmask16 m0 = mask[h], m1 = mask[h + 1];
+    const int c0 = __builtin_popcount(m0), c1 = __builtin_popcount(m1);
+    const __m512 x0 = _mm512_maskz_compress_ps(m0, _mm512_loadu_ps(x + h * 16));
+    const __m512 x1 = _mm512_maskz_compress_ps(m1, _mm512_loadu_ps(x + h * 16 + 16));
+    acc0 = _mm512_fmadd_ps(load_first<VT>(w.values, j, __mmask16((1u << c0) - 1)), x0, acc0);
+    acc1 = _mm512_fmadd_ps(load_first<VT>(w.values, j + c0, __mmask16((1u << c1) - 1)), x1, acc1);
+    j += c0 + c1;
+  }
+  float s = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+  for (h *= 16; h < halves * 16; h += 16)
+    for (uint32_t bits = mask[h / 16]; bits; bits &= bits - 1)
+      s += load_float<VT>(w.values, j++) * x[h + __builtin_ctz(bits)];
+  return s;
+}
+#else
+// Columns of the stored values of bitmask row r, in order, into cols (room
+// for K + 8: each byte of the mask writes 8); returns their count.
+int64_t bitmask_columns(const SparseW& w, int64_t r, int32_t* cols) {
+  const int64_t bytes = (w.K + 31) / 32 * 4;
+  const auto* mask = reinterpret_cast<const uint8_t*>(w.pattern) + r * bytes;
+  int64_t n = 0;
+  for (int64_t byte = 0; byte < bytes; ++byte) {
+    const uint8_t b = mask[byte];
+#if defined(MLX_EXT_ISA_avx2)
+    const __m128i pos = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(kBytePositions.pos[b]));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(cols + n),
+        _mm256_add_epi32(_mm256_cvtepu8_epi32(pos), _mm256_set1_epi32(int32_t(byte * 8))));
+#else
+    for (int t = 0; t < 8; ++t) cols[n + t] = int32_t(byte * 8 + kBytePositions.pos[b][t]);
+#endif
+    n += kBytePositions.count[b];
+  }
+  return n;
+}
+#endif
+
+// Columns of the kept values of N:M row r: first[j] (the first column of
+// value j's group, the same for every row) plus its code.
+template <int code_bits>
+void nm_columns(const SparseW& w, int64_t r, const int32_t* first, int32_t* cols) {
+  constexpr int per_word = 32 / code_bits;
+  const int64_t kc = w.K / w.m * w.n;
+  const auto* codes = static_cast<const uint32_t*>(w.pattern) + r * ((kc + per_word - 1) / per_word);
+  constexpr uint32_t mask = (1u << code_bits) - 1;
+  // Whole words with their codes unrolled (constant shifts), then the rest.
+  const int64_t full = kc / per_word;
+  for (int64_t i = 0; i < full; ++i) {
+    const uint32_t word = codes[i];
+#pragma GCC unroll 16
+    for (int t = 0; t < per_word; ++t)
+      cols[i * per_word + t] = first[i * per_word + t] + int32_t((word >> (t * code_bits)) & mask);
+  }
+  for (int64_t j = full * per_word; j < kc; ++j)
+    cols[j] = first[j] + int32_t((codes[full] >> ((j - full * per_word) * code_bits)) & mask);
+}
+
+// The kept values of quantized N:M row r, dequantized into values.
+template <FloatType VT, int bits>
+void nm_dequantize(const SparseW& w, int64_t r, float* values) {
+  constexpr int per_word = 32 / bits;
+  const int64_t kc = w.K / w.m * w.n, groups = kc / w.group_size;
+  const auto* wq = static_cast<const uint32_t*>(w.values) + r * (kc / per_word);
+  const int64_t words_per_group = w.group_size / per_word;
+  for (int64_t g = 0; g < groups; ++g) {
+    const float scale = load_float<VT>(w.scales, r * groups + g);
+    const float bias = load_float<VT>(w.biases, r * groups + g);
+    // One word at a time, its values unrolled: constant shifts the compiler vectorizes.
+    for (int64_t i = g * words_per_group; i < (g + 1) * words_per_group; ++i) {
+      const uint32_t word = wq[i];
+#pragma GCC unroll 8
+      for (int t = 0; t < per_word; ++t)
+        values[i * per_word + t] = scale * float(int32_t((word >> (t * bits)) & ((1u << bits) - 1))) + bias;
+    }
+  }
+}
+
+// Per-thread buffers of the decode path: one row's columns and values, and
+// the N:M groups' first columns.
+struct DecodeScratch {
+  std::vector<int32_t> cols, first;
+  std::vector<float> values;
+};
+
+template <FloatType VT>
+float decode_row(const SparseW& w, int64_t r, const float* x, DecodeScratch& s) {
+  switch (w.kind) {
+    case SparseKind::csr: {
+      const int64_t j0 = w.row_ptr[r], n = w.row_ptr[r + 1] - j0;
+      if (w.wide_columns)
+        return gather_dot<VT>(w.values, j0, static_cast<const uint32_t*>(w.pattern) + j0, n, x);
+      return gather_dot<VT>(w.values, j0, static_cast<const uint16_t*>(w.pattern) + j0, n, x);
+    }
+    case SparseKind::bitmask: {
+#if defined(MLX_EXT_ISA_avx512)
+      return bitmask_dot<VT>(w, r, x);
+#else
+      const int64_t n = bitmask_columns(w, r, s.cols.data());
+      return gather_dot<VT>(w.values, w.row_ptr[r], s.cols.data(), n, x);
+#endif
+    }
+    case SparseKind::bsr: {
+      const int64_t br = r / w.block_n, i = r % w.block_n;
+      const auto* block_cols = static_cast<const int32_t*>(w.pattern);
+      float sum = 0.0f;
+      for (int64_t b = w.row_ptr[br]; b < w.row_ptr[br + 1]; ++b)
+        sum += contiguous_dot<VT>(w.values, (b * w.block_n + i) * w.block_k,
+            x + int64_t(block_cols[b]) * w.block_k, w.block_k);
+      return sum;
+    }
+    case SparseKind::nm: {
+      const int64_t kc = w.K / w.m * w.n;
+      if (w.code_bits == 2) {
+        nm_columns<2>(w, r, s.first.data(), s.cols.data());
+      } else {
+        nm_columns<4>(w, r, s.first.data(), s.cols.data());
+      }
+      const bool windowed = 2 * w.n == w.m && kWidth % w.n == 0;
+      if (w.bits == 0)
+        return windowed ? window_dot<VT>(w.values, r * kc, s.cols.data(), kc, x)
+                        : gather_dot<VT>(w.values, r * kc, s.cols.data(), kc, x);
+      if (w.bits == 4) {
+        nm_dequantize<VT, 4>(w, r, s.values.data());
+      } else {
+        nm_dequantize<VT, 8>(w, r, s.values.data());
+      }
+      return windowed ? window_dot<FloatType::f32>(s.values.data(), 0, s.cols.data(), kc, x)
+                      : gather_dot<FloatType::f32>(s.values.data(), 0, s.cols.data(), kc, x);
+    }
+  }
+  return 0.0f;
+}
+
+template <FloatType VT>
+void matmul_rows_gather(const SparseW& w, const XPanels& xp, const SparseOut& o, int64_t r0,
+    int64_t r1) {
+  thread_local DecodeScratch s;
+  if (int64_t(s.cols.size()) < w.K + 8) s.cols.resize(w.K + 8), s.values.resize(w.K);
+  if (w.kind == SparseKind::nm) {
+    s.first.resize(w.K / w.m * w.n);
+    for (int64_t j = 0; j < int64_t(s.first.size()); ++j) s.first[j] = int32_t(j / w.n * w.m);
+  }
+  for (int64_t m = 0; m < xp.M; ++m) {
+    const float* x = xp.xt + m * w.K;
+    for (int64_t r = r0; r < r1; ++r) {
+      const float bias = o.bias ? load_any(o.type, o.bias, r) : 0.0f;
+      store_any(o.type, o.out, m * w.N + r, decode_row<VT>(w, r, x, s) + bias);
+    }
+  }
+}
+
+// The sums of one row r of W over a panel, kept as `width` consecutive floats
+// of the task's buffer (row r - r0); written to out once the task's rows are
+// done, each output row in one run (columns of out one at a time would touch
+// a new cache line per value).
+template <int V>
+MLX_EXT_INLINE void keep_panel_row(float* sums, const VecF* acc) {
+  for (int v = 0; v < V; ++v) store(sums + v * kWidth, acc[v]);
+}
+
+void store_panel(const SparseOut& o, const float* sums, int width, int64_t N, int64_t m0,
+    int64_t rows, int64_t r0, int64_t r1) {
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t r = r0; r < r1; ++r) {
+      const float bias = o.bias ? load_any(o.type, o.bias, r) : 0.0f;
+      store_any(o.type, o.out, (m0 + i) * N + r, sums[(r - r0) * width + i] + bias);
+    }
+}
+
+// BSR: the R rows r .. r + R - 1 of one block row share their columns, so
+// each vector of the panel loaded serves R rows: an R x V tile of
+// accumulators, a dense micro-kernel over each block's bk columns.
+#if defined(MLX_EXT_ISA_avx2)
+constexpr int kBsrRows = 2; // 16 vector registers
+#else
+constexpr int kBsrRows = 4;
+#endif
+
+template <FloatType VT, int R, int V>
+void bsr_panel_rows(const SparseW& w, const float* xt, int64_t r, float* sums) {
+  constexpr int width = V * kWidth;
+  const int64_t br = r / w.block_n, i0 = r % w.block_n;
+  const auto* block_cols = static_cast<const int32_t*>(w.pattern);
+  VecF acc[R][V];
+  for (int ri = 0; ri < R; ++ri)
+    for (int v = 0; v < V; ++v) acc[ri][v] = zero();
+  for (int64_t b = w.row_ptr[br]; b < w.row_ptr[br + 1]; ++b) {
+    const float* xp = xt + int64_t(block_cols[b]) * w.block_k * width;
+    const int64_t j0 = (b * w.block_n + i0) * w.block_k;
+    for (int kk = 0; kk < w.block_k; ++kk) {
+      VecF xv[V];
+      for (int v = 0; v < V; ++v) xv[v] = load(xp + kk * width + v * kWidth);
+      for (int ri = 0; ri < R; ++ri) {
+        const VecF wv = broadcast(load_float<VT>(w.values, j0 + ri * w.block_k + kk));
+        for (int v = 0; v < V; ++v) acc[ri][v] = fma(wv, xv[v], acc[ri][v]);
+      }
+    }
+  }
+  for (int ri = 0; ri < R; ++ri) keep_panel_row<V>(sums + ri * width, acc[ri]);
+}
+
+// Float N:M, K in blocks of kNmBlock columns: all the task's rows add their
+// values of one block before the next, so the block's slice of the panel
+// (kNmBlock x width floats) stays in L1 instead of the whole panel in L2.
+constexpr int64_t kNmBlock = 128; // a multiple of every m
+
+template <FloatType VT, int V>
+void nm_panel_rows(const SparseW& w, const float* xt, int64_t r0, int64_t r1, float* sums) {
+  constexpr int width = V * kWidth;
+  std::fill(sums, sums + (r1 - r0) * width, 0.0f);
+  for (int64_t k0 = 0; k0 < w.K; k0 += kNmBlock) {
+    const int64_t j0 = k0 / w.m * w.n, j1 = std::min(w.K, k0 + kNmBlock) / w.m * w.n;
+    for (int64_t r = r0; r < r1; ++r) {
+      float* row_sums = sums + (r - r0) * width;
+      VecF acc[V];
+      for (int v = 0; v < V; ++v) acc[v] = load(row_sums + v * kWidth);
+      for_each_nm_value<VT>(w, r, j0, j1, [&](int64_t col, int64_t, float value) {
+        const VecF b = broadcast(value);
+        const float* p = xt + col * width;
+        for (int v = 0; v < V; ++v) acc[v] = fma(b, load(p + v * kWidth), acc[v]);
+      });
+      keep_panel_row<V>(row_sums, acc);
+    }
+  }
+}
+
+// Panels of V * kWidth rows of x: V vector accumulators per row of W.
+template <FloatType VT, int V>
+void matmul_rows_panel(const SparseW& w, const XPanels& xp, const SparseOut& o, int64_t r0,
+    int64_t r1) {
+  constexpr int width = V * kWidth;
+  thread_local std::vector<float> sums;
+  sums.resize((r1 - r0) * width);
+  for (int64_t t = 0; t < xp.tiles; ++t) {
+    const float* xt = xp.xt + t * w.K * width;
+    if (w.kind == SparseKind::bsr) {
+      for (int64_t r = r0; r < r1;) {
+        const int64_t block_row_end = std::min<int64_t>(r1, (r / w.block_n + 1) * w.block_n);
+        if (r + kBsrRows <= block_row_end) {
+          bsr_panel_rows<VT, kBsrRows, V>(w, xt, r, sums.data() + (r - r0) * width);
+          r += kBsrRows;
+        } else {
+          bsr_panel_rows<VT, 1, V>(w, xt, r, sums.data() + (r - r0) * width);
+          r += 1;
+        }
+      }
+    } else if (w.kind == SparseKind::nm && w.bits == 0) {
+      nm_panel_rows<VT, V>(w, xt, r0, r1, sums.data());
+    } else {
+      for (int64_t r = r0; r < r1; ++r) {
+        VecF acc[V];
+        for (int v = 0; v < V; ++v) acc[v] = zero();
+        for_each_stored<VT>(w, r, [&](int64_t col, int64_t, float value) {
+          const VecF b = broadcast(value);
+          const float* p = xt + col * width;
+          for (int v = 0; v < V; ++v) acc[v] = fma(b, load(p + v * kWidth), acc[v]);
+        });
+        keep_panel_row<V>(sums.data() + (r - r0) * width, acc);
+      }
+    }
+    const int64_t m0 = t * width;
+    store_panel(o, sums.data(), width, w.N, m0, std::min<int64_t>(width, xp.M - m0), r0, r1);
+  }
+}
+
+template <FloatType VT>
+void matmul_rows_typed(const SparseW& w, const XPanels& xp, const SparseOut& o, int64_t r0,
+    int64_t r1) {
+  if (xp.width == 1) return matmul_rows_gather<VT>(w, xp, o, r0, r1);
+  if (xp.width == kWidth) return matmul_rows_panel<VT, 1>(w, xp, o, r0, r1);
+  matmul_rows_panel<VT, 4>(w, xp, o, r0, r1);
+}
+
+// One dot product over the M rows per stored value: gt and xt hold each row of
+// g (and column of x) contiguously.
+template <FloatType VT>
+void sampled_rows_typed(const SparseW& w, const float* gt, const float* xt, int64_t M,
+    void* dvalues, int64_t r0, int64_t r1) {
+  for (int64_t r = r0; r < r1; ++r)
+    for_each_stored<VT>(w, r, [&](int64_t col, int64_t j, float) {
+      store_float<VT>(dvalues, j, contiguous_dot<FloatType::f32>(gt, r * M, xt + col * M, M));
+    });
+}
+
+template <FloatType VT>
+void transpose_typed(const SparseW& w, int32_t* col_ptr, uint32_t* rows, float* values) {
+  std::fill(col_ptr, col_ptr + w.K + 1, 0);
+  for (int64_t r = 0; r < w.N; ++r)
+    for_each_stored<VT>(w, r, [&](int64_t col, int64_t, float) { ++col_ptr[col + 1]; });
+  for (int64_t k = 0; k < w.K; ++k) col_ptr[k + 1] += col_ptr[k];
+  std::vector<int32_t> next(col_ptr, col_ptr + w.K);
+  for (int64_t r = 0; r < w.N; ++r)
+    for_each_stored<VT>(w, r, [&](int64_t col, int64_t, float v) {
+      const int32_t pos = next[col]++;
+      rows[pos] = uint32_t(r);
+      values[pos] = v;
+    });
+}
+
+#define MLX_EXT_BY_VALUE_TYPE(fn, w, ...)                                         \
+  switch ((w).value_type) {                                                       \
+    case FloatType::f16: return fn<FloatType::f16>(w, __VA_ARGS__);               \
+    case FloatType::bf16: return fn<FloatType::bf16>(w, __VA_ARGS__);             \
+    default: return fn<FloatType::f32>(w, __VA_ARGS__);                           \
+  }
+
+void matmul_rows(const SparseW& w, const XPanels& xp, const SparseOut& o, int64_t r0, int64_t r1) {
+  MLX_EXT_BY_VALUE_TYPE(matmul_rows_typed, w, xp, o, r0, r1)
+}
+void sampled_rows(const SparseW& w, const float* gt, const float* xt, int64_t M, void* dvalues,
+    int64_t r0, int64_t r1) {
+  MLX_EXT_BY_VALUE_TYPE(sampled_rows_typed, w, gt, xt, M, dvalues, r0, r1)
+}
+void transpose(const SparseW& w, int32_t* col_ptr, uint32_t* rows, float* values) {
+  MLX_EXT_BY_VALUE_TYPE(transpose_typed, w, col_ptr, rows, values)
+}
+
+} // namespace
+
+extern const SparseKernelTable sparse_matmul_kernels = {
+    4 * kWidth,
+    matmul_rows,
+    sampled_rows,
+    transpose,
+};
+
+} // namespace mlx_ext::cpu::MLX_EXT_ISA_NS
