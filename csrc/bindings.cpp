@@ -123,7 +123,7 @@ Args:
 
 Returns:
     array: ``(B, Hq, L, D)`` in q's dtype. Softmax and accumulation in
-    float32. A row that sees no key (all masked, no sink) is 0.)"););
+    float32. A row that sees no key (all masked, no sink) is 0.)");
 
   m.def(
       "sparse_matmul_arrays",
