@@ -4,6 +4,7 @@
 
 #include "common/affine.h"
 #include "common/checks.h"
+#include "common/grad.h"
 
 namespace mlx_ext {
 namespace {
@@ -81,10 +82,7 @@ std::vector<mx::array> QuantizedMatmul::vjp(
     } else if (arg == 2 || arg == 3) {
       grads.push_back(arg == 2 ? scales_grad(primals, cotan) : biases_grad(primals, cotan));
     } else if (arg == 4 && has_bias_) {
-      std::vector<int> axes(cotan.ndim() - 1);
-      for (int i = 0; i < int(axes.size()); ++i) axes[i] = i;
-      auto db = axes.empty() ? cotan : mx::sum(cotan, axes, false, stream());
-      grads.push_back(mx::astype(db, primals[4].dtype(), stream()));
+      grads.push_back(bias_grad(cotan, primals[4].dtype(), stream()));
     } else {
       value_error(kOp, "gradients with respect to the packed weights w are not supported "
           "(as in MLX); differentiate with respect to x, scales, biases or bias");

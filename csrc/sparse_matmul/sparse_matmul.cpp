@@ -6,6 +6,7 @@
 
 #include "common/affine.h"
 #include "common/checks.h"
+#include "common/grad.h"
 
 namespace mlx_ext {
 namespace {
@@ -97,12 +98,6 @@ std::vector<mx::array> contiguous_all(const std::vector<mx::array>& arrays, cons
   return out;
 }
 
-std::vector<int> leading_axes(const mx::array& a) {
-  std::vector<int> axes(a.ndim() - 1);
-  for (int i = 0; i < int(axes.size()); ++i) axes[i] = i;
-  return axes;
-}
-
 // a as a row-contiguous (rows, a.shape(-1)) float32 matrix.
 mx::array as_matrix_f32(const mx::array& a, const mx::Stream& s) {
   return kernel_input(mx::reshape(a, {-1, a.shape(-1)}, s), mx::float32, s);
@@ -190,9 +185,7 @@ std::vector<mx::array> SparseMatmul::vjp(
       grads.push_back(mx::array(values.shape(), values.dtype(),
           std::make_shared<SparseSampledMatmul>(stream(), layout_), std::move(inputs)));
     } else if (arg == int(primals.size()) - 1 && has_bias_) {
-      auto axes = leading_axes(cotan);
-      auto db = axes.empty() ? cotan : mx::sum(cotan, axes, false, stream());
-      grads.push_back(mx::astype(db, primals.back().dtype(), stream()));
+      grads.push_back(bias_grad(cotan, primals.back().dtype(), stream()));
     } else {
       value_error(kOp, "gradients with respect to the sparsity pattern or quantized values "
           "are not supported; differentiate with respect to x, float values or bias");
