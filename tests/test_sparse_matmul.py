@@ -43,12 +43,8 @@ def assert_matches_reference(out, x, ws, bias=None):
     k = x.shape[-1]
     # Each term meets at most k + 2 float32 roundings (dequantize, multiply,
     # accumulation), then one rounding to the output dtype.
-    tol = 2 * (k + 2) * EPS[mx.float32] * magnitude + EPS[out.dtype] * np.abs(expected) + 1e-30
-    got = ref.to_f64(out)
-    assert got.shape == expected.shape
-    err = np.abs(got - expected)
-    worst = np.unravel_index(np.argmax(err - tol), err.shape)
-    assert np.all(err <= tol), f"max excess at {worst}: got {got[worst]}, want {expected[worst]}"
+    tol = ref.float32_accumulation_tolerance(expected, magnitude, roundings=k + 2, out_dtype=out.dtype)
+    ref.assert_within_tolerance(out, expected, tol)
 
 
 @st.composite
