@@ -1,6 +1,7 @@
 // Python bindings: one per public function, with its docstring; nothing else.
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/optional.h>
+#include <nanobind/stl/map.h>
 #include <nanobind/stl/pair.h>
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/variant.h>
@@ -9,6 +10,7 @@
 #include "attention/attention.h"
 #include "common/cpu/isa.h"
 #include "common/errors.h"
+#include "common/gpu.h"
 #include "common/cpu/thread_pool.h"
 #include "quantized_matmul/quantized_matmul.h"
 #include "sparse_matmul/sparse_matmul.h"
@@ -180,4 +182,13 @@ Returns:
       "Instruction sets compiled in and supported by this processor, best first.");
   m.def("set_cpu_isa", &mlx_ext::cpu::set_cpu_isa, "isa"_a,
       "Force the CPU kernels' instruction set ('auto' restores the best; also MLX_EXT_CPU_ISA).");
+  m.def("gpu_kernels", [] {
+        return std::map<std::string, bool>{
+            {"quantized_matmul", mlx_ext::has_gpu_kernels<mlx_ext::QuantizedMatmul>()},
+            {"scaled_dot_product_attention",
+             mlx_ext::has_gpu_kernels<mlx_ext::ScaledDotProductAttention>()},
+            {"sparse_matmul", mlx_ext::has_gpu_kernels<mlx_ext::SparseMatmul>()},
+        };
+      },
+      "Which ops run on MLX's GPU stream in this build (the others raise there).");
 }

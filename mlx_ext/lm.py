@@ -1,10 +1,13 @@
-"""Run any mlx-lm model's quantized layers through mlx_ext, and back.
+"""Run any mlx-lm model's quantized layers and attention through mlx_ext, and back.
 
 ``patch`` swaps ``mlx.nn.QuantizedLinear`` and ``mlx.nn.QuantizedEmbedding``
 (affine mode) for the ``mlx_ext.nn`` layers of the same names. Layers are
 matched by *exact* type: subclasses (afm7's ``FusedQuantizedLinear``, ...) have
 other semantics and are left alone, like ``QuantizedSwitchLinear`` (no gather
 kernel yet) and the non-affine modes. The new layers hold the very same arrays.
+
+It also routes the model's attention through ``mlx_ext.scaled_dot_product_attention``
+(lm_attention.py says how).
 """
 
 from collections import Counter
@@ -13,6 +16,7 @@ from dataclasses import dataclass, field
 import mlx.nn as nn
 from mlx.utils import tree_map_with_path
 
+from . import lm_attention
 from . import nn as ext_nn
 
 _TO_MLX_EXT = {
@@ -24,28 +28,41 @@ _TO_MLX = {new: old for old, new in _TO_MLX_EXT.items()}
 
 @dataclass
 class PatchReport:
-    """Layer counts by type name: ``replaced`` were swapped; ``left`` are the
-    quantized layers (those holding ``scales``) that were not, with their mode
-    where it is not affine."""
+    """Module counts by type name: ``replaced`` are the quantized layers
+    swapped; ``left`` the quantized layers (those holding ``scales``) that were
+    not, with their mode where it is not affine; ``attention`` the attention
+    modules whose mlx-lm ``scaled_dot_product_attention`` calls (plain and
+    quantized KV caches) now run through mlx_ext (by ``unpatch``: back
+    through MLX)."""
 
     replaced: Counter = field(default_factory=Counter)
     left: Counter = field(default_factory=Counter)
+    attention: Counter = field(default_factory=Counter)
 
     def __str__(self):
         def listing(counts):
             return ", ".join(f"{n} {name}" for name, n in sorted(counts.items())) or "none"
 
-        return f"replaced: {listing(self.replaced)}; left: {listing(self.left)}"
+        return (
+            f"replaced: {listing(self.replaced)}; left: {listing(self.left)}; "
+            f"attention: {listing(self.attention)}"
+        )
 
 
 def patch(model: nn.Module) -> PatchReport:
-    """Swap the model's MLX quantized layers for mlx_ext's, in place."""
-    return _swap_layers(model, _TO_MLX_EXT)
+    """Swap the model's MLX quantized layers for mlx_ext's and route its
+    attention through mlx_ext, in place."""
+    report = _swap_layers(model, _TO_MLX_EXT)
+    report.attention = lm_attention.route(model)
+    return report
 
 
 def unpatch(model: nn.Module) -> PatchReport:
-    """Swap mlx_ext's quantized layers back for MLX's, in place."""
-    return _swap_layers(model, _TO_MLX)
+    """Swap mlx_ext's quantized layers back for MLX's and its attention back
+    to MLX's, in place."""
+    report = _swap_layers(model, _TO_MLX)
+    report.attention = lm_attention.unroute(model)
+    return report
 
 
 def _swap_layers(model: nn.Module, swaps: dict) -> PatchReport:

@@ -42,77 +42,80 @@ MIXTRAL = {
 
 
 @pytest.mark.parametrize(
-    "config,replaced,left",
+    "config,replaced,left,attention",
     [
         # 7 projections per layer + lm_head; the embedding
-        (LLAMA, {"QuantizedLinear": 15, "QuantizedEmbedding": 1}, {}),
-        (QWEN3_TIED, {"QuantizedLinear": 14, "QuantizedEmbedding": 1}, {}),
+        (LLAMA, {"QuantizedLinear": 15, "QuantizedEmbedding": 1}, {}, {"Attention": 2}),
+        (QWEN3_TIED, {"QuantizedLinear": 14, "QuantizedEmbedding": 1}, {}, {"Attention": 2}),
         # 4 attention projections + the router per layer (8-bit by quant_predicate) + lm_head;
         # the experts' gate/up/down are QuantizedSwitchLinear (no gather kernel yet)
-        (QWEN3_MOE, {"QuantizedLinear": 11, "QuantizedEmbedding": 1}, {"QuantizedSwitchLinear": 6}),
-        (MIXTRAL, {"QuantizedLinear": 11, "QuantizedEmbedding": 1}, {"QuantizedSwitchLinear": 6}),
+        (QWEN3_MOE, {"QuantizedLinear": 11, "QuantizedEmbedding": 1}, {"QuantizedSwitchLinear": 6},
+         {"Attention": 2}),
+        (MIXTRAL, {"QuantizedLinear": 11, "QuantizedEmbedding": 1}, {"QuantizedSwitchLinear": 6},
+         {"MixtralAttention": 2}),
     ],
     ids=["llama", "qwen3-tied", "qwen3_moe", "mixtral"],
 )
-def test_patched_logits_match(config, replaced, left):
-    result = check_config(config)
+@pytest.mark.parametrize("kv_bits", [4, 8])
+def test_patched_logits_match(config, replaced, left, attention, kv_bits):
+    """Plain cache (patched) and QuantizedKVCache (attention routed), against
+    the unpatched model; every attention call went through mlx_ext."""
+    result = check_config(config, kv_bits)
     assert result.status == "pass", result.reason
     assert result.prefill_rel < RTOL and result.decode_rel < RTOL
+    assert result.quantized_kv_rel < RTOL  # not NaN: the quantized run happened
     assert result.tokens_agree
+    calls, of, total = result.attention_calls.split()
+    assert int(calls) == int(total) > 0
     expected = "; ".join(
         f"{label}: " + (", ".join(f"{n} {name}" for name, n in sorted(counts.items())) or "none")
-        for label, counts in (("replaced", replaced), ("left", left))
+        for label, counts in (("replaced", replaced), ("left", left), ("attention", attention))
     )
     assert result.patch_report == expected
 
 
-def test_patch_shares_arrays_keeps_attributes_and_unpatch_restores():
-    model = build_quantized(QWEN3_MOE)
-    want_prefill, want_decode = prefill_and_decode(model)
-    router = model.model.layers[0].mlp.gate
-    assert type(router) is nn.QuantizedLinear and router.bits == 8
+def test_routing_is_per_model_and_unpatch_restores_mlx_attention():
+    from mlx_ext import lm_attention
 
-    report = mlx_ext.patch(model)
-    patched = model.model.layers[0].mlp.gate
-    assert type(patched) is mlx_ext.nn.QuantizedLinear
-    assert patched["weight"] is router["weight"] and patched["scales"] is router["scales"]
-    assert (patched.group_size, patched.bits, patched.mode) == (64, 8, "affine")
-    assert patched.trainable_parameters() == {}
-    assert mlx_ext.patch(model).replaced == {}  # nothing left to patch
+    patched, stock = build_quantized(LLAMA), build_quantized(LLAMA)
+    attention_type = type(patched.model.layers[0].self_attn)
+    mlx_ext.patch(patched)
+    assert isinstance(patched.model.layers[0].self_attn, attention_type)
+    assert type(patched.model.layers[0].self_attn) is not attention_type
 
-    back = mlx_ext.unpatch(model)
-    assert back.replaced == report.replaced
-    restored = model.model.layers[0].mlp.gate
-    assert type(restored) is nn.QuantizedLinear and restored["weight"] is router["weight"]
-    prefill, decode = prefill_and_decode(model)
-    assert mx.array_equal(prefill, want_prefill) and mx.array_equal(decode, want_decode)
+    lm_attention.calls.clear()
+    prefill_and_decode(stock)  # the same model file, not patched: MLX's attention
+    assert lm_attention.calls.total() == 0
+    prefill_and_decode(patched)
+    assert lm_attention.calls == {"mlx_ext": 4}  # 2 layers, prefill and decode
 
-
-def test_subclasses_and_other_modes_are_left_alone():
-    class Fused(nn.QuantizedLinear):
-        pass
-
-    model = nn.Sequential(
-        nn.QuantizedLinear(64, 64, bias=False),
-        Fused(64, 64, bias=False),
-        nn.QuantizedLinear(64, 64, bias=False, mode="mxfp4"),
-        nn.Linear(64, 64),
-    )
-    report = mlx_ext.patch(model)
-    assert report.replaced == {"QuantizedLinear": 1}
-    assert report.left == {"Fused": 1, "QuantizedLinear(mode=mxfp4)": 1}
-    expected = [mlx_ext.nn.QuantizedLinear, Fused, nn.QuantizedLinear, nn.Linear]
-    assert [type(m) for m in model.layers] == expected
+    report = mlx_ext.unpatch(patched)
+    assert report.attention == {"Attention": 2}
+    assert type(patched.model.layers[0].self_attn) is attention_type
+    lm_attention.calls.clear()
+    prefill_and_decode(patched)
+    assert lm_attention.calls.total() == 0
 
 
-def test_mlx_lm_generate_on_patched_embedded_model():
+def test_generate_with_a_4bit_kv_cache_peaks_lower_when_patched():
+    """mlx-lm's quantized attention materialises the float32 scores of
+    (heads, prompt chunk, keys); mlx_ext's reads the packed cache in tiles."""
     from mlx_lm import generate, load
 
     model, tokenizer = load(str(DEFAULT_MODEL))
-    prompt = "In the beginning God created"
-    stock = generate(model, tokenizer, prompt, max_tokens=40)
+    prompt = "In the beginning God created the heaven and the earth. " * 75  # ~4K byte tokens
+
+    def peak() -> int:
+        mx.clear_cache()
+        mx.reset_peak_memory()
+        base = mx.get_active_memory()
+        generate(model, tokenizer, prompt, max_tokens=2, kv_bits=4, kv_group_size=32,
+                 quantized_kv_start=0, prefill_step_size=4096)
+        return mx.get_peak_memory() - base
+
+    stock = peak()
     report = mlx_ext.patch(model)
-    assert report.replaced == {"QuantizedLinear": 42, "QuantizedEmbedding": 1} and report.left == {}
-    patched = generate(model, tokenizer, prompt, max_tokens=40)
-    assert patched == stock
-    assert len(patched) >= 30 and " unto " in patched  # readable KJV English
+    assert sum(report.attention.values()) > 0
+    patched = peak()
+    print(f"peak above the model: stock {stock / 2**20:.1f} MiB, patched {patched / 2**20:.1f} MiB")
+    assert patched < stock / 2
