@@ -9,6 +9,8 @@ Decode rows: L=1, Hq=32, Hkv=8, D=128, K/V float32, float16, or 8-/4-bit
 (mlx-lm's QuantizedKVCache format, group size 64, float16 scales, float16 q).
 GB/s counts the K/V bytes (codes, scales and biases) read once per call, over
 the machine's copy bandwidth (bytes read + written, measured in the same run).
+Decode calls rotate over copies of K/V that together exceed the last-level
+cache (NumPy: one copy).
 Prefill rows: causal L=S, float32; FLOP/s counts the causal half, 2 L S D Hq
 multiply-adds, against NumPy's float32 GEMM rate. Peak: MLX's peak memory
 over one call, above what was allocated before it (NumPy: tracemalloc).
@@ -26,6 +28,7 @@ import numpy as np
 
 import mlx.core as mx
 import mlx_ext
+from mlx.utils import tree_flatten
 from mlx_lm.models.base import quantized_scaled_dot_product_attention
 
 from . import harness
@@ -93,41 +96,55 @@ def finish_row(row, ours, numpy_fn, repeats, budget):
     return row
 
 
-def decode_row(kv_len, kind, copy_bw, repeats, budget):
-    kv = [mx.random.normal((1, HKV, kv_len, D), key=mx.random.key(i)) for i in (1, 2)]
-    q = mx.random.normal((1, HQ, 1, D), key=mx.random.key(0))
-    scale = D**-0.5
-    bits = None
+def decode_kv(kv_len, kind, seed):
+    """One K/V pair of the row's kind: float arrays, or QuantizedKVCache tuples."""
+    kv = [mx.random.normal((1, HKV, kv_len, D), key=mx.random.key(seed + i)) for i in (1, 2)]
     if kind in ("float32", "float16"):
-        dtype = getattr(mx, kind)
-        q, k, v = q.astype(dtype), kv[0].astype(dtype), kv[1].astype(dtype)
-        kv_bytes = k.nbytes + v.nbytes
-        np_k, np_v = (np.array(x.astype(mx.float32))[0] for x in (k, v))
-        np_k = np.ascontiguousarray(np_k.transpose(0, 2, 1))
+        pair = tuple(x.astype(getattr(mx, kind)) for x in kv)
     else:
         bits = int(kind.split("-")[0])
-        q = q.astype(mx.float16)
-        k, v = (mx.quantize(x.astype(mx.float16), group_size=GROUP_SIZE, bits=bits) for x in kv)
-        kv_bytes = sum(x.nbytes for x in k + v)
-        np_k, np_v = (np.array(mx.dequantize(*x, group_size=GROUP_SIZE, bits=bits).astype(mx.float32))[0]
-                      for x in (k, v))
-        np_k = np.ascontiguousarray(np_k.transpose(0, 2, 1))
-    mx.eval(q, k, v)
-    del kv
-    row = {"case": f"decode S={kv_len}", "kv": kind, "kv_MB": kv_bytes / 1e6}
-    ours, row["peak_ours_MB"] = timed(lambda: mx.eval(mlx_ext.scaled_dot_product_attention(
+        pair = tuple(mx.quantize(x.astype(mx.float16), group_size=GROUP_SIZE, bits=bits) for x in kv)
+    mx.eval(pair)
+    return pair
+
+
+def decode_row(kv_len, kind, copy_bw, repeats, budget):
+    """Every timed call reads the next of enough K/V copies to exceed the
+    last-level cache, as a decode step over many layers would."""
+    q = mx.random.normal((1, HQ, 1, D), key=mx.random.key(0))
+    scale = D**-0.5
+    quantized = kind not in ("float32", "float16")
+    bits = int(kind.split("-")[0]) if quantized else None
+    q = q.astype(mx.float16 if quantized else getattr(mx, kind))
+    first = decode_kv(kv_len, kind, 0)
+    kv_bytes = sum(a.nbytes for _, a in tree_flatten(first))
+    copies = [first] + [decode_kv(kv_len, kind, 10 * c) for c in range(1, harness.rotation_count(kv_bytes))]
+    mx.eval(q)
+    row = {"case": f"decode S={kv_len}", "kv": kind, "kv_MB": kv_bytes / 1e6, "copies": len(copies)}
+
+    def rotating(fn):
+        calls = iter(range(1 << 30))
+        return lambda: mx.eval(fn(*copies[next(calls) % len(copies)]))
+
+    ours, row["peak_ours_MB"] = timed(rotating(lambda k, v: mlx_ext.scaled_dot_product_attention(
         q, k, v, scale=scale, bits=bits)), repeats, budget)
     row["ours_ms"] = ours * 1e3
     row["kv_GBps"] = kv_bytes / ours / 1e9
     row["of_copy_bw"] = kv_bytes / ours / copy_bw
     if bits is None:
-        t, row["peak_fast_MB"] = timed(lambda: mx.eval(mx.fast.scaled_dot_product_attention(
+        t, row["peak_fast_MB"] = timed(rotating(lambda k, v: mx.fast.scaled_dot_product_attention(
             q, k, v, scale=scale)), repeats, budget)
         row["fast_ms"], row["fast_x"] = t * 1e3, t / ours
     else:
-        t, row["peak_mlx_lm_MB"] = timed(lambda: mx.eval(quantized_scaled_dot_product_attention(
+        t, row["peak_mlx_lm_MB"] = timed(rotating(lambda k, v: quantized_scaled_dot_product_attention(
             q, k, v, scale=scale, mask=None, group_size=GROUP_SIZE, bits=bits)), repeats, budget)
         row["mlx_lm_ms"], row["mlx_lm_x"] = t * 1e3, t / ours
+    k, v = first
+    del copies
+    if quantized:
+        k, v = (mx.dequantize(*x, group_size=GROUP_SIZE, bits=bits) for x in (k, v))
+    np_k, np_v = (np.array(x.astype(mx.float32))[0] for x in (k, v))
+    np_k = np.ascontiguousarray(np_k.transpose(0, 2, 1))
     np_q = np.array(q.astype(mx.float32))[0]
     return finish_row(row, ours, lambda: numpy_attention(np_q, np_k, np_v, scale, False), repeats, budget)
 
@@ -153,7 +170,7 @@ def prefill_row(length, gemm_rate, repeats, budget):
 
 
 COLUMNS = [
-    ("case", "case"), ("kv", "K/V"), ("ours_ms", "mlx_ext ms"),
+    ("case", "case"), ("kv", "K/V"), ("copies", "K/V copies"), ("ours_ms", "mlx_ext ms"),
     ("fast_ms", "mx.fast ms"), ("fast_x", "mx.fast / mlx_ext"),
     ("mlx_lm_ms", "mlx-lm quantized ms"), ("mlx_lm_x", "mlx-lm / mlx_ext"),
     ("numpy_ms", "NumPy ms"), ("numpy_x", "NumPy / mlx_ext"),

@@ -9,7 +9,9 @@ a plot of them to <name>.png (bench/plot.py).
 from __future__ import annotations
 
 import datetime as _dt
+import glob
 import json
+import math
 import os
 import platform
 import re
@@ -95,6 +97,23 @@ def time_calls(fn: Callable[[int], object], *, warmup: int = 2, repeats: int = 1
         times.append(time.perf_counter() - t0)
         calls += 1
     return {"median_s": statistics.median(times), "min_s": min(times), "repeats": len(times)}
+
+
+def last_level_cache_bytes() -> int:
+    """The largest CPU cache Linux's sysfs reports (a VM may report its host's
+    whole L3), else 64 MiB."""
+    sizes = []
+    for path in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*/size"):
+        text = open(path).read().strip()
+        scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+        sizes.append(int(text.rstrip("KMG")) * scale)
+    return max(sizes, default=64 << 20)
+
+
+def rotation_count(nbytes: int) -> int:
+    """How many copies of an input of `nbytes` to rotate over so that together
+    they exceed the last-level cache: no call then finds its input cached."""
+    return max(1, math.ceil(1.1 * last_level_cache_bytes() / nbytes))
 
 
 def copy_bandwidth(nbytes: int = 256 << 20, threads: Iterable[int] | None = None) -> dict:

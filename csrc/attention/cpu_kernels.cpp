@@ -16,6 +16,8 @@
 // Quantized K/V tiles hold the codes as floats and never the dequantized
 // values: per group g of D, q . k = s_g (q . codes)_g + b_g (sum q)_g, and the
 // value accumulator takes p s_g codes_g plus p b_g in a per-group term.
+#include <type_traits>
+
 #include "attention/cpu_tiles.h"
 
 namespace mlx_ext::cpu::MLX_EXT_ISA_NS {
@@ -25,6 +27,13 @@ namespace {
 constexpr int kRows = 4;
 // From this many rows per task on, key tiles are transposed (see attend).
 constexpr int64_t kTransposeRows = 16;
+// Keys per dot product call in decode: two keys' accumulator chains
+// interleave, hiding the FMA latency; AVX2's 16 registers hold one key's.
+#if defined(MLX_EXT_ISA_avx2)
+constexpr int kDotKeys = 1;
+#else
+constexpr int kDotKeys = 2;
+#endif
 
 // max and sum of x[0:n] in 8 independent lanes: no chain of n dependent
 // operations, and a form the compiler vectorises without reassociating.
@@ -107,19 +116,19 @@ MLX_EXT_INLINE void block_scores(const float* q, const float* q_sums, const Tile
   }
 }
 
-// acc_i[d0:d1] += sum_j w_i[j] x[j, d0:d1] over tile rows j in [jb, je), for NR
-// rows i (w_i at stride kKeyBlock, acc_i at stride D). The accumulators of
+// acc_i[d0:d1] += sum_j w_i[j] x[j, d0:d1] over block rows j in [jb, je), for
+// NR rows i (w_i at stride kKeyBlock, acc_i at stride D). The accumulators of
 // two vectors of d for all NR rows stay in registers across the keys, so each
 // key costs one load of x per vector and no stores.
-template <int NR>
-MLX_EXT_INLINE void weighted_rows(const float* w, const float* x, int64_t jb, int64_t je, int64_t d0,
+template <int NR, typename Rows>
+MLX_EXT_INLINE void weighted_rows(const float* w, const Rows& x, int64_t jb, int64_t je, int64_t d0,
     int64_t d1, float* acc, int64_t D) {
   int64_t d = d0;
   for (; d + 2 * kWidth <= d1; d += 2 * kWidth) {
     VecF a0[NR], a1[NR];
     for (int i = 0; i < NR; ++i) a0[i] = load(acc + i * D + d), a1[i] = load(acc + i * D + d + kWidth);
     for (int64_t j = jb; j < je; ++j) {
-      const VecF v0 = load(x + j * D + d), v1 = load(x + j * D + d + kWidth);
+      const VecF v0 = row_vec(x, j, d, D), v1 = row_vec(x, j, d + kWidth, D);
       for (int i = 0; i < NR; ++i) {
         const VecF wi = broadcast(w[i * kKeyBlock + j]);
         a0[i] = fma(wi, v0, a0[i]);
@@ -132,36 +141,41 @@ MLX_EXT_INLINE void weighted_rows(const float* w, const float* x, int64_t jb, in
     VecF a0[NR];
     for (int i = 0; i < NR; ++i) a0[i] = load(acc + i * D + d);
     for (int64_t j = jb; j < je; ++j) {
-      const VecF v0 = load(x + j * D + d);
+      const VecF v0 = row_vec(x, j, d, D);
       for (int i = 0; i < NR; ++i) a0[i] = fma(broadcast(w[i * kKeyBlock + j]), v0, a0[i]);
     }
     for (int i = 0; i < NR; ++i) store(acc + i * D + d, a0[i]);
   }
   for (; d < d1; ++d)
     for (int i = 0; i < NR; ++i)
-      for (int64_t j = jb; j < je; ++j) acc[i * D + d] += w[i * kKeyBlock + j] * x[j * D + d];
+      for (int64_t j = jb; j < je; ++j) acc[i * D + d] += w[i * kKeyBlock + j] * row_float(x, j, d, D);
 }
 
-// p v for NR rows over tile rows [jb, je) (p_i at stride kKeyBlock). For
+// p v for NR rows over block rows [jb, je) (p_i at stride kKeyBlock). For
 // quantized V, per group: the weights p_ij s_jg against the codes (in
 // `weights`, NR x kKeyBlock) and sum_j p_ij b_jg into acc_groups.
-template <int NR, int bits>
-MLX_EXT_INLINE void accumulate_pv(const float* p, const Tile& vt, int64_t jb, int64_t je, float* acc,
+template <int NR, int bits, typename Rows>
+MLX_EXT_INLINE void accumulate_pv(const float* p, const Rows& vt, int64_t jb, int64_t je, float* acc,
     float* acc_groups, int64_t D, int group_size, float* weights) {
   if constexpr (bits == 0) {
-    weighted_rows<NR>(p, vt.x, jb, je, 0, D, acc, D);
+    weighted_rows<NR>(p, vt, jb, je, 0, D, acc, D);
   } else {
     const int64_t groups = D / group_size;
+    float scale[kKeyBlock], bias[kKeyBlock];
     for (int64_t g = 0; g < groups; ++g) {
+      for (int64_t j = jb; j < je; ++j) {
+        scale[j] = row_scale(vt, j, g, groups);
+        bias[j] = row_bias(vt, j, g, groups);
+      }
       for (int i = 0; i < NR; ++i) {
         float bias_sum = 0.0f;
         for (int64_t j = jb; j < je; ++j) {
-          weights[i * kKeyBlock + j] = p[i * kKeyBlock + j] * vt.scale[j * groups + g];
-          bias_sum += p[i * kKeyBlock + j] * vt.bias[j * groups + g];
+          weights[i * kKeyBlock + j] = p[i * kKeyBlock + j] * scale[j];
+          bias_sum += p[i * kKeyBlock + j] * bias[j];
         }
         acc_groups[i * groups + g] += bias_sum;
       }
-      weighted_rows<NR>(weights, vt.x, jb, je, g * group_size, (g + 1) * group_size, acc, D);
+      weighted_rows<NR>(weights, vt, jb, je, g * group_size, (g + 1) * group_size, acc, D);
     }
   }
 }
@@ -172,6 +186,96 @@ struct RowState {
   std::vector<int64_t> lo, hi;
   TileStorage k_tile, k_transposed, v_tile;
 };
+
+// Keys [j0, j0 + n) of the task for all its rows, kRows at a time: scores (a
+// transposed key Tile: keys in the vector lanes; else one dot per key), the
+// online-softmax update, then p v into the accumulators.
+template <int bits, typename KRows, typename VRows>
+void attend_block(const AttentionArgs& a, const AttentionTask& t, RowState& st, const KRows& kt,
+    const VRows& vt, int64_t j0, int64_t n) {
+  constexpr bool transposed = std::is_same_v<KRows, Tile>;
+  const int64_t D = a.D, G = a.Hq / a.Hkv, n_l = t.l1 - t.l0, R = G * n_l;
+  const int gs = a.group_size;
+  const int64_t groups = bits ? D / gs : 0;
+  for (int64_t r0 = 0; r0 < R; r0 += kRows) {
+    const int64_t nr = std::min<int64_t>(kRows, R - r0);
+    // The keys of this block any of the rows sees; scores for all of them,
+    // each key's tile row loaded once for the kRows rows.
+    int64_t begin = j0 + n, end = j0;
+    for (int64_t r = r0; r < r0 + nr; ++r) {
+      const int64_t b = std::max(st.lo[r], j0), e = std::min(st.hi[r], j0 + n);
+      if (b < e) begin = std::min(begin, b), end = std::max(end, e);
+    }
+    if (begin >= end) continue;
+    const float* q = st.q.data() + r0 * D;
+    const float* q_sums = st.q_sums.data() + r0 * groups;
+    float* p = st.scores.data(); // (kRows, kKeyBlock): scores, then probabilities
+    if constexpr (transposed) {
+      if (nr == kRows) {
+        block_scores<kRows, bits>(q, q_sums, kt, D, gs, p);
+      } else {
+        for (int64_t i = 0; i < nr; ++i)
+          block_scores<1, bits>(q + i * D, q_sums + i * groups, kt, D, gs, p + i * kKeyBlock);
+      }
+    } else {
+      float s[kDotKeys * kRows];
+      int64_t j = begin;
+      for (; nr == kRows && j + kDotKeys <= end; j += kDotKeys) {
+        tile_dot<kRows, bits, kDotKeys>(q, q_sums, kt, j - j0, D, gs, s);
+        for (int k = 0; k < kDotKeys; ++k)
+          for (int64_t i = 0; i < kRows; ++i) p[i * kKeyBlock + j + k - j0] = s[k * kRows + i];
+      }
+      for (; j < end; ++j) {
+        if (nr == kRows) {
+          tile_dot<kRows, bits>(q, q_sums, kt, j - j0, D, gs, s);
+        } else {
+          for (int64_t i = 0; i < nr; ++i)
+            tile_dot<1, bits>(q + i * D, q_sums + i * groups, kt, j - j0, D, gs, s + i);
+        }
+        for (int64_t i = 0; i < nr; ++i) p[i * kKeyBlock + j - j0] = s[i];
+      }
+    }
+    for (int64_t i = 0; i < nr; ++i) {
+      const int64_t r = r0 + i;
+      float* row_p = p + i * kKeyBlock - j0;
+      const int64_t b = std::max(st.lo[r], begin), e = std::min(st.hi[r], end);
+      const int64_t m_row = mask_row(a, t.b, t.hkv * G + r / n_l, t.l0 + r % n_l);
+      std::fill(row_p + begin, row_p + std::max(begin, b), kNegInf);
+      std::fill(row_p + std::max(e, begin), row_p + end, kNegInf);
+      if (a.mask)
+        for (int64_t j = b; j < e; ++j) row_p[j] = apply_mask(a, m_row, j, row_p[j]);
+      const float block_max = max_of(row_p + begin, end - begin);
+      if (block_max == kNegInf) {
+        std::fill(row_p + begin, row_p + end, 0.0f);
+        continue;
+      }
+      // Online softmax: rescale what was summed under the old max.
+      const float m = std::max(st.m[r], block_max);
+      const float alpha = exp_nonpositive(st.m[r] - m);
+      if (alpha != 1.0f) {
+        float* acc = st.acc.data() + r * D;
+        const VecF av = broadcast(alpha);
+        int64_t d = 0;
+        for (; d + kWidth <= D; d += kWidth) store(acc + d, fma(av, load(acc + d), zero()));
+        for (; d < D; ++d) acc[d] *= alpha;
+        for (int64_t g = 0; g < groups; ++g) st.acc_groups[r * groups + g] *= alpha;
+        st.l[r] *= alpha;
+      }
+      st.m[r] = m;
+      for (int64_t j = begin; j < end; ++j) row_p[j] = exp_nonpositive(row_p[j] - m);
+      st.l[r] += sum_of(row_p + begin, end - begin);
+    }
+    float* acc = st.acc.data() + r0 * D;
+    float* acc_groups = st.acc_groups.data() + r0 * groups;
+    if (nr == kRows) {
+      accumulate_pv<kRows, bits>(p, vt, begin - j0, end - j0, acc, acc_groups, D, gs, st.weights.data());
+    } else {
+      for (int64_t i = 0; i < nr; ++i)
+        accumulate_pv<1, bits>(p + i * kKeyBlock, vt, begin - j0, end - j0, acc + i * D,
+            acc_groups + i * groups, D, gs, st.weights.data());
+    }
+  }
+}
 
 template <FloatType T, int bits>
 void attend(const AttentionArgs& a, const AttentionTask& t, const AttentionPartials* parts) {
@@ -208,86 +312,22 @@ void attend(const AttentionArgs& a, const AttentionTask& t, const AttentionParti
     st.l[r] = sinks ? 1.0f : 0.0f;
   }
 
-  // Many rows (prefill) amortise transposing each key tile, which lets the
-  // scores be computed with keys in the vector lanes (block_scores); few rows
-  // (decode) take one dot product per key (tile_dot).
+  // Many rows (prefill) amortise converting each K/V block to a float32 tile
+  // once and transposing the key tile, which lets the scores be computed with
+  // keys in the vector lanes (block_scores). Few rows (decode) read K and V
+  // where they are stored, converting in registers (StoredRows), and take one
+  // dot product per key (tile_dot): no pass over the block but the one that
+  // uses it.
   const bool transposed = R >= kTransposeRows;
   for (int64_t j0 = first; j0 < last; j0 += kKeyBlock) {
     const int64_t n = std::min<int64_t>(kKeyBlock, last - j0);
-    Tile kt = load_tile<T, bits>(a, a.k, t.b, t.hkv, j0, n, st.k_tile);
-    if (transposed) kt = transpose_keys(kt, n, D, groups, st.k_transposed);
-    const Tile vt = load_tile<T, bits>(a, a.v, t.b, t.hkv, j0, n, st.v_tile);
-    for (int64_t r0 = 0; r0 < R; r0 += kRows) {
-      const int64_t nr = std::min<int64_t>(kRows, R - r0);
-      // The keys of this block any of the rows sees; scores for all of them,
-      // each key's tile row loaded once for the kRows rows.
-      int64_t begin = j0 + n, end = j0;
-      for (int64_t r = r0; r < r0 + nr; ++r) {
-        const int64_t b = std::max(st.lo[r], j0), e = std::min(st.hi[r], j0 + n);
-        if (b < e) begin = std::min(begin, b), end = std::max(end, e);
-      }
-      if (begin >= end) continue;
-      const float* q = st.q.data() + r0 * D;
-      const float* q_sums = st.q_sums.data() + r0 * groups;
-      float* p = st.scores.data(); // (kRows, kKeyBlock): scores, then probabilities
-      if (transposed) {
-        if (nr == kRows) {
-          block_scores<kRows, bits>(q, q_sums, kt, D, gs, p);
-        } else {
-          for (int64_t i = 0; i < nr; ++i)
-            block_scores<1, bits>(q + i * D, q_sums + i * groups, kt, D, gs, p + i * kKeyBlock);
-        }
-      } else {
-        float s[kRows];
-        for (int64_t j = begin; j < end; ++j) {
-          if (nr == kRows) {
-            tile_dot<kRows, bits>(q, q_sums, kt, j - j0, D, gs, s);
-          } else {
-            for (int64_t i = 0; i < nr; ++i)
-              tile_dot<1, bits>(q + i * D, q_sums + i * groups, kt, j - j0, D, gs, s + i);
-          }
-          for (int64_t i = 0; i < nr; ++i) p[i * kKeyBlock + j - j0] = s[i];
-        }
-      }
-      for (int64_t i = 0; i < nr; ++i) {
-        const int64_t r = r0 + i;
-        float* row_p = p + i * kKeyBlock - j0;
-        const int64_t b = std::max(st.lo[r], begin), e = std::min(st.hi[r], end);
-        const int64_t m_row = mask_row(a, t.b, t.hkv * G + r / n_l, t.l0 + r % n_l);
-        std::fill(row_p + begin, row_p + std::max(begin, b), kNegInf);
-        std::fill(row_p + std::max(e, begin), row_p + end, kNegInf);
-        if (a.mask)
-          for (int64_t j = b; j < e; ++j) row_p[j] = apply_mask(a, m_row, j, row_p[j]);
-        const float block_max = max_of(row_p + begin, end - begin);
-        if (block_max == kNegInf) {
-          std::fill(row_p + begin, row_p + end, 0.0f);
-          continue;
-        }
-        // Online softmax: rescale what was summed under the old max.
-        const float m = std::max(st.m[r], block_max);
-        const float alpha = exp_nonpositive(st.m[r] - m);
-        if (alpha != 1.0f) {
-          float* acc = st.acc.data() + r * D;
-          const VecF av = broadcast(alpha);
-          int64_t d = 0;
-          for (; d + kWidth <= D; d += kWidth) store(acc + d, fma(av, load(acc + d), zero()));
-          for (; d < D; ++d) acc[d] *= alpha;
-          for (int64_t g = 0; g < groups; ++g) st.acc_groups[r * groups + g] *= alpha;
-          st.l[r] *= alpha;
-        }
-        st.m[r] = m;
-        for (int64_t j = begin; j < end; ++j) row_p[j] = exp_nonpositive(row_p[j] - m);
-        st.l[r] += sum_of(row_p + begin, end - begin);
-      }
-      float* acc = st.acc.data() + r0 * D;
-      float* acc_groups = st.acc_groups.data() + r0 * groups;
-      if (nr == kRows) {
-        accumulate_pv<kRows, bits>(p, vt, begin - j0, end - j0, acc, acc_groups, D, gs, st.weights.data());
-      } else {
-        for (int64_t i = 0; i < nr; ++i)
-          accumulate_pv<1, bits>(p + i * kKeyBlock, vt, begin - j0, end - j0, acc + i * D,
-              acc_groups + i * groups, D, gs, st.weights.data());
-      }
+    if (transposed) {
+      const Tile kt = transpose_keys(load_tile<T, bits>(a, a.k, t.b, t.hkv, j0, n, st.k_tile), n, D,
+          groups, st.k_transposed);
+      attend_block<bits>(a, t, st, kt, load_tile<T, bits>(a, a.v, t.b, t.hkv, j0, n, st.v_tile), j0, n);
+    } else {
+      attend_block<bits>(a, t, st, stored_rows<T, bits>(a.k, t.b, t.hkv, j0),
+          stored_rows<T, bits>(a.v, t.b, t.hkv, j0), j0, n);
     }
   }
 

@@ -85,6 +85,72 @@ struct TileStorage {
   std::vector<float> x, scale, bias;
 };
 
+// The same block read where it is stored (T values, or packed codes with T
+// scales and biases), converted in registers: no copy. Row j is row0 + j
+// of the arrays (KvRows: a block's rows are contiguous).
+template <FloatType T, int bits>
+struct StoredRows {
+  const void* x;
+  const void* scales;
+  const void* biases;
+  int64_t x_row0, scale_row0, bias_row0;
+};
+
+template <FloatType T, int bits>
+StoredRows<T, bits> stored_rows(const KvInput& kv, int64_t b, int64_t h, int64_t j0) {
+  return {kv.x.data, kv.scales.data, kv.biases.data, kv.x.at(b, h, j0),
+      bits ? kv.scales.at(b, h, j0) : 0, bits ? kv.biases.at(b, h, j0) : 0};
+}
+
+// Positions [d, d + kWidth) of row j (code order for quantized rows), its
+// scale and bias of group g: the kernels read a Tile and StoredRows alike.
+MLX_EXT_INLINE VecF row_vec(const Tile& t, int64_t j, int64_t d, int64_t D) {
+  return load(t.x + j * D + d);
+}
+MLX_EXT_INLINE float row_float(const Tile& t, int64_t j, int64_t d, int64_t D) {
+  return t.x[j * D + d];
+}
+MLX_EXT_INLINE float row_scale(const Tile& t, int64_t j, int64_t g, int64_t groups) {
+  return t.scale[j * groups + g];
+}
+MLX_EXT_INLINE float row_bias(const Tile& t, int64_t j, int64_t g, int64_t groups) {
+  return t.bias[j * groups + g];
+}
+
+template <FloatType T, int bits>
+MLX_EXT_INLINE VecF row_vec(const StoredRows<T, bits>& r, int64_t j, int64_t d, int64_t D) {
+  if constexpr (bits == 0) {
+    return load_floats<T>(r.x, (r.x_row0 + j) * D + d);
+  } else if constexpr (bits == 8) {
+    return load_u8_field(static_cast<const uint8_t*>(r.x) + (r.x_row0 + j) * D + d, 0, 255);
+  } else { // code order: in each 32 values, the low nibbles of 16 bytes, then the high ones
+    const int64_t c = d & 31;
+    const uint8_t* bytes = static_cast<const uint8_t*>(r.x) + (r.x_row0 + j) * D / 2 + (d - c) / 2;
+    return load_u8_field(bytes + (c & 15), c < 16 ? 0 : 4, 15);
+  }
+}
+template <FloatType T, int bits> // one position: the D % kWidth tails
+MLX_EXT_INLINE float row_float(const StoredRows<T, bits>& r, int64_t j, int64_t d, int64_t D) {
+  if constexpr (bits == 0) {
+    return load_float<T>(r.x, (r.x_row0 + j) * D + d);
+  } else if constexpr (bits == 8) {
+    return float(static_cast<const uint8_t*>(r.x)[(r.x_row0 + j) * D + d]);
+  } else {
+    const int64_t c = d & 31;
+    const uint8_t byte =
+        static_cast<const uint8_t*>(r.x)[(r.x_row0 + j) * D / 2 + (d - c) / 2 + (c & 15)];
+    return float(c < 16 ? byte & 15 : byte >> 4);
+  }
+}
+template <FloatType T, int bits>
+MLX_EXT_INLINE float row_scale(const StoredRows<T, bits>& r, int64_t j, int64_t g, int64_t groups) {
+  return load_float<T>(r.scales, (r.scale_row0 + j) * groups + g);
+}
+template <FloatType T, int bits>
+MLX_EXT_INLINE float row_bias(const StoredRows<T, bits>& r, int64_t j, int64_t g, int64_t groups) {
+  return load_float<T>(r.biases, (r.bias_row0 + j) * groups + g);
+}
+
 // Keys [j0, j0 + n) of kv head h of batch b, from K or V.
 template <FloatType T, int bits>
 Tile load_tile(const AttentionArgs& a, const KvInput& kv, int64_t b, int64_t h, int64_t j0,
@@ -120,44 +186,67 @@ Tile load_tile(const AttentionArgs& a, const KvInput& kv, int64_t b, int64_t h, 
   }
 }
 
-// out[i] = x_i . row j of the tile for NR rows x_i (stride D; x_sums: their
-// sums over each group, stride `groups`, quantized only). The NR rows share
-// every load of the tile's row and give NR independent FMA chains.
-template <int NR, int bits>
-MLX_EXT_INLINE void tile_dot(const float* x, const float* x_sums, const Tile& t, int64_t j,
+// out[i] = the sum of acc[i]'s lanes, four rows at a time through one add tree.
+template <int NR>
+MLX_EXT_INLINE void reduce_lanes(const VecF* acc, float* out) {
+  int i = 0;
+  for (; i + 4 <= NR; i += 4) reduce_add4(acc + i, out + i);
+  for (; i < NR; ++i) out[i] = reduce_add(acc[i]);
+}
+
+// out[k * NR + i] = x_i . row j + k of the block for NR rows x_i (stride D;
+// x_sums: their sums over each group, stride `groups`, quantized only) and
+// NK keys. The NR rows share every load of a key's row; the NR x NK
+// accumulators are independent FMA chains.
+template <int NR, int bits, int NK = 1, typename Rows>
+MLX_EXT_INLINE void tile_dot(const float* x, const float* x_sums, const Rows& t, int64_t j,
     int64_t D, int group_size, float* out) {
-  const float* row = t.x + j * D;
-  VecF acc[NR];
-  for (int i = 0; i < NR; ++i) acc[i] = zero();
+  VecF acc[NK][NR];
+  for (int k = 0; k < NK; ++k)
+    for (int i = 0; i < NR; ++i) acc[k][i] = zero();
   if constexpr (bits == 0) {
     int64_t d = 0;
     for (; d + kWidth <= D; d += kWidth) {
-      const VecF k = load(row + d);
-      for (int i = 0; i < NR; ++i) acc[i] = fma(load(x + i * D + d), k, acc[i]);
+      VecF key[NK];
+      for (int k = 0; k < NK; ++k) key[k] = row_vec(t, j + k, d, D);
+      for (int i = 0; i < NR; ++i) {
+        const VecF xi = load(x + i * D + d);
+        for (int k = 0; k < NK; ++k) acc[k][i] = fma(xi, key[k], acc[k][i]);
+      }
     }
-    for (int i = 0; i < NR; ++i) {
-      out[i] = reduce_add(acc[i]);
-      for (int64_t e = d; e < D; ++e) out[i] += x[i * D + e] * row[e];
+    for (int k = 0; k < NK; ++k) {
+      reduce_lanes<NR>(acc[k], out + k * NR);
+      for (int i = 0; i < NR; ++i)
+        for (int64_t e = d; e < D; ++e) out[k * NR + i] += x[i * D + e] * row_float(t, j + k, e, D);
     }
   } else { // group sizes are multiples of every kWidth
     const int64_t groups = D / group_size;
-    const float* scale = t.scale + j * groups;
-    const float* bias = t.bias + j * groups;
-    float s[NR] = {};
+    float s[NK][NR] = {};
     for (int64_t g = 0; g < groups; ++g) {
-      VecF part[NR];
-      for (int i = 0; i < NR; ++i) part[i] = zero();
+      VecF part[NK][NR];
+      for (int k = 0; k < NK; ++k)
+        for (int i = 0; i < NR; ++i) part[k][i] = zero();
       for (int64_t d = g * group_size; d < (g + 1) * group_size; d += kWidth) {
-        const VecF c = load(row + d);
-        for (int i = 0; i < NR; ++i) part[i] = fma(load(x + i * D + d), c, part[i]);
+        VecF codes[NK];
+        for (int k = 0; k < NK; ++k) codes[k] = row_vec(t, j + k, d, D);
+        for (int i = 0; i < NR; ++i) {
+          const VecF xi = load(x + i * D + d);
+          for (int k = 0; k < NK; ++k) part[k][i] = fma(xi, codes[k], part[k][i]);
+        }
       }
-      const VecF sg = broadcast(scale[g]);
-      for (int i = 0; i < NR; ++i) {
-        acc[i] = fma(sg, part[i], acc[i]);
-        s[i] += bias[g] * x_sums[i * groups + g];
+      for (int k = 0; k < NK; ++k) {
+        const float bg = row_bias(t, j + k, g, groups);
+        const VecF sg = broadcast(row_scale(t, j + k, g, groups));
+        for (int i = 0; i < NR; ++i) {
+          acc[k][i] = fma(sg, part[k][i], acc[k][i]);
+          s[k][i] += bg * x_sums[i * groups + g];
+        }
       }
     }
-    for (int i = 0; i < NR; ++i) out[i] = s[i] + reduce_add(acc[i]);
+    for (int k = 0; k < NK; ++k) {
+      reduce_lanes<NR>(acc[k], out + k * NR);
+      for (int i = 0; i < NR; ++i) out[k * NR + i] += s[k][i];
+    }
   }
 }
 

@@ -47,9 +47,24 @@ MLX_EXT_INLINE VecF load_bf16(const uint16_t* p) {
   return {_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16))};
 }
 MLX_EXT_INLINE float reduce_add(VecF a) { return _mm512_reduce_add_ps(a.v); }
+// out[i] = the sum of v[i]'s lanes, i < 4: one transposing add tree, not four.
+MLX_EXT_INLINE void reduce_add4(const VecF* v, float* out) {
+  const __m512 ab = _mm512_add_ps(_mm512_unpacklo_ps(v[0].v, v[1].v), _mm512_unpackhi_ps(v[0].v, v[1].v));
+  const __m512 cd = _mm512_add_ps(_mm512_unpacklo_ps(v[2].v, v[3].v), _mm512_unpackhi_ps(v[2].v, v[3].v));
+  const __m512 r = _mm512_add_ps(_mm512_shuffle_ps(ab, cd, _MM_SHUFFLE(1, 0, 1, 0)),
+      _mm512_shuffle_ps(ab, cd, _MM_SHUFFLE(3, 2, 3, 2))); // each 128-bit lane: partial a b c d
+  const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(r), _mm512_extractf32x8_ps(r, 1));
+  _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));
+}
 // 16 bytes holding values 0..255 -> 16 floats.
 MLX_EXT_INLINE VecF u8_to_float(__m128i b) {
   return {_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(b))};
+}
+// float((p[i] >> shift) & mask) for the kWidth bytes p[0 .. 15]: 8-bit codes
+// (shift 0, mask 255) or one nibble of each byte (shift 0 or 4, mask 15).
+MLX_EXT_INLINE VecF load_u8_field(const uint8_t* p, int shift, int mask) {
+  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return u8_to_float(_mm_and_si128(_mm_srli_epi16(b, shift), _mm_set1_epi8(char(mask))));
 }
 struct VecU {
   __m512i v;
@@ -101,9 +116,22 @@ MLX_EXT_INLINE float reduce_add(VecF a) {
   s = _mm_add_ss(s, _mm_movehdup_ps(s));
   return _mm_cvtss_f32(s);
 }
+// out[i] = the sum of v[i]'s lanes, i < 4: one transposing add tree, not four.
+MLX_EXT_INLINE void reduce_add4(const VecF* v, float* out) {
+  const __m256 ab = _mm256_add_ps(_mm256_unpacklo_ps(v[0].v, v[1].v), _mm256_unpackhi_ps(v[0].v, v[1].v));
+  const __m256 cd = _mm256_add_ps(_mm256_unpacklo_ps(v[2].v, v[3].v), _mm256_unpackhi_ps(v[2].v, v[3].v));
+  const __m256 r = _mm256_add_ps(_mm256_shuffle_ps(ab, cd, _MM_SHUFFLE(1, 0, 1, 0)),
+      _mm256_shuffle_ps(ab, cd, _MM_SHUFFLE(3, 2, 3, 2)));
+  _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(r), _mm256_extractf128_ps(r, 1)));
+}
 // The low 8 bytes of b, holding values 0..255 -> 8 floats.
 MLX_EXT_INLINE VecF u8_to_float(__m128i b) {
   return {_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b))};
+}
+// float((p[i] >> shift) & mask) for the kWidth bytes p[0 .. 7].
+MLX_EXT_INLINE VecF load_u8_field(const uint8_t* p, int shift, int mask) {
+  const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+  return u8_to_float(_mm_and_si128(_mm_srli_epi16(b, shift), _mm_set1_epi8(char(mask))));
 }
 struct VecU {
   __m256i v;
@@ -148,6 +176,18 @@ MLX_EXT_INLINE VecF load_bf16(const uint16_t* p) {
   return {vreinterpretq_f32_u32(vshll_n_u16(vld1_u16(p), 16))};
 }
 MLX_EXT_INLINE float reduce_add(VecF a) { return vaddvq_f32(a.v); }
+// out[i] = the sum of v[i]'s lanes, i < 4.
+MLX_EXT_INLINE void reduce_add4(const VecF* v, float* out) {
+  vst1q_f32(out, vpaddq_f32(vpaddq_f32(v[0].v, v[1].v), vpaddq_f32(v[2].v, v[3].v)));
+}
+// float((p[i] >> shift) & mask) for the kWidth bytes p[0 .. 3].
+MLX_EXT_INLINE VecF load_u8_field(const uint8_t* p, int shift, int mask) {
+  uint32_t w;
+  std::memcpy(&w, p, 4);
+  uint8x8_t b = vcreate_u8(w);
+  b = vand_u8(vshl_u8(b, vdup_n_s8(int8_t(-shift))), vdup_n_u8(uint8_t(mask)));
+  return {vcvtq_f32_u32(vmovl_u16(vget_low_u16(vmovl_u8(b))))};
+}
 struct VecU {
   uint32x4_t v;
 };
@@ -198,6 +238,16 @@ MLX_EXT_INLINE float reduce_add(VecF a) {
   float s = 0.0f;
   for (int i = 0; i < 8; ++i) s += a.v[i];
   return s;
+}
+// out[i] = the sum of v[i]'s lanes, i < 4.
+MLX_EXT_INLINE void reduce_add4(const VecF* v, float* out) {
+  for (int i = 0; i < 4; ++i) out[i] = reduce_add(v[i]);
+}
+// float((p[i] >> shift) & mask) for the kWidth bytes p[0 .. 7].
+MLX_EXT_INLINE VecF load_u8_field(const uint8_t* p, int shift, int mask) {
+  VecF r;
+  for (int i = 0; i < 8; ++i) r.v[i] = float((p[i] >> shift) & mask);
+  return r;
 }
 struct VecU {
   uint32_t v[8];
