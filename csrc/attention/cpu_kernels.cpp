@@ -27,6 +27,9 @@ namespace {
 constexpr int kRows = 4;
 // From this many rows per task on, key tiles are transposed (see attend).
 constexpr int64_t kTransposeRows = 16;
+// How far ahead of the key being scored decode prefetches K and V rows (a
+// hint: past the end of the array it fetches nothing and cannot fault).
+constexpr int64_t kPrefetchKeys = 16;
 // Keys per dot product call in decode: two keys' accumulator chains
 // interleave, hiding the FMA latency; AVX2's 16 registers hold one key's.
 #if defined(MLX_EXT_ISA_avx2)
@@ -221,6 +224,10 @@ void attend_block(const AttentionArgs& a, const AttentionTask& t, RowState& st, 
       float s[kDotKeys * kRows];
       int64_t j = begin;
       for (; nr == kRows && j + kDotKeys <= end; j += kDotKeys) {
+        for (int k = 0; k < kDotKeys; ++k) {
+          prefetch_row(kt, j + k - j0 + kPrefetchKeys, D);
+          prefetch_row(vt, j + k - j0 + kPrefetchKeys, D);
+        }
         tile_dot<kRows, bits, kDotKeys>(q, q_sums, kt, j - j0, D, gs, s);
         for (int k = 0; k < kDotKeys; ++k)
           for (int64_t i = 0; i < kRows; ++i) p[i * kKeyBlock + j + k - j0] = s[k * kRows + i];

@@ -129,6 +129,16 @@ MLX_EXT_INLINE VecF row_vec(const StoredRows<T, bits>& r, int64_t j, int64_t d, 
     return load_u8_field(bytes + (c & 15), c < 16 ? 0 : 4, 15);
   }
 }
+// Asks for row j's cache lines ahead of use: a decode task streams K and V
+// once, and the prefetcher alone keeps too few lines in flight per core.
+template <FloatType T, int bits>
+MLX_EXT_INLINE void prefetch_row(const StoredRows<T, bits>& r, int64_t j, int64_t D) {
+  constexpr int64_t elem_bits = bits ? bits : T == FloatType::f32 ? 32 : 16;
+  const int64_t row_bytes = D * elem_bits / 8;
+  const char* row = static_cast<const char*>(r.x) + (r.x_row0 + j) * row_bytes;
+  for (int64_t off = 0; off < row_bytes; off += 64) __builtin_prefetch(row + off);
+}
+
 template <FloatType T, int bits> // one position: the D % kWidth tails
 MLX_EXT_INLINE float row_float(const StoredRows<T, bits>& r, int64_t j, int64_t d, int64_t D) {
   if constexpr (bits == 0) {
