@@ -81,7 +81,7 @@ def problems(draw, quantized=None, dtypes=tuple(DTYPES)):
     dtype = draw(st.sampled_from(dtypes))
     batch = draw(st.integers(1, 2))
     kv_heads = draw(st.integers(1, 2))
-    heads = kv_heads * draw(st.sampled_from([1, 2, 4]))
+    heads = kv_heads * draw(st.sampled_from([1, 2, 3, 4]))  # 3: SmolLM2's GQA group
     if quantized:
         bits = draw(st.sampled_from([4, 8]))
         group_size = draw(st.sampled_from([32, 64, 128]))

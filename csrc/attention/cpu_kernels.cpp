@@ -190,6 +190,29 @@ struct RowState {
   TileStorage k_tile, k_transposed, v_tile;
 };
 
+// Scores p_i[j] (stride kKeyBlock) of NR rows for block keys [begin, end) read
+// where they are stored (decode), kDotKeys keys per dot call, prefetching
+// kPrefetchKeys ahead.
+template <int NR, int bits, typename KRows, typename VRows>
+MLX_EXT_INLINE void stored_scores(const float* q, const float* q_sums, const KRows& kt,
+    const VRows& vt, int64_t j0, int64_t begin, int64_t end, int64_t D, int gs, float* p) {
+  float s[kDotKeys * NR];
+  int64_t j = begin;
+  for (; j + kDotKeys <= end; j += kDotKeys) {
+    for (int k = 0; k < kDotKeys; ++k) {
+      prefetch_row(kt, j + k - j0 + kPrefetchKeys, D);
+      prefetch_row(vt, j + k - j0 + kPrefetchKeys, D);
+    }
+    tile_dot<NR, bits, kDotKeys>(q, q_sums, kt, j - j0, D, gs, s);
+    for (int k = 0; k < kDotKeys; ++k)
+      for (int i = 0; i < NR; ++i) p[i * kKeyBlock + j + k - j0] = s[k * NR + i];
+  }
+  for (; j < end; ++j) {
+    tile_dot<NR, bits>(q, q_sums, kt, j - j0, D, gs, s);
+    for (int i = 0; i < NR; ++i) p[i * kKeyBlock + j - j0] = s[i];
+  }
+}
+
 // Keys [j0, j0 + n) of the task for all its rows, kRows at a time: scores (a
 // transposed key Tile: keys in the vector lanes; else one dot per key), the
 // online-softmax update, then p v into the accumulators.
@@ -221,25 +244,11 @@ void attend_block(const AttentionArgs& a, const AttentionTask& t, RowState& st, 
           block_scores<1, bits>(q + i * D, q_sums + i * groups, kt, D, gs, p + i * kKeyBlock);
       }
     } else {
-      float s[kDotKeys * kRows];
-      int64_t j = begin;
-      for (; nr == kRows && j + kDotKeys <= end; j += kDotKeys) {
-        for (int k = 0; k < kDotKeys; ++k) {
-          prefetch_row(kt, j + k - j0 + kPrefetchKeys, D);
-          prefetch_row(vt, j + k - j0 + kPrefetchKeys, D);
-        }
-        tile_dot<kRows, bits, kDotKeys>(q, q_sums, kt, j - j0, D, gs, s);
-        for (int k = 0; k < kDotKeys; ++k)
-          for (int64_t i = 0; i < kRows; ++i) p[i * kKeyBlock + j + k - j0] = s[k * kRows + i];
-      }
-      for (; j < end; ++j) {
-        if (nr == kRows) {
-          tile_dot<kRows, bits>(q, q_sums, kt, j - j0, D, gs, s);
-        } else {
-          for (int64_t i = 0; i < nr; ++i)
-            tile_dot<1, bits>(q + i * D, q_sums + i * groups, kt, j - j0, D, gs, s + i);
-        }
-        for (int64_t i = 0; i < nr; ++i) p[i * kKeyBlock + j - j0] = s[i];
+      switch (nr) { // every row count its own registers: GQA groups of 1 to 3 heads too
+        case 4: stored_scores<4, bits>(q, q_sums, kt, vt, j0, begin, end, D, gs, p); break;
+        case 3: stored_scores<3, bits>(q, q_sums, kt, vt, j0, begin, end, D, gs, p); break;
+        case 2: stored_scores<2, bits>(q, q_sums, kt, vt, j0, begin, end, D, gs, p); break;
+        default: stored_scores<1, bits>(q, q_sums, kt, vt, j0, begin, end, D, gs, p); break;
       }
     }
     for (int64_t i = 0; i < nr; ++i) {
@@ -274,12 +283,12 @@ void attend_block(const AttentionArgs& a, const AttentionTask& t, RowState& st, 
     }
     float* acc = st.acc.data() + r0 * D;
     float* acc_groups = st.acc_groups.data() + r0 * groups;
-    if (nr == kRows) {
-      accumulate_pv<kRows, bits>(p, vt, begin - j0, end - j0, acc, acc_groups, D, gs, st.weights.data());
-    } else {
-      for (int64_t i = 0; i < nr; ++i)
-        accumulate_pv<1, bits>(p + i * kKeyBlock, vt, begin - j0, end - j0, acc + i * D,
-            acc_groups + i * groups, D, gs, st.weights.data());
+    float* w = st.weights.data();
+    switch (nr) {
+      case 4: accumulate_pv<4, bits>(p, vt, begin - j0, end - j0, acc, acc_groups, D, gs, w); break;
+      case 3: accumulate_pv<3, bits>(p, vt, begin - j0, end - j0, acc, acc_groups, D, gs, w); break;
+      case 2: accumulate_pv<2, bits>(p, vt, begin - j0, end - j0, acc, acc_groups, D, gs, w); break;
+      default: accumulate_pv<1, bits>(p, vt, begin - j0, end - j0, acc, acc_groups, D, gs, w); break;
     }
   }
 }
