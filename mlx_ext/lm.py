@@ -1,10 +1,10 @@
 """Run any mlx-lm model's quantized layers through mlx_ext, and back.
 
 ``patch`` swaps ``mlx.nn.QuantizedLinear`` and ``mlx.nn.QuantizedEmbedding``
-(affine mode) for the ``mlx_ext.nn`` layers of the same names. Layers are
-matched by *exact* type: subclasses (afm7's ``FusedQuantizedLinear``, ...) have
-other semantics and are left alone, like ``QuantizedSwitchLinear`` (no gather
-kernel yet) and the non-affine modes. The new layers hold the very same arrays.
+(of the modes mlx_ext computes on the default device: ``mlx_ext.nn.computes``)
+for the ``mlx_ext.nn`` layers of the same names. Layers are matched by *exact*
+type: subclasses (afm7's ``FusedQuantizedLinear``, ...) have other semantics
+and are left alone, like ``QuantizedSwitchLinear`` (no gather kernel yet). The new layers hold the very same arrays.
 """
 
 from collections import Counter
@@ -53,7 +53,7 @@ def _swap_layers(model: nn.Module, swaps: dict) -> PatchReport:
 
     def swap(_path, layer):
         new_type = swaps.get(type(layer))
-        if new_type is not None and layer.mode == "affine":
+        if new_type is not None and ext_nn.computes(layer.mode):
             report.replaced[type(layer).__name__] += 1
             return _retyped(layer, new_type)
         if "scales" in layer:

@@ -88,7 +88,23 @@ def test_patch_shares_arrays_keeps_attributes_and_unpatch_restores():
     assert mx.array_equal(prefill, want_prefill) and mx.array_equal(decode, want_decode)
 
 
-def test_subclasses_and_other_modes_are_left_alone():
+@pytest.mark.parametrize("mode", ["mxfp4", "nvfp4", "mxfp8"])
+@pytest.mark.parametrize("config", [LLAMA, QWEN3_MOE], ids=["llama", "qwen3_moe"])
+def test_fp_mode_models_are_patched(config, mode):
+    """A model quantized in an fp mode (as mlx_lm.convert --q-mode writes it):
+    its fp-mode layers are replaced too (the MoE router stays 8-bit affine, by
+    quant_predicate), and the logits agree."""
+    result = check_config(config, mode)
+    assert result.status == "pass", result.reason
+    assert result.tokens_agree
+    if not mlx_ext.nn.computes(mode):  # a GPU without the fp modes' kernels: left, by name
+        assert f"QuantizedLinear(mode={mode})" in result.patch_report
+        return
+    assert "QuantizedLinear(mode=" not in result.patch_report
+    assert "QuantizedEmbedding(mode=" not in result.patch_report
+
+
+def test_subclasses_are_left_alone():
     class Fused(nn.QuantizedLinear):
         pass
 
@@ -99,9 +115,9 @@ def test_subclasses_and_other_modes_are_left_alone():
         nn.Linear(64, 64),
     )
     report = mlx_ext.patch(model)
-    assert report.replaced == {"QuantizedLinear": 1}
-    assert report.left == {"Fused": 1, "QuantizedLinear(mode=mxfp4)": 1}
-    expected = [mlx_ext.nn.QuantizedLinear, Fused, nn.QuantizedLinear, nn.Linear]
+    assert report.replaced == {"QuantizedLinear": 2}
+    assert report.left == {"Fused": 1}
+    expected = [mlx_ext.nn.QuantizedLinear, Fused, mlx_ext.nn.QuantizedLinear, nn.Linear]
     assert [type(m) for m in model.layers] == expected
 
 
