@@ -17,6 +17,16 @@
 namespace mlx_ext::cpu::MLX_EXT_ISA_NS {
 namespace {
 
+// E4M3 code -> float, all 256 codes (NaN included), for the scalar decoder
+// and nvfp4's scales.
+struct E4M3Table {
+  alignas(64) float v[256];
+  E4M3Table() {
+    for (int c = 0; c < 256; ++c) v[c] = e4m3_to_float(uint8_t(c));
+  }
+};
+const E4M3Table kE4M3;
+
 template <QuantMode M>
 struct Fmt {
   static constexpr int bits = mode_spec(M).bits;
@@ -25,18 +35,10 @@ struct Fmt {
   // The E2M1 decoders return twice the value (an integer, see kE2M1Twice):
   // the half is folded into the group scale.
   static constexpr float value_scale = bits == 4 ? 0.5f : 1.0f;
-  static float scale(uint8_t code) { return value_scale * fp_scale_to_float(M, code); }
-};
-
-// E4M3 code -> float, all 256 codes (NaN included), for the gathers and the
-// scalar decoder.
-struct E4M3Table {
-  alignas(64) float v[256];
-  E4M3Table() {
-    for (int c = 0; c < 256; ++c) v[c] = e4m3_to_float(uint8_t(c));
+  static float scale(uint8_t code) {
+    return value_scale * (M == QuantMode::nvfp4 ? kE4M3.v[code] : e8m0_to_float(code));
   }
 };
-const E4M3Table kE4M3;
 
 // --- Decoding 32 codes into kVecsPerBlock vectors ---------------------------
 
@@ -63,15 +65,25 @@ MLX_EXT_INLINE void decode_block(const uint8_t* src, VecF* q) {
     q[3] = VecF{_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_unpackhi_epi64(hi, hi)))};
 #endif
   } else {
-    // E4M3: one gather from the 256-entry table per vector of codes.
-    // (Loads of exactly kWidth bytes: nothing past the block is read.)
-    for (int v = 0; v < kVecsPerBlock; ++v) {
+    // E4M3 as MLX converts it: the 7 magnitude bits shifted into a float16
+    // (exponent bias 15 instead of 7: times 256 afterwards, exact), the sign
+    // moved to bit 15, and code 0x7f's exponent made all ones (NaN). The
+    // hardware float16 conversion takes the subnormals too.
+    // (Loads of exactly 16 bytes: nothing past the block is read.)
+    for (int h = 0; h < 2; ++h) {
+      const __m256i v = _mm256_cvtepu8_epi16(
+          _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + 16 * h)));
+      const __m256i em = _mm256_and_si256(v, _mm256_set1_epi16(0x7f));
+      const __m256i sign = _mm256_slli_epi16(_mm256_and_si256(v, _mm256_set1_epi16(0x80)), 8);
+      const __m256i nan = _mm256_slli_epi16(
+          _mm256_srli_epi16(_mm256_add_epi16(em, _mm256_set1_epi16(1)), 7), 14);
+      const __m256i half = _mm256_or_si256(_mm256_or_si256(_mm256_slli_epi16(em, 7), sign), nan);
 #if defined(MLX_EXT_ISA_avx512)
-      const __m128i codes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + v * kWidth));
-      q[v] = VecF{_mm512_i32gather_ps(_mm512_cvtepu8_epi32(codes), kE4M3.v, 4)};
+      q[h] = VecF{_mm512_mul_ps(_mm512_cvtph_ps(half), _mm512_set1_ps(256.0f))};
 #else
-      const __m128i codes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(src + v * kWidth));
-      q[v] = VecF{_mm256_i32gather_ps(kE4M3.v, _mm256_cvtepu8_epi32(codes), 4)};
+      const __m256 k256 = _mm256_set1_ps(256.0f);
+      q[2 * h] = VecF{_mm256_mul_ps(_mm256_cvtph_ps(_mm256_castsi256_si128(half)), k256)};
+      q[2 * h + 1] = VecF{_mm256_mul_ps(_mm256_cvtph_ps(_mm256_extracti128_si256(half, 1)), k256)};
 #endif
     }
   }
