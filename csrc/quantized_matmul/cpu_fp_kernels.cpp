@@ -7,6 +7,8 @@
 // affine kernels do; nvfp4's groups of 16 make a block hold two scales, and
 // a row (or a K block of the GEMM) may end on half a block, which is decoded
 // from a zero-padded copy so that nothing past the row is read.
+#include <vector>
+
 #include "common/cpu/float_io.h"
 #include "common/cpu/simd.h"
 #include "common/fp_formats.h"
@@ -137,8 +139,13 @@ void qmv_row(const QmmArgs& a, int64_t m0, int64_t n) {
   const uint8_t* w = a.w + n * (a.K * F::bits / 8);
   const uint8_t* scales = static_cast<const uint8_t*>(a.scales) + n * (a.K / F::group);
   const float* x = a.x + m0 * a.K;
-  VecF acc[R];
-  for (int r = 0; r < R; ++r) acc[r] = zero();
+  // With few rows of x, each group's sum goes to one of A accumulators in
+  // turn, so that consecutive groups' FMAs do not wait on each other.
+  constexpr int A = R >= 4 ? 1 : 4 / R;
+  VecF acc[R][A];
+  for (int r = 0; r < R; ++r)
+    for (int i = 0; i < A; ++i) acc[r][i] = zero();
+  int turn = 0;
   for (int64_t k = 0; k < a.K; k += kBlock) {
     const int len = a.K - k < kBlock ? int(a.K - k) : kBlock;
     const uint8_t* src = w + k * F::bits / 8;
@@ -151,17 +158,148 @@ void qmv_row(const QmmArgs& a, int64_t m0, int64_t n) {
         VecF part = zero();
         for (int v = g * group_vecs; v < (g + 1) * group_vecs; ++v)
           part = fma(q[v], load(x + r * a.K + k + v * kWidth), part);
-        acc[r] = fma(part, s, acc[r]);
+        acc[r][turn] = fma(part, s, acc[r][turn]);
       }
+      turn = turn + 1 == A ? 0 : turn + 1;
+    }
+  }
+  const float out_bias = a.bias ? load_float<T>(a.bias, n) : 0.0f;
+  for (int r = 0; r < R; ++r) {
+    VecF sum = acc[r][0];
+    for (int i = 1; i < A; ++i) sum = add(sum, acc[r][i]);
+    store_float<T>(a.out, (m0 + r) * a.N + n, reduce_add(sum) + out_bias);
+  }
+}
+
+// --- qmv_fast: mxfp4 on AVX2 / AVX-512 ----------------------------------------
+//
+// A vector of kWidth 32-bit lanes holds 8 kWidth codes of a row, lane l codes
+// 8l .. 8l + 7. Masking the low and the high nibbles of every byte and one
+// byte shuffle each give, per lane, 4 bytes of 2 * value (int8, kE2M1Twice):
+// byte j of the "even" vector is code 8l + 2j, of the "odd" one 8l + 2j + 1.
+// Byte j is moved to the top of its lane and shifted down arithmetically
+// (sign-extended), converted and multiplied by x permuted to match, once per
+// call (qmv_prepare): 8 vectors of x per vector of codes. 4 lanes (32 codes)
+// share a group scale: spread over the lanes once per chunk.
+
+#if defined(MLX_EXT_ISA_avx512) || defined(MLX_EXT_ISA_avx2)
+constexpr bool kFp4Fast = true;
+#else
+constexpr bool kFp4Fast = false;
+#endif
+constexpr int kFp4Chunk = 8 * kWidth; // codes per vector of packed bytes
+
+// x_prepared[m, c + (4 t + j) kWidth + l] = x[m, c + 8 l + 2 j + t] for each
+// whole chunk c; the rest of the row is read from x itself.
+bool qmv_prepare_mxfp4(const QmmArgs& a, float* xp) {
+  if (!kFp4Fast || QuantMode(a.mode) != QuantMode::mxfp4) return false;
+  const int64_t kf = a.K / kFp4Chunk * kFp4Chunk;
+  for (int64_t m = 0; m < a.M; ++m)
+    for (int64_t c = 0; c < kf; c += kFp4Chunk)
+      for (int t = 0; t < 2; ++t)
+        for (int j = 0; j < 4; ++j)
+          for (int l = 0; l < kWidth; ++l)
+            xp[m * a.K + c + (4 * t + j) * kWidth + l] = a.x[m * a.K + c + 8 * l + 2 * j + t];
+  return true;
+}
+
+#if defined(MLX_EXT_ISA_avx512) || defined(MLX_EXT_ISA_avx2)
+// The even and odd codes of kWidth * 4 bytes as 2 * value, int8 in 32-bit lanes.
+MLX_EXT_INLINE void fp4_chunk(const uint8_t* src, VecU* u) {
+  const __m128i table = _mm_loadu_si128(reinterpret_cast<const __m128i*>(kE2M1Twice));
+#if defined(MLX_EXT_ISA_avx512)
+  const __m512i b = _mm512_loadu_si512(src);
+  const __m512i mask = _mm512_set1_epi8(0x0f);
+  const __m512i t = _mm512_broadcast_i32x4(table);
+  u[0] = VecU{_mm512_shuffle_epi8(t, _mm512_and_si512(b, mask))};
+  u[1] = VecU{_mm512_shuffle_epi8(t, _mm512_and_si512(_mm512_srli_epi16(b, 4), mask))};
+#else
+  const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src));
+  const __m256i mask = _mm256_set1_epi8(0x0f);
+  const __m256i t = _mm256_broadcastsi128_si256(table);
+  u[0] = VecU{_mm256_shuffle_epi8(t, _mm256_and_si256(b, mask))};
+  u[1] = VecU{_mm256_shuffle_epi8(t, _mm256_and_si256(_mm256_srli_epi16(b, 4), mask))};
+#endif
+}
+
+// Byte j of every lane, sign-extended, as float.
+template <int j>
+MLX_EXT_INLINE VecF byte_to_float(VecU u) {
+#if defined(MLX_EXT_ISA_avx512)
+  return {_mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(u.v, 24 - 8 * j), 24))};
+#else
+  return {_mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(u.v, 24 - 8 * j), 24))};
+#endif
+}
+
+template <FloatType T, int R>
+void qmv_mxfp4_fast_row(const QmmArgs& a, int64_t m0, int64_t n, float* row_scales) {
+  using F = Fmt<QuantMode::mxfp4>;
+  const int64_t groups = a.K / 32;
+  const int64_t kf = a.K / kFp4Chunk * kFp4Chunk;
+  const uint8_t* w = a.w + n * (a.K / 2);
+  const uint8_t* sc = static_cast<const uint8_t*>(a.scales) + n * groups;
+  for (int64_t g = 0; g < groups; ++g) row_scales[g] = F::scale(sc[g]);
+  VecF acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = zero();
+  const SpreadIndex lane_group = spread_index(4);
+  for (int64_t c = 0; c < kf; c += kFp4Chunk) {
+    __builtin_prefetch(w + c / 2 + kPrefetchBytes);
+    VecU u[2];
+    fp4_chunk(w + c / 2, u);
+    // With few rows of x, independent partial sums keep the FMA chains short.
+    constexpr int P = R >= 4 ? 1 : 4 / R;
+    VecF part[R][P];
+    for (int r = 0; r < R; ++r)
+      for (int p = 0; p < P; ++p) part[r][p] = zero();
+    auto term = [&](VecF q, int at) {
+      for (int r = 0; r < R; ++r)
+        part[r][at % P] = fma(q, load(a.x_prepared + (m0 + r) * a.K + c + at * kWidth), part[r][at % P]);
+    };
+    for (int t = 0; t < 2; ++t) {
+      term(byte_to_float<0>(u[t]), 4 * t + 0);
+      term(byte_to_float<1>(u[t]), 4 * t + 1);
+      term(byte_to_float<2>(u[t]), 4 * t + 2);
+      term(byte_to_float<3>(u[t]), 4 * t + 3);
+    }
+    const VecF scale = spread(row_scales + c / 32, lane_group);
+    for (int r = 0; r < R; ++r) {
+      VecF sum = part[r][0];
+      for (int p = 1; p < P; ++p) sum = add(sum, part[r][p]);
+      acc[r] = fma(sum, scale, acc[r]);
+    }
+  }
+  for (int64_t k = kf; k < a.K; k += kBlock) { // the rest: whole groups, from x
+    VecF q[kVecsPerBlock];
+    decode_block<QuantMode::mxfp4>(w + k / 2, q);
+    const VecF scale = broadcast(row_scales[k / 32]);
+    for (int r = 0; r < R; ++r) {
+      VecF part = zero();
+      for (int v = 0; v < kVecsPerBlock; ++v) part = fma(q[v], load(a.x + (m0 + r) * a.K + k + v * kWidth), part);
+      acc[r] = fma(part, scale, acc[r]);
     }
   }
   const float out_bias = a.bias ? load_float<T>(a.bias, n) : 0.0f;
   for (int r = 0; r < R; ++r)
     store_float<T>(a.out, (m0 + r) * a.N + n, reduce_add(acc[r]) + out_bias);
 }
+#endif
 
 template <FloatType T, QuantMode M>
 void qmv(const QmmArgs& a, int64_t n0, int64_t n1) {
+#if defined(MLX_EXT_ISA_avx512) || defined(MLX_EXT_ISA_avx2)
+  if constexpr (M == QuantMode::mxfp4) {
+    if (a.x_prepared) {
+      // + one vector of slack: spread() reads a whole vector of scales.
+      std::vector<float> row_scales(a.K / 32 + kWidth);
+      for (int64_t n = n0; n < n1; ++n)
+        for_row_blocks(a.M, [&](auto rows, int64_t m) {
+          qmv_mxfp4_fast_row<T, rows()>(a, m, n, row_scales.data());
+        });
+      return;
+    }
+  }
+#endif
   for (int64_t n = n0; n < n1; ++n)
     for_row_blocks(a.M, [&](auto rows, int64_t m) { qmv_row<T, M, rows()>(a, m, n); });
 }
@@ -340,7 +478,7 @@ struct QmmFn {
   }
 };
 
-bool qmv_prepare_entry(const QmmArgs&, float*) { return false; } // x is read as it is
+bool qmv_prepare_entry(const QmmArgs& a, float* x_prepared) { return qmv_prepare_mxfp4(a, x_prepared); }
 void qmv_entry(const QmmArgs& a, int64_t n0, int64_t n1) { dispatch<QmvFn>(a, n0, n1); }
 void qvm_entry(const QmmArgs& a, int64_t n0, int64_t n1) { dispatch<QvmFn>(a, n0, n1); }
 void qmm_t_entry(const QmmArgs& a, const PackedA& pa, int64_t n0, float* s) {
