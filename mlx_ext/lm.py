@@ -1,7 +1,7 @@
 """Run any mlx-lm model's quantized layers through mlx_ext, and back.
 
 ``patch`` swaps ``mlx.nn.QuantizedLinear`` and ``mlx.nn.QuantizedEmbedding``
-(of the modes mlx_ext computes on the default device: ``mlx_ext.nn.computes``)
+(of the modes mlx_ext computes: ``mlx_ext.nn.computes``)
 for the ``mlx_ext.nn`` layers of the same names. Layers are matched by *exact*
 type: subclasses (afm7's ``FusedQuantizedLinear``, ...) have other semantics
 and are left alone, like ``QuantizedSwitchLinear`` (no gather kernel yet). The new layers hold the very same arrays.

@@ -4,8 +4,7 @@
 They subclass MLX's layers, so they hold the same parameters (``weight``,
 ``scales``, ``biases``, ``bias``) and attributes (``group_size``, ``bits``,
 ``mode``), load the same checkpoints and pass mlx-lm's ``isinstance`` checks;
-only the matrix product differs. Every mode computes on the CPU and Metal
-(affine, mxfp4, nvfp4, mxfp8); on CUDA only affine does so far (``computes``).
+only the matrix product differs, in every mode (affine, mxfp4, nvfp4, mxfp8).
 """
 
 import mlx.core as mx
@@ -15,13 +14,13 @@ from . import sparse
 from ._ext import quantized_matmul
 
 
-def computes(mode: str, device=None) -> bool:
-    """Whether ``mlx_ext.quantized_matmul`` computes ``mode`` on ``device``
-    (the default device): every mode on the CPU and Metal; on CUDA the
-    affine mode (the fp modes' CUDA kernels are not written yet)."""
-    device = mx.default_device() if device is None else device
-    cuda = device == mx.gpu and hasattr(mx, "cuda") and mx.cuda.is_available()
-    return mode == "affine" or (mode in ("mxfp4", "nvfp4", "mxfp8") and not cuda)
+MODES = ("affine", "mxfp4", "nvfp4", "mxfp8")
+
+
+def computes(mode: str) -> bool:
+    """Whether ``mlx_ext.quantized_matmul`` computes ``mode`` (every backend
+    has kernels for each of MODES)."""
+    return mode in MODES
 
 
 def _quantized_matmul(layer, x: mx.array, bias=None) -> mx.array:

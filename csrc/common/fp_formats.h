@@ -1,7 +1,7 @@
 // MLX's microscaling float quantization formats (mx.quantize(..., mode=...)
 // of MLX 0.32.4), as every backend decodes them. Plain C++, no MLX types: the
-// op functions, the CPU kernels and the native checks include it; Metal
-// (metal/common.h) and CUDA mirror these definitions.
+// op functions, the CPU kernels, the native checks and the CUDA kernels
+// (host-device functions) include it; Metal (metal/fp.h) mirrors it.
 //
 // Layout, all three modes: w is uint32 (rows, cols * bits / 32), each row a
 // little-endian stream of `bits`-bit codes (low bits first), so byte i of a
@@ -17,6 +17,8 @@
 #include <cstdint>
 #include <cstring>
 
+#include "common/math.h" // MLX_EXT_HOST_DEVICE
+
 namespace mlx_ext {
 
 enum class QuantMode : int { affine = 0, mxfp4 = 1, nvfp4 = 2, mxfp8 = 3 };
@@ -27,7 +29,7 @@ struct FpModeSpec {
 };
 
 // The one group size and bit width each fp mode has (affine: MLX's defaults).
-inline constexpr FpModeSpec mode_spec(QuantMode m) {
+MLX_EXT_HOST_DEVICE inline constexpr FpModeSpec mode_spec(QuantMode m) {
   switch (m) {
     case QuantMode::mxfp4: return {32, 4};
     case QuantMode::nvfp4: return {16, 4};
@@ -45,9 +47,9 @@ inline constexpr const char* mode_name(QuantMode m) {
   }
 }
 
-inline float bits_to_float(uint32_t u) {
+MLX_EXT_HOST_DEVICE inline float bits_to_float(uint32_t u) {
   float f;
-  std::memcpy(&f, &u, 4);
+  memcpy(&f, &u, 4);
   return f;
 }
 
@@ -56,14 +58,15 @@ inline float bits_to_float(uint32_t u) {
 // kernels use (a byte table of 2 * value, then a 0.5 folded into the scale).
 inline constexpr int8_t kE2M1Twice[16] = {0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12};
 
-inline float e2m1_to_float(uint8_t code) {
-  const float v = 0.5f * float(kE2M1Twice[code & 15]);
-  return (code & 8) && v == 0.0f ? -0.0f : v;
+MLX_EXT_HOST_DEVICE inline float e2m1_to_float(uint8_t code) {
+  const int e = (code >> 1) & 3, m = code & 1; // (the table above, computed)
+  const float mag = e == 0 ? 0.5f * float(m) : float(1 << (e - 1)) * (1.0f + 0.5f * float(m));
+  return (code & 8) ? -mag : mag;
 }
 
 // E4M3 "fn" (bias 7, no infinities): normal 2^(e-7) (1 + m/8), subnormal
 // m 2^-9, and 0x7f / 0xff NaN, as MLX's fp8_e4m3 converts it.
-inline float e4m3_to_float(uint8_t code) {
+MLX_EXT_HOST_DEVICE inline float e4m3_to_float(uint8_t code) {
   const uint32_t sign = uint32_t(code & 0x80) << 24;
   const uint32_t em = code & 0x7f;
   if (em == 0x7f) return bits_to_float(sign | 0x7fc00000u);
@@ -78,12 +81,12 @@ inline float e4m3_to_float(uint8_t code) {
 
 // E8M0 (an exponent alone, bias 127): 2^(s - 127); 0 -> 2^-127 and 255 ->
 // inf, bit for bit what MLX's fp8_e8m0 -> float conversion gives.
-inline float e8m0_to_float(uint8_t code) {
+MLX_EXT_HOST_DEVICE inline float e8m0_to_float(uint8_t code) {
   return bits_to_float(code == 0 ? 0x00400000u : uint32_t(code) << 23);
 }
 
 // The float value of one group scale of an fp mode.
-inline float fp_scale_to_float(QuantMode m, uint8_t code) {
+MLX_EXT_HOST_DEVICE inline float fp_scale_to_float(QuantMode m, uint8_t code) {
   return m == QuantMode::nvfp4 ? e4m3_to_float(code) : e8m0_to_float(code);
 }
 

@@ -11,14 +11,6 @@ namespace {
 
 constexpr const char* kOp = "quantized_matmul";
 
-// Whether this build's GPU backend has the fp modes' kernels: Metal's
-// (metal/quantized_matmul.metal) yes; CUDA's not yet. (A build with no GPU
-// backend refuses every GPU stream first: kernel_stream.)
-#if defined(MLX_EXT_CUDA)
-constexpr bool kGpuFpModes = false;
-#else
-constexpr bool kGpuFpModes = true;
-#endif
 
 // The affine mode's biases among the Primitive's inputs; fp modes have none.
 std::optional<mx::array> biases_of(const std::vector<mx::array>& inputs, QuantMode m) {
@@ -84,9 +76,6 @@ mx::array quantized_matmul_2d(const mx::array& x, const mx::array& w, const mx::
   }
 
   const auto stream = kernel_stream<QuantizedMatmul>(kOp, s);
-  if (!affine && !kGpuFpModes && stream.device == mx::Device::gpu)
-    value_error(kOp, "mode='", mode_name(qmode), "' has no GPU kernels yet (stream=", stream,
-        "); pass stream=mx.cpu");
   std::vector<mx::array> inputs{kernel_input(x, out_type, stream), contiguous_input(w, stream)};
   if (affine) {
     inputs.push_back(kernel_input(scales, out_type, stream));
