@@ -175,3 +175,20 @@ def test_transforms(mode):
                                atol=1e-6)
     _, jvp = mx.jvp(f, [x], [x])
     np.testing.assert_allclose(np.array(jvp[0]), np.array(plain), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("transpose", [True, False])
+@pytest.mark.parametrize("m", [1, 20])
+def test_mxfp8_nan_codes_decode_as_nan(isa, transpose, m):
+    """E4M3 codes 0x7f / 0xff are NaN, as mx.dequantize decodes them: the
+    outputs that read one are NaN, the others are not."""
+    k = n = 64
+    codes = np.full((n, k) if transpose else (k, n), 0x38, dtype=np.uint8)  # 1.0
+    codes[5, 7] = 0xFF
+    w_q = mx.array(codes.view(np.uint32))
+    scales = mx.array(np.full((codes.shape[0], codes.shape[1] // 32), 127, dtype=np.uint8))
+    x = mx.ones((m, k))
+    out = np.array(mlx_ext.quantized_matmul(x, w_q, scales, transpose=transpose, mode="mxfp8"))
+    nan_column = 5 if transpose else 7
+    assert np.isnan(out[:, nan_column]).all()
+    assert np.isfinite(np.delete(out, nan_column, axis=1)).all()
