@@ -5,6 +5,7 @@ float32 matmul, side by side in one process, on the same inputs.
     python -m bench.bench_quantized_matmul --quick    # a smoke run
     python -m bench.bench_quantized_matmul --device gpu   # CUDA: see main_gpu
     python -m bench.bench_quantized_matmul --modes    # affine 4-bit vs mxfp4 / nvfp4 / mxfp8
+    python -m bench.bench_quantized_matmul --modes --device gpu   # the same on CUDA
 
 Bandwidth figures count the bytes of the quantized weights + scales + biases
 read once per call, over the machine's copy bandwidth (bytes read + written,
@@ -195,7 +196,7 @@ def bench_mode_shape(n, k, rows, copy_bw, mlx_budget, repeats):
 
 def mode_targets(rows):
     """Issue 15: each fp mode's M=1 fraction of the copy bandwidth within 10%
-    of affine 4-bit's, on the same shape and run."""
+    of affine 4-bit's (gs64, the mode's default), on the same shape and run."""
     out = []
     for n, k in MODE_SHAPES:
         affine = harness.find_row(rows, mode="affine", N=n, K=k, M=1)
@@ -220,7 +221,59 @@ MODE_PLOT = Plot(x="M", lines=[("mlx_ext_ms", "mlx_ext"), ("mlx_ms", "mx.quantiz
                  panels_per_row=4)
 
 
+GPU_MODE_ROWS = [1, 8, 512]
+
+
+def gpu_bench_modes(n, k, rows, copy_bw):
+    """bfloat16 x on MLX's CUDA backend: every mode beside mx.quantized_matmul
+    of the same mode, as gpu_bench_shape times them."""
+    results = []
+    for mode in MODES:
+        w = mx.random.normal((n, k), key=mx.random.key(n + k)).astype(mx.bfloat16) * 0.02
+        one = mx.quantize(w, mode=mode)
+        q_bytes = sum(a.nbytes for a in one)
+        copies = [mx.quantize(w + 1e-3 * i, mode=mode) for i in range(max(1, math.ceil(gpu.ROTATE_BYTES / q_bytes)))]
+        mx.eval(copies)
+        for m in rows:
+            x = (mx.random.normal((m, k), key=mx.random.key(m)) * 0.5).astype(mx.bfloat16)
+            mx.eval(x)
+            ours = lambda j: mlx_ext.quantized_matmul(x, *copies[j % len(copies)], mode=mode)  # noqa: E731
+            theirs = lambda j: mx.quantized_matmul(x, *copies[j % len(copies)], mode=mode)  # noqa: E731
+            a, b = ours(0), theirs(0)
+            err = float(mx.abs((a - b).astype(mx.float32)).max() /
+                        mx.maximum(mx.abs(b.astype(mx.float32)).max(), 1e-30))
+            calls = gpu.calls_per_eval(theirs)
+            t_ours, t_mlx = gpu.gpu_time(ours, calls), gpu.gpu_time(theirs, calls)
+            row = {"mode": mode, "N": n, "K": k, "M": m, "dtype": "bfloat16",
+                   "mlx_ext_ms": 1e3 * t_ours, "mlx_ms": 1e3 * t_mlx, "vs_mlx": t_mlx / t_ours,
+                   "mlx_ext_GBps": q_bytes / t_ours / 1e9, "frac_copy_bw": q_bytes / t_ours / copy_bw,
+                   "mlx_ext_GFLOPs": 2.0 * m * n * k / t_ours / 1e9, "mlx_note": f"max rel diff {err:.1e}"}
+            results.append(row)
+            harness.print_row(row)
+        del copies
+    return results
+
+
 def main_modes(args):
+    if args.device == "gpu":
+        if not (hasattr(mx, "cuda") and mx.cuda.is_available()):
+            raise SystemExit("--device gpu needs MLX's CUDA backend (pip install 'mlx[cuda13]')")
+        mx.set_default_device(mx.gpu)
+        info = harness.machine_info(machine=gpu.machine_name())
+        info["gpu"] = gpu.gpu_name()
+        info["table"] = "modes"
+        bw = gpu.copy_bandwidth()
+        results = []
+        for n, k in MODE_SHAPES:
+            results += gpu_bench_modes(n, k, GPU_MODE_ROWS, bw["copy_GBps"] * 1e9)
+        markdown = harness.markdown_table(results, MODE_COLUMNS)
+        markdown += "\n\n" + harness.render_targets("Speed targets (issue 15, CUDA)", mode_targets(results))
+        markdown += ("\n\nReproduce: `python -m bench.bench_quantized_matmul --modes --device gpu`. bfloat16 "
+                     "activations; one eval per round (bench/gpu.py); weights rotated over >= 256 MiB.")
+        folder = harness.write_results("quantized_matmul_modes", info, results, markdown, MODE_PLOT)
+        print(markdown)
+        print(f"\nwritten to {folder}")
+        return
     mx.set_default_device(mx.cpu)
     info = harness.machine_info()
     info["table"] = "modes"
@@ -419,10 +472,10 @@ def main():
     parser.add_argument("--modes", action="store_true",
                         help="CPU: affine 4-bit beside mxfp4 / nvfp4 / mxfp8 (see main_modes)")
     args = parser.parse_args()
-    if args.device == "gpu":
-        return main_gpu(args)
     if args.modes:
         return main_modes(args)
+    if args.device == "gpu":
+        return main_gpu(args)
     mx.set_default_device(mx.cpu)
 
     info = harness.machine_info()
