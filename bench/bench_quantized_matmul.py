@@ -4,6 +4,8 @@ float32 matmul, side by side in one process, on the same inputs.
     python -m bench.bench_quantized_matmul            # the full table
     python -m bench.bench_quantized_matmul --quick    # a smoke run
     python -m bench.bench_quantized_matmul --device gpu   # CUDA: see main_gpu
+    python -m bench.bench_quantized_matmul --modes    # affine 4-bit vs mxfp4 / nvfp4 / mxfp8
+    python -m bench.bench_quantized_matmul --modes --device gpu   # the same on CUDA
 
 Bandwidth figures count the bytes of the quantized weights + scales + biases
 read once per call, over the machine's copy bandwidth (bytes read + written,
@@ -148,6 +150,151 @@ PLOT = Plot(x="M", lines=[("mlx_ext_ms", "mlx_ext"), ("mlx_ms", "mx.quantized_ma
 
 
 # ---------------------------------------------------------------------------
+# --modes: the fp modes (mxfp4, nvfp4, mxfp8) beside affine 4-bit gs64 on the
+# CPU, each beside mx.quantized_matmul of the same mode, float32 activations.
+# ---------------------------------------------------------------------------
+MODES = ["affine", "mxfp4", "nvfp4", "mxfp8"]
+MODE_SHAPES = [(14336, 4096), (4096, 4096)]  # (N, K)
+MODE_ROWS = [1, 8, 256]  # decode, batched decode, a prefill chunk
+
+
+def bench_mode_shape(n, k, rows, copy_bw, mlx_budget, repeats):
+    """Every mode in turn on the same x, weights rotated over > CACHE_BYTES."""
+    xs = {m: mx.random.normal((m, k), key=mx.random.key(m)) for m in rows}
+    mx.eval(list(xs.values()))
+    results = []
+    for mode in MODES:
+        w = [mx.random.normal((n, k), key=mx.random.key(100 + i)) * 0.02 for i in range(1)]
+        one = mx.quantize(w[0], mode=mode)
+        mx.eval(one)
+        q_bytes = sum(a.nbytes for a in one)
+        copies = [one] + [mx.quantize(mx.random.normal((n, k), key=mx.random.key(200 + i)) * 0.02, mode=mode)
+                          for i in range(max(1, math.ceil(CACHE_BYTES / q_bytes)))]
+        mx.eval(copies)
+        ours = lambda x, *q: mlx_ext.quantized_matmul(x, *q, mode=mode)  # noqa: E731
+        theirs = lambda x, *q: mx.quantized_matmul(x, *q, mode=mode)  # noqa: E731
+        mlx_m1 = None
+        for m in rows:
+            t_ours = time_mx(ours, copies, xs[m], repeats)
+            t_mlx = None
+            if m == 1 or (mlx_m1 is not None and mlx_m1 * m <= mlx_budget):
+                t_mlx = time_mx(theirs, copies, xs[m], 2 if mlx_m1 and mlx_m1 * m > 0.5 else repeats)
+                mlx_m1 = mlx_m1 or t_mlx
+            row = {
+                "mode": mode, "N": n, "K": k, "M": m, "dtype": "float32",
+                "mlx_ext_ms": 1e3 * t_ours, "mlx_ms": 1e3 * t_mlx if t_mlx else None,
+                "vs_mlx": t_mlx / t_ours if t_mlx else None,
+                "mlx_ext_GBps": q_bytes / t_ours / 1e9, "frac_copy_bw": q_bytes / t_ours / copy_bw,
+                "mlx_ext_GFLOPs": 2.0 * m * n * k / t_ours / 1e9,
+                "mlx_note": "" if t_mlx else f"not run: ~{mlx_m1 * m:.0f} s/call",
+            }
+            results.append(row)
+            harness.print_row(row)
+        del copies
+    return results
+
+
+def mode_targets(rows):
+    """Issue 15: each fp mode's M=1 fraction of the copy bandwidth within 10%
+    of affine 4-bit's (gs64, the mode's default), on the same shape and run."""
+    out = []
+    for n, k in MODE_SHAPES:
+        affine = harness.find_row(rows, mode="affine", N=n, K=k, M=1)
+        for mode in ("mxfp4", "mxfp8"):
+            r = harness.find_row(rows, mode=mode, N=n, K=k, M=1)
+            if affine and r:
+                ratio = r["frac_copy_bw"] / affine["frac_copy_bw"]
+                out.append(Target(f"{mode} GEMV M=1 {n}x{k} (f32) copy-BW fraction >= 90% of affine 4-bit's",
+                                  f"{r['frac_copy_bw']:.0%} vs {affine['frac_copy_bw']:.0%} ({ratio:.0%})",
+                                  ratio >= 0.9))
+    return out
+
+
+MODE_COLUMNS = [
+    ("mode", "mode"), ("N", "N"), ("K", "K"), ("M", "M"), ("mlx_ext_ms", "mlx_ext ms"),
+    ("mlx_ms", "mx.qmm ms"), ("vs_mlx", "x mx.qmm"), ("mlx_ext_GBps", "GB/s"),
+    ("frac_copy_bw", "of copy BW"), ("mlx_ext_GFLOPs", "GFLOP/s"), ("mlx_note", "note"),
+]
+MODE_PLOT = Plot(x="M", lines=[("mlx_ext_ms", "mlx_ext"), ("mlx_ms", "mx.quantized_matmul")],
+                 panels=["mode", "N", "K"], panel_title="{mode}, N={N} K={K} (float32 x)",
+                 x_label="M (rows of x)", y_label="ms per call (missing: MLX not run, too slow)",
+                 panels_per_row=4)
+
+
+GPU_MODE_ROWS = [1, 8, 512]
+
+
+def gpu_bench_modes(n, k, rows, copy_bw):
+    """bfloat16 x on MLX's CUDA backend: every mode beside mx.quantized_matmul
+    of the same mode, as gpu_bench_shape times them."""
+    results = []
+    for mode in MODES:
+        w = mx.random.normal((n, k), key=mx.random.key(n + k)).astype(mx.bfloat16) * 0.02
+        one = mx.quantize(w, mode=mode)
+        q_bytes = sum(a.nbytes for a in one)
+        copies = [mx.quantize(w + 1e-3 * i, mode=mode) for i in range(max(1, math.ceil(gpu.ROTATE_BYTES / q_bytes)))]
+        mx.eval(copies)
+        for m in rows:
+            x = (mx.random.normal((m, k), key=mx.random.key(m)) * 0.5).astype(mx.bfloat16)
+            mx.eval(x)
+            ours = lambda j: mlx_ext.quantized_matmul(x, *copies[j % len(copies)], mode=mode)  # noqa: E731
+            theirs = lambda j: mx.quantized_matmul(x, *copies[j % len(copies)], mode=mode)  # noqa: E731
+            a, b = ours(0), theirs(0)
+            err = float(mx.abs((a - b).astype(mx.float32)).max() /
+                        mx.maximum(mx.abs(b.astype(mx.float32)).max(), 1e-30))
+            calls = gpu.calls_per_eval(theirs)
+            t_ours, t_mlx = gpu.gpu_time(ours, calls), gpu.gpu_time(theirs, calls)
+            row = {"mode": mode, "N": n, "K": k, "M": m, "dtype": "bfloat16",
+                   "mlx_ext_ms": 1e3 * t_ours, "mlx_ms": 1e3 * t_mlx, "vs_mlx": t_mlx / t_ours,
+                   "mlx_ext_GBps": q_bytes / t_ours / 1e9, "frac_copy_bw": q_bytes / t_ours / copy_bw,
+                   "mlx_ext_GFLOPs": 2.0 * m * n * k / t_ours / 1e9, "mlx_note": f"max rel diff {err:.1e}"}
+            results.append(row)
+            harness.print_row(row)
+        del copies
+    return results
+
+
+def main_modes(args):
+    if args.device == "gpu":
+        if not (hasattr(mx, "cuda") and mx.cuda.is_available()):
+            raise SystemExit("--device gpu needs MLX's CUDA backend (pip install 'mlx[cuda13]')")
+        mx.set_default_device(mx.gpu)
+        info = harness.machine_info(machine=gpu.machine_name())
+        info["gpu"] = gpu.gpu_name()
+        info["table"] = "modes"
+        bw = gpu.copy_bandwidth()
+        results = []
+        for n, k in MODE_SHAPES:
+            results += gpu_bench_modes(n, k, GPU_MODE_ROWS, bw["copy_GBps"] * 1e9)
+        markdown = harness.markdown_table(results, MODE_COLUMNS)
+        markdown += "\n\n" + harness.render_targets("Speed targets (issue 15, CUDA)", mode_targets(results))
+        markdown += ("\n\nReproduce: `python -m bench.bench_quantized_matmul --modes --device gpu`. bfloat16 "
+                     "activations; one eval per round (bench/gpu.py); weights rotated over >= 256 MiB.")
+        folder = harness.write_results("quantized_matmul_modes", info, results, markdown, MODE_PLOT)
+        print(markdown)
+        print(f"\nwritten to {folder}")
+        return
+    mx.set_default_device(mx.cpu)
+    info = harness.machine_info()
+    info["table"] = "modes"
+    bw = harness.copy_bandwidth()
+    info["copy_bandwidth_GBps"] = round(bw["bytes_per_s"] / 1e9, 2)
+    print(f"copy bandwidth {bw['bytes_per_s'] / 1e9:.1f} GB/s (read + write, {bw['threads']} threads)")
+    results = []
+    for n, k in MODE_SHAPES:
+        results += bench_mode_shape(n, k, MODE_ROWS, bw["bytes_per_s"], args.mlx_budget, args.repeats)
+    markdown = harness.markdown_table(results, MODE_COLUMNS)
+    markdown += "\n\n" + harness.render_targets("Speed targets (issue 15, CPU)", mode_targets(results))
+    markdown += ("\n\nReproduce: `.venv/bin/python -m bench.bench_quantized_matmul --modes`. float32 "
+                 "activations; affine is 4-bit gs64, the fp modes their own group sizes; GB/s counts "
+                 "the packed weights and scales (and affine's biases) read once per call; copy BW is "
+                 "bytes read + written; weights rotated over > 96 MiB.")
+    folder = harness.write_results("quantized_matmul_modes", info, results, markdown, MODE_PLOT)
+    print(markdown)
+    print(f"\nwritten to {folder}")
+
+
+# ---------------------------------------------------------------------------
 # --device gpu: mlx_ext vs mx.quantized_matmul vs bfloat16 dense mx.matmul on
 # MLX's CUDA backend, timed as bench/gpu.py describes.
 # ---------------------------------------------------------------------------
@@ -267,6 +414,8 @@ GPU_PLOT = Plot(x="M", lines=[("mlx_ext_us", "mlx_ext"), ("mlx_us", "mx.quantize
 
 def plot_for(info):
     """The plot of a results file (python -m bench.plot), by the device it ran on."""
+    if info.get("table") == "modes":
+        return MODE_PLOT
     return GPU_PLOT if "gpu" in info else PLOT
 
 
@@ -320,7 +469,11 @@ def main():
     parser.add_argument("--device", choices=["cpu", "gpu"], default="cpu",
                         help="gpu: MLX's CUDA backend, bfloat16 (see main_gpu)")
     parser.add_argument("--rows", help="gpu: only these M, comma-separated (e.g. 1,8)")
+    parser.add_argument("--modes", action="store_true",
+                        help="CPU: affine 4-bit beside mxfp4 / nvfp4 / mxfp8 (see main_modes)")
     args = parser.parse_args()
+    if args.modes:
+        return main_modes(args)
     if args.device == "gpu":
         return main_gpu(args)
     mx.set_default_device(mx.cpu)

@@ -51,19 +51,25 @@ NB_MODULE(_ext, m) {
           "stream: mlx.core.Stream | mlx.core.Device | None = None) -> mlx.core.array"),
       R"(Matrix multiplication with a quantized matrix, fused with an optional bias.
 
-Means exactly what ``mx.quantized_matmul`` means for ``mode="affine"`` and reads
-weights packed by ``mx.quantize``: with ``transpose=True`` (the default)
-``x @ dequantize(w).T``, else ``x @ dequantize(w)``, then ``+ bias``.
+Means exactly what ``mx.quantized_matmul`` means, in every mode (``"affine"``,
+``"mxfp4"``, ``"nvfp4"``, ``"mxfp8"``), and reads weights packed by
+``mx.quantize``: with ``transpose=True`` (the default) ``x @ dequantize(w).T``,
+else ``x @ dequantize(w)``, then ``+ bias``.
 
 Args:
     x (array): input of shape ``(..., K)``; float32, float16 or bfloat16.
-    w (array): uint32 packed weights from ``mx.quantize``, 2-D.
-    scales (array): per-group scales, shape ``(rows, cols // group_size)``.
-    biases (array): per-group biases, same shape and dtype as ``scales``.
+    w (array): uint32 packed weights from ``mx.quantize``, ``(..., rows,
+        packed)``; leading batch dimensions broadcast against x's.
+    scales (array): per-group scales, shape ``(..., rows, cols // group_size)``;
+        uint8 in the fp modes.
+    biases (array): per-group biases, same shape and dtype as ``scales``
+        (affine only; None in the fp modes).
     transpose (bool): multiply by the transpose of the dequantized ``w``.
-    group_size (int, optional): 32, 64 or 128; None takes the mode's default, 64.
-    bits (int, optional): 2, 3, 4, 5, 6 or 8; None takes the mode's default, 4.
-    mode (str): only ``"affine"``.
+    group_size (int, optional): affine 32, 64 or 128; None takes the mode's
+        (affine 64, mxfp4 32, nvfp4 16, mxfp8 32).
+    bits (int, optional): affine 2, 3, 4, 5, 6 or 8; None takes the mode's
+        (affine 4, mxfp4 4, nvfp4 4, mxfp8 8).
+    mode (str): ``"affine"``, ``"mxfp4"``, ``"nvfp4"`` or ``"mxfp8"``.
     bias (array, optional): ``(N,)`` added to every output row in the kernel.
     stream: the stream or device to run on.
 

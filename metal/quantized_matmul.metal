@@ -1,4 +1,5 @@
-// mlx_ext.quantized_matmul on Apple GPUs, for MLX's affine quantization:
+// mlx_ext.quantized_matmul on Apple GPUs, for MLX's affine quantization and
+// its fp modes (mxfp4, nvfp4, mxfp8: metal/fp.h):
 //   transpose: out = x @ dequantize(w).T (+ bias), w packed as (N, K)
 //   otherwise: out = x @ dequantize(w)   (+ bias), w packed as (K, N)
 // dequantize(w)[r, c] = scale[r, c / gs] * q[r, c] + bias[r, c / gs], each row
@@ -10,16 +11,19 @@
 //   qmv_fast, qmv   M small, transpose (decode); qmv_fast when K % 512 == 0
 //                   and N % 8 == 0
 //   qvm             M small, not transpose
-//   qmm_t, qmm_n    M large: 32x32 tiles, simdgroup 8x8 MMA
-// T, the group size and bits are template parameters, the bias epilogue a
-// function constant; buffers are bound as quantized_matmul_bindings.h says.
-// Packed values are read and dequantized by the helpers of affine.h.
+//   qmm_t, qmm_n    M large: 32x32 tiles, simdgroup 8x8 MMA (every mode)
+//   fp_qmv, fp_qvm  the fp modes' GEMVs (M small; transpose / not)
+// T, the group size and bits (and the mode) are template parameters, the bias
+// epilogue a function constant; buffers are bound as
+// quantized_matmul_bindings.h says (fp modes: uint8 scales, no biases).
+// Packed values are read and dequantized by the helpers of affine.h and fp.h.
 #include <metal_simdgroup>
 #include <metal_simdgroup_matrix>
 #include <metal_stdlib>
 
 #include "affine.h"
 #include "common.h"
+#include "fp.h"
 #include "quantized_matmul_bindings.h"
 
 using namespace metal;
@@ -206,12 +210,27 @@ template <typename T, int group_size, int bits>
 // to the last row (read, never stored); x past K (qmm_n: K is any size) is 0.
 // The weight tile is (n, k) for qmm_t, read transposed, and (k, n) for qmm_n:
 // in both, tile row r holds 32 values of one row of w, `bits` words.
+// mode 0 is affine (T scales and biases); the fp modes (fp.h) read uint8
+// scales and no biases, and their groups of 16 (nvfp4) let K (qmm_t) or N
+// (qmm_n) end on half a tile row: those 8-value runs are zeros.
 
-template <typename T, int group_size, int bits, bool transpose>
+// 8 dequantized values of one group into the weight tile.
+template <typename T, int group_size, int bits, int mode>
+inline void load_w8(const device uchar* src, const device uchar* scales, const device T* biases,
+    int64_t group, threadgroup float* dst) {
+  if constexpr (mode == 0) {
+    mlx_ext::dequantize8<bits>(
+        src, float(((const device T*)scales)[group]), float(biases[group]), dst);
+  } else {
+    mlx_ext::fp_dequantize8<mode>(src, mlx_ext::fp_scale<mode>(scales[group]), dst);
+  }
+}
+
+template <typename T, int group_size, int bits, bool transpose, int mode>
 [[kernel]] void qmm(
     const device uint32_t* w [[buffer(QMM_BUFFER_W)]],
-    const device T* scales [[buffer(QMM_BUFFER_SCALES)]],
-    const device T* biases [[buffer(QMM_BUFFER_BIASES)]],
+    const device uchar* scales [[buffer(QMM_BUFFER_SCALES)]], // T, or fp modes' uint8 codes
+    const device T* biases [[buffer(QMM_BUFFER_BIASES)]], // affine only
     const device T* x [[buffer(QMM_BUFFER_X)]],
     device T* out [[buffer(QMM_BUFFER_OUT)]],
     const device T* bias [[buffer(QMM_BUFFER_BIAS), function_constant(qmm_has_bias)]],
@@ -257,17 +276,21 @@ template <typename T, int group_size, int bits, bool transpose>
     threadgroup_barrier(mem_flags::mem_threadgroup);
 #pragma clang loop unroll(full)
     for (int j = 0; j < 8; ++j) {
-      const bool inside = transpose || k0 + lc + j < K;
+      const bool inside = k0 + lc + j < K;
       x_tile[lr * ld + lc + j] = inside ? float(x_row[k0 + j]) : 0.0f;
     }
     const int64_t w_row = transpose ? n_row : min(k0 + lr, K - 1);
     const int w_col = transpose ? k0 : n0; // first of the 32 values
-    const int64_t group = w_row * w_row_groups + w_col / group_size;
-    mlx_ext::dequantize8<bits>(
-        w_bytes + w_row * w_row_bytes + w_col / 8 * bits,
-        float(scales[group]),
-        float(biases[group]),
-        w_tile + lr * ld + lc);
+    if (w_col + lc < w_cols) {
+      load_w8<T, group_size, bits, mode>(
+          w_bytes + w_row * w_row_bytes + w_col / 8 * bits, scales, biases,
+          w_row * w_row_groups + (w_col + lc) / group_size, w_tile + lr * ld + lc);
+    } else {
+#pragma clang loop unroll(full)
+      for (int j = 0; j < 8; ++j) {
+        w_tile[lr * ld + lc + j] = 0.0f;
+      }
+    }
     threadgroup_barrier(mem_flags::mem_threadgroup);
 
 #pragma clang loop unroll(full)
@@ -315,10 +338,118 @@ template <typename T, int group_size, int bits, bool transpose>
   }
 }
 
+// ---- fp_qmv ----------------------------------------------------------------------
+//
+// fp modes, M small, transpose: as qmv's grid (M, ceil(N / 8)), 2 simdgroups of
+// 4 output rows. Each lane takes 16 consecutive values of K in every 512-wide
+// block (K is a multiple of 16, so no lane's run is cut, and a run lies in
+// one group): per row, the dot of the decoded codes with x times the run's
+// group scale. Rows past N are clamped to N - 1 (read, never stored).
+
+template <typename T, int mode>
+[[kernel]] void fp_qmv(
+    const device uint32_t* w [[buffer(QMM_BUFFER_W)]],
+    const device uchar* scales [[buffer(QMM_BUFFER_SCALES)]],
+    const device T* x [[buffer(QMM_BUFFER_X)]],
+    device T* out [[buffer(QMM_BUFFER_OUT)]],
+    const device T* bias [[buffer(QMM_BUFFER_BIAS), function_constant(qmm_has_bias)]],
+    constant QmmShape& shape [[buffer(QMM_BUFFER_SHAPE)]],
+    uint3 tgid [[threadgroup_position_in_grid]],
+    ushort sg [[simdgroup_index_in_threadgroup]],
+    ushort lane [[thread_index_in_simdgroup]]) {
+  using F = mlx_ext::FpMode<mode>;
+  constexpr int rows = 4;
+  constexpr int values = 16;
+  constexpr int block = 32 * values;
+  constexpr int run_bytes = values * F::bits / 8;
+  const int N = shape.N;
+  const int K = shape.K;
+  const int n0 = (int(tgid.y) * 2 + sg) * rows;
+  if (n0 >= N) {
+    return; // the whole simdgroup; this kernel has no threadgroup barrier
+  }
+  const int groups = K / F::group_size;
+  const int64_t row_bytes = int64_t(K) * F::bits / 8;
+  const int m = tgid.x;
+  x += int64_t(m) * K;
+
+  float acc[rows] = {0.0f, 0.0f, 0.0f, 0.0f};
+  for (int k = lane * values; k < K; k += block) {
+    float xs[values];
+#pragma clang loop unroll(full)
+    for (int j = 0; j < values; ++j) {
+      xs[j] = float(x[k + j]);
+    }
+#pragma clang loop unroll(full)
+    for (int r = 0; r < rows; ++r) {
+      const int n = min(n0 + r, N - 1);
+      const device uchar* src = (const device uchar*)w + n * row_bytes + k * F::bits / 8;
+      uchar bytes[run_bytes];
+#pragma clang loop unroll(full)
+      for (int i = 0; i < run_bytes; ++i) {
+        bytes[i] = src[i];
+      }
+      float dot = 0.0f;
+#pragma clang loop unroll(full)
+      for (int j = 0; j < values; ++j) {
+        dot += mlx_ext::fp_value<mode>(mlx_ext::fp_code<mode>(bytes, j)) * xs[j];
+      }
+      acc[r] += dot * mlx_ext::fp_scale<mode>(scales[int64_t(n) * groups + k / F::group_size]);
+    }
+  }
+#pragma clang loop unroll(full)
+  for (int r = 0; r < rows; ++r) {
+    const float v = simd_sum(acc[r]);
+    const int n = n0 + r;
+    if (lane == 0 && n < N) {
+      out[int64_t(m) * N + n] = T(v + (qmm_has_bias ? float(bias[n]) : 0.0f));
+    }
+  }
+}
+
+// ---- fp_qvm ----------------------------------------------------------------------
+//
+// fp modes, M small, not transpose (w is (K, N), groups along N): grid
+// (M, ceil(N / 32)), one simdgroup; lane l owns output column 32 t + l and
+// walks all of K (consecutive lanes read consecutive codes of a row).
+
+template <typename T, int mode>
+[[kernel]] void fp_qvm(
+    const device uint32_t* w [[buffer(QMM_BUFFER_W)]],
+    const device uchar* scales [[buffer(QMM_BUFFER_SCALES)]],
+    const device T* x [[buffer(QMM_BUFFER_X)]],
+    device T* out [[buffer(QMM_BUFFER_OUT)]],
+    const device T* bias [[buffer(QMM_BUFFER_BIAS), function_constant(qmm_has_bias)]],
+    constant QmmShape& shape [[buffer(QMM_BUFFER_SHAPE)]],
+    uint3 tgid [[threadgroup_position_in_grid]],
+    ushort lane [[thread_index_in_simdgroup]]) {
+  using F = mlx_ext::FpMode<mode>;
+  const int N = shape.N;
+  const int K = shape.K;
+  const int n = int(tgid.y) * 32 + lane;
+  if (n >= N) {
+    return; // no barrier or collective follows
+  }
+  const int groups = N / F::group_size;
+  const int64_t row_bytes = int64_t(N) * F::bits / 8;
+  const int m = tgid.x;
+  x += int64_t(m) * K;
+  const device uchar* col = (const device uchar*)w + n * F::bits / 8;
+  const int shift = F::bits == 4 ? 4 * (n % 2) : 0;
+  float acc = 0.0f;
+  for (int k = 0; k < K; ++k) {
+    const uint code = (uint(col[k * row_bytes]) >> shift) & ((1u << F::bits) - 1);
+    const float s = mlx_ext::fp_scale<mode>(scales[int64_t(k) * groups + n / F::group_size]);
+    acc += float(x[k]) * (s * mlx_ext::fp_value<mode>(code));
+  }
+  out[int64_t(m) * N + n] = T(acc + (qmm_has_bias ? float(bias[n]) : 0.0f));
+}
+
 // ---- Instantiations ------------------------------------------------------------
 //
 // Host names <kernel>_<type>_gs<group size>_b<bits>, e.g. qmv_fast_float16_gs64_b4,
-// qmm_t_bfloat16_gs32_b3; the bias epilogue is a function constant of each.
+// qmm_t_bfloat16_gs32_b3, and <kernel>_<type>_<mode> for the fp modes, e.g.
+// fp_qmv_float16_mxfp4; the bias epilogue is a function constant of each.
 
 #define instantiate_kernel(name, kernel, ...) \
   template [[host_name(name)]] [[kernel]] decltype(kernel<__VA_ARGS__>) kernel<__VA_ARGS__>;
@@ -327,8 +458,8 @@ template <typename T, int group_size, int bits, bool transpose>
   instantiate_kernel("qmv_fast_" #type_name "_gs" #gs "_b" #bits, qmv, type, gs, bits, true) \
   instantiate_kernel("qmv_" #type_name "_gs" #gs "_b" #bits, qmv, type, gs, bits, false)     \
   instantiate_kernel("qvm_" #type_name "_gs" #gs "_b" #bits, qvm, type, gs, bits)            \
-  instantiate_kernel("qmm_t_" #type_name "_gs" #gs "_b" #bits, qmm, type, gs, bits, true)    \
-  instantiate_kernel("qmm_n_" #type_name "_gs" #gs "_b" #bits, qmm, type, gs, bits, false)
+  instantiate_kernel("qmm_t_" #type_name "_gs" #gs "_b" #bits, qmm, type, gs, bits, true, 0) \
+  instantiate_kernel("qmm_n_" #type_name "_gs" #gs "_b" #bits, qmm, type, gs, bits, false, 0)
 
 #define instantiate_qmm_group_sizes(type, type_name, bits) \
   instantiate_qmm(type, type_name, 32, bits)               \
@@ -346,3 +477,18 @@ template <typename T, int group_size, int bits, bool transpose>
 instantiate_qmm_bits(float, float32)
 instantiate_qmm_bits(half, float16)
 instantiate_qmm_bits(bfloat, bfloat16)
+
+#define instantiate_fp_mode(type, type_name, mode_name, mode, gs, bits)                          \
+  instantiate_kernel("fp_qmv_" #type_name "_" #mode_name, fp_qmv, type, mode)                     \
+  instantiate_kernel("fp_qvm_" #type_name "_" #mode_name, fp_qvm, type, mode)                     \
+  instantiate_kernel("qmm_t_" #type_name "_" #mode_name, qmm, type, gs, bits, true, mode)         \
+  instantiate_kernel("qmm_n_" #type_name "_" #mode_name, qmm, type, gs, bits, false, mode)
+
+#define instantiate_fp_modes(type, type_name)             \
+  instantiate_fp_mode(type, type_name, mxfp4, 1, 32, 4)   \
+  instantiate_fp_mode(type, type_name, nvfp4, 2, 16, 4)   \
+  instantiate_fp_mode(type, type_name, mxfp8, 3, 32, 8)
+
+instantiate_fp_modes(float, float32)
+instantiate_fp_modes(half, float16)
+instantiate_fp_modes(bfloat, bfloat16)

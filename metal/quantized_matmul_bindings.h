@@ -7,8 +7,8 @@
 // Buffers. "rows" and "cols" are those of the quantized matrix: (N, K) when
 // transpose, else (K, N); T is the output dtype.
 #define QMM_BUFFER_W 0 // uint32 (rows, cols * bits / 32), MLX's packing
-#define QMM_BUFFER_SCALES 1 // T (rows, cols / group_size)
-#define QMM_BUFFER_BIASES 2 // T (rows, cols / group_size)
+#define QMM_BUFFER_SCALES 1 // T (rows, cols / group_size); uint8 codes in the fp modes
+#define QMM_BUFFER_BIASES 2 // T (rows, cols / group_size); affine only
 #define QMM_BUFFER_X 3 // T (M, K), contiguous
 #define QMM_BUFFER_OUT 4 // T (M, N)
 #define QMM_BUFFER_BIAS 5 // T (N,), bound only when QMM_FC_HAS_BIAS is true

@@ -1,10 +1,11 @@
 """Run any mlx-lm model's quantized layers and attention through mlx_ext, and back.
 
 ``patch`` swaps ``mlx.nn.QuantizedLinear`` and ``mlx.nn.QuantizedEmbedding``
-(affine mode) for the ``mlx_ext.nn`` layers of the same names. Layers are
-matched by *exact* type: subclasses (afm7's ``FusedQuantizedLinear``, ...) have
-other semantics and are left alone, like ``QuantizedSwitchLinear`` (no gather
-kernel yet) and the non-affine modes. The new layers hold the very same arrays.
+(of the modes mlx_ext computes: ``mlx_ext.nn.computes``)
+for the ``mlx_ext.nn`` layers of the same names. Layers are matched by *exact*
+type: subclasses (afm7's ``FusedQuantizedLinear``, ...) have other semantics
+and are left alone, like ``QuantizedSwitchLinear`` (no gather kernel yet).
+The new layers hold the very same arrays.
 
 It also routes the model's attention through ``mlx_ext.scaled_dot_product_attention``
 (lm_attention.py says how).
@@ -70,7 +71,7 @@ def _swap_layers(model: nn.Module, swaps: dict) -> PatchReport:
 
     def swap(_path, layer):
         new_type = swaps.get(type(layer))
-        if new_type is not None and layer.mode == "affine":
+        if new_type is not None and ext_nn.computes(layer.mode):
             report.replaced[type(layer).__name__] += 1
             return _retyped(layer, new_type)
         if "scales" in layer:

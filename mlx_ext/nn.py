@@ -4,8 +4,7 @@
 They subclass MLX's layers, so they hold the same parameters (``weight``,
 ``scales``, ``biases``, ``bias``) and attributes (``group_size``, ``bits``,
 ``mode``), load the same checkpoints and pass mlx-lm's ``isinstance`` checks;
-only the matrix product differs. Only ``mode="affine"`` computes (the op
-raises ``ValueError`` for other modes).
+only the matrix product differs, in every mode (affine, mxfp4, nvfp4, mxfp8).
 """
 
 import mlx.core as mx
@@ -13,6 +12,15 @@ import mlx.nn as nn
 
 from . import sparse
 from ._ext import quantized_matmul
+
+
+MODES = ("affine", "mxfp4", "nvfp4", "mxfp8")
+
+
+def computes(mode: str) -> bool:
+    """Whether ``mlx_ext.quantized_matmul`` computes ``mode`` (every backend
+    has kernels for each of MODES)."""
+    return mode in MODES
 
 
 def _quantized_matmul(layer, x: mx.array, bias=None) -> mx.array:

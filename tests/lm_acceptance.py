@@ -1,8 +1,8 @@
 """mlx_ext.patch against mlx-lm's own model zoo.
 
 Every config of mlx-lm's ``tests/test_models.py::test_all_models`` is built
-with random weights in float32, quantized 4-bit with group size 64 (honouring
-the model's ``quant_predicate``), and run before and after ``mlx_ext.patch``:
+with random weights in float32, quantized 4-bit with group size 64 (or in
+``--mode`` mxfp4 / nvfp4 / mxfp8; honouring the model's ``quant_predicate``), and run before and after ``mlx_ext.patch``:
 the logits of a prefill and of a cached decode step must agree within 1e-3
 relative (max |difference| / max |logit|), and a short greedy
 ``mlx_lm.generate.generate_step`` must run on the patched model. The prefill
@@ -62,28 +62,36 @@ class Result:
     reason: str = ""
 
 
-def quantize(model: nn.Module, group_size: int = 64, bits: int = 4) -> None:
+# group_size and bits of each mode mlx_lm.convert --q-mode writes.
+MODE_PARAMS = {"affine": (64, 4), "mxfp4": (32, 4), "nvfp4": (16, 4), "mxfp8": (32, 8)}
+
+
+def quantize(model: nn.Module, mode: str = "affine") -> None:
     """mlx_lm.utils.quantize_model's rule (the model's quant_predicate; layers
     whose input is not a multiple of group_size stay float), with parameters
     passed as a dict so that layers whose ``to_quantized`` takes no ``mode``
-    (afm7's FusedLinear) quantize too."""
+    (afm7's FusedLinear) quantize too (in affine mode)."""
     predicate = getattr(model, "quant_predicate", None)
+    group_size, bits = MODE_PARAMS[mode]
 
     def layer_params(path, module):
         if not hasattr(module, "to_quantized") or module.weight.shape[-1] % group_size:
             return False
         chosen = predicate(path, module) if predicate is not None else True
-        return {"group_size": group_size, "bits": bits} if chosen is True else chosen
+        params = {"group_size": group_size, "bits": bits}
+        if mode != "affine":
+            params["mode"] = mode
+        return params if chosen is True else chosen
 
     nn.quantize(model, class_predicate=layer_params)
 
 
-def build_quantized(config: dict) -> nn.Module:
+def build_quantized(config: dict, mode: str = "affine") -> nn.Module:
     arch = importlib.import_module(f"mlx_lm.models.{config['model_type']}")
     mx.random.seed(0)
     model = arch.Model(arch.ModelArgs.from_dict(config))
     model.update(tree_map(lambda p: p.astype(mx.float32), model.parameters()))
-    quantize(model)
+    quantize(model, mode)
     mx.eval(model.parameters())
     return model
 
@@ -114,10 +122,10 @@ def relative_error(got: mx.array, want: mx.array) -> float:
     return (mx.abs(got - want).max() / mx.abs(want).max()).item()
 
 
-def check_config(config: dict, kv_bits: int = KV_BITS) -> Result:
+def check_config(config: dict, mode: str = "affine", kv_bits: int = KV_BITS) -> Result:
     model_type = config["model_type"]
     try:
-        model = build_quantized(config)
+        model = build_quantized(config, mode)
         want_prefill, want_decode = prefill_and_decode(model)
         want_tokens = greedy_tokens(model)
     except Exception as e:  # the unpatched quantized model: mlx-lm's own limits
@@ -174,10 +182,12 @@ def configs_of_test_all_models(test_models_py: Path) -> list[dict]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("test_models_py", type=Path, help="mlx-lm's tests/test_models.py")
+    parser.add_argument("--mode", choices=list(MODE_PARAMS), default="affine",
+                        help="quantization mode of the models (mlx_lm.convert --q-mode)")
     args = parser.parse_args()
     results = []
     for config in configs_of_test_all_models(args.test_models_py):
-        result = check_config(config)
+        result = check_config(config, args.mode)
         results.append(result)
         print(
             f"{result.status:4s} {result.model_type:22s} prefill {result.prefill_rel:.1e} "

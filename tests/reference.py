@@ -33,40 +33,96 @@ def eps(dtype) -> float:
 def unpack_bits(w_q, bits: int) -> np.ndarray:
     """Integers of an MLX-packed matrix: each row of uint32 words is one
     little-endian bit stream, `bits` bits per value, low bits first (3-, 5- and
-    6-bit values cross word boundaries). Returns int64 of shape (rows, cols)."""
+    6-bit values cross word boundaries). Returns int64 of shape (..., rows, cols)
+    for w_q of shape (..., rows, words)."""
     words = np.ascontiguousarray(np.array(w_q, dtype=np.uint32))
-    rows = words.shape[0]
-    stream = np.unpackbits(words.view(np.uint8).reshape(rows, -1), axis=-1, bitorder="little")
+    lead = words.shape[:-1]
+    stream = np.unpackbits(words.reshape(-1, words.shape[-1]).view(np.uint8), axis=-1, bitorder="little")
     cols = stream.shape[1] // bits
-    digits = stream[:, : cols * bits].reshape(rows, cols, bits).astype(np.int64)
-    return (digits << np.arange(bits, dtype=np.int64)).sum(axis=-1)
+    digits = stream[:, : cols * bits].reshape(-1, cols, bits).astype(np.int64)
+    return (digits << np.arange(bits, dtype=np.int64)).sum(axis=-1).reshape(*lead, cols)
 
 
-def dequantize(w_q, scales, biases, group_size: int, bits: int) -> np.ndarray:
-    """Affine dequantization: w = scale * q + bias per group along the rows."""
+# MLX's microscaling modes (MLX 0.32.4): (group_size, bits) and how a code and
+# a uint8 group scale decode (csrc/common/fp_formats.h says the same in C++).
+FP_MODES = {"mxfp4": (32, 4), "nvfp4": (16, 4), "mxfp8": (32, 8)}
+MODES = ("affine", *FP_MODES)
+
+
+def e2m1(codes) -> np.ndarray:
+    """E2M1 (1 sign, 2 exponent bits, 1 mantissa bit, bias 1): +-{0, 0.5, 1, 1.5, 2, 3, 4, 6}."""
+    c = np.asarray(codes, dtype=np.int64)
+    mag = np.array([0, 0.5, 1, 1.5, 2, 3, 4, 6], dtype=np.float64)[c & 7]
+    return np.where(c & 8, -mag, mag)
+
+
+def e4m3(codes) -> np.ndarray:
+    """E4M3 "fn" (bias 7, no infinities): 2^(e-7) (1 + m/8), subnormals m 2^-9,
+    0x7f and 0xff NaN."""
+    c = np.asarray(codes, dtype=np.int64)
+    e, m = (c >> 3) & 15, (c & 7).astype(np.float64)
+    mag = np.where(e == 0, m * 2.0**-9, np.ldexp(1 + m / 8, e - 7))
+    mag = np.where((c & 0x7F) == 0x7F, np.nan, mag)
+    return np.where(c & 0x80, -mag, mag)
+
+
+def e8m0(codes) -> np.ndarray:
+    """E8M0 (an exponent, bias 127): 2^(s-127); MLX decodes 0 as 2^-127 too and 255 as inf."""
+    c = np.asarray(codes, dtype=np.int64)
+    return np.where(c == 255, np.inf, np.ldexp(1.0, np.maximum(c, 1) - 127) * np.where(c == 0, 0.5, 1.0))
+
+
+def dequantize_fp(w_q, scales, mode: str) -> np.ndarray:
+    """An fp-mode matrix in float64: decode(code) * decode(scale) per group along the rows."""
+    group_size, bits = FP_MODES[mode]
+    codes = unpack_bits(w_q, bits)
+    values = e4m3(codes) if mode == "mxfp8" else e2m1(codes)
+    s = np.array(scales, dtype=np.uint8)
+    s = e4m3(s) if mode == "nvfp4" else e8m0(s)
+    with np.errstate(invalid="ignore"):  # 0 * inf (scale byte 255) is NaN, as in MLX
+        return values * np.repeat(s, group_size, axis=-1)
+
+
+def dequantize(w_q, scales, biases, group_size: int = 64, bits: int = 4, mode: str = "affine") -> np.ndarray:
+    """Dequantized w in float64. Affine: w = scale * q + bias per group along the
+    rows; fp modes: dequantize_fp (group_size, bits and biases unused)."""
+    if mode != "affine":
+        return dequantize_fp(w_q, scales, mode)
     q = unpack_bits(w_q, bits).astype(np.float64)
     s = np.repeat(to_f64(scales), group_size, axis=-1)
     b = np.repeat(to_f64(biases), group_size, axis=-1)
     return s * q + b
 
 
-def quantized_matmul(x, w_q, scales, biases, *, transpose=True, group_size=64, bits=4, bias=None):
+def _times_w(x, w, transpose):
+    """x @ w.T (transpose) or x @ w over the last two axes, batch axes broadcast
+    as np.matmul (and mx.quantized_matmul) do; a 1-D x is one row."""
+    x = np.asarray(x)
+    out = (x[None] if x.ndim == 1 else x) @ (np.swapaxes(w, -1, -2) if transpose else w)
+    return out[..., 0, :] if x.ndim == 1 else out
+
+
+def quantized_matmul(x, w_q, scales, biases, *, transpose=True, group_size=64, bits=4, bias=None, mode="affine"):
     """x @ dequantize(w).T (transpose) or x @ dequantize(w), plus bias."""
-    w = dequantize(w_q, scales, biases, group_size, bits)
-    out = to_f64(x) @ (w.T if transpose else w)
+    w = dequantize(w_q, scales, biases, group_size, bits, mode)
+    out = _times_w(to_f64(x), w, transpose)
     if bias is not None:
         out = out + to_f64(bias)
     return out
 
 
-def quantized_matmul_abs(x, w_q, scales, biases, *, transpose=True, group_size=64, bits=4):
+def quantized_matmul_abs(x, w_q, scales, biases, *, transpose=True, group_size=64, bits=4, mode="affine"):
     """|x| @ (|scale| q + |bias|): the scale of the rounding error of each output
-    (dequantizing s q + b can cancel, so |w| alone would understate it)."""
-    q = unpack_bits(w_q, bits).astype(np.float64)
-    s = np.repeat(np.abs(to_f64(scales)), group_size, axis=-1)
-    b = np.repeat(np.abs(to_f64(biases)), group_size, axis=-1)
-    w = s * q + b
-    return np.abs(to_f64(x)) @ (w.T if transpose else w)
+    (dequantizing s q + b can cancel, so |w| alone would understate it); fp
+    modes: |x| @ |w|."""
+    if mode != "affine":
+        w = np.abs(dequantize_fp(w_q, scales, mode))
+    else:
+        q = unpack_bits(w_q, bits).astype(np.float64)
+        s = np.repeat(np.abs(to_f64(scales)), group_size, axis=-1)
+        b = np.repeat(np.abs(to_f64(biases)), group_size, axis=-1)
+        w = s * q + b
+    return _times_w(np.abs(to_f64(x)), w, transpose)
 
 
 def random_affine_weights(rng, rows, cols, bits, group_size):
@@ -86,6 +142,26 @@ def random_quantized(rng, rows, cols, bits, group_size, dtype):
     return mx.array(w_q), mx.array(scales, dtype=dtype), mx.array(biases, dtype=dtype)
 
 
+def random_fp_quantized(rng, shape, mode):
+    """A random fp-mode matrix of logical shape (..., rows, cols) as MLX arrays
+    (w_q, scales): every code occurs (but mxfp8's two NaN codes), and scales
+    span 2^-6 .. 2^2 (E8M0) or E4M3's normals and subnormals up to 8, so that
+    values stay finite in float16."""
+    group_size, bits = FP_MODES[mode]
+    *lead, rows, cols = shape
+    codes = rng.integers(0, 2**bits, size=(*lead, rows, cols), dtype=np.uint64)
+    if mode == "mxfp8":
+        codes = np.where((codes & 0x7F) == 0x7F, codes - 1, codes)
+    per_word = 32 // bits
+    codes = codes.reshape(*lead, rows, cols // per_word, per_word)
+    words = (codes << (np.arange(per_word, dtype=np.uint64) * bits)).sum(axis=-1).astype(np.uint32)
+    if mode == "nvfp4":
+        scales = rng.integers(0, 0x58, size=(*lead, rows, cols // group_size))  # 0x58 = 8.0
+    else:
+        scales = rng.integers(127 - 6, 127 + 3, size=(*lead, rows, cols // group_size))
+    return mx.array(words), mx.array(scales.astype(np.uint8))
+
+
 def float32_accumulation_tolerance(expected, magnitude, *, roundings, out_dtype, rounded_operand=False):
     """The bound on |kernel - expected| for a kernel that computes a sum of
     terms in float32 and rounds it once to out_dtype. magnitude: the sum of
@@ -99,11 +175,11 @@ def float32_accumulation_tolerance(expected, magnitude, *, roundings, out_dtype,
 
 
 def quantized_matmul_with_tolerance(x, w_q, scales, biases, *, out_dtype, transpose=True, group_size=64,
-                                    bits=4, bias=None, w_rounded=False):
+                                    bits=4, bias=None, w_rounded=False, mode="affine"):
     """(quantized_matmul(...), its tolerance) for a kernel that dequantizes and
     accumulates in float32 and rounds each output to out_dtype; w_rounded: it
     also rounded each dequantized weight to out_dtype."""
-    kw = dict(transpose=transpose, group_size=group_size, bits=bits)
+    kw = dict(transpose=transpose, group_size=group_size, bits=bits, mode=mode)
     expected = quantized_matmul(x, w_q, scales, biases, bias=bias, **kw)
     magnitude = quantized_matmul_abs(x, w_q, scales, biases, **kw)
     if bias is not None:

@@ -60,7 +60,7 @@ MIXTRAL = {
 def test_patched_logits_match(config, replaced, left, attention, kv_bits):
     """Plain cache (patched) and QuantizedKVCache (attention routed), against
     the unpatched model; every attention call went through mlx_ext."""
-    result = check_config(config, kv_bits)
+    result = check_config(config, kv_bits=kv_bits)
     assert result.status == "pass", result.reason
     assert result.prefill_rel < RTOL and result.decode_rel < RTOL
     assert result.quantized_kv_rel < RTOL  # not NaN: the quantized run happened
@@ -95,6 +95,71 @@ def test_routing_is_per_model_and_unpatch_restores_mlx_attention():
     lm_attention.calls.clear()
     prefill_and_decode(patched)
     assert lm_attention.calls.total() == 0
+
+
+def test_patch_shares_arrays_keeps_attributes_and_unpatch_restores():
+    model = build_quantized(QWEN3_MOE)
+    want_prefill, want_decode = prefill_and_decode(model)
+    router = model.model.layers[0].mlp.gate
+    assert type(router) is nn.QuantizedLinear and router.bits == 8
+
+    report = mlx_ext.patch(model)
+    patched = model.model.layers[0].mlp.gate
+    assert type(patched) is mlx_ext.nn.QuantizedLinear
+    assert patched["weight"] is router["weight"] and patched["scales"] is router["scales"]
+    assert (patched.group_size, patched.bits, patched.mode) == (64, 8, "affine")
+    assert patched.trainable_parameters() == {}
+    assert mlx_ext.patch(model).replaced == {}  # nothing left to patch
+
+    back = mlx_ext.unpatch(model)
+    assert back.replaced == report.replaced
+    restored = model.model.layers[0].mlp.gate
+    assert type(restored) is nn.QuantizedLinear and restored["weight"] is router["weight"]
+    prefill, decode = prefill_and_decode(model)
+    assert mx.array_equal(prefill, want_prefill) and mx.array_equal(decode, want_decode)
+
+
+@pytest.mark.parametrize("mode", ["mxfp4", "nvfp4", "mxfp8"])
+@pytest.mark.parametrize("config", [LLAMA, QWEN3_MOE], ids=["llama", "qwen3_moe"])
+def test_fp_mode_models_are_patched(config, mode):
+    """A model quantized in an fp mode (as mlx_lm.convert --q-mode writes it):
+    its fp-mode layers are replaced too (the MoE router stays 8-bit affine, by
+    quant_predicate), and the logits agree."""
+    result = check_config(config, mode)
+    assert result.status == "pass", result.reason
+    assert result.tokens_agree
+    assert "QuantizedLinear(mode=" not in result.patch_report
+    assert "QuantizedEmbedding(mode=" not in result.patch_report
+
+
+def test_subclasses_are_left_alone():
+    class Fused(nn.QuantizedLinear):
+        pass
+
+    model = nn.Sequential(
+        nn.QuantizedLinear(64, 64, bias=False),
+        Fused(64, 64, bias=False),
+        nn.QuantizedLinear(64, 64, bias=False, mode="mxfp4"),
+        nn.Linear(64, 64),
+    )
+    report = mlx_ext.patch(model)
+    assert report.replaced == {"QuantizedLinear": 2}
+    assert report.left == {"Fused": 1}
+    expected = [mlx_ext.nn.QuantizedLinear, Fused, mlx_ext.nn.QuantizedLinear, nn.Linear]
+    assert [type(m) for m in model.layers] == expected
+
+
+def test_mlx_lm_generate_on_patched_embedded_model():
+    from mlx_lm import generate, load
+
+    model, tokenizer = load(str(DEFAULT_MODEL))
+    prompt = "In the beginning God created"
+    stock = generate(model, tokenizer, prompt, max_tokens=40)
+    report = mlx_ext.patch(model)
+    assert report.replaced == {"QuantizedLinear": 42, "QuantizedEmbedding": 1} and report.left == {}
+    patched = generate(model, tokenizer, prompt, max_tokens=40)
+    assert patched == stock
+    assert len(patched) >= 30 and " unto " in patched  # readable KJV English
 
 
 def test_generate_with_a_4bit_kv_cache_peaks_lower_when_patched():

@@ -55,15 +55,34 @@ PLAN = Planner(
 )
 
 
-class Problem:
-    """A random quantized matmul: x (*batch, K), w packed as (N, K) or (K, N)."""
+PLAN_FP = Planner(
+    "quantized_matmul_metal_plan_fp",
+    "quantized_matmul/metal_plan.h",
+    ints=("M", "N", "K", "transpose"),
+    strings=("type_name", "mode_name"),
+    body="""
+  const auto launch = mlx_ext::metal::qmm_plan::plan_fp(M, N, K, transpose != 0);
+  return {launch.kernel, mlx_ext::metal::qmm_plan::fp_kernel_name(launch, type_name, mode_name),
+          {launch.groups[0], launch.groups[1], launch.groups[2]}, {launch.threads, 1, 1}};
+""",
+)
 
-    def __init__(self, rng, *, batch, K, N, transpose, group_size, bits, dtype):
-        self.describe = dict(K=K, N=N, transpose=transpose, group_size=group_size, bits=bits)
+
+class Problem:
+    """A random quantized matmul: x (*batch, K), w packed as (N, K) or (K, N);
+    mode="affine" or an fp mode (uint8 scales, no biases)."""
+
+    def __init__(self, rng, *, batch, K, N, transpose, group_size, bits, dtype, mode="affine"):
+        self.describe = dict(K=K, N=N, transpose=transpose, group_size=group_size, bits=bits, mode=mode)
         self.dtype, self.group_size, self.bits, self.transpose = dtype, group_size, bits, transpose
+        self.mode = mode
         rows, cols = (N, K) if transpose else (K, N)
-        self.w, scales, biases = ref.random_affine_weights(rng, rows, cols, bits, group_size)
-        self.scales, self.biases = to_device(scales, dtype), to_device(biases, dtype)
+        if mode == "affine":
+            self.w, scales, biases = ref.random_affine_weights(rng, rows, cols, bits, group_size)
+            self.scales, self.biases = to_device(scales, dtype), to_device(biases, dtype)
+        else:
+            w, scales = ref.random_fp_quantized(rng, (rows, cols), mode)
+            self.w, self.scales, self.biases = np.array(w), np.array(scales), None
         self.x = to_device(rng.standard_normal(tuple(batch) + (K,)), dtype)
         self.bias = to_device(rng.standard_normal(N), dtype)
         self.M = int(np.prod(batch, dtype=np.int64))
@@ -73,15 +92,21 @@ class Problem:
         """The float64 reference and the tolerance of each output."""
         d = self.dtype
         x = from_device(self.x, d).reshape(self.M, self.K)
-        scales, biases = from_device(self.scales, d), from_device(self.biases, d)
+        if self.mode == "affine":
+            scales, biases = from_device(self.scales, d), from_device(self.biases, d)
+        else:
+            scales, biases = self.scales, None
         bias = from_device(self.bias, d) if has_bias else None
         return ref.quantized_matmul_with_tolerance(
             x, self.w, scales, biases, out_dtype=d, transpose=self.transpose, group_size=self.group_size,
-            bits=self.bits, bias=bias,
+            bits=self.bits, bias=bias, mode=self.mode,
         )
 
     def plan(self) -> Launch:
         """The kernel and grid metal.cpp chooses for this problem."""
+        if self.mode != "affine":
+            return PLAN_FP(M=self.M, N=self.N, K=self.K, transpose=self.transpose, type_name=self.dtype,
+                           mode_name=self.mode)
         return PLAN(M=self.M, N=self.N, K=self.K, transpose=self.transpose, group_size=self.group_size,
                     bits=self.bits, type_name=self.dtype)
 
@@ -95,11 +120,12 @@ class Problem:
         buffers = {
             buffer["w"]: self.w,
             buffer["scales"]: self.scales,
-            buffer["biases"]: self.biases,
             buffer["x"]: np.ascontiguousarray(self.x.reshape(self.M, self.K)),
             buffer["out"]: out,
             buffer["shape"]: shape,
         }
+        if self.biases is not None:  # affine only: metal.cpp binds no biases for the fp modes
+            buffers[buffer["biases"]] = self.biases
         if has_bias:
             buffers[buffer["bias"]] = self.bias
         run_planned(lib, launch, buffers, function_constants={BINDINGS.function_constants["has_bias"]: has_bias},
@@ -153,9 +179,44 @@ def test_every_instantiation(lib, kernel, dtype, group_size, bits):
         assert p.check(lib, has_bias=has_bias, schedule=schedule, check_bounds=check_bounds).kernel == kernel
 
 
+# The fp modes' kernels: (batch, K, N) by group size (16 or 32). nvfp4's K
+# (qmv, qmm_t) or N (qvm, qmm_n) ends on half a 32-wide run / tile row.
+FP_COVERAGE_SHAPES = {
+    "fp_qmv": lambda gs: ((3,), 512 + 3 * gs, 13),  # a block and a tail; N % 8 != 0
+    "fp_qvm": lambda gs: ((2,), 45, 3 * gs),  # a partial simdgroup of columns (nvfp4)
+    "qmm_t": lambda gs: ((9,), 3 * gs, 40),  # M, N tiles partial; nvfp4: K = 48
+    "qmm_n": lambda gs: ((3, 11), 45, 3 * gs),  # K tail; M = 33; nvfp4: N = 48
+}
+
+
+def _fp_coverage_cases():
+    for kernel in FP_COVERAGE_SHAPES:
+        for dtype in TYPES:
+            for mode in ref.FP_MODES:
+                yield pytest.param(kernel, dtype, mode, id=f"{kernel}-{dtype}-{mode}")
+
+
+def _fp_coverage_problem(kernel, dtype, mode) -> Problem:
+    group_size, bits = ref.FP_MODES[mode]
+    batch, K, N = FP_COVERAGE_SHAPES[kernel](group_size)
+    transpose = kernel in ("fp_qmv", "qmm_t")
+    p = Problem(np.random.default_rng(zlib.crc32(f"{kernel}{dtype}{mode}".encode())), batch=batch, K=K, N=N,
+                transpose=transpose, group_size=group_size, bits=bits, dtype=dtype, mode=mode)
+    assert p.plan().kernel == kernel
+    return p
+
+
+@pytest.mark.parametrize("kernel,dtype,mode", list(_fp_coverage_cases()))
+def test_every_fp_instantiation(lib, kernel, dtype, mode):
+    p = _fp_coverage_problem(kernel, dtype, mode)
+    for schedule, check_bounds, has_bias in RUNS_WITH_BIAS:
+        assert p.check(lib, has_bias=has_bias, schedule=schedule, check_bounds=check_bounds).kernel == kernel
+
+
 def test_every_instantiation_is_covered(lib):
     """The coverage shapes, planned by metal_plan.h, launch every instantiation once."""
     planned = [_coverage_problem(*case.values).plan().host_name for case in _coverage_cases()]
+    planned += [_fp_coverage_problem(*case.values).plan().host_name for case in _fp_coverage_cases()]
     assert sorted(planned) == sorted(lib.host_names)
 
 

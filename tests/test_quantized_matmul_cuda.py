@@ -5,7 +5,8 @@ send it to each kernel family (csrc/quantized_matmul/cuda_plan.h picks them):
 the tensor-core and the CUDA-core GEMVs for 1 and for 2-8 rows of x, the
 tensor-core GEMV with 16- and 32-row blocks, the mma.sync GEMM with its small and large tiles (float32 x as bfloat16 planes),
 the Hopper wgmma GEMM (H100), the transpose=False kernel
-with and without K slices, and the generic kernel (misaligned inputs). A
+with and without K slices, the generic kernel (misaligned inputs), and the
+fp modes' kernels (qmm_fp.cu). A
 second test checks that every kernel in the built modules ran. Runs only
 where MLX has a CUDA backend; no --device option is needed.
 """
@@ -97,6 +98,38 @@ def test_every_kernel_family(transpose, bits, group_size, dtype):
                                  w_rounded=transpose and dtype != mx.float32)
 
 
+def fp_cases(mode, transpose):
+    """(M, K, N) for the fp modes' kernels (qmm_fp.cu): one and several rows,
+    several 512-wide K runs (transpose), N not a multiple of 32 (nvfp4)."""
+    group_size = ref.FP_MODES[mode][0]
+    if transpose:
+        return [(1, 33 * group_size, 40), (5, 3 * group_size, 13), (40, 17 * group_size, 33)]
+    return [(1, 40, 3 * group_size), (5, 16, 5 * group_size), (40, 70, 3 * group_size)]
+
+
+def run_fp_case(mode, dtype, transpose, m, k, n, seed):
+    rng = np.random.default_rng(seed)
+    w_q, scales = ref.random_fp_quantized(rng, (n, k) if transpose else (k, n), mode)
+    x = mx.array(rng.standard_normal((m, k)), dtype=dtype)
+    bias = mx.array(rng.standard_normal(n), dtype=dtype) if m % 2 else None
+    out = mlx_ext.quantized_matmul(x, w_q, scales, transpose=transpose, mode=mode, bias=bias, stream=mx.gpu)
+    mx.eval(out)
+    return out, (x, w_q, scales, bias)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("mode", list(ref.FP_MODES))
+@pytest.mark.parametrize("transpose", [True, False])
+def test_fp_modes(transpose, mode, dtype):
+    """mxfp4 / nvfp4 / mxfp8: exact float32 arithmetic for every activation type."""
+    for i, (m, k, n) in enumerate(fp_cases(mode, transpose)):
+        out, (x, w_q, scales, bias) = run_fp_case(mode, dtype, transpose, m, k, n, seed=i)
+        assert out.dtype == dtype and out.shape == (m, n)
+        expected, tol = ref.quantized_matmul_with_tolerance(x, w_q, scales, None, out_dtype=dtype,
+                                                            transpose=transpose, mode=mode, bias=bias)
+        ref.assert_within_tolerance(out, expected, tol, f"{mode} transpose={transpose} M={m} K={k} N={n}")
+
+
 def run_all_cases():
     for transpose in [True, False]:
         for bits in BITS:
@@ -104,6 +137,10 @@ def run_all_cases():
                 for dtype in DTYPES:
                     for m, k, n, skew in cases(bits, group_size, transpose):
                         run_case(bits, group_size, dtype, transpose, m, k, n, skew, seed=0)
+        for mode in ref.FP_MODES:
+            for dtype in DTYPES:
+                for m, k, n in fp_cases(mode, transpose):
+                    run_fp_case(mode, dtype, transpose, m, k, n, seed=0)
 
 
 def test_mma_sync_gemm_where_wgmma_runs():

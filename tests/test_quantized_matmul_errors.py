@@ -37,8 +37,8 @@ def test_unsupported_group_size(layer, group_size):
 
 
 def test_unsupported_mode(layer):
-    with pytest.raises(ValueError, match=PREFIX + "mode='mxfp4' is not supported"):
-        call(*layer, mode="mxfp4")
+    with pytest.raises(ValueError, match=PREFIX + "mode='fp3' is not supported"):
+        call(*layer, mode="fp3")
 
 
 def test_k_not_a_multiple_of_group_size():
@@ -69,10 +69,26 @@ def test_weights_not_uint32(layer, dtype):
         call(x, w_q.astype(dtype), scales, biases)
 
 
-def test_weights_not_2d(layer):
+def test_weights_1d(layer):
     x, w_q, scales, biases = layer
-    with pytest.raises(ValueError, match=PREFIX + r"w must be 2-D"):
-        call(x, w_q[None], scales, biases)
+    with pytest.raises(ValueError, match=PREFIX + r"w must have at least 2 dimensions"):
+        call(x, w_q[0], scales, biases)
+
+
+@pytest.mark.parametrize("which", ["scales", "biases"])
+def test_batched_weights_scales_without_the_batch(layer, which):
+    x, w_q, scales, biases = layer
+    args = dict(scales=scales[None], biases=biases[None])
+    args[which] = args[which][0]
+    with pytest.raises(ValueError, match=PREFIX + which + r" must have the batch dimensions of w"):
+        call(x, w_q[None], **args)
+
+
+def test_batch_dimensions_do_not_broadcast(layer):
+    x, w_q, scales, biases = layer
+    stack = lambda a: mx.stack([a, a, a])  # noqa: E731
+    with pytest.raises(ValueError, match=PREFIX + r"the batch dimensions of x .* do not broadcast"):
+        call(mx.stack([x, x]), stack(w_q), stack(scales), stack(biases))
 
 
 def test_scales_wrong_shape(layer):

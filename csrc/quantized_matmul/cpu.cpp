@@ -21,11 +21,14 @@ void QuantizedMatmul::eval_cpu(const std::vector<mx::array>& inputs, mx::array& 
   encoder.dispatch([x = mx::array::unsafe_weak_copy(inputs[0]),
                     w = mx::array::unsafe_weak_copy(w),
                     scales = mx::array::unsafe_weak_copy(inputs[2]),
-                    biases = mx::array::unsafe_weak_copy(inputs[3]),
-                    bias = has_bias_ ? std::optional<mx::array>(mx::array::unsafe_weak_copy(inputs[4]))
-                                     : std::nullopt,
+                    biases = mode_ == QuantMode::affine
+                        ? std::optional<mx::array>(mx::array::unsafe_weak_copy(inputs[3]))
+                        : std::nullopt,
+                    bias = has_bias_
+                        ? std::optional<mx::array>(mx::array::unsafe_weak_copy(inputs[bias_index()]))
+                        : std::nullopt,
                     out = mx::array::unsafe_weak_copy(out),
-                    K, N, group_size = group_size_, bits = bits_, transpose = transpose_]() mutable {
+                    K, N, group_size = group_size_, bits = bits_, transpose = transpose_, mode = mode_]() mutable {
     const int64_t M = N ? out.size() / N : 0;
     if (M == 0 || N == 0) return;
     std::vector<float> x_storage;
@@ -33,7 +36,7 @@ void QuantizedMatmul::eval_cpu(const std::vector<mx::array>& inputs, mx::array& 
     a.x = cpu::as_float32(x, x_storage);
     a.w = reinterpret_cast<const uint8_t*>(w.data<uint32_t>());
     a.scales = scales.data<void>();
-    a.biases = biases.data<void>();
+    a.biases = biases ? biases->data<void>() : nullptr;
     a.bias = bias ? bias->data<void>() : nullptr;
     a.out = out.data<void>();
     a.type = cpu::float_type(out.dtype());
@@ -42,7 +45,11 @@ void QuantizedMatmul::eval_cpu(const std::vector<mx::array>& inputs, mx::array& 
     a.K = K;
     a.group_size = group_size;
     a.bits = bits;
-    cpu::run_quantized_matmul(cpu::quantized_matmul_kernels_for(cpu::current_isa()), a, transpose);
+    a.mode = int(mode);
+    const auto isa = cpu::current_isa();
+    cpu::run_quantized_matmul(mode == QuantMode::affine ? cpu::quantized_matmul_kernels_for(isa)
+                                                        : cpu::quantized_matmul_fp_kernels_for(isa),
+        a, transpose);
   });
 }
 

@@ -21,8 +21,9 @@ int64_t chunk_size(int64_t n, int64_t tasks, int64_t align) {
 
 void run_qmv(const KernelTable& kt, QmmArgs& a) {
   const int64_t groups = a.K / a.group_size;
-  std::vector<float> sums(a.M * groups);
-  for (int64_t m = 0; m < a.M; ++m)
+  // The group sums meet the biases: only the affine mode has them.
+  std::vector<float> sums(a.biases ? a.M * groups : 0);
+  for (int64_t m = 0; a.biases && m < a.M; ++m)
     for (int64_t g = 0; g < groups; ++g) {
       float s = 0.0f;
       for (int64_t k = g * a.group_size; k < (g + 1) * a.group_size; ++k) s += a.x[m * a.K + k];

@@ -15,20 +15,22 @@ namespace mlx_ext::cpu {
 // `rows` rows, each a little-endian bit stream of `cols` values of `bits` bits
 // (uint32 words, low bits first), with scales/biases of shape
 // (rows, cols / group_size). transpose=true: W is (N, K) and out = x W^T;
-// transpose=false: W is (K, N) and out = x W.
+// transpose=false: W is (K, N) and out = x W. In the fp modes
+// (common/fp_formats.h) scales are uint8 codes and biases is nullptr.
 struct QmmArgs {
   const float* x; // (M, K) float32, row-major, contiguous
   const float* x_group_sums; // (M, K / group_size): sums of x over each group (qmv only)
   const float* x_prepared; // (M, K): x permuted and pre-scaled by qmv_prepare, or nullptr
   const uint8_t* w; // packed weights, bytes
-  const void* scales;
-  const void* biases;
+  const void* scales; // of type `type`, or uint8 codes in the fp modes
+  const void* biases; // nullptr in the fp modes
   const void* bias; // (N,) or nullptr
   void* out; // (M, N)
   FloatType type; // of scales, biases, bias and out (the op function casts them to one)
   int64_t M, N, K;
   int group_size;
   int bits;
+  int mode; // QuantMode (common/fp_formats.h) as an int: 0 affine
 };
 
 // The blocked GEMM's packing geometry (BLIS-style): A (= x) is packed once per
@@ -67,8 +69,11 @@ struct KernelTable {
   int64_t qvm_cols;
 };
 
-// Defined in cpu_kernels.cpp, once per ISA compiled in; selected by
-// quantized_matmul_kernels_for(isa).
+// Defined in cpu_kernels.cpp (affine) and cpu_fp_kernels.cpp (the fp modes:
+// a.mode picks the format), once per ISA compiled in; selected by
+// quantized_matmul_kernels_for(isa) / quantized_matmul_fp_kernels_for(isa).
+// Both report the same GemmPlan (cpu_tiles.h).
 MLX_EXT_PER_ISA(KernelTable, quantized_matmul_kernels)
+MLX_EXT_PER_ISA(KernelTable, quantized_matmul_fp_kernels)
 
 } // namespace mlx_ext::cpu

@@ -97,13 +97,15 @@ void QuantizedMatmul::eval_gpu(const std::vector<mx::array>& inputs, mx::array& 
   if (device.compute_capability_major() < qmm_plan::kMinComputeCapability)
     runtime_error("quantized_matmul", "the CUDA kernels need compute capability 8.0 or newer");
 
-  const Operands a{&x, &w, &inputs[2], &inputs[3], has_bias_ ? &inputs[4] : nullptr, &out};
+  const bool affine = mode_ == QuantMode::affine; // fp modes: uint8 scales, no biases
+  const mx::array* bias = has_bias_ ? &inputs[bias_index()] : nullptr;
+  const Operands a{&x, &w, &inputs[2], affine ? &inputs[3] : nullptr, bias, &out};
   QmmParams p{};
   p.x = mx::gpu_ptr<void>(x);
   p.w = mx::gpu_ptr<uint32_t>(w);
   p.scales = mx::gpu_ptr<void>(inputs[2]);
-  p.biases = mx::gpu_ptr<void>(inputs[3]);
-  p.bias = has_bias_ ? mx::gpu_ptr<void>(inputs[4]) : nullptr;
+  p.biases = affine ? mx::gpu_ptr<void>(inputs[3]) : nullptr;
+  p.bias = bias ? mx::gpu_ptr<void>(*bias) : nullptr;
   p.out = mx::gpu_ptr<void>(out);
   p.M = M;
   p.N = N;
@@ -113,6 +115,11 @@ void QuantizedMatmul::eval_gpu(const std::vector<mx::array>& inputs, mx::array& 
 
   Launcher launch(enc, s.device.index, "quantized_matmul");
   const std::string dtype = kernel_dtype_name(out.dtype());
+  if (!affine) {
+    const auto plan = qmm_plan::plan_fp(M, N, transpose_, dtype, mode_name(mode_));
+    launch(plan.main, p, {a.x, a.w, a.scales, a.bias}, {&out});
+    return;
+  }
   const qmm_plan::Problem problem{
       M, N, K, bits_, group_size_, transpose_, dtype, aligned16(p.x), aligned16(p.w)};
   const qmm_plan::Gpu gpu{device.compute_capability_major(), device.compute_capability_minor(),

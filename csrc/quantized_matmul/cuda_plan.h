@@ -75,6 +75,8 @@ enum class Path {
   generic_t, // one thread per element, any shape and alignment
   qmv_n, // transpose=False, K sliced when the grid is small
   generic_n, // transpose=False, any shape and alignment
+  fp_t, // the fp modes (qmm_fp.cu), transpose: a warp per output element
+  fp_n, // the fp modes, transpose=False: a thread per output element
 };
 
 struct Plan {
@@ -209,6 +211,17 @@ inline Plan not_transposed(const Problem& pr) {
 // group_size, and a GPU of compute capability kMinComputeCapability or newer.
 inline Plan plan(const Problem& problem, const Gpu& gpu) {
   return problem.transpose ? detail::transposed(problem, gpu) : detail::not_transposed(problem);
+}
+
+// The fp modes (mode_name "mxfp4", "nvfp4" or "mxfp8"; qmm_fp.cu): any
+// shape, x of dtype; not tuned yet.
+inline Plan plan_fp(int64_t M, int N, bool transpose, const std::string& dtype,
+    const std::string& mode_name) {
+  const std::string suffix = dtype + "_" + mode_name;
+  if (transpose) // 8 warps per block, one output element each
+    return detail::one_kernel(Path::fp_t,
+        {"qmm_fp_t_" + suffix, {ceil_div(M * N, 8), 1, 1}, kElementThreads, 0});
+  return detail::one_kernel(Path::fp_n, detail::elementwise("qmm_fp_n_" + suffix, M * N));
 }
 
 } // namespace mlx_ext::cuda::qmm_plan

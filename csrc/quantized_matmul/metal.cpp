@@ -1,6 +1,7 @@
 // QuantizedMatmul::eval_gpu on Metal: picks a kernel of
-// metal/quantized_matmul.metal (metal_plan.h), specializes it for the bias
-// epilogue and binds it as metal/quantized_matmul_bindings.h says.
+// metal/quantized_matmul.metal (metal_plan.h; plan_fp for the fp modes),
+// specializes it for the bias epilogue and binds it as
+// metal/quantized_matmul_bindings.h says.
 #include <climits>
 #include <string>
 
@@ -30,9 +31,13 @@ void QuantizedMatmul::eval_gpu(const std::vector<mx::array>& inputs, mx::array& 
 
   auto& s = stream();
   auto& d = mx::metal::device(s.device);
-  const auto launch = metal::qmm_plan::plan(M, N, K, transpose_);
-  const std::string name =
-      metal::qmm_plan::kernel_name(launch, kernel_dtype_name(out.dtype()), group_size_, bits_);
+  const bool affine = mode_ == QuantMode::affine;
+  const auto launch = affine ? metal::qmm_plan::plan(M, N, K, transpose_)
+                             : metal::qmm_plan::plan_fp(M, N, K, transpose_);
+  const char* type_name = kernel_dtype_name(out.dtype());
+  const std::string name = affine
+      ? metal::qmm_plan::kernel_name(launch, type_name, group_size_, bits_)
+      : metal::qmm_plan::fp_kernel_name(launch, type_name, mode_name(mode_));
   bool has_bias = has_bias_;
   const mx::metal::MTLFCList constants = {
       {&has_bias, MTL::DataType::DataTypeBool, QMM_FC_HAS_BIAS}};
@@ -43,10 +48,10 @@ void QuantizedMatmul::eval_gpu(const std::vector<mx::array>& inputs, mx::array& 
   enc.set_compute_pipeline_state(kernel);
   enc.set_input_array(inputs[1], QMM_BUFFER_W);
   enc.set_input_array(inputs[2], QMM_BUFFER_SCALES);
-  enc.set_input_array(inputs[3], QMM_BUFFER_BIASES);
+  if (affine) enc.set_input_array(inputs[3], QMM_BUFFER_BIASES); // fp modes have none
   enc.set_input_array(x, QMM_BUFFER_X);
   enc.set_output_array(out, QMM_BUFFER_OUT);
-  if (has_bias_) enc.set_input_array(inputs[4], QMM_BUFFER_BIAS);
+  if (has_bias_) enc.set_input_array(inputs[bias_index()], QMM_BUFFER_BIAS);
   const QmmShape shape{int(M), int(N), int(K)};
   enc.set_bytes(shape, QMM_BUFFER_SHAPE);
   enc.dispatch_threadgroups(

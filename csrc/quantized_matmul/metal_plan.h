@@ -15,7 +15,7 @@ namespace mlx_ext::metal::qmm_plan {
 constexpr int64_t kGemvMaxRows = 8;
 
 struct Launch {
-  const char* kernel; // qmv_fast, qmv, qvm, qmm_t or qmm_n
+  const char* kernel; // qmv_fast, qmv, qvm, qmm_t or qmm_n; fp_qmv, fp_qvm
   int64_t groups[3]; // threadgroups per grid dimension
   int threads; // threads per threadgroup, along x
 };
@@ -38,6 +38,22 @@ inline std::string kernel_name(const Launch& launch, const char* type_name, int 
     int bits) {
   return std::string(launch.kernel) + "_" + type_name + "_gs" + std::to_string(group_size) +
       "_b" + std::to_string(bits);
+}
+
+// The fp modes (mxfp4, nvfp4, mxfp8): their own GEMVs (fp_qmv on qmv's grid,
+// fp_qvm one simdgroup per 32 output columns) and the tiled GEMMs.
+inline Launch plan_fp(int64_t M, int64_t N, int64_t K, bool transpose) {
+  (void)K;
+  if (M <= kGemvMaxRows) {
+    if (transpose) return {"fp_qmv", {M, ceil_div(N, 8), 1}, 64};
+    return {"fp_qvm", {M, ceil_div(N, 32), 1}, 32};
+  }
+  return {transpose ? "qmm_t" : "qmm_n", {ceil_div(N, 32), ceil_div(M, 32), 1}, 128};
+}
+
+// The host name of an fp-mode kernel: e.g. fp_qmv_float16_mxfp4.
+inline std::string fp_kernel_name(const Launch& launch, const char* type_name, const char* mode_name) {
+  return std::string(launch.kernel) + "_" + type_name + "_" + mode_name;
 }
 
 } // namespace mlx_ext::metal::qmm_plan
