@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import time
 
 import numpy as np
@@ -277,6 +278,7 @@ def main_modes(args):
     mx.set_default_device(mx.cpu)
     info = harness.machine_info()
     info["table"] = "modes"
+    info["load_average_at_start"] = [round(v, 2) for v in os.getloadavg()]
     bw = harness.copy_bandwidth()
     info["copy_bandwidth_GBps"] = round(bw["bytes_per_s"] / 1e9, 2)
     print(f"copy bandwidth {bw['bytes_per_s'] / 1e9:.1f} GB/s (read + write, {bw['threads']} threads)")
@@ -285,6 +287,8 @@ def main_modes(args):
         results += bench_mode_shape(n, k, MODE_ROWS, bw["bytes_per_s"], args.mlx_budget, args.repeats)
     markdown = harness.markdown_table(results, MODE_COLUMNS)
     markdown += "\n\n" + harness.render_targets("Speed targets (issue 15, CPU)", mode_targets(results))
+    markdown += (f"\n\nLoad average at the start (1, 5, 15 min): {info['load_average_at_start']} on "
+                 f"{os.cpu_count()} CPUs: other work on the machine skews every figure.")
     markdown += ("\n\nReproduce: `.venv/bin/python -m bench.bench_quantized_matmul --modes`. float32 "
                  "activations; affine is 4-bit gs64, the fp modes their own group sizes; GB/s counts "
                  "the packed weights and scales (and affine's biases) read once per call; copy BW is "

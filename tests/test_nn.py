@@ -68,7 +68,11 @@ def test_quantized_embedding_lookup_and_tied_head():
     assert_close_to_reference(logits, h, ours)
 
 
-def test_non_affine_layer_raises():
-    layer = mlx_ext.nn.QuantizedLinear(64, 32, bias=False, mode="mxfp4")
-    with pytest.raises(ValueError, match="mode"):
-        mx.eval(layer(mx.ones((1, 64))))
+@pytest.mark.parametrize("mode", ["mxfp4", "nvfp4", "mxfp8"])
+def test_fp_mode_layers_compute_as_mlx(mode):
+    """The fp modes' layers (issue 15) give MLX's layer's outputs."""
+    theirs = nn.QuantizedLinear(64, 32, bias=True, mode=mode)
+    ours = mlx_ext.nn.QuantizedLinear(64, 32, bias=True, mode=mode)
+    ours.update(theirs.parameters())
+    x = mx.random.normal((3, 64), key=mx.random.key(0))
+    assert mx.allclose(ours(x), theirs(x), rtol=1e-5, atol=1e-5)

@@ -171,7 +171,7 @@ void qmv_row(const QmmArgs& a, int64_t m0, int64_t n) {
   }
 }
 
-// --- qmv_fast: mxfp4 on AVX2 / AVX-512 ----------------------------------------
+// --- qmv_fast: mxfp4 and nvfp4 on AVX2 / AVX-512 -----------------------------
 //
 // A vector of kWidth 32-bit lanes holds 8 kWidth codes of a row, lane l codes
 // 8l .. 8l + 7. Masking the low and the high nibbles of every byte and one
@@ -179,8 +179,9 @@ void qmv_row(const QmmArgs& a, int64_t m0, int64_t n) {
 // byte j of the "even" vector is code 8l + 2j, of the "odd" one 8l + 2j + 1.
 // Byte j is moved to the top of its lane and shifted down arithmetically
 // (sign-extended), converted and multiplied by x permuted to match, once per
-// call (qmv_prepare): 8 vectors of x per vector of codes. 4 lanes (32 codes)
-// share a group scale: spread over the lanes once per chunk.
+// call (qmv_prepare): 8 vectors of x per vector of codes. 4 lanes (mxfp4's
+// 32 codes) or 2 (nvfp4's 16) share a group scale: spread over the lanes once
+// per chunk.
 
 #if defined(MLX_EXT_ISA_avx512) || defined(MLX_EXT_ISA_avx2)
 constexpr bool kFp4Fast = true;
@@ -191,8 +192,8 @@ constexpr int kFp4Chunk = 8 * kWidth; // codes per vector of packed bytes
 
 // x_prepared[m, c + (4 t + j) kWidth + l] = x[m, c + 8 l + 2 j + t] for each
 // whole chunk c; the rest of the row is read from x itself.
-bool qmv_prepare_mxfp4(const QmmArgs& a, float* xp) {
-  if (!kFp4Fast || QuantMode(a.mode) != QuantMode::mxfp4) return false;
+bool qmv_prepare_fp4(const QmmArgs& a, float* xp) {
+  if (!kFp4Fast || QuantMode(a.mode) == QuantMode::mxfp8) return false;
   const int64_t kf = a.K / kFp4Chunk * kFp4Chunk;
   for (int64_t m = 0; m < a.M; ++m)
     for (int64_t c = 0; c < kf; c += kFp4Chunk)
@@ -232,17 +233,17 @@ MLX_EXT_INLINE VecF byte_to_float(VecU u) {
 #endif
 }
 
-template <FloatType T, int R>
-void qmv_mxfp4_fast_row(const QmmArgs& a, int64_t m0, int64_t n, float* row_scales) {
-  using F = Fmt<QuantMode::mxfp4>;
-  const int64_t groups = a.K / 32;
+template <FloatType T, QuantMode M, int R>
+void qmv_fp4_fast_row(const QmmArgs& a, int64_t m0, int64_t n, float* row_scales) {
+  using F = Fmt<M>;
+  const int64_t groups = a.K / F::group;
   const int64_t kf = a.K / kFp4Chunk * kFp4Chunk;
   const uint8_t* w = a.w + n * (a.K / 2);
   const uint8_t* sc = static_cast<const uint8_t*>(a.scales) + n * groups;
   for (int64_t g = 0; g < groups; ++g) row_scales[g] = F::scale(sc[g]);
   VecF acc[R];
   for (int r = 0; r < R; ++r) acc[r] = zero();
-  const SpreadIndex lane_group = spread_index(4);
+  const SpreadIndex lane_group = spread_index(F::group / 8);
   for (int64_t c = 0; c < kf; c += kFp4Chunk) {
     __builtin_prefetch(w + c / 2 + kPrefetchBytes);
     VecU u[2];
@@ -262,21 +263,26 @@ void qmv_mxfp4_fast_row(const QmmArgs& a, int64_t m0, int64_t n, float* row_scal
       term(byte_to_float<2>(u[t]), 4 * t + 2);
       term(byte_to_float<3>(u[t]), 4 * t + 3);
     }
-    const VecF scale = spread(row_scales + c / 32, lane_group);
+    const VecF scale = spread(row_scales + c / F::group, lane_group);
     for (int r = 0; r < R; ++r) {
       VecF sum = part[r][0];
       for (int p = 1; p < P; ++p) sum = add(sum, part[r][p]);
       acc[r] = fma(sum, scale, acc[r]);
     }
   }
+  constexpr int group_vecs = F::group / kWidth;
   for (int64_t k = kf; k < a.K; k += kBlock) { // the rest: whole groups, from x
+    const int len = a.K - k < kBlock ? int(a.K - k) : kBlock;
     VecF q[kVecsPerBlock];
-    decode_block<QuantMode::mxfp4>(w + k / 2, q);
-    const VecF scale = broadcast(row_scales[k / 32]);
-    for (int r = 0; r < R; ++r) {
-      VecF part = zero();
-      for (int v = 0; v < kVecsPerBlock; ++v) part = fma(q[v], load(a.x + (m0 + r) * a.K + k + v * kWidth), part);
-      acc[r] = fma(part, scale, acc[r]);
+    decode_codes<M>(w + k / 2, len, q);
+    for (int g = 0; g * F::group < len; ++g) {
+      const VecF scale = broadcast(row_scales[k / F::group + g]);
+      for (int r = 0; r < R; ++r) {
+        VecF part = zero();
+        for (int v = g * group_vecs; v < (g + 1) * group_vecs; ++v)
+          part = fma(q[v], load(a.x + (m0 + r) * a.K + k + v * kWidth), part);
+        acc[r] = fma(part, scale, acc[r]);
+      }
     }
   }
   const float out_bias = a.bias ? load_float<T>(a.bias, n) : 0.0f;
@@ -288,13 +294,13 @@ void qmv_mxfp4_fast_row(const QmmArgs& a, int64_t m0, int64_t n, float* row_scal
 template <FloatType T, QuantMode M>
 void qmv(const QmmArgs& a, int64_t n0, int64_t n1) {
 #if defined(MLX_EXT_ISA_avx512) || defined(MLX_EXT_ISA_avx2)
-  if constexpr (M == QuantMode::mxfp4) {
+  if constexpr (M != QuantMode::mxfp8) {
     if (a.x_prepared) {
       // + one vector of slack: spread() reads a whole vector of scales.
-      std::vector<float> row_scales(a.K / 32 + kWidth);
+      std::vector<float> row_scales(a.K / Fmt<M>::group + kWidth);
       for (int64_t n = n0; n < n1; ++n)
         for_row_blocks(a.M, [&](auto rows, int64_t m) {
-          qmv_mxfp4_fast_row<T, rows()>(a, m, n, row_scales.data());
+          qmv_fp4_fast_row<T, M, rows()>(a, m, n, row_scales.data());
         });
       return;
     }
@@ -478,7 +484,7 @@ struct QmmFn {
   }
 };
 
-bool qmv_prepare_entry(const QmmArgs& a, float* x_prepared) { return qmv_prepare_mxfp4(a, x_prepared); }
+bool qmv_prepare_entry(const QmmArgs& a, float* x_prepared) { return qmv_prepare_fp4(a, x_prepared); }
 void qmv_entry(const QmmArgs& a, int64_t n0, int64_t n1) { dispatch<QmvFn>(a, n0, n1); }
 void qvm_entry(const QmmArgs& a, int64_t n0, int64_t n1) { dispatch<QvmFn>(a, n0, n1); }
 void qmm_t_entry(const QmmArgs& a, const PackedA& pa, int64_t n0, float* s) {
