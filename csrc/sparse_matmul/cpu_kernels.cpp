@@ -351,10 +351,100 @@ void nm_dequantize(const SparseW& w, int64_t r, float* values) {
   }
 }
 
+#if defined(MLX_EXT_ISA_avx512) || defined(MLX_EXT_ISA_avx2)
+// 2:4 decode fused (no column or value buffer): each chunk of kWidth kept
+// values of row r is one word of 2-bit codes (AVX2: half a word) plus its
+// values -- float, or MLX's affine codes read straight from the packed words
+// (4-bit: kWidth / 8 words; 8-bit: kWidth bytes) -- against the window of
+// 2 kWidth columns of x the chunk covers: value l of a chunk sits in group
+// l / 2, at local column 4 (l / 2) + code_l. Needs kc % kWidth == 0 and, for
+// quantized values, group_size % kWidth == 0 (nm24_fused_ok).
+MLX_EXT_INLINE bool nm24_fused_ok(const SparseW& w) {
+  const int64_t kc = w.K / 2;
+  return w.n == 2 && w.m == 4 && kc % kWidth == 0 && (w.bits == 0 || w.group_size % kWidth == 0);
+}
+
+template <int bits>
+MLX_EXT_INLINE VecF nm24_quants(const uint32_t* wq, int64_t c) {
+#if defined(MLX_EXT_ISA_avx512)
+  if constexpr (bits == 8) {
+    return {_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wq + 4 * c))))};
+  } else {
+    // Lanes 0-7 from word 2c, 8-15 from word 2c + 1, nibble l % 8 each.
+    const __m512i words = _mm512_inserti32x8(
+        _mm512_castsi256_si512(_mm256_set1_epi32(int32_t(wq[2 * c]))), _mm256_set1_epi32(int32_t(wq[2 * c + 1])), 1);
+    const __m512i shifts = _mm512_set_epi32(28, 24, 20, 16, 12, 8, 4, 0, 28, 24, 20, 16, 12, 8, 4, 0);
+    return {_mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srlv_epi32(words, shifts), _mm512_set1_epi32(15)))};
+  }
+#else
+  if constexpr (bits == 8) {
+    return {_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(wq + 2 * c))))};
+  } else {
+    const __m256i shifts = _mm256_set_epi32(28, 24, 20, 16, 12, 8, 4, 0);
+    return {_mm256_cvtepi32_ps(_mm256_and_si256(
+        _mm256_srlv_epi32(_mm256_set1_epi32(int32_t(wq[c])), shifts), _mm256_set1_epi32(15)))};
+  }
+#endif
+}
+
+// Local columns (in [0, 2 kWidth)) of chunk c's values.
+MLX_EXT_INLINE VecI nm24_local(const uint32_t* codes, int64_t c) {
+#if defined(MLX_EXT_ISA_avx512)
+  const __m512i shifts = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+  const __m512i first = _mm512_set_epi32(28, 28, 24, 24, 20, 20, 16, 16, 12, 12, 8, 8, 4, 4, 0, 0);
+  const __m512i code = _mm512_and_si512(_mm512_srlv_epi32(_mm512_set1_epi32(int32_t(codes[c])), shifts),
+      _mm512_set1_epi32(3));
+  return _mm512_add_epi32(first, code);
+#else
+  const uint32_t half = codes[c / 2] >> (16 * (c % 2));
+  const __m256i shifts = _mm256_set_epi32(14, 12, 10, 8, 6, 4, 2, 0);
+  const __m256i first = _mm256_set_epi32(12, 12, 8, 8, 4, 4, 0, 0);
+  const __m256i code = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(int32_t(half)), shifts),
+      _mm256_set1_epi32(3));
+  return _mm256_add_epi32(first, code);
+#endif
+}
+
+// Row r of a 2:4 W . x; bits 0: float values of type VT, else VT is the
+// scales' and biases' type.
+template <FloatType VT, int bits>
+float nm24_dot(const SparseW& w, int64_t r, const float* x) {
+  const int64_t kc = w.K / 2, chunks = kc / kWidth;
+  const auto* codes = static_cast<const uint32_t*>(w.pattern) + r * ((kc * 2 + 31) / 32);
+  VecF acc0 = zero(), acc1 = zero();
+  if constexpr (bits == 0) {
+    int64_t c = 0;
+    for (; c + 2 <= chunks; c += 2) {
+      acc0 = fma(load_floats<VT>(w.values, r * kc + c * kWidth), window(x + 2 * kWidth * c, nm24_local(codes, c)), acc0);
+      acc1 = fma(load_floats<VT>(w.values, r * kc + (c + 1) * kWidth),
+          window(x + 2 * kWidth * (c + 1), nm24_local(codes, c + 1)), acc1);
+    }
+    if (c < chunks)
+      acc0 = fma(load_floats<VT>(w.values, r * kc + c * kWidth), window(x + 2 * kWidth * c, nm24_local(codes, c)), acc0);
+  } else {
+    const auto* wq = static_cast<const uint32_t*>(w.values) + r * (kc * bits / 32);
+    const int64_t groups = kc / w.group_size, per_group = w.group_size / kWidth;
+    for (int64_t g = 0; g < groups; ++g) {
+      // sum scale q x + bias x: the scale applied per value, the bias once per group.
+      VecF qx = zero(), xs = zero();
+      for (int64_t c = g * per_group; c < (g + 1) * per_group; ++c) {
+        const VecF xw = window(x + 2 * kWidth * c, nm24_local(codes, c));
+        qx = fma(nm24_quants<bits>(wq, c), xw, qx);
+        xs = add(xs, xw);
+      }
+      acc0 = fma(broadcast(load_float<VT>(w.scales, r * groups + g)), qx, acc0);
+      acc1 = fma(broadcast(load_float<VT>(w.biases, r * groups + g)), xs, acc1);
+    }
+  }
+  return reduce_add(add(acc0, acc1));
+}
+#endif
+
 // Per-thread buffers of the decode path: one row's columns and values, and
 // the N:M groups' first columns.
 struct DecodeScratch {
   std::vector<int32_t> cols, first;
+  int first_n = 0, first_m = 0; // the N:M pattern `first` was filled for
   std::vector<float> values;
 };
 
@@ -385,6 +475,13 @@ float decode_row(const SparseW& w, int64_t r, const float* x, DecodeScratch& s) 
       return sum;
     }
     case SparseKind::nm: {
+#if defined(MLX_EXT_ISA_avx512) || defined(MLX_EXT_ISA_avx2)
+      if (nm24_fused_ok(w)) {
+        if (w.bits == 4) return nm24_dot<VT, 4>(w, r, x);
+        if (w.bits == 8) return nm24_dot<VT, 8>(w, r, x);
+        return nm24_dot<VT, 0>(w, r, x);
+      }
+#endif
       const int64_t kc = w.K / w.m * w.n;
       if (w.code_bits == 2) {
         nm_columns<2>(w, r, s.first.data(), s.cols.data());
@@ -412,7 +509,13 @@ void matmul_rows_gather(const SparseW& w, const XPanels& xp, const SparseOut& o,
     int64_t r1) {
   thread_local DecodeScratch s;
   if (int64_t(s.cols.size()) < w.K + 8) s.cols.resize(w.K + 8), s.values.resize(w.K);
-  if (w.kind == SparseKind::nm) {
+  bool fused = false;
+#if defined(MLX_EXT_ISA_avx512) || defined(MLX_EXT_ISA_avx2)
+  fused = w.kind == SparseKind::nm && nm24_fused_ok(w);
+#endif
+  if (w.kind == SparseKind::nm && !fused &&
+      (int64_t(s.first.size()) != w.K / w.m * w.n || s.first_n != w.n || s.first_m != w.m)) {
+    s.first_n = w.n, s.first_m = w.m;
     s.first.resize(w.K / w.m * w.n);
     for (int64_t j = 0; j < int64_t(s.first.size()); ++j) s.first[j] = int32_t(j / w.n * w.m);
   }
