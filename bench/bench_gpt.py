@@ -154,7 +154,7 @@ def sparse_rows(models, dtype=mx.float32, prompt_tokens=32, max_tokens=64, repea
                 "perplexity": gpt.perplexity(model, tokenizer, held_out),
                 "pruned": str(report) if report else "",
             }
-            if Path(model_path) == gpt.DEFAULT_MODEL:
+            if Path(model_path).resolve() == gpt.DEFAULT_MODEL.resolve():
                 row["perplexity_kjv"] = gpt.perplexity(model, tokenizer, KJV_HELD_OUT)
             rows.append(row)
             print(row, flush=True)
