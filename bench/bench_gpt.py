@@ -12,6 +12,7 @@ rides out other load on a shared machine). The perplexity is
 ``mlx_ext.gpt.perplexity`` on the package's held-out English text.
 
     python -m bench.bench_gpt          # -> bench/results/<machine>/gpt.{json,md}
+    python -m bench.bench_gpt --sparse # pruned models -> gpt_sparse.{json,md}
 """
 
 import argparse
@@ -111,12 +112,84 @@ def mlx_lm_checkpoint(model: str, folder: Path) -> str:
     return str(convert(model, folder / Path(model).stem))
 
 
+# Three verses of the embedded model's held-out validation set (every 50th
+# verse, scripts/prepare_kjv.py), the ones tests/test_gpt.py scores.
+KJV_HELD_OUT = (
+    "In the beginning God created the heaven and the earth.\n"
+    "And Adam gave names to all cattle, and to the fowl of the air, and to every beast of the field; "
+    "but for Adam there was not found an help meet for him.\n"
+    "And his brother's name was Jubal: he was the father of all such as handle the harp and organ.\n"
+)
+# (label, --sparsity, format, N:M bits: 0 float, None the checkpoint's)
+SPARSE_CASES = [
+    ("dense", None, None, None),
+    ("50% unstructured", "0.5", "bitmask", None),
+    ("2:4", "2:4", "nm", 0),
+    ("2:4 + 4-bit", "2:4", "nm", 4),
+]
+
+
+def sparse_rows(models, dtype=mx.float32, prompt_tokens=32, max_tokens=64, repeats=3):
+    """Pruned models (mlx_ext.sparsify.prune_model, Wanda calibrated on the
+    held-out text's first tokens, as ``python -m mlx_ext.generate --sparsity``):
+    perplexity before and after on held-out text the calibration did not see,
+    decode tok/s and the weights' size, one row per model and SPARSE_CASES."""
+    from mlx_ext.sparsify import calibration_split, prune_model
+
+    rows = []
+    for model_path in models:
+        for label, sparsity, fmt, bits in SPARSE_CASES:
+            model, tokenizer = gpt.load(model_path, dtype=dtype)
+            report = None
+            if sparsity is not None:
+                report = prune_model(model, tokenizer, sparsity, format=fmt, bits=bits)
+            prompt = prompt_ids(tokenizer, prompt_tokens)
+            gpt.generate(model, tokenizer, prompt, max_tokens=4)
+            runs = [gpt.generate(model, tokenizer, prompt, max_tokens=max_tokens) for _ in range(repeats)]
+            held_out = calibration_split(tokenizer)[1]
+            row = {
+                "model": Path(model_path).name, "dtype": str(dtype).split(".")[-1], "pruning": label,
+                "decode_tps": statistics.median(r.stats.generation_tps for r in runs),
+                "parameter_mb": sum(v.nbytes for _, v in tree_flatten(model.parameters())) / 1e6,
+                "perplexity": gpt.perplexity(model, tokenizer, held_out),
+                "pruned": str(report) if report else "",
+            }
+            if Path(model_path).resolve() == gpt.DEFAULT_MODEL.resolve():
+                row["perplexity_kjv"] = gpt.perplexity(model, tokenizer, KJV_HELD_OUT)
+            rows.append(row)
+            print(row, flush=True)
+    return rows
+
+
+def sparse_main(args):
+    info = machine_info()
+    rows = sparse_rows(args.models, repeats=args.repeats)
+    columns = [("model", "model"), ("dtype", "activations"), ("pruning", "pruning"),
+               ("decode_tps", "mlx_ext decode tok/s"), ("parameter_mb", "parameters MB"),
+               ("perplexity", "perplexity (held-out English)"),
+               ("perplexity_kjv", "perplexity (held-out KJV verses)"), ("pruned", "layers")]
+    notes = (
+        "Every Linear but the head pruned by mlx_ext.sparsify (Wanda; its activation norms from "
+        "the first 256 tokens of the held-out text, mlx_ext.sparsify.calibration_split), as "
+        "`python -m mlx_ext.generate --sparsity ...` does. Perplexity: mlx_ext.gpt.perplexity on "
+        "the rest of the held-out text (Pride and Prejudice, ch. 1) and, for the embedded model, "
+        "on three of its held-out KJV verses. Decode: greedy, 64 tokens after a 32-token prompt, "
+        f"median of {args.repeats} runs; float32 activations."
+    )
+    folder = write_results("gpt_sparse", info, rows, f"{notes}\n\n{markdown_table(rows, columns)}")
+    print(f"written to {folder}")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="*", default=sorted({case[0] for case in CASES}),
                         help="models of CASES to run (default: all)")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--sparse", action="store_true",
+                        help="the pruned-model rows instead (-> gpt_sparse.{json,md})")
     args = parser.parse_args()
+    if args.sparse:
+        return sparse_main(args)
 
     info = machine_info()
     bandwidth = copy_bandwidth()["bytes_per_s"]

@@ -5,6 +5,8 @@
     python -m mlx_ext.generate --model smollm2 --chat "What is the capital of France?"
     python -m mlx_ext.generate --model smollm2 --chat     # an interactive chat
 
+    python -m mlx_ext.generate --sparsity 2:4        # pruned first (Wanda), then generates
+
 ``--compare`` runs the same generation again with MLX's own quantized layers
 (``mlx_ext.unpatch``) on the same weights, and prints both speeds and whether
 the tokens agree.
@@ -16,6 +18,7 @@ import sys
 import mlx.core as mx
 
 from . import gpt, unpatch
+from .sparsify import parse_sparsity, prune_model
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 
@@ -46,7 +49,46 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--dtype", choices=DTYPES, help="activation dtype (default: the checkpoint's)")
     parser.add_argument("--compare", action="store_true",
                         help="also run with MLX's quantized matmul and compare speed and tokens")
+    add_sparsity_args(parser)
     return parser.parse_args(argv)
+
+
+SPARSE_FORMATS = ("nm", "bitmask", "csr", "bsr")
+
+
+def sparsity_arg(text: str) -> str:
+    try:
+        parse_sparsity(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+def add_sparsity_args(parser: argparse.ArgumentParser) -> None:
+    """--sparsity and its companions: prune the loaded model (mlx_ext.sparsify,
+    Wanda calibrated on the package's held-out text) before generating."""
+    group = parser.add_argument_group("pruning")
+    group.add_argument("--sparsity", type=sparsity_arg, metavar="N:M|FRACTION",
+                       help="prune every Linear but the head: a pattern along K (2:4, 4:8) or the "
+                            "fraction of weights removed (0.5)")
+    group.add_argument("--sparse-format", choices=SPARSE_FORMATS,
+                       help="storage of the pruned weights (default: nm for a pattern, bitmask "
+                            "from 30%% density, else csr)")
+    group.add_argument("--sparse-bits", type=int, choices=(0, 4, 8),
+                       help="N:M values: 0 float, 4 or 8 affine (default: the checkpoint's bits)")
+    group.add_argument("--sparse-method", choices=("wanda", "magnitude"), default="wanda")
+
+
+def prune(model, tokenizer, args) -> None:
+    """The --sparsity step: prunes `model` in place and says what it did."""
+    if args.sparsity is None:
+        return
+    if args.sparse_format is not None and (args.sparse_format == "nm") != (":" in args.sparsity):
+        raise SystemExit("[mlx_ext.generate] --sparse-format nm goes with an n:m --sparsity, "
+                         "the others with a fraction")
+    report = prune_model(model, tokenizer, args.sparsity, format=args.sparse_format,
+                         bits=args.sparse_bits, method=args.sparse_method)
+    print(f"[pruned to {args.sparsity} ({args.sparse_method}): {report}]")
 
 
 def timed_generate(model, tokenizer, prompt, args, sampler, on_text=None) -> gpt.Generation:
@@ -102,6 +144,7 @@ def main(argv=None) -> int:
     if args.chat is not None and tokenizer.chat_template is None:
         print(f"[mlx_ext.gpt] {args.model} has no chat template: give it a --prompt instead", file=sys.stderr)
         return 1
+    prune(model, tokenizer, args)
     sampler = gpt.make_sampler(args.temp, args.top_p, args.top_k)
     print(f"[{args.model}: {config['model_type']}, {model.dtype}, sampler temp={args.temp} "
           f"top_p={args.top_p} top_k={args.top_k} seed={args.seed}]")

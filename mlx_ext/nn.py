@@ -87,8 +87,8 @@ class SparseLinear(nn.Module):
             format (str): ``"nm"`` for a pattern; for a density ``"bitmask"``
                 (the default from 30%), ``"csr"`` (the default below) or ``"bsr"``.
             method (str): ``"magnitude"`` or ``"wanda"`` (needs ``activation_norms``, (K,)).
-            bits (int): 4 or 8 to quantize N:M values; by default a quantized
-                layer keeps its bits when they are 4 or 8.
+            bits (int): 4 or 8 to quantize N:M values, 0 to keep them float; by
+                default a quantized layer keeps its bits when they are 4 or 8.
             group_size (int): of the quantized N:M values (the layer's, else 64).
             block (int): BSR block size.
         """
@@ -111,6 +111,7 @@ class SparseLinear(nn.Module):
             n, m = (int(p) for p in pattern.split(":"))
             if bits is None and quantized and layer.bits in (4, 8) and layer.mode == "affine":
                 bits = layer.bits
+            bits = bits or None  # 0: float values, even from a quantized layer
             kc = w.shape[1] // m * n
             if group_size is None:
                 group_size = layer.group_size if quantized and kc % layer.group_size == 0 else 64

@@ -117,3 +117,43 @@ def sparsify(model: nn.Module, *, pattern=None, density=None, method="magnitude"
 
     model.update_modules(tree_map_with_path(swap, model.leaf_modules(), is_leaf=nn.Module.is_module))
     return report
+
+
+def parse_sparsity(text: str) -> dict:
+    """``--sparsity``'s value as ``sparsify`` keywords: ``"n:m"`` (n < m, a
+    pattern along K) -> ``{"pattern": "n:m"}``; a fraction s in (0, 1) of the
+    weights removed -> ``{"density": 1 - s}``. ValueError otherwise."""
+    if ":" in text:
+        n, _, m = text.partition(":")
+        if not (n.isdigit() and m.isdigit() and 0 < int(n) < int(m)):
+            raise ValueError(f"[mlx_ext.sparsify] sparsity must be 'n:m' with 0 < n < m, got {text!r}")
+        return {"pattern": f"{int(n)}:{int(m)}"}
+    try:
+        s = float(text)
+    except ValueError:
+        raise ValueError(f"[mlx_ext.sparsify] sparsity must be 'n:m' or a fraction in (0, 1), "
+                         f"got {text!r}") from None
+    if not 0.0 < s < 1.0:
+        raise ValueError(f"[mlx_ext.sparsify] sparsity must be a fraction in (0, 1), got {text!r}")
+    return {"density": 1.0 - s}
+
+
+def calibration_split(tokenizer, length: int = 256):
+    """The package's held-out English text (mlx_ext.gpt.HELD_OUT_TEXT) split
+    by tokens: its first `length` tokens as a (1, length) calibration batch for
+    Wanda, and the rest as text (for a perplexity that calibration did not see)."""
+    from .gpt import HELD_OUT_TEXT
+
+    ids = tokenizer.encode(HELD_OUT_TEXT.read_text())
+    length = min(length, len(ids) // 2)
+    return mx.array([ids[:length]]), tokenizer.decode(ids[length:])
+
+
+def prune_model(model, tokenizer, sparsity: str, *, format=None, bits=None,
+                method="wanda") -> SparsifyReport:
+    """``python -m mlx_ext.generate --sparsity``: prune a GPT-loop model in
+    place to `sparsity` (see ``parse_sparsity``), Wanda calibrated on the
+    held-out text's first tokens (``calibration_split``)."""
+    calibration = calibration_split(tokenizer)[0] if method == "wanda" else None
+    return sparsify(model, **parse_sparsity(sparsity), method=method, calibration=calibration,
+                    format=format, bits=bits)

@@ -167,6 +167,21 @@ def test_nm_shapes(isa, nm, k, m):
     assert_matches_reference(mlx_ext.sparse_matmul(x, ws), x, ws)
 
 
+@pytest.mark.parametrize("bits,group_size", [(0, 0), (4, 32), (4, 64), (8, 32), (8, 128)])
+@pytest.mark.parametrize("k", [256, 512])
+@pytest.mark.parametrize("m", [1, 2])
+@pytest.mark.parametrize("w_dtype", [mx.float16, mx.bfloat16, mx.float32])
+def test_nm24_decode_fused(isa, bits, group_size, k, m, w_dtype):
+    """2:4 rows that fill whole SIMD chunks and quantization groups: the
+    decode path that reads codes and packed values in place (AVX2/AVX-512)."""
+    rng = np.random.default_rng(k + bits)
+    w = mx.array(rng.standard_normal((40, k)), dtype=w_dtype)
+    ws = sparse.NM.from_dense(w, 2, 4, bits=bits or None, group_size=group_size or 64)
+    x = mx.array(rng.standard_normal((m, k)), dtype=mx.float32)
+    bias = mx.array(rng.standard_normal(40), dtype=w_dtype)
+    assert_matches_reference(mlx_ext.sparse_matmul(x, ws, bias), x, ws, bias)
+
+
 @pytest.mark.parametrize("block", [16, 32, 64, (16, 64)])
 @pytest.mark.parametrize("m", [1, 3, 40])
 def test_bsr_blocks(isa, block, m):

@@ -351,10 +351,100 @@ void nm_dequantize(const SparseW& w, int64_t r, float* values) {
   }
 }
 
+#if defined(MLX_EXT_ISA_avx512) || defined(MLX_EXT_ISA_avx2)
+// 2:4 decode fused (no column or value buffer): each chunk of kWidth kept
+// values of row r is one word of 2-bit codes (AVX2: half a word) plus its
+// values -- float, or MLX's affine codes read straight from the packed words
+// (4-bit: kWidth / 8 words; 8-bit: kWidth bytes) -- against the window of
+// 2 kWidth columns of x the chunk covers: value l of a chunk sits in group
+// l / 2, at local column 4 (l / 2) + code_l. Needs kc % kWidth == 0 and, for
+// quantized values, group_size % kWidth == 0 (nm24_fused_ok).
+MLX_EXT_INLINE bool nm24_fused_ok(const SparseW& w) {
+  const int64_t kc = w.K / 2;
+  return w.n == 2 && w.m == 4 && kc % kWidth == 0 && (w.bits == 0 || w.group_size % kWidth == 0);
+}
+
+template <int bits>
+MLX_EXT_INLINE VecF nm24_quants(const uint32_t* wq, int64_t c) {
+#if defined(MLX_EXT_ISA_avx512)
+  if constexpr (bits == 8) {
+    return {_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wq + 4 * c))))};
+  } else {
+    // Lanes 0-7 from word 2c, 8-15 from word 2c + 1, nibble l % 8 each.
+    const __m512i words = _mm512_inserti32x8(
+        _mm512_castsi256_si512(_mm256_set1_epi32(int32_t(wq[2 * c]))), _mm256_set1_epi32(int32_t(wq[2 * c + 1])), 1);
+    const __m512i shifts = _mm512_set_epi32(28, 24, 20, 16, 12, 8, 4, 0, 28, 24, 20, 16, 12, 8, 4, 0);
+    return {_mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srlv_epi32(words, shifts), _mm512_set1_epi32(15)))};
+  }
+#else
+  if constexpr (bits == 8) {
+    return {_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(wq + 2 * c))))};
+  } else {
+    const __m256i shifts = _mm256_set_epi32(28, 24, 20, 16, 12, 8, 4, 0);
+    return {_mm256_cvtepi32_ps(_mm256_and_si256(
+        _mm256_srlv_epi32(_mm256_set1_epi32(int32_t(wq[c])), shifts), _mm256_set1_epi32(15)))};
+  }
+#endif
+}
+
+// Local columns (in [0, 2 kWidth)) of chunk c's values.
+MLX_EXT_INLINE VecI nm24_local(const uint32_t* codes, int64_t c) {
+#if defined(MLX_EXT_ISA_avx512)
+  const __m512i shifts = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+  const __m512i first = _mm512_set_epi32(28, 28, 24, 24, 20, 20, 16, 16, 12, 12, 8, 8, 4, 4, 0, 0);
+  const __m512i code = _mm512_and_si512(_mm512_srlv_epi32(_mm512_set1_epi32(int32_t(codes[c])), shifts),
+      _mm512_set1_epi32(3));
+  return _mm512_add_epi32(first, code);
+#else
+  const uint32_t half = codes[c / 2] >> (16 * (c % 2));
+  const __m256i shifts = _mm256_set_epi32(14, 12, 10, 8, 6, 4, 2, 0);
+  const __m256i first = _mm256_set_epi32(12, 12, 8, 8, 4, 4, 0, 0);
+  const __m256i code = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(int32_t(half)), shifts),
+      _mm256_set1_epi32(3));
+  return _mm256_add_epi32(first, code);
+#endif
+}
+
+// Row r of a 2:4 W . x; bits 0: float values of type VT, else VT is the
+// scales' and biases' type.
+template <FloatType VT, int bits>
+float nm24_dot(const SparseW& w, int64_t r, const float* x) {
+  const int64_t kc = w.K / 2, chunks = kc / kWidth;
+  const auto* codes = static_cast<const uint32_t*>(w.pattern) + r * ((kc * 2 + 31) / 32);
+  VecF acc0 = zero(), acc1 = zero();
+  if constexpr (bits == 0) {
+    int64_t c = 0;
+    for (; c + 2 <= chunks; c += 2) {
+      acc0 = fma(load_floats<VT>(w.values, r * kc + c * kWidth), window(x + 2 * kWidth * c, nm24_local(codes, c)), acc0);
+      acc1 = fma(load_floats<VT>(w.values, r * kc + (c + 1) * kWidth),
+          window(x + 2 * kWidth * (c + 1), nm24_local(codes, c + 1)), acc1);
+    }
+    if (c < chunks)
+      acc0 = fma(load_floats<VT>(w.values, r * kc + c * kWidth), window(x + 2 * kWidth * c, nm24_local(codes, c)), acc0);
+  } else {
+    const auto* wq = static_cast<const uint32_t*>(w.values) + r * (kc * bits / 32);
+    const int64_t groups = kc / w.group_size, per_group = w.group_size / kWidth;
+    for (int64_t g = 0; g < groups; ++g) {
+      // sum scale q x + bias x: the scale applied per value, the bias once per group.
+      VecF qx = zero(), xs = zero();
+      for (int64_t c = g * per_group; c < (g + 1) * per_group; ++c) {
+        const VecF xw = window(x + 2 * kWidth * c, nm24_local(codes, c));
+        qx = fma(nm24_quants<bits>(wq, c), xw, qx);
+        xs = add(xs, xw);
+      }
+      acc0 = fma(broadcast(load_float<VT>(w.scales, r * groups + g)), qx, acc0);
+      acc1 = fma(broadcast(load_float<VT>(w.biases, r * groups + g)), xs, acc1);
+    }
+  }
+  return reduce_add(add(acc0, acc1));
+}
+#endif
+
 // Per-thread buffers of the decode path: one row's columns and values, and
 // the N:M groups' first columns.
 struct DecodeScratch {
   std::vector<int32_t> cols, first;
+  int first_n = 0, first_m = 0; // the N:M pattern `first` was filled for
   std::vector<float> values;
 };
 
@@ -385,6 +475,13 @@ float decode_row(const SparseW& w, int64_t r, const float* x, DecodeScratch& s) 
       return sum;
     }
     case SparseKind::nm: {
+#if defined(MLX_EXT_ISA_avx512) || defined(MLX_EXT_ISA_avx2)
+      if (nm24_fused_ok(w)) {
+        if (w.bits == 4) return nm24_dot<VT, 4>(w, r, x);
+        if (w.bits == 8) return nm24_dot<VT, 8>(w, r, x);
+        return nm24_dot<VT, 0>(w, r, x);
+      }
+#endif
       const int64_t kc = w.K / w.m * w.n;
       if (w.code_bits == 2) {
         nm_columns<2>(w, r, s.first.data(), s.cols.data());
@@ -412,7 +509,13 @@ void matmul_rows_gather(const SparseW& w, const XPanels& xp, const SparseOut& o,
     int64_t r1) {
   thread_local DecodeScratch s;
   if (int64_t(s.cols.size()) < w.K + 8) s.cols.resize(w.K + 8), s.values.resize(w.K);
-  if (w.kind == SparseKind::nm) {
+  bool fused = false;
+#if defined(MLX_EXT_ISA_avx512) || defined(MLX_EXT_ISA_avx2)
+  fused = w.kind == SparseKind::nm && nm24_fused_ok(w);
+#endif
+  if (w.kind == SparseKind::nm && !fused &&
+      (int64_t(s.first.size()) != w.K / w.m * w.n || s.first_n != w.n || s.first_m != w.m)) {
+    s.first_n = w.n, s.first_m = w.m;
     s.first.resize(w.K / w.m * w.n);
     for (int64_t j = 0; j < int64_t(s.first.size()); ++j) s.first[j] = int32_t(j / w.n * w.m);
   }
@@ -475,28 +578,120 @@ void bsr_panel_rows(const SparseW& w, const float* xt, int64_t r, float* sums) {
   for (int ri = 0; ri < R; ++ri) keep_panel_row<V>(sums + ri * width, acc[ri]);
 }
 
-// Float N:M, K in blocks of kNmBlock columns: all the task's rows add their
-// values of one block before the next, so the block's slice of the panel
-// (kNmBlock x width floats) stays in L1 instead of the whole panel in L2.
-constexpr int64_t kNmBlock = 128; // a multiple of every m
+// CSR, Bitmask and N:M prefill, K in blocks of kBlockK columns. For each
+// block, the stored values of the task's rows that fall in it are decoded
+// once into a small buffer (their float values and their offsets col * width
+// in a panel), then every panel of x adds them: decoding (indices, codes,
+// half floats, dequantization) costs once per call instead of once per panel,
+// and each panel's slice of the block (kBlockK x width floats) stays in L1.
+// sums holds every panel's sums of every task row (layout: panel, row, width).
+constexpr int64_t kBlockK = 64; // a multiple of 32 (mask words) and of every m
+
+struct BlockScratch {
+  std::vector<float> sums, values;
+  std::vector<int32_t> offsets;
+  std::vector<int64_t> cursor; // per row: the next stored value's index (CSR, Bitmask)
+};
+
+// The stored values of row r in columns [k0, k0 + kBlockK) into values and
+// offsets; returns their count. cursor: that row's position, advanced.
+template <FloatType VT>
+MLX_EXT_INLINE int64_t decode_block(const SparseW& w, int64_t r, int64_t k0, int width, int64_t& cursor,
+    float* values, int32_t* offsets) {
+  const int64_t k1 = std::min(w.K, k0 + kBlockK);
+  int64_t n = 0;
+  switch (w.kind) {
+    case SparseKind::csr: {
+      const int64_t end = w.row_ptr[r + 1];
+      int64_t j = cursor;
+      if (w.wide_columns) {
+        const auto* cols = static_cast<const uint32_t*>(w.pattern);
+        for (; j < end && cols[j] < k1; ++j, ++n) values[n] = load_float<VT>(w.values, j), offsets[n] = int32_t(cols[j]) * width;
+      } else {
+        const auto* cols = static_cast<const uint16_t*>(w.pattern);
+        for (; j < end && cols[j] < k1; ++j, ++n) values[n] = load_float<VT>(w.values, j), offsets[n] = int32_t(cols[j]) * width;
+      }
+      cursor = j;
+      break;
+    }
+    case SparseKind::bitmask: {
+      const auto* mask = static_cast<const uint32_t*>(w.pattern) + r * ((w.K + 31) / 32);
+      int64_t j = cursor;
+      for (int64_t word = k0 / 32; word < (k1 + 31) / 32; ++word)
+        for (uint32_t bits = mask[word]; bits; bits &= bits - 1, ++j, ++n)
+          values[n] = load_float<VT>(w.values, j), offsets[n] = int32_t(word * 32 + __builtin_ctz(bits)) * width;
+      cursor = j;
+      break;
+    }
+    default: { // nm: kept values j0 .. j1 of the row
+      const int64_t kc = w.K / w.m * w.n, j0 = k0 / w.m * w.n, j1 = k1 / w.m * w.n;
+      const auto* codes = static_cast<const uint32_t*>(w.pattern) + r * ((kc * w.code_bits + 31) / 32);
+      const uint32_t code_mask = (1u << w.code_bits) - 1;
+      for (int64_t j = j0; j < j1; ++j, ++n) {
+        const int64_t bit = j * w.code_bits;
+        offsets[n] = int32_t(j / w.n * w.m + ((codes[bit / 32] >> (bit % 32)) & code_mask)) * width;
+        if (w.bits == 0) {
+          values[n] = load_float<VT>(w.values, r * kc + j);
+        } else { // MLX's affine packing of the compressed row (never straddles a word)
+          const auto* wq = static_cast<const uint32_t*>(w.values) + r * (kc * w.bits / 32);
+          const int64_t g = r * (kc / w.group_size) + j / w.group_size;
+          const float q = float((wq[j * w.bits / 32] >> (j * w.bits % 32)) & ((1u << w.bits) - 1));
+          values[n] = load_float<VT>(w.scales, g) * q + load_float<VT>(w.biases, g);
+        }
+      }
+    }
+  }
+  return n;
+}
 
 template <FloatType VT, int V>
-void nm_panel_rows(const SparseW& w, const float* xt, int64_t r0, int64_t r1, float* sums) {
+void blocked_prefill(const SparseW& w, const XPanels& xp, const SparseOut& o, int64_t r0, int64_t r1) {
   constexpr int width = V * kWidth;
-  std::fill(sums, sums + (r1 - r0) * width, 0.0f);
-  for (int64_t k0 = 0; k0 < w.K; k0 += kNmBlock) {
-    const int64_t j0 = k0 / w.m * w.n, j1 = std::min(w.K, k0 + kNmBlock) / w.m * w.n;
-    for (int64_t r = r0; r < r1; ++r) {
-      float* row_sums = sums + (r - r0) * width;
-      VecF acc[V];
-      for (int v = 0; v < V; ++v) acc[v] = load(row_sums + v * kWidth);
-      for_each_nm_value<VT>(w, r, j0, j1, [&](int64_t col, int64_t, float value) {
-        const VecF b = broadcast(value);
-        const float* p = xt + col * width;
-        for (int v = 0; v < V; ++v) acc[v] = fma(b, load(p + v * kWidth), acc[v]);
-      });
-      keep_panel_row<V>(row_sums, acc);
+  const int64_t rows = r1 - r0;
+  thread_local BlockScratch s;
+  s.sums.assign(xp.tiles * rows * width, 0.0f);
+  s.values.resize(rows * kBlockK);
+  s.offsets.resize(rows * kBlockK);
+  s.cursor.resize(rows);
+  std::vector<int64_t> counts(rows);
+  if (w.kind != SparseKind::nm)
+    for (int64_t r = r0; r < r1; ++r) s.cursor[r - r0] = w.row_ptr[r];
+  for (int64_t k0 = 0; k0 < w.K; k0 += kBlockK) {
+    for (int64_t r = r0; r < r1; ++r)
+      counts[r - r0] = decode_block<VT>(w, r, k0, width, s.cursor[r - r0], s.values.data() + (r - r0) * kBlockK,
+          s.offsets.data() + (r - r0) * kBlockK);
+    for (int64_t t = 0; t < xp.tiles; ++t) {
+      const float* xt = xp.xt + t * w.K * width;
+      for (int64_t i = 0; i < rows; ++i) {
+        float* row_sums = s.sums.data() + (t * rows + i) * width;
+        const float* values = s.values.data() + i * kBlockK;
+        const int32_t* offsets = s.offsets.data() + i * kBlockK;
+        // Even and odd values in two sets of accumulators: 2 V independent
+        // FMA chains, enough to hide the FMA latency.
+        VecF acc[V], odd[V];
+        for (int v = 0; v < V; ++v) acc[v] = load(row_sums + v * kWidth), odd[v] = zero();
+        int64_t j = 0;
+        for (; j + 2 <= counts[i]; j += 2) {
+          const VecF b0 = broadcast(values[j]), b1 = broadcast(values[j + 1]);
+          const float* p0 = xt + offsets[j];
+          const float* p1 = xt + offsets[j + 1];
+          for (int v = 0; v < V; ++v) {
+            acc[v] = fma(b0, load(p0 + v * kWidth), acc[v]);
+            odd[v] = fma(b1, load(p1 + v * kWidth), odd[v]);
+          }
+        }
+        if (j < counts[i]) {
+          const VecF b = broadcast(values[j]);
+          for (int v = 0; v < V; ++v) acc[v] = fma(b, load(xt + offsets[j] + v * kWidth), acc[v]);
+        }
+        for (int v = 0; v < V; ++v) acc[v] = add(acc[v], odd[v]);
+        keep_panel_row<V>(row_sums, acc);
+      }
     }
+  }
+  for (int64_t t = 0; t < xp.tiles; ++t) {
+    const int64_t m0 = t * width;
+    store_panel(o, s.sums.data() + t * rows * width, width, w.N, m0, std::min<int64_t>(width, xp.M - m0), r0, r1);
   }
 }
 
@@ -505,6 +700,8 @@ template <FloatType VT, int V>
 void matmul_rows_panel(const SparseW& w, const XPanels& xp, const SparseOut& o, int64_t r0,
     int64_t r1) {
   constexpr int width = V * kWidth;
+  if (w.kind != SparseKind::bsr && (w.kind != SparseKind::nm || kBlockK % w.m == 0))
+    return blocked_prefill<VT, V>(w, xp, o, r0, r1);
   thread_local std::vector<float> sums;
   sums.resize((r1 - r0) * width);
   for (int64_t t = 0; t < xp.tiles; ++t) {
@@ -520,8 +717,6 @@ void matmul_rows_panel(const SparseW& w, const XPanels& xp, const SparseOut& o, 
           r += 1;
         }
       }
-    } else if (w.kind == SparseKind::nm && w.bits == 0) {
-      nm_panel_rows<VT, V>(w, xt, r0, r1, sums.data());
     } else {
       for (int64_t r = r0; r < r1; ++r) {
         VecF acc[V];
