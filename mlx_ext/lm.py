@@ -3,13 +3,16 @@
 ``patch`` swaps ``mlx.nn.QuantizedLinear`` and ``mlx.nn.QuantizedEmbedding``
 (affine mode) for the ``mlx_ext.nn`` layers of the same names. Layers are
 matched by *exact* type: subclasses (afm7's ``FusedQuantizedLinear``, ...) have
-other semantics and are left alone, like ``QuantizedSwitchLinear`` (no gather
-kernel yet) and the non-affine modes. The new layers hold the very same arrays.
+other semantics and are left alone, like the non-affine modes. mlx-lm's
+``QuantizedSwitchLinear`` (mixture-of-experts layers) becomes
+``mlx_ext.nn.QuantizedSwitchLinear`` when mlx-lm is loaded. The new layers hold
+the very same arrays.
 
 It also routes the model's attention through ``mlx_ext.scaled_dot_product_attention``
 (lm_attention.py says how).
 """
 
+import sys
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -24,6 +27,14 @@ _TO_MLX_EXT = {
     nn.QuantizedEmbedding: ext_nn.QuantizedEmbedding,
 }
 _TO_MLX = {new: old for old, new in _TO_MLX_EXT.items()}
+
+
+def _mlx_lm_swaps() -> dict:
+    """mlx-lm's layers to swap, once mlx-lm is loaded (an optional
+    dependency: a model holding them has imported their module)."""
+    if "mlx_lm.models.switch_layers" not in sys.modules:
+        return {}
+    return {sys.modules["mlx_lm.models.switch_layers"].QuantizedSwitchLinear: ext_nn.QuantizedSwitchLinear}
 
 
 @dataclass
@@ -52,7 +63,7 @@ class PatchReport:
 def patch(model: nn.Module) -> PatchReport:
     """Swap the model's MLX quantized layers for mlx_ext's and route its
     attention through mlx_ext, in place."""
-    report = _swap_layers(model, _TO_MLX_EXT)
+    report = _swap_layers(model, {**_TO_MLX_EXT, **_mlx_lm_swaps()})
     report.attention = lm_attention.route(model)
     return report
 
@@ -60,7 +71,7 @@ def patch(model: nn.Module) -> PatchReport:
 def unpatch(model: nn.Module) -> PatchReport:
     """Swap mlx_ext's quantized layers back for MLX's and its attention back
     to MLX's, in place."""
-    report = _swap_layers(model, _TO_MLX)
+    report = _swap_layers(model, {**_TO_MLX, **{new: old for old, new in _mlx_lm_swaps().items()}})
     report.attention = lm_attention.unroute(model)
     return report
 
