@@ -12,6 +12,7 @@
 #include "common/errors.h"
 #include "common/gpu.h"
 #include "common/cpu/thread_pool.h"
+#include "gather_qmm/gather_qmm.h"
 #include "quantized_matmul/quantized_matmul.h"
 #include "sparse_matmul/sparse_matmul.h"
 
@@ -194,7 +195,66 @@ Returns:
             {"scaled_dot_product_attention",
              mlx_ext::has_gpu_kernels<mlx_ext::ScaledDotProductAttention>()},
             {"sparse_matmul", mlx_ext::has_gpu_kernels<mlx_ext::SparseMatmul>()},
+            {"gather_qmm", mlx_ext::has_gpu_kernels<mlx_ext::GatherQmm>()},
         };
       },
       "Which ops run on MLX's GPU stream in this build (the others raise there).");
+
+  m.def(
+      "gather_qmm",
+      &mlx_ext::gather_qmm,
+      "x"_a,
+      "w"_a,
+      "scales"_a,
+      "biases"_a = nb::none(),
+      "lhs_indices"_a = nb::none(),
+      "rhs_indices"_a = nb::none(),
+      nb::kw_only(),
+      "transpose"_a = true,
+      "group_size"_a = nb::none(),
+      "bits"_a = nb::none(),
+      "mode"_a = "affine",
+      "sorted_indices"_a = false,
+      "bias"_a = nb::none(),
+      "stream"_a = nb::none(),
+      nb::sig(
+          "def gather_qmm(x: mlx.core.array, w: mlx.core.array, scales: mlx.core.array, "
+          "biases: mlx.core.array | None = None, lhs_indices: mlx.core.array | None = None, "
+          "rhs_indices: mlx.core.array | None = None, *, transpose: bool = True, "
+          "group_size: int | None = None, bits: int | None = None, mode: str = 'affine', "
+          "sorted_indices: bool = False, bias: mlx.core.array | None = None, "
+          "stream: mlx.core.Stream | mlx.core.Device | None = None) -> mlx.core.array"),
+      R"(Quantized matrix multiplication with matrix-level gather (mixture of experts).
+
+Means what ``mx.gather_qmm`` means for ``mode="affine"``: ``lhs_indices`` and
+``rhs_indices`` hold flat indices into the batch dimensions of ``x`` and ``w``;
+they broadcast together, and each of their entries ``p`` gives the matrix
+``x[lhs[p]] @ dequantize(w[rhs[p]]).T`` (``transpose=True``), plus
+``bias[rhs[p]]``. A missing index array means every matrix of that batch in
+order. The CPU kernel groups the pairs by matrix of ``w`` whether or not they
+are sorted, so ``sorted_indices`` is accepted and changes nothing.
+
+Args:
+    x (array): ``(..., M, K)``; float32, float16 or bfloat16.
+    w (array): uint32 packed weights from ``mx.quantize``, ``(..., N, K*bits/32)``.
+    scales (array): per-group scales, ``(..., N, K // group_size)``.
+    biases (array): per-group biases, same shape and dtype as ``scales``.
+    lhs_indices (array, optional): integer indices into the batch of ``x``.
+    rhs_indices (array, optional): integer indices into the batch of ``w``.
+    transpose (bool): multiply by the transpose of the dequantized matrices.
+    group_size (int, optional): 32, 64 or 128; None takes the mode's default, 64.
+    bits (int, optional): 2, 3, 4, 5, 6 or 8; None takes the mode's default, 4.
+    mode (str): only ``"affine"``.
+    sorted_indices (bool): a hint that ``rhs_indices`` is sorted.
+    bias (array, optional): ``(N,)`` or one row per matrix of ``w``
+        (``(..., N)``), added in the kernel.
+    stream: the stream or device to run on (CPU only in this build).
+
+Indices known when the op is called (evaluated arrays) must lie in range, else
+ValueError; indices known only at run time that fall out of range read nothing
+and give NaN in their output block.
+
+Returns:
+    array: ``broadcast(lhs_indices, rhs_indices).shape + (M, N)``; dtype
+    promoted from x, scales (and bias). Accumulation is float32.)");
 }

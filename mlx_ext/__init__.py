@@ -18,6 +18,7 @@ if _mx.__version__ != _BUILT_WITH_MLX:
 
 from ._ext import (  # noqa: E402
     available_cpu_isas,
+    gather_qmm,
     get_cpu_isa,
     get_num_threads,
     gpu_kernels,
@@ -36,6 +37,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "available_cpu_isas",
+    "gather_qmm",
     "get_cpu_isa",
     "get_num_threads",
     "gpu_kernels",

@@ -1,16 +1,18 @@
 """Run any mlx-lm model's quantized layers and attention through mlx_ext, and back.
 
 ``patch`` swaps ``mlx.nn.QuantizedLinear`` and ``mlx.nn.QuantizedEmbedding``
-(of the modes mlx_ext computes: ``mlx_ext.nn.computes``)
-for the ``mlx_ext.nn`` layers of the same names. Layers are matched by *exact*
-type: subclasses (afm7's ``FusedQuantizedLinear``, ...) have other semantics
-and are left alone, like ``QuantizedSwitchLinear`` (no gather kernel yet).
-The new layers hold the very same arrays.
+(of the modes each computes: ``MODES`` of the ``mlx_ext.nn`` layer) for the
+``mlx_ext.nn`` layers of the same names, and, once mlx-lm is loaded, mlx-lm's
+``QuantizedSwitchLinear`` (mixture-of-experts layers, affine mode) for
+``mlx_ext.nn.QuantizedSwitchLinear``. Layers are matched by *exact* type:
+subclasses (afm7's ``FusedQuantizedLinear``, ...) have other semantics and are
+left alone. The new layers hold the very same arrays.
 
 It also routes the model's attention through ``mlx_ext.scaled_dot_product_attention``
 (lm_attention.py says how).
 """
 
+import sys
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -25,6 +27,14 @@ _TO_MLX_EXT = {
     nn.QuantizedEmbedding: ext_nn.QuantizedEmbedding,
 }
 _TO_MLX = {new: old for old, new in _TO_MLX_EXT.items()}
+
+
+def _mlx_lm_swaps() -> dict:
+    """mlx-lm's layers to swap, once mlx-lm is loaded (an optional
+    dependency: a model holding them has imported their module)."""
+    if "mlx_lm.models.switch_layers" not in sys.modules:
+        return {}
+    return {sys.modules["mlx_lm.models.switch_layers"].QuantizedSwitchLinear: ext_nn.QuantizedSwitchLinear}
 
 
 @dataclass
@@ -53,7 +63,7 @@ class PatchReport:
 def patch(model: nn.Module) -> PatchReport:
     """Swap the model's MLX quantized layers for mlx_ext's and route its
     attention through mlx_ext, in place."""
-    report = _swap_layers(model, _TO_MLX_EXT)
+    report = _swap_layers(model, {**_TO_MLX_EXT, **_mlx_lm_swaps()})
     report.attention = lm_attention.route(model)
     return report
 
@@ -61,7 +71,7 @@ def patch(model: nn.Module) -> PatchReport:
 def unpatch(model: nn.Module) -> PatchReport:
     """Swap mlx_ext's quantized layers back for MLX's and its attention back
     to MLX's, in place."""
-    report = _swap_layers(model, _TO_MLX)
+    report = _swap_layers(model, {**_TO_MLX, **{new: old for old, new in _mlx_lm_swaps().items()}})
     report.attention = lm_attention.unroute(model)
     return report
 
@@ -71,7 +81,7 @@ def _swap_layers(model: nn.Module, swaps: dict) -> PatchReport:
 
     def swap(_path, layer):
         new_type = swaps.get(type(layer))
-        if new_type is not None and ext_nn.computes(layer.mode):
+        if new_type is not None and layer.mode in getattr(new_type, "MODES", ext_nn.MODES):
             report.replaced[type(layer).__name__] += 1
             return _retyped(layer, new_type)
         if "scales" in layer:

@@ -124,3 +124,43 @@ class SparseLinear(nn.Module):
             raise ValueError(f"[mlx_ext.nn.SparseLinear] format must be 'csr', 'bitmask', 'bsr' "
                              f"or 'nm', got {format!r}")
         return cls(weight, layer.get("bias"))
+
+
+def _quantized_switch_linear() -> type:
+    """mlx-lm's ``QuantizedSwitchLinear`` (mixture-of-experts layers) with its
+    gathered product, and the per-expert bias, through ``mlx_ext.gather_qmm``.
+    Built on first use: mlx-lm is an optional dependency."""
+    from mlx_lm.models.switch_layers import QuantizedSwitchLinear as _MlxLmQuantizedSwitchLinear
+
+    from ._ext import gather_qmm
+
+    class QuantizedSwitchLinear(_MlxLmQuantizedSwitchLinear):
+        """mlx-lm's ``QuantizedSwitchLinear``: x (..., 1, K) routed to the
+        experts in ``indices`` (..., top_k), output (..., top_k, 1, N)."""
+
+        MODES = ("affine",)  # gather_qmm's (the fp modes raise there)
+
+        def __call__(self, x, indices, sorted_indices=False):
+            return gather_qmm(
+                x,
+                self["weight"],
+                self["scales"],
+                self.get("biases"),
+                rhs_indices=indices,
+                transpose=True,
+                group_size=self.group_size,
+                bits=self.bits,
+                mode=self.mode,
+                sorted_indices=sorted_indices,
+                bias=self.get("bias"),
+            )
+
+    QuantizedSwitchLinear.__module__ = __name__
+    return QuantizedSwitchLinear
+
+
+def __getattr__(name):
+    if name == "QuantizedSwitchLinear":
+        cls = globals()[name] = _quantized_switch_linear()
+        return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -157,6 +157,9 @@ def check_config(config: dict, mode: str = "affine", kv_bits: int = KV_BITS) -> 
     )
     if quantized is not None:
         result.quantized_kv_rel = max(map(relative_error, quantized, want_quantized))
+    if "QuantizedSwitchLinear" in report.left:  # an affine MoE layer mlx_ext did not take
+        result.status = "fail"
+        result.reason = "QuantizedSwitchLinear left unpatched"
     if (
         max(result.prefill_rel, result.decode_rel) > RTOL
         or result.quantized_kv_rel > QUANTIZED_KV_RTOL  # False for NaN: no quantized run

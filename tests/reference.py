@@ -384,3 +384,43 @@ def sparse_matmul(x, ws, bias=None):
     if bias is not None:
         out = out + to_f64(bias)
     return out
+
+
+def gather_qmm_with_tolerance(x, w_q, scales, biases, lhs_indices, rhs_indices, *, out_dtype, transpose=True,
+                              group_size=64, bits=4, bias=None):
+    """mx.gather_qmm's meaning, plus an optional bias ((N,) or one row per
+    matrix of w), with its tolerance: lhs/rhs indices are flat indices into
+    the batch dimensions of x (..., M, K) and w (..., rows, packed); they
+    broadcast, and entry p is x[lhs[p]] @ dequantize(w[rhs[p]]).T (transpose)
+    + bias[rhs[p]]. None means every matrix of that batch in order. Indices out
+    of range give NaN (mlx_ext's documented run-time behaviour)."""
+    x64 = to_f64(x)
+    xs = x64.reshape((-1,) + x64.shape[-2:])
+    w_np = np.array(w_q, dtype=np.uint32)
+    ws = w_np.reshape((-1,) + w_np.shape[-2:])
+    ss = to_f64(scales).reshape((ws.shape[0],) + tuple(scales.shape[-2:]))
+    bs = to_f64(biases).reshape(ss.shape)
+
+    def default(batch_shape):
+        return np.arange(int(np.prod(batch_shape, dtype=np.int64))).reshape(batch_shape)
+
+    lhs = default(x64.shape[:-2]) if lhs_indices is None else np.array(lhs_indices).astype(np.int64)
+    rhs = default(w_np.shape[:-2]) if rhs_indices is None else np.array(rhs_indices).astype(np.int64)
+    lhs, rhs = np.broadcast_arrays(lhs, rhs)
+    m = xs.shape[1]
+    n = ws.shape[1] if transpose else ws.shape[2] * 32 // bits
+    bias_rows = None
+    if bias is not None:
+        b = to_f64(bias)
+        bias_rows = np.broadcast_to(b, (ws.shape[0], n)) if b.ndim == 1 else b.reshape(-1, n)
+    expected = np.full(lhs.shape + (m, n), np.nan)
+    tol = np.zeros_like(expected)
+    kw = dict(transpose=transpose, group_size=group_size, bits=bits)
+    for at in np.ndindex(*lhs.shape):
+        l, r = int(lhs[at]), int(rhs[at])
+        if not (0 <= l < xs.shape[0] and 0 <= r < ws.shape[0]):
+            continue
+        expected[at], tol[at] = quantized_matmul_with_tolerance(
+            xs[l], ws[r], ss[r], bs[r], out_dtype=out_dtype,
+            bias=None if bias_rows is None else bias_rows[r], **kw)
+    return expected, tol

@@ -48,10 +48,10 @@ MIXTRAL = {
         (LLAMA, {"QuantizedLinear": 15, "QuantizedEmbedding": 1}, {}, {"Attention": 2}),
         (QWEN3_TIED, {"QuantizedLinear": 14, "QuantizedEmbedding": 1}, {}, {"Attention": 2}),
         # 4 attention projections + the router per layer (8-bit by quant_predicate) + lm_head;
-        # the experts' gate/up/down are QuantizedSwitchLinear (no gather kernel yet)
-        (QWEN3_MOE, {"QuantizedLinear": 11, "QuantizedEmbedding": 1}, {"QuantizedSwitchLinear": 6},
+        # the experts' gate/up/down (QuantizedSwitchLinear, through gather_qmm)
+        (QWEN3_MOE, {"QuantizedLinear": 11, "QuantizedEmbedding": 1, "QuantizedSwitchLinear": 6}, {},
          {"Attention": 2}),
-        (MIXTRAL, {"QuantizedLinear": 11, "QuantizedEmbedding": 1}, {"QuantizedSwitchLinear": 6},
+        (MIXTRAL, {"QuantizedLinear": 11, "QuantizedEmbedding": 1, "QuantizedSwitchLinear": 6}, {},
          {"MixtralAttention": 2}),
     ],
     ids=["llama", "qwen3-tied", "qwen3_moe", "mixtral"],

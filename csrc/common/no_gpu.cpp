@@ -5,6 +5,7 @@
 // with a ValueError before any kernel runs (checks.h, kernel_stream).
 #include "attention/attention.h"
 #include "common/gpu.h"
+#include "gather_qmm/gather_qmm.h"
 #include "quantized_matmul/quantized_matmul.h"
 #include "sparse_matmul/sparse_matmul.h"
 
@@ -15,17 +16,20 @@ MLX_EXT_NO_GPU_MULTI(ScaledDotProductAttention)
 MLX_EXT_NO_GPU_MULTI(ScaledDotProductAttentionVjp)
 MLX_EXT_NO_GPU(SparseMatmul)
 MLX_EXT_NO_GPU(SparseSampledMatmul)
+MLX_EXT_NO_GPU(GatherQmm)
 #elif defined(MLX_EXT_CUDA)
 MLX_EXT_NO_GPU_MULTI(ScaledDotProductAttention)
 MLX_EXT_NO_GPU_MULTI(ScaledDotProductAttentionVjp)
 MLX_EXT_NO_GPU(SparseMatmul)
 MLX_EXT_NO_GPU(SparseSampledMatmul)
+MLX_EXT_NO_GPU(GatherQmm)
 #else
 MLX_EXT_NO_GPU(QuantizedMatmul)
 MLX_EXT_NO_GPU_MULTI(ScaledDotProductAttention)
 MLX_EXT_NO_GPU_MULTI(ScaledDotProductAttentionVjp)
 MLX_EXT_NO_GPU(SparseMatmul)
 MLX_EXT_NO_GPU(SparseSampledMatmul)
+MLX_EXT_NO_GPU(GatherQmm)
 #endif
 
 } // namespace mlx_ext

@@ -1,0 +1,73 @@
+// mlx_ext.gather_qmm: mx.gather_qmm's quantized matmul with matrix-level
+// gather (affine mode), for mixtures of experts. x is (..., M, K), w a stack
+// of packed matrices (..., N, K*bits/32) (transpose=True) or (..., K,
+// N*bits/32); lhs_indices / rhs_indices hold flat indices into the batch
+// dimensions of x and w. Pair p of the broadcast indices gives
+//   out[p] = x[lhs[p]] @ dequantize(w[rhs[p]]).T (+ bias[rhs[p]]).
+// Kernels: cpu.cpp (expert-grouped, cpu_driver.cpp); no GPU kernels yet.
+#pragma once
+
+#include <optional>
+#include <string>
+
+#include "mlx/mlx.h"
+#include "mlx/primitives.h"
+
+namespace mlx_ext {
+
+namespace mx = mlx::core;
+
+mx::array gather_qmm(
+    const mx::array& x,
+    const mx::array& w,
+    const mx::array& scales,
+    const std::optional<mx::array>& biases,
+    const std::optional<mx::array>& lhs_indices,
+    const std::optional<mx::array>& rhs_indices,
+    bool transpose,
+    std::optional<int> group_size,
+    std::optional<int> bits,
+    const std::string& mode,
+    bool sorted_indices,
+    const std::optional<mx::array>& bias,
+    mx::StreamOrDevice s = {});
+
+// Inputs: x (X, M, K) with X the flattened batch of x; w (E, rows, packed),
+// scales and biases (E, rows, groups); lhs and rhs (P,) uint32, the
+// broadcast indices flattened; bias (E, N) per expert or (N,) shared, when
+// has_bias. All contiguous; x, scales, biases, bias of the output dtype. The
+// output is (P, M, N); the op function reshapes it.
+class GatherQmm : public mx::UnaryPrimitive {
+ public:
+  GatherQmm(mx::Stream stream, int group_size, int bits, bool transpose, bool has_bias)
+      : mx::UnaryPrimitive(stream),
+        group_size_(group_size),
+        bits_(bits),
+        transpose_(transpose),
+        has_bias_(has_bias) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override;
+  void eval_gpu(const std::vector<mx::array>& inputs, mx::array& out) override;
+
+  std::vector<mx::array> vjp(
+      const std::vector<mx::array>& primals,
+      const std::vector<mx::array>& cotangents,
+      const std::vector<int>& argnums,
+      const std::vector<mx::array>& outputs) override;
+  std::vector<mx::array> jvp(
+      const std::vector<mx::array>& primals,
+      const std::vector<mx::array>& tangents,
+      const std::vector<int>& argnums) override;
+
+  const char* name() const override { return "mlx_ext::GatherQmm"; }
+  bool is_equivalent(const mx::Primitive& other) const override;
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override;
+
+ private:
+  int group_size_;
+  int bits_;
+  bool transpose_;
+  bool has_bias_;
+};
+
+} // namespace mlx_ext
