@@ -18,6 +18,7 @@ import mlx.nn as nn
 from mlx.utils import tree_map
 
 from ..lm import patch
+from .cache import KV_BITS
 from .gguf import config_from_metadata, hugging_face_weights, read_gguf, tokenizer_from_metadata
 from .model import Model, ModelArgs
 from .tokenizer import Tokenizer
@@ -87,11 +88,18 @@ def load(
     bits: int = 4,
     group_size: int = 64,
     dtype: mx.Dtype | None = None,
+    kv_bits: int | None = None,
+    kv_group_size: int = 64,
     return_config: bool = False,
 ) -> tuple[Model, Tokenizer] | tuple[Model, Tokenizer, dict]:
     """(model, tokenizer) of a named model, a GGUF file, a checkpoint
     directory or a hub id, as ``mlx_lm.load`` returns them; with
-    return_config, the config (config.json's fields) as a third item."""
+    return_config, the config (config.json's fields) as a third item.
+    `kv_bits` (4 or 8; None: float) and `kv_group_size` quantize the caches
+    the model makes (Model.make_cache) along head_dim, as mlx-lm's
+    QuantizedKVCache does."""
+    if kv_bits not in (None, *KV_BITS):
+        raise ValueError(f"[mlx_ext.gpt] kv_bits must be one of {KV_BITS} or None, got {kv_bits}")
     path = resolve_model_path(path_or_hub_id)
     if path.is_file():
         tensors, metadata = read_gguf(path)
@@ -102,6 +110,8 @@ def load(
     else:
         model, config = load_model(path, bits=bits, group_size=group_size, dtype=dtype)
         tokenizer = Tokenizer.from_directory(path, config)
+    model.kv_bits, model.kv_group_size = kv_bits, kv_group_size
+    model.make_cache()  # checks the group size against the head dim now, not at the first use
     return (model, tokenizer, config) if return_config else (model, tokenizer)
 
 

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 import mlx.core as mx
 import mlx.nn as nn
 
-from .cache import KVCache
+from .._ext import scaled_dot_product_attention as fused_attention
+from .cache import Attend, KVCache
 from .rope import RoPE
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
@@ -89,9 +90,27 @@ class Attention(nn.Module):
         q = _as_dtype(self.rope(q.transpose(0, 2, 1, 3), cache.offset), cache.dtype)
         k = _as_dtype(self.rope(k.transpose(0, 2, 1, 3), cache.offset), cache.dtype)
         v = _as_dtype(v.transpose(0, 2, 1, 3), cache.dtype)
-        keys, values, mask = cache.update_and_fetch(layer, k, v)
-        out = mx.fast.scaled_dot_product_attention(q, keys, values, scale=self.scale, mask=mask)
+        out = attend(q, cache.update_and_fetch(layer, k, v), self.scale, cache)
         return self.o_proj(_as_dtype(out, x.dtype).transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+
+def attend(q: mx.array, a: Attend, scale: float, cache: KVCache) -> mx.array:
+    """Attention of q (B, Hq, L, D) over what the cache gives. On the CPU:
+    mlx_ext's fused op, which reads quantized keys/values as packed codes and
+    takes the decode step's valid lengths (no dense mask, no L x S scores). It
+    has no GPU kernels: there, MLX's attention, with the lengths as a mask and
+    a quantized cache dequantized."""
+    if mx.default_device() == mx.cpu:
+        return fused_attention(
+            q, a.keys, a.values, scale=scale, mask=a.mask, kv_lengths=a.kv_lengths,
+            group_size=cache.group_size, bits=cache.bits,
+        )
+    keys, values, mask = a.keys, a.values, a.mask
+    if cache.bits is not None:
+        keys, values = (mx.dequantize(*t, cache.group_size, cache.bits) for t in (keys, values))
+    if a.kv_lengths is not None:
+        mask = (mx.arange(keys.shape[2]) < a.kv_lengths[:, None])[:, None, None, :]
+    return mx.fast.scaled_dot_product_attention(q, keys, values, scale=scale, mask=mask)
 
 
 def _as_dtype(x: mx.array, dtype: mx.Dtype) -> mx.array:
@@ -134,6 +153,7 @@ class Model(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
+        self.kv_bits, self.kv_group_size = None, 64  # make_cache's defaults
         self.model = Backbone(args)
         if not args.tie_word_embeddings:
             self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
@@ -160,11 +180,18 @@ class Model(nn.Module):
         """The activation dtype: that of the float parameters."""
         return self.model.norm.weight.dtype
 
-    def make_cache(self) -> KVCache:
+    def make_cache(self, kv_bits: int | None = None, kv_group_size: int | None = None) -> KVCache:
+        """An empty cache; `kv_bits` 4 or 8 quantizes it along head_dim in
+        groups of `kv_group_size` (mlx-lm's QuantizedKVCache). The defaults are
+        the model's `kv_bits` / `kv_group_size` (set by gpt.load; None: float)."""
         # MLX's CPU matmul has no fast half-precision path: there, keys, values
         # and attention stay float32 (faster and more accurate, twice the memory).
         dtype = mx.float32 if mx.default_device() == mx.cpu else self.dtype
-        return KVCache(self.args.num_hidden_layers, self.args.num_key_value_heads, self.args.head_dim, dtype)
+        return KVCache(
+            self.args.num_hidden_layers, self.args.num_key_value_heads, self.args.head_dim, dtype,
+            bits=self.kv_bits if kv_bits is None else kv_bits,
+            group_size=kv_group_size or self.kv_group_size,
+        )
 
     def sanitize(self, weights: dict) -> dict:
         """Drops what checkpoints carry beyond the parameters: precomputed RoPE
