@@ -37,6 +37,25 @@ class QuantizedLinear(nn.QuantizedLinear):
         return _quantized_matmul(self, x, self.get("bias"))
 
 
+class QuantizedSwiGLU(QuantizedLinear):
+    """A quantized linear layer whose rows are a gate projection and then an
+    up projection of one width I (its weight is (2 I, K)); returns
+    silu(x @ gate.T) * (x @ up.T), shape (..., I)."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        gate, up = mx.split(_quantized_matmul(self, x, self.get("bias")), 2, axis=-1)
+        return nn.silu(gate) * up
+
+
+class MLXQuantizedSwiGLU(nn.QuantizedLinear):
+    """``QuantizedSwiGLU`` through MLX's own quantized matmul: what
+    ``mlx_ext.unpatch`` swaps it for (and ``patch`` back)."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        gate, up = mx.split(super().__call__(x), 2, axis=-1)
+        return nn.silu(gate) * up
+
+
 class QuantizedEmbedding(nn.QuantizedEmbedding):
     """``mlx.nn.QuantizedEmbedding`` whose ``as_linear`` (a tied LM head) runs
     through mlx_ext; row lookups stay MLX's gather + dequantize."""

@@ -80,15 +80,22 @@ class Attention(nn.Module):
         self.rope = RoPE(hd, args.rope_theta, args.rope_scaling)
         self.scale = hd**-0.5
 
-    def __call__(self, x: mx.array, cache: KVCache, layer: int) -> mx.array:
+    def __call__(self, x: mx.array, cache: KVCache, layer: int, rope_tables=None) -> mx.array:
         B, L, _ = x.shape
-        q = self.q_proj(x).reshape(B, L, self.n_heads, self.head_dim)
-        k = self.k_proj(x).reshape(B, L, self.n_kv_heads, self.head_dim)
-        v = self.v_proj(x).reshape(B, L, self.n_kv_heads, self.head_dim)
+        if rope_tables is None:
+            rope_tables = self.rope.tables(cache.offset, L)
+        if "qkv_proj" in self:  # fused at load (fuse.py): one product, rows q, k, v
+            nq, nkv = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+            q, k, v = mx.split(self.qkv_proj(x), [nq, nq + nkv], axis=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.reshape(B, L, self.n_heads, self.head_dim)
+        k = k.reshape(B, L, self.n_kv_heads, self.head_dim)
+        v = v.reshape(B, L, self.n_kv_heads, self.head_dim)
         if "q_norm" in self:
             q, k = self.q_norm(q), self.k_norm(k)
-        q = _as_dtype(self.rope(q.transpose(0, 2, 1, 3), cache.offset), cache.dtype)
-        k = _as_dtype(self.rope(k.transpose(0, 2, 1, 3), cache.offset), cache.dtype)
+        q = _as_dtype(self.rope.apply(q.transpose(0, 2, 1, 3), rope_tables), cache.dtype)
+        k = _as_dtype(self.rope.apply(k.transpose(0, 2, 1, 3), rope_tables), cache.dtype)
         v = _as_dtype(v.transpose(0, 2, 1, 3), cache.dtype)
         out = attend(q, cache.update_and_fetch(layer, k, v), self.scale, cache)
         return self.o_proj(_as_dtype(out, x.dtype).transpose(0, 2, 1, 3).reshape(B, L, -1))
@@ -125,6 +132,8 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
 
     def __call__(self, x: mx.array) -> mx.array:
+        if "gate_up_proj" in self:  # fused at load (fuse.py): SwiGLU in the product's epilogue
+            return self.down_proj(self.gate_up_proj(x))
         return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -136,8 +145,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
         self.mlp = MLP(args)
 
-    def __call__(self, x: mx.array, cache: KVCache, layer: int) -> mx.array:
-        h = x + self.self_attn(self.input_layernorm(x), cache, layer)
+    def __call__(self, x: mx.array, cache: KVCache, layer: int, rope_tables=None) -> mx.array:
+        h = x + self.self_attn(self.input_layernorm(x), cache, layer, rope_tables)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -167,8 +176,10 @@ class Model(nn.Module):
         if isinstance(cache.offset, int):  # outside a compiled step: room is made here
             cache.reserve(tokens.shape[0], tokens.shape[1])
         h = self.model.embed_tokens(tokens)
+        # every layer rotates at the same positions: the cos/sin tables once
+        rope_tables = self.model.layers[0].self_attn.rope.tables(cache.offset, tokens.shape[1])
         for i, layer in enumerate(self.model.layers):
-            h = layer(h, cache, i)
+            h = layer(h, cache, i, rope_tables)
         cache.offset = cache.offset + tokens.shape[1]
         h = self.model.norm(h)
         if self.args.tie_word_embeddings:
