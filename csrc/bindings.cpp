@@ -11,6 +11,7 @@
 #include "common/errors.h"
 #include "common/cpu/thread_pool.h"
 #include "quantized_matmul/quantized_matmul.h"
+#include "quantized_swiglu/quantized_swiglu.h"
 #include "sparse_matmul/sparse_matmul.h"
 
 namespace nb = nanobind;
@@ -68,6 +69,42 @@ Args:
 Returns:
     array: shape ``(..., N)``; dtype promoted from x, scales (and bias).
     Accumulation is float32 for every dtype.)");
+
+  m.def(
+      "quantized_swiglu",
+      &mlx_ext::quantized_swiglu,
+      "x"_a,
+      "w"_a,
+      "scales"_a,
+      "biases"_a,
+      nb::kw_only(),
+      "group_size"_a = nb::none(),
+      "bits"_a = nb::none(),
+      "stream"_a = nb::none(),
+      nb::sig(
+          "def quantized_swiglu(x: mlx.core.array, w: mlx.core.array, scales: mlx.core.array, "
+          "biases: mlx.core.array, *, group_size: int | None = None, bits: int | None = None, "
+          "stream: mlx.core.Stream | mlx.core.Device | None = None) -> mlx.core.array"),
+      R"(SwiGLU's gate and up projections as one quantized product, the activation in its epilogue.
+
+``w`` stacks the gate projection's rows over the up projection's, ``(2 I, K)``
+packed by ``mx.quantize`` (affine); the result is
+``silu(x @ gate.T) * (x @ up.T)`` with ``silu(g) = g * sigmoid(g)``: what
+``nn.silu(quantized_matmul(x, w_gate, ...)) * quantized_matmul(x, w_up, ...)``
+gives, in one call. CPU only for now.
+
+Args:
+    x (array): ``(..., K)``; float32, float16 or bfloat16.
+    w (array): uint32 packed weights, ``(2 I, K * bits / 32)``.
+    scales, biases (array): ``(2 I, K // group_size)``, one float dtype.
+    group_size (int, optional): 32, 64 or 128 (default 64).
+    bits (int, optional): 2, 3, 4, 5, 6 or 8 (default 4).
+    stream: the stream or device to run on.
+
+Returns:
+    array: ``(..., I)``; dtype promoted from x and scales. The product
+    accumulates in float32 and the epilogue runs in float32; differentiable
+    with respect to x (vjp, jvp) and vmap over x.)");
 
   m.def(
       "scaled_dot_product_attention",

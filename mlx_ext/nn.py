@@ -12,7 +12,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from . import sparse
-from ._ext import quantized_matmul
+from ._ext import quantized_matmul, quantized_swiglu
 
 
 def _quantized_matmul(layer, x: mx.array, bias=None) -> mx.array:
@@ -43,8 +43,10 @@ class QuantizedSwiGLU(QuantizedLinear):
     silu(x @ gate.T) * (x @ up.T), shape (..., I)."""
 
     def __call__(self, x: mx.array) -> mx.array:
-        gate, up = mx.split(_quantized_matmul(self, x, self.get("bias")), 2, axis=-1)
-        return nn.silu(gate) * up
+        if "bias" in self or self.mode != "affine" or mx.default_device() != mx.cpu:
+            gate, up = mx.split(_quantized_matmul(self, x, self.get("bias")), 2, axis=-1)
+            return nn.silu(gate) * up
+        return quantized_swiglu(x, self.weight, self.scales, self.biases, group_size=self.group_size, bits=self.bits)
 
 
 class MLXQuantizedSwiGLU(nn.QuantizedLinear):

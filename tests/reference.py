@@ -308,3 +308,24 @@ def sparse_matmul(x, ws, bias=None):
     if bias is not None:
         out = out + to_f64(bias)
     return out
+
+
+def silu(x: np.ndarray) -> np.ndarray:
+    return x / (1.0 + np.exp(-x))
+
+
+def quantized_swiglu_with_tolerance(x, w_q, scales, biases, *, out_dtype, group_size=64, bits=4):
+    """(silu(x @ gate.T) * (x @ up.T), its tolerance) for w stacking the gate
+    rows over the up rows, computed by a kernel whose product is
+    quantized_matmul_with_tolerance's and whose epilogue runs in float32 and
+    rounds once to out_dtype. The product's errors dg, du reach the output
+    through |silu'(g)| <= 1.1 and |silu(g)|."""
+    both, tol = quantized_matmul_with_tolerance(
+        x, w_q, scales, biases, out_dtype=mx.float32, group_size=group_size, bits=bits
+    )
+    half = both.shape[-1] // 2
+    g, u = both[..., :half], both[..., half:]
+    expected = silu(g) * u
+    tol = (1.1 * np.abs(u) * tol[..., :half] + np.abs(silu(g)) * tol[..., half:]
+           + (eps(out_dtype) + 8 * EPS[mx.float32]) * np.abs(expected) + 1e-30)
+    return expected, tol

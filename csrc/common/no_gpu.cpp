@@ -6,6 +6,7 @@
 #include "attention/attention.h"
 #include "common/gpu.h"
 #include "quantized_matmul/quantized_matmul.h"
+#include "quantized_swiglu/quantized_swiglu.h"
 #include "sparse_matmul/sparse_matmul.h"
 
 namespace mlx_ext {
@@ -15,17 +16,20 @@ MLX_EXT_NO_GPU_MULTI(ScaledDotProductAttention)
 MLX_EXT_NO_GPU_MULTI(ScaledDotProductAttentionVjp)
 MLX_EXT_NO_GPU(SparseMatmul)
 MLX_EXT_NO_GPU(SparseSampledMatmul)
+MLX_EXT_NO_GPU(QuantizedSwiGLU)
 #elif defined(MLX_EXT_CUDA)
 MLX_EXT_NO_GPU_MULTI(ScaledDotProductAttention)
 MLX_EXT_NO_GPU_MULTI(ScaledDotProductAttentionVjp)
 MLX_EXT_NO_GPU(SparseMatmul)
 MLX_EXT_NO_GPU(SparseSampledMatmul)
+MLX_EXT_NO_GPU(QuantizedSwiGLU)
 #else
 MLX_EXT_NO_GPU(QuantizedMatmul)
 MLX_EXT_NO_GPU_MULTI(ScaledDotProductAttention)
 MLX_EXT_NO_GPU_MULTI(ScaledDotProductAttentionVjp)
 MLX_EXT_NO_GPU(SparseMatmul)
 MLX_EXT_NO_GPU(SparseSampledMatmul)
+MLX_EXT_NO_GPU(QuantizedSwiGLU)
 #endif
 
 } // namespace mlx_ext
