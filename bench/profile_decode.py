@@ -42,6 +42,7 @@ import mlx.nn as nn
 
 import mlx_ext
 import mlx_ext.gpt.cache as gpt_cache
+import mlx_ext.nn as ext_nn
 import mlx_ext.gpt.model as gpt_model
 from mlx_ext import gpt
 from mlx_ext.gpt.rope import RoPE
@@ -186,7 +187,7 @@ def in_place_costs(model, prompt, max_tokens: int, rounds: int = 5) -> dict:
     variant's): the variants interleaved round by round, the differences
     paired within a round (a shared machine's load moves between rounds more
     than within one)."""
-    original = dict(apply=RoPE.apply, norm=nn.RMSNorm.__call__, attend=gpt_model.attend,
+    original = dict(apply=RoPE.apply, norm=ext_nn.RMSNorm.__call__, attend=gpt_model.attend,
                     update=gpt_cache.KVCache.update_and_fetch)
 
     def no_cache_write(cache, layer, keys, values):
@@ -207,14 +208,14 @@ def in_place_costs(model, prompt, max_tokens: int, rounds: int = 5) -> dict:
         for _ in range(rounds):
             for name, change in variants.items():
                 RoPE.apply = change.get("apply", original["apply"])
-                nn.RMSNorm.__call__ = change.get("norm", original["norm"])
+                ext_nn.RMSNorm.__call__ = change.get("norm", original["norm"])
                 gpt_model.attend = change.get("attend", original["attend"])
                 gpt_cache.KVCache.update_and_fetch = change.get("update", original["update"])
                 gpt.generate(model, _NoText(), prompt, max_tokens=2)
                 run = gpt.generate(model, _NoText(), prompt, max_tokens=max_tokens)
                 times[name].append(1e3 / run.stats.generation_tps)
     finally:
-        RoPE.apply, nn.RMSNorm.__call__ = original["apply"], original["norm"]
+        RoPE.apply, ext_nn.RMSNorm.__call__ = original["apply"], original["norm"]
         gpt_model.attend, gpt_cache.KVCache.update_and_fetch = original["attend"], original["update"]
     full = times["full step"]
     return {name: (statistics.median(v), statistics.median(f - t for f, t in zip(full, v)))

@@ -12,6 +12,7 @@
 #include "common/cpu/thread_pool.h"
 #include "quantized_matmul/quantized_matmul.h"
 #include "quantized_swiglu/quantized_swiglu.h"
+#include "rms_norm/rms_norm.h"
 #include "sparse_matmul/sparse_matmul.h"
 
 namespace nb = nanobind;
@@ -105,6 +106,33 @@ Returns:
     array: ``(..., I)``; dtype promoted from x and scales. The product
     accumulates in float32 and the epilogue runs in float32; differentiable
     with respect to x (vjp, jvp) and vmap over x.)");
+
+  m.def(
+      "rms_norm",
+      &mlx_ext::rms_norm,
+      "x"_a,
+      "weight"_a.none(),
+      "eps"_a,
+      nb::kw_only(),
+      "stream"_a = nb::none(),
+      nb::sig(
+          "def rms_norm(x: mlx.core.array, weight: mlx.core.array | None, eps: float, *, "
+          "stream: mlx.core.Stream | mlx.core.Device | None = None) -> mlx.core.array"),
+      R"(Root-mean-square normalization over the last axis, as ``mx.fast.rms_norm``.
+
+``x * rsqrt(mean(x ** 2, axis=-1) + eps) * weight``, computed in float32 and
+returned in x's dtype, as one CPU primitive (MLX's CPU backend runs
+``mx.fast.rms_norm`` as a graph of several). CPU only for now.
+
+Args:
+    x (array): ``(..., D)``; float32, float16 or bfloat16.
+    weight (array or None): ``(D,)``, cast to x's dtype; None: no scaling.
+    eps (float): added to the mean square; >= 0.
+    stream: the stream or device to run on.
+
+Returns:
+    array: x's shape and dtype. Differentiable (vjp, jvp) in x and weight;
+    vmap over x.)");
 
   m.def(
       "scaled_dot_product_attention",

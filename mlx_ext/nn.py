@@ -12,7 +12,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from . import sparse
-from ._ext import quantized_matmul, quantized_swiglu
+from ._ext import quantized_matmul, quantized_swiglu, rms_norm
 
 
 def _quantized_matmul(layer, x: mx.array, bias=None) -> mx.array:
@@ -56,6 +56,17 @@ class MLXQuantizedSwiGLU(nn.QuantizedLinear):
     def __call__(self, x: mx.array) -> mx.array:
         gate, up = mx.split(super().__call__(x), 2, axis=-1)
         return nn.silu(gate) * up
+
+
+class RMSNorm(nn.RMSNorm):
+    """``mlx.nn.RMSNorm`` through ``mlx_ext.rms_norm`` on the CPU (one
+    primitive where MLX's CPU backend runs a graph of several); MLX's own
+    elsewhere."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        if mx.default_device() != mx.cpu:
+            return super().__call__(x)
+        return rms_norm(x, self["weight"], self.eps)
 
 
 class QuantizedEmbedding(nn.QuantizedEmbedding):

@@ -329,3 +329,17 @@ def quantized_swiglu_with_tolerance(x, w_q, scales, biases, *, out_dtype, group_
     tol = (1.1 * np.abs(u) * tol[..., :half] + np.abs(silu(g)) * tol[..., half:]
            + (eps(out_dtype) + 8 * EPS[mx.float32]) * np.abs(expected) + 1e-30)
     return expected, tol
+
+
+def rms_norm_with_tolerance(x, weight, epsilon: float, *, out_dtype):
+    """(x / sqrt(mean(x^2) + epsilon) * weight over the last axis, its
+    tolerance) for a kernel that works in float32 (about D + 8 roundings reach
+    each output through the mean square) and rounds once to out_dtype."""
+    x64 = to_f64(x)
+    r = 1.0 / np.sqrt((x64 * x64).mean(axis=-1, keepdims=True) + epsilon)
+    w = np.ones(x64.shape[-1]) if weight is None else to_f64(weight)
+    expected = x64 * r * w
+    # + the spacing of out_dtype's subnormals (float16's reach 6e-5)
+    subnormal = {mx.float16: 2.0**-24}.get(out_dtype, 0.0)
+    tol = ((x64.shape[-1] + 8) * EPS[mx.float32] + eps(out_dtype)) * np.abs(expected) + subnormal + 1e-30
+    return expected, tol

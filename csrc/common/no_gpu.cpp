@@ -7,6 +7,7 @@
 #include "common/gpu.h"
 #include "quantized_matmul/quantized_matmul.h"
 #include "quantized_swiglu/quantized_swiglu.h"
+#include "rms_norm/rms_norm.h"
 #include "sparse_matmul/sparse_matmul.h"
 
 namespace mlx_ext {
@@ -17,12 +18,14 @@ MLX_EXT_NO_GPU_MULTI(ScaledDotProductAttentionVjp)
 MLX_EXT_NO_GPU(SparseMatmul)
 MLX_EXT_NO_GPU(SparseSampledMatmul)
 MLX_EXT_NO_GPU(QuantizedSwiGLU)
+MLX_EXT_NO_GPU(RMSNorm)
 #elif defined(MLX_EXT_CUDA)
 MLX_EXT_NO_GPU_MULTI(ScaledDotProductAttention)
 MLX_EXT_NO_GPU_MULTI(ScaledDotProductAttentionVjp)
 MLX_EXT_NO_GPU(SparseMatmul)
 MLX_EXT_NO_GPU(SparseSampledMatmul)
 MLX_EXT_NO_GPU(QuantizedSwiGLU)
+MLX_EXT_NO_GPU(RMSNorm)
 #else
 MLX_EXT_NO_GPU(QuantizedMatmul)
 MLX_EXT_NO_GPU_MULTI(ScaledDotProductAttention)
@@ -30,6 +33,7 @@ MLX_EXT_NO_GPU_MULTI(ScaledDotProductAttentionVjp)
 MLX_EXT_NO_GPU(SparseMatmul)
 MLX_EXT_NO_GPU(SparseSampledMatmul)
 MLX_EXT_NO_GPU(QuantizedSwiGLU)
+MLX_EXT_NO_GPU(RMSNorm)
 #endif
 
 } // namespace mlx_ext

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 import mlx.nn as nn
 
+from .. import nn as ext_nn
 from .._ext import scaled_dot_product_attention as fused_attention
 from .cache import Attend, KVCache
 from .rope import RoPE
@@ -75,8 +76,8 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(d, self.n_kv_heads * hd, bias=qkv_bias)
         self.o_proj = nn.Linear(self.n_heads * hd, d, bias=False)
         if args.model_type == "qwen3":
-            self.q_norm = nn.RMSNorm(hd, eps=args.rms_norm_eps)
-            self.k_norm = nn.RMSNorm(hd, eps=args.rms_norm_eps)
+            self.q_norm = ext_nn.RMSNorm(hd, eps=args.rms_norm_eps)
+            self.k_norm = ext_nn.RMSNorm(hd, eps=args.rms_norm_eps)
         self.rope = RoPE(hd, args.rope_theta, args.rope_scaling)
         self.scale = hd**-0.5
 
@@ -140,9 +141,9 @@ class MLP(nn.Module):
 class DecoderLayer(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
-        self.input_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self.input_layernorm = ext_nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
         self.self_attn = Attention(args)
-        self.post_attention_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self.post_attention_layernorm = ext_nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
         self.mlp = MLP(args)
 
     def __call__(self, x: mx.array, cache: KVCache, layer: int, rope_tables=None) -> mx.array:
@@ -155,7 +156,7 @@ class Backbone(nn.Module):
         super().__init__()
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
         self.layers = [DecoderLayer(args) for _ in range(args.num_hidden_layers)]
-        self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self.norm = ext_nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
 
 
 class Model(nn.Module):
