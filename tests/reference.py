@@ -317,11 +317,12 @@ def silu(x: np.ndarray) -> np.ndarray:
 def quantized_swiglu_with_tolerance(x, w_q, scales, biases, *, out_dtype, group_size=64, bits=4):
     """(silu(x @ gate.T) * (x @ up.T), its tolerance) for w stacking the gate
     rows over the up rows, computed by a kernel whose product is
-    quantized_matmul_with_tolerance's and whose epilogue runs in float32 and
-    rounds once to out_dtype. The product's errors dg, du reach the output
-    through |silu'(g)| <= 1.1 and |silu(g)|."""
+    quantized_matmul_with_tolerance's (rounded to out_dtype, as the unfused
+    layer's would be) and whose epilogue runs in float32 and rounds once to
+    out_dtype. The product's errors dg, du reach the output through
+    |silu'(g)| <= 1.1 and |silu(g)|."""
     both, tol = quantized_matmul_with_tolerance(
-        x, w_q, scales, biases, out_dtype=mx.float32, group_size=group_size, bits=bits
+        x, w_q, scales, biases, out_dtype=out_dtype, group_size=group_size, bits=bits
     )
     half = both.shape[-1] // 2
     g, u = both[..., :half], both[..., half:]

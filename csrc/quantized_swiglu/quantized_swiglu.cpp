@@ -40,10 +40,10 @@ mx::array quantized_swiglu(
 
   const auto out_type = mx::promote_types(x.dtype(), scales.dtype());
   const auto stream = kernel_stream<QuantizedSwiGLU>(kOp, s);
-  // The kernel accumulates in float32 into a float32 scratch (the product's
-  // 2 I columns per row), so scales and biases are read as float32.
+  // As quantized_matmul: everything but w in the output dtype (weights stored
+  // in it need no cast node per call), the product accumulated in float32.
   std::vector<mx::array> inputs{kernel_input(x, out_type, stream), contiguous_input(w, stream),
-      kernel_input(scales, mx::float32, stream), kernel_input(biases, mx::float32, stream)};
+      kernel_input(scales, out_type, stream), kernel_input(biases, out_type, stream)};
   auto out_shape = x.shape();
   out_shape.back() = rows / 2;
   return mx::array(std::move(out_shape), out_type,

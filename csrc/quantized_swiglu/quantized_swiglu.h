@@ -24,8 +24,8 @@ mx::array quantized_swiglu(
     std::optional<int> bits,
     mx::StreamOrDevice s = {});
 
-// Inputs: x (..., K) in the output dtype, w (2 I, K * bits / 32) uint32,
-// scales and biases (2 I, K / group_size) float32; all contiguous.
+// Inputs: x (..., K), w (2 I, K * bits / 32) uint32, scales and biases
+// (2 I, K / group_size); all contiguous and (but w) in the output dtype.
 class QuantizedSwiGLU : public mx::UnaryPrimitive {
  public:
   QuantizedSwiGLU(mx::Stream stream, int group_size, int bits)
