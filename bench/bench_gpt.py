@@ -179,6 +179,7 @@ def main():
     parser.add_argument("--models", nargs="*", default=sorted({case[0] for case in CASES}),
                         help="models of CASES to run (default: all)")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--no-llama-cpp", action="store_true", help="leave llama.cpp out even if installed")
     args = parser.parse_args()
 
     load = " ".join(f"{v:.2f}" for v in os.getloadavg())
@@ -199,7 +200,7 @@ def main():
                 checkpoint = mlx_lm_checkpoint(model, Path(converted))
                 theirs = time_mlx_lm(checkpoint, dtype, prompt, max_tokens, args.repeats)
             gguf = gpt.resolve_model_path(model)
-            if gguf.is_file() and model not in llama_cpp:
+            if gguf.is_file() and model not in llama_cpp and not args.no_llama_cpp:
                 llama_cpp[model] = time_llama_cpp(gguf, prompt, max_tokens, args.repeats)
             cpp = llama_cpp.get(model)
             # A decode step reads every parameter once (the tied head re-reads the embedding).

@@ -181,7 +181,7 @@ def qmm_layers(model) -> dict:
     return layers
 
 
-def in_place_costs(model, prompt, max_tokens: int, rounds: int = 5) -> dict:
+def in_place_costs(model, prompt, max_tokens: int, rounds: int = 3) -> dict:
     """Variant -> (median ms per decode step with one piece removed (or the
     full step's), median over rounds of the full step's time minus the
     variant's): the variants interleaved round by round, the differences
@@ -241,7 +241,7 @@ def main():
     parser.add_argument("--model", default="smollm2")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16"])
     parser.add_argument("--prompt-tokens", type=int, default=512)
-    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--max-tokens", type=int, default=48)
     args = parser.parse_args()
     load = " ".join(f"{v:.2f}" for v in os.getloadavg())
     model, tokenizer = gpt.load(args.model, dtype=getattr(mx, args.dtype))
