@@ -26,7 +26,7 @@ BUILD_STAMP := build/.mlx_ext-built
 SOURCES := $(shell find csrc metal mlx_ext -type f -not -name '*.pyc' -not -name '*.so' 2>/dev/null) \
            CMakeLists.txt pyproject.toml
 
-.PHONY: demo test test-gpu bench build clean
+.PHONY: demo test test-gpu bench bench-gpt build clean
 
 demo: $(BUILD_STAMP) $(MODEL_STAMP)
 	$(PY) -m mlx_ext.generate --model smollm2 --chat "What is the capital of France?" --compare
@@ -42,9 +42,32 @@ test-gpu: $(BUILD_STAMP)
 	$(PY) -m pytest tests -q --device gpu
 
 # matplotlib draws the PNG beside each results table (the bench extra).
-bench: $(BUILD_STAMP)
+bench: $(BUILD_STAMP) bench-gpt
 	$(PIP) install --quiet "matplotlib>=3.7"
 	$(PY) -m bench.bench_quantized_matmul
+
+# The GPT loop against mlx_lm.generate and llama.cpp. llama-cpp-python is the
+# bench's own requirement (never make test's): built from source with CMake
+# for this CPU, several minutes on 2 cores, once. GGML_NATIVE gives llama.cpp
+# its default optimisations for the build machine; where cpuid reports AMX
+# (the CI VM does, without granting it: llama_decode then segfaults) the same
+# instruction sets are named one by one, AMX left out. --no-cache-dir: pip's
+# wheel cache ignores CMAKE_ARGS, and a cached wheel built with AMX segfaults.
+LLAMA_CPP_REQ := llama-cpp-python==0.3.36
+LLAMA_CPP_NATIVE_NO_AMX := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON \
+  -DGGML_BMI2=ON -DGGML_AVX_VNNI=ON -DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON \
+  -DGGML_AVX512_BF16=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF
+LLAMA_CPP_CMAKE_ARGS ?= $(if $(shell grep -qw amx_tile /proc/cpuinfo 2>/dev/null && echo amx),\
+  $(LLAMA_CPP_NATIVE_NO_AMX),-DGGML_NATIVE=ON) -DLLAMA_CURL=OFF
+LLAMA_CPP_STAMP := $(VENV)/.llama-cpp-installed
+$(LLAMA_CPP_STAMP): $(DEPS_STAMP)
+	CMAKE_ARGS="$(LLAMA_CPP_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
+	  $(PIP) install --no-cache-dir --force-reinstall --no-deps --no-binary llama-cpp-python $(LLAMA_CPP_REQ)
+	$(PIP) install --quiet diskcache  # llama-cpp-python's one runtime dependency the bench needs
+	touch $@
+
+bench-gpt: $(BUILD_STAMP) $(MODEL_STAMP) $(LLAMA_CPP_STAMP)
+	$(PY) -m bench.bench_gpt
 
 build: $(BUILD_STAMP)
 

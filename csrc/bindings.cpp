@@ -14,6 +14,8 @@
 #include "common/cpu/thread_pool.h"
 #include "gather_qmm/gather_qmm.h"
 #include "quantized_matmul/quantized_matmul.h"
+#include "quantized_swiglu/quantized_swiglu.h"
+#include "rms_norm/rms_norm.h"
 #include "sparse_matmul/sparse_matmul.h"
 
 namespace nb = nanobind;
@@ -77,6 +79,69 @@ Args:
 Returns:
     array: shape ``(..., N)``; dtype promoted from x, scales (and bias).
     Accumulation is float32 for every dtype.)");
+
+  m.def(
+      "quantized_swiglu",
+      &mlx_ext::quantized_swiglu,
+      "x"_a,
+      "w"_a,
+      "scales"_a,
+      "biases"_a,
+      nb::kw_only(),
+      "group_size"_a = nb::none(),
+      "bits"_a = nb::none(),
+      "stream"_a = nb::none(),
+      nb::sig(
+          "def quantized_swiglu(x: mlx.core.array, w: mlx.core.array, scales: mlx.core.array, "
+          "biases: mlx.core.array, *, group_size: int | None = None, bits: int | None = None, "
+          "stream: mlx.core.Stream | mlx.core.Device | None = None) -> mlx.core.array"),
+      R"(SwiGLU's gate and up projections as one quantized product, the activation in its epilogue.
+
+``w`` stacks the gate projection's rows over the up projection's, ``(2 I, K)``
+packed by ``mx.quantize`` (affine); the result is
+``silu(x @ gate.T) * (x @ up.T)`` with ``silu(g) = g * sigmoid(g)``: what
+``nn.silu(quantized_matmul(x, w_gate, ...)) * quantized_matmul(x, w_up, ...)``
+gives, in one call. CPU only for now.
+
+Args:
+    x (array): ``(..., K)``; float32, float16 or bfloat16.
+    w (array): uint32 packed weights, ``(2 I, K * bits / 32)``.
+    scales, biases (array): ``(2 I, K // group_size)``, one float dtype.
+    group_size (int, optional): 32, 64 or 128 (default 64).
+    bits (int, optional): 2, 3, 4, 5, 6 or 8 (default 4).
+    stream: the stream or device to run on.
+
+Returns:
+    array: ``(..., I)``; dtype promoted from x and scales. The product
+    accumulates in float32 and the epilogue runs in float32; differentiable
+    with respect to x (vjp, jvp) and vmap over x.)");
+
+  m.def(
+      "rms_norm",
+      &mlx_ext::rms_norm,
+      "x"_a,
+      "weight"_a.none(),
+      "eps"_a,
+      nb::kw_only(),
+      "stream"_a = nb::none(),
+      nb::sig(
+          "def rms_norm(x: mlx.core.array, weight: mlx.core.array | None, eps: float, *, "
+          "stream: mlx.core.Stream | mlx.core.Device | None = None) -> mlx.core.array"),
+      R"(Root-mean-square normalization over the last axis, as ``mx.fast.rms_norm``.
+
+``x * rsqrt(mean(x ** 2, axis=-1) + eps) * weight``, computed in float32 and
+returned in x's dtype, as one CPU primitive (MLX's CPU backend runs
+``mx.fast.rms_norm`` as a graph of several). CPU only for now.
+
+Args:
+    x (array): ``(..., D)``; float32, float16 or bfloat16.
+    weight (array or None): ``(D,)``, cast to x's dtype; None: no scaling.
+    eps (float): added to the mean square; >= 0.
+    stream: the stream or device to run on.
+
+Returns:
+    array: x's shape and dtype. Differentiable (vjp, jvp) in x and weight;
+    vmap over x.)");
 
   m.def(
       "scaled_dot_product_attention",

@@ -36,7 +36,9 @@ def quantization_block(model) -> dict:
 
 def convert(model_path: str | Path, out_dir: str | Path, *, bits: int = 4, group_size: int = 64) -> Path:
     """Writes the mlx-lm checkpoint of a GGUF file (or named model) to out_dir."""
-    model, tokenizer, config = gpt.load(model_path, bits=bits, group_size=group_size, return_config=True)
+    model, tokenizer, config = gpt.load(
+        model_path, bits=bits, group_size=group_size, fuse=False, return_config=True  # the checkpoint's layers
+    )
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     mx.save_safetensors(

@@ -46,6 +46,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--bits", type=int, default=4, help="for checkpoints stored unquantized")
     parser.add_argument("--group-size", type=int, default=64, help="for checkpoints stored unquantized")
+    parser.add_argument("--kv-bits", type=int, choices=(4, 8),
+                        help="quantize the key/value cache (as mlx-lm's --kv-bits; default: float)")
+    parser.add_argument("--kv-group-size", type=int, choices=(32, 64, 128), default=64,
+                        help="group size of the quantized key/value cache, along the head dim")
     parser.add_argument("--dtype", choices=DTYPES, help="activation dtype (default: the checkpoint's)")
     parser.add_argument("--compare", action="store_true",
                         help="also run with MLX's quantized matmul and compare speed and tokens")
@@ -136,9 +140,9 @@ def main(argv=None) -> int:
     try:
         model, tokenizer, config = gpt.load(
             args.model, bits=args.bits, group_size=args.group_size, dtype=DTYPES.get(args.dtype),
-            return_config=True,
+            kv_bits=args.kv_bits, kv_group_size=args.kv_group_size, return_config=True,
         )
-    except (gpt.ModelNotFoundError, gpt.GGUFError) as e:
+    except (gpt.ModelNotFoundError, gpt.GGUFError, ValueError) as e:  # load's errors say what is wrong
         print(e, file=sys.stderr)
         return 1
     if args.chat is not None and tokenizer.chat_template is None:

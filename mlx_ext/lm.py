@@ -25,6 +25,7 @@ from . import nn as ext_nn
 _TO_MLX_EXT = {
     nn.QuantizedLinear: ext_nn.QuantizedLinear,
     nn.QuantizedEmbedding: ext_nn.QuantizedEmbedding,
+    ext_nn.MLXQuantizedSwiGLU: ext_nn.QuantizedSwiGLU,  # the GPT loop's fused gate/up (gpt/fuse.py)
 }
 _TO_MLX = {new: old for old, new in _TO_MLX_EXT.items()}
 

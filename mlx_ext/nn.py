@@ -11,7 +11,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from . import sparse
-from ._ext import quantized_matmul
+from ._ext import quantized_matmul, quantized_swiglu, rms_norm
 
 
 MODES = ("affine", "mxfp4", "nvfp4", "mxfp8")
@@ -43,6 +43,38 @@ class QuantizedLinear(nn.QuantizedLinear):
 
     def __call__(self, x: mx.array) -> mx.array:
         return _quantized_matmul(self, x, self.get("bias"))
+
+
+class QuantizedSwiGLU(QuantizedLinear):
+    """A quantized linear layer whose rows are a gate projection and then an
+    up projection of one width I (its weight is (2 I, K)); returns
+    silu(x @ gate.T) * (x @ up.T), shape (..., I)."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        if "bias" in self or self.mode != "affine" or mx.default_device() != mx.cpu:
+            gate, up = mx.split(_quantized_matmul(self, x, self.get("bias")), 2, axis=-1)
+            return nn.silu(gate) * up
+        return quantized_swiglu(x, self.weight, self.scales, self.biases, group_size=self.group_size, bits=self.bits)
+
+
+class MLXQuantizedSwiGLU(nn.QuantizedLinear):
+    """``QuantizedSwiGLU`` through MLX's own quantized matmul: what
+    ``mlx_ext.unpatch`` swaps it for (and ``patch`` back)."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        gate, up = mx.split(super().__call__(x), 2, axis=-1)
+        return nn.silu(gate) * up
+
+
+class RMSNorm(nn.RMSNorm):
+    """``mlx.nn.RMSNorm`` through ``mlx_ext.rms_norm`` on the CPU (one
+    primitive where MLX's CPU backend runs a graph of several); MLX's own
+    elsewhere."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        if mx.default_device() != mx.cpu:
+            return super().__call__(x)
+        return rms_norm(x, self["weight"], self.eps)
 
 
 class QuantizedEmbedding(nn.QuantizedEmbedding):

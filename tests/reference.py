@@ -423,4 +423,37 @@ def gather_qmm_with_tolerance(x, w_q, scales, biases, lhs_indices, rhs_indices, 
         expected[at], tol[at] = quantized_matmul_with_tolerance(
             xs[l], ws[r], ss[r], bs[r], out_dtype=out_dtype,
             bias=None if bias_rows is None else bias_rows[r], **kw)
+def silu(x: np.ndarray) -> np.ndarray:
+    return x / (1.0 + np.exp(-x))
+
+
+def quantized_swiglu_with_tolerance(x, w_q, scales, biases, *, out_dtype, group_size=64, bits=4):
+    """(silu(x @ gate.T) * (x @ up.T), its tolerance) for w stacking the gate
+    rows over the up rows, computed by a kernel whose product is
+    quantized_matmul_with_tolerance's (rounded to out_dtype, as the unfused
+    layer's would be) and whose epilogue runs in float32 and rounds once to
+    out_dtype. The product's errors dg, du reach the output through
+    |silu'(g)| <= 1.1 and |silu(g)|."""
+    both, tol = quantized_matmul_with_tolerance(
+        x, w_q, scales, biases, out_dtype=out_dtype, group_size=group_size, bits=bits
+    )
+    half = both.shape[-1] // 2
+    g, u = both[..., :half], both[..., half:]
+    expected = silu(g) * u
+    tol = (1.1 * np.abs(u) * tol[..., :half] + np.abs(silu(g)) * tol[..., half:]
+           + (eps(out_dtype) + 8 * EPS[mx.float32]) * np.abs(expected) + 1e-30)
+    return expected, tol
+
+
+def rms_norm_with_tolerance(x, weight, epsilon: float, *, out_dtype):
+    """(x / sqrt(mean(x^2) + epsilon) * weight over the last axis, its
+    tolerance) for a kernel that works in float32 (about D + 8 roundings reach
+    each output through the mean square) and rounds once to out_dtype."""
+    x64 = to_f64(x)
+    r = 1.0 / np.sqrt((x64 * x64).mean(axis=-1, keepdims=True) + epsilon)
+    w = np.ones(x64.shape[-1]) if weight is None else to_f64(weight)
+    expected = x64 * r * w
+    # + the spacing of out_dtype's subnormals (float16's reach 6e-5)
+    subnormal = {mx.float16: 2.0**-24}.get(out_dtype, 0.0)
+    tol = ((x64.shape[-1] + 8) * EPS[mx.float32] + eps(out_dtype)) * np.abs(expected) + subnormal + 1e-30
     return expected, tol

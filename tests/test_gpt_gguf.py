@@ -171,7 +171,7 @@ def test_tiny_float_gguf_is_quantized_on_load(tmp_path):
         "llama.rope.scaling.type": "linear", "llama.rope.scaling.factor": mx.array(2.0)
     })
     model, tokenizer = gpt.load(path, bits=8, group_size=32)
-    assert model.model.layers[0].mlp.up_proj.bits == 8 and model.model.layers[0].mlp.up_proj.group_size == 32
+    assert model.model.layers[0].mlp.gate_up_proj.bits == 8 and model.model.layers[0].mlp.gate_up_proj.group_size == 32
     assert model.args.rope_scaling == {"type": "linear", "factor": 2.0} and not model.args.tie_word_embeddings
     assert tokenizer.encode("abba") == [1, 2, 2, 1]
     assert gpt.generate(model, tokenizer, "ab", max_tokens=3).stats.prompt_tokens == 2

@@ -7,6 +7,8 @@
 #include "common/gpu.h"
 #include "gather_qmm/gather_qmm.h"
 #include "quantized_matmul/quantized_matmul.h"
+#include "quantized_swiglu/quantized_swiglu.h"
+#include "rms_norm/rms_norm.h"
 #include "sparse_matmul/sparse_matmul.h"
 
 namespace mlx_ext {
@@ -17,12 +19,16 @@ MLX_EXT_NO_GPU_MULTI(ScaledDotProductAttentionVjp)
 MLX_EXT_NO_GPU(SparseMatmul)
 MLX_EXT_NO_GPU(SparseSampledMatmul)
 MLX_EXT_NO_GPU(GatherQmm)
+MLX_EXT_NO_GPU(QuantizedSwiGLU)
+MLX_EXT_NO_GPU(RMSNorm)
 #elif defined(MLX_EXT_CUDA)
 MLX_EXT_NO_GPU_MULTI(ScaledDotProductAttention)
 MLX_EXT_NO_GPU_MULTI(ScaledDotProductAttentionVjp)
 MLX_EXT_NO_GPU(SparseMatmul)
 MLX_EXT_NO_GPU(SparseSampledMatmul)
 MLX_EXT_NO_GPU(GatherQmm)
+MLX_EXT_NO_GPU(QuantizedSwiGLU)
+MLX_EXT_NO_GPU(RMSNorm)
 #else
 MLX_EXT_NO_GPU(QuantizedMatmul)
 MLX_EXT_NO_GPU_MULTI(ScaledDotProductAttention)
@@ -30,6 +36,8 @@ MLX_EXT_NO_GPU_MULTI(ScaledDotProductAttentionVjp)
 MLX_EXT_NO_GPU(SparseMatmul)
 MLX_EXT_NO_GPU(SparseSampledMatmul)
 MLX_EXT_NO_GPU(GatherQmm)
+MLX_EXT_NO_GPU(QuantizedSwiGLU)
+MLX_EXT_NO_GPU(RMSNorm)
 #endif
 
 } // namespace mlx_ext

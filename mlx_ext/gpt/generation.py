@@ -17,12 +17,15 @@ from .tokenizer import Tokenizer
 PREFILL_CHUNK = 512
 
 
-def compiled_decode_step(model: Model) -> Callable:
-    """(token (B, 1), keys, values, offset array) -> (logits (B, vocab), keys, values).
+def compiled_decode_step(model: Model, cache: KVCache | None = None) -> Callable:
+    """(token (B, 1), keys, values, offset array) -> (logits (B, vocab), keys, values),
+    for caches quantized like `cache` (None: like model.make_cache()'s).
     The weights are constants of the trace: build a new step after changing layers."""
+    like = cache if cache is not None else model.make_cache()
+    bits, group_size = like.bits, like.group_size
 
     def step(token, keys, values, offset):
-        cache = KVCache.decoding(keys, values, offset)
+        cache = KVCache.decoding(keys, values, offset, bits=bits, group_size=group_size)
         logits = model(token, cache)[:, -1]
         return logits, cache.keys, cache.values
 
@@ -37,14 +40,17 @@ def generate_tokens(
     sampler: Sampler,
     cache: KVCache | None = None,
     key: mx.array | None = None,
+    kv_bits: int | None = None,
+    kv_group_size: int | None = None,
 ) -> Iterator[int]:
     """Yields up to max_tokens token ids that follow `prompt` (batch of one)
     and what `cache` already holds (None: nothing). Every yielded token but the
     last is in the cache when it is yielded. `key` (mx.random.key) makes the
-    draws of a random sampler its own, leaving MLX's global generator alone."""
+    draws of a random sampler its own, leaving MLX's global generator alone.
+    `kv_bits` / `kv_group_size`: a new cache's quantization (Model.make_cache)."""
     if not prompt or max_tokens < 1:
         raise ValueError("[mlx_ext.gpt] need a non-empty prompt and max_tokens >= 1")
-    cache = cache if cache is not None else model.make_cache()
+    cache = cache if cache is not None else model.make_cache(kv_bits, kv_group_size)
 
     def sample(logits):
         nonlocal key
@@ -60,7 +66,7 @@ def generate_tokens(
             mx.eval(cache.keys, cache.values)
     token = sample(logits[:, -1])
     mx.async_eval(token)
-    step = compiled_decode_step(model)
+    step = compiled_decode_step(model, cache)
     for _ in range(max_tokens - 1):
         cache.reserve(1, 1)
         offset = mx.array(cache.offset, mx.int32)
@@ -111,11 +117,15 @@ def generate(
     seed: int | None = None,
     on_text: Callable[[str], None] | None = None,
     cache: KVCache | None = None,
+    kv_bits: int | None = None,
+    kv_group_size: int | None = None,
 ) -> Generation:
     """Generates until an end-of-sequence token or max_tokens; `on_text`
     receives the text as it is produced. `prompt` is text or token ids; it
-    follows what `cache` holds (None: nothing). `seed` seeds this generation's
-    own random key (MLX's global generator is left alone)."""
+    follows what `cache` holds (None: a new cache, quantized with `kv_bits`
+    (4 or 8) in groups of `kv_group_size` along head_dim as mlx-lm's
+    QuantizedKVCache is; default the model's, set by gpt.load). `seed` seeds
+    this generation's own random key (MLX's global generator is left alone)."""
     prompt_ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
     sampler = sampler or make_sampler()
     key = mx.random.key(seed) if seed is not None else None
@@ -124,7 +134,8 @@ def generate(
     end_token = None
     mx.reset_peak_memory()
     start = first = time.perf_counter()
-    steps = generate_tokens(model, prompt_ids, max_tokens=max_tokens, sampler=sampler, cache=cache, key=key)
+    steps = generate_tokens(model, prompt_ids, max_tokens=max_tokens, sampler=sampler, cache=cache, key=key,
+                            kv_bits=kv_bits, kv_group_size=kv_group_size)
     for n, token in enumerate(steps):
         if n == 0:
             first = time.perf_counter()

@@ -18,6 +18,8 @@ import mlx.nn as nn
 from mlx.utils import tree_map
 
 from ..lm import patch
+from .cache import KV_BITS
+from .fuse import fuse_projections
 from .gguf import config_from_metadata, hugging_face_weights, read_gguf, tokenizer_from_metadata
 from .model import Model, ModelArgs
 from .tokenizer import Tokenizer
@@ -87,26 +89,39 @@ def load(
     bits: int = 4,
     group_size: int = 64,
     dtype: mx.Dtype | None = None,
+    kv_bits: int | None = None,
+    kv_group_size: int = 64,
+    fuse: bool = True,
     return_config: bool = False,
 ) -> tuple[Model, Tokenizer] | tuple[Model, Tokenizer, dict]:
     """(model, tokenizer) of a named model, a GGUF file, a checkpoint
     directory or a hub id, as ``mlx_lm.load`` returns them; with
-    return_config, the config (config.json's fields) as a third item."""
+    return_config, the config (config.json's fields) as a third item.
+    `kv_bits` (4 or 8; None: float) and `kv_group_size` quantize the caches
+    the model makes (Model.make_cache) along head_dim, as mlx-lm's
+    QuantizedKVCache does. `fuse`: q/k/v and gate/up run as one product each
+    (fuse.py; False keeps the checkpoint's layers, e.g. to save them)."""
+    if kv_bits not in (None, *KV_BITS):
+        raise ValueError(f"[mlx_ext.gpt] kv_bits must be one of {KV_BITS} or None, got {kv_bits}")
     path = resolve_model_path(path_or_hub_id)
     if path.is_file():
         tensors, metadata = read_gguf(path)
         config = config_from_metadata(metadata, tensors)
         tokenizer = tokenizer_from_metadata(metadata)
         weights = hugging_face_weights(tensors, config)
-        model = build_model(config, weights, requantize=True, bits=bits, group_size=group_size, dtype=dtype)
+        model = build_model(
+            config, weights, requantize=True, bits=bits, group_size=group_size, dtype=dtype, fuse=fuse
+        )
     else:
-        model, config = load_model(path, bits=bits, group_size=group_size, dtype=dtype)
+        model, config = load_model(path, bits=bits, group_size=group_size, dtype=dtype, fuse=fuse)
         tokenizer = Tokenizer.from_directory(path, config)
+    model.kv_bits, model.kv_group_size = kv_bits, kv_group_size
+    model.make_cache()  # checks the group size against the head dim now, not at the first use
     return (model, tokenizer, config) if return_config else (model, tokenizer)
 
 
 def load_model(
-    model_dir: Path, *, bits: int = 4, group_size: int = 64, dtype: mx.Dtype | None = None
+    model_dir: Path, *, bits: int = 4, group_size: int = 64, dtype: mx.Dtype | None = None, fuse: bool = True
 ) -> tuple[Model, dict]:
     """(model, config) of a checkpoint directory. `bits`/`group_size` apply only
     to checkpoints stored unquantized."""
@@ -117,12 +132,15 @@ def load_model(
     if not weights:
         raise FileNotFoundError(f"[mlx_ext.gpt] no *.safetensors in {model_dir}")
     requantize = "quantization" not in config
-    model = build_model(config, weights, requantize=requantize, bits=bits, group_size=group_size, dtype=dtype)
+    model = build_model(
+        config, weights, requantize=requantize, bits=bits, group_size=group_size, dtype=dtype, fuse=fuse
+    )
     return model, config
 
 
 def build_model(
-    config: dict, weights: dict, *, requantize: bool, bits: int, group_size: int, dtype: mx.Dtype | None
+    config: dict, weights: dict, *, requantize: bool, bits: int, group_size: int, dtype: mx.Dtype | None,
+    fuse: bool = True,
 ) -> Model:
     """The model of `config` holding `weights`, with every quantized layer an
     mlx_ext layer. Layers stored quantized (with ``scales``) keep their bits
@@ -130,7 +148,9 @@ def build_model(
     `bits`/`group_size` (every linear layer and the embedding whose input
     width the group size divides), otherwise they stay float. `dtype` casts
     the float parameters (scales included), which sets the activation dtype
-    (default: the checkpoint's)."""
+    (default: the checkpoint's). `fuse`: q/k/v and gate/up stacked into one
+    product each (fuse.py); then the parameters are no longer the checkpoint's
+    names."""
     model = Model(ModelArgs.from_config(config))
     weights = model.sanitize(weights)
     stored = {key.rpartition(".")[0] for key in weights if key.endswith(".scales")}
@@ -155,6 +175,8 @@ def build_model(
             f"[mlx_ext.gpt] mlx_ext cannot run these layers ({report}); "
             f"only affine quantization is supported"
         )
+    if fuse:
+        fuse_projections(model)
     model.eval()
     mx.eval(model.parameters())
     return model

@@ -12,7 +12,9 @@ from dataclasses import dataclass
 import mlx.core as mx
 import mlx.nn as nn
 
-from .cache import KVCache
+from .. import nn as ext_nn
+from .._ext import scaled_dot_product_attention as fused_attention
+from .cache import Attend, KVCache
 from .rope import RoPE
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
@@ -74,24 +76,49 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(d, self.n_kv_heads * hd, bias=qkv_bias)
         self.o_proj = nn.Linear(self.n_heads * hd, d, bias=False)
         if args.model_type == "qwen3":
-            self.q_norm = nn.RMSNorm(hd, eps=args.rms_norm_eps)
-            self.k_norm = nn.RMSNorm(hd, eps=args.rms_norm_eps)
+            self.q_norm = ext_nn.RMSNorm(hd, eps=args.rms_norm_eps)
+            self.k_norm = ext_nn.RMSNorm(hd, eps=args.rms_norm_eps)
         self.rope = RoPE(hd, args.rope_theta, args.rope_scaling)
         self.scale = hd**-0.5
 
-    def __call__(self, x: mx.array, cache: KVCache, layer: int) -> mx.array:
+    def __call__(self, x: mx.array, cache: KVCache, layer: int, rope_tables=None) -> mx.array:
         B, L, _ = x.shape
-        q = self.q_proj(x).reshape(B, L, self.n_heads, self.head_dim)
-        k = self.k_proj(x).reshape(B, L, self.n_kv_heads, self.head_dim)
-        v = self.v_proj(x).reshape(B, L, self.n_kv_heads, self.head_dim)
+        if rope_tables is None:
+            rope_tables = self.rope.tables(cache.offset, L)
+        if "qkv_proj" in self:  # fused at load (fuse.py): one product, rows q, k, v
+            nq, nkv = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+            q, k, v = mx.split(self.qkv_proj(x), [nq, nq + nkv], axis=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.reshape(B, L, self.n_heads, self.head_dim)
+        k = k.reshape(B, L, self.n_kv_heads, self.head_dim)
+        v = v.reshape(B, L, self.n_kv_heads, self.head_dim)
         if "q_norm" in self:
             q, k = self.q_norm(q), self.k_norm(k)
-        q = _as_dtype(self.rope(q.transpose(0, 2, 1, 3), cache.offset), cache.dtype)
-        k = _as_dtype(self.rope(k.transpose(0, 2, 1, 3), cache.offset), cache.dtype)
+        q = _as_dtype(self.rope.apply(q.transpose(0, 2, 1, 3), rope_tables), cache.dtype)
+        k = _as_dtype(self.rope.apply(k.transpose(0, 2, 1, 3), rope_tables), cache.dtype)
         v = _as_dtype(v.transpose(0, 2, 1, 3), cache.dtype)
-        keys, values, mask = cache.update_and_fetch(layer, k, v)
-        out = mx.fast.scaled_dot_product_attention(q, keys, values, scale=self.scale, mask=mask)
+        out = attend(q, cache.update_and_fetch(layer, k, v), self.scale, cache)
         return self.o_proj(_as_dtype(out, x.dtype).transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+
+def attend(q: mx.array, a: Attend, scale: float, cache: KVCache) -> mx.array:
+    """Attention of q (B, Hq, L, D) over what the cache gives. On the CPU:
+    mlx_ext's fused op, which reads quantized keys/values as packed codes and
+    takes the decode step's valid lengths (no dense mask, no L x S scores). It
+    has no GPU kernels: there, MLX's attention, with the lengths as a mask and
+    a quantized cache dequantized."""
+    if mx.default_device() == mx.cpu:
+        return fused_attention(
+            q, a.keys, a.values, scale=scale, mask=a.mask, kv_lengths=a.kv_lengths,
+            group_size=cache.group_size, bits=cache.bits,
+        )
+    keys, values, mask = a.keys, a.values, a.mask
+    if cache.bits is not None:
+        keys, values = (mx.dequantize(*t, cache.group_size, cache.bits) for t in (keys, values))
+    if a.kv_lengths is not None:
+        mask = (mx.arange(keys.shape[2]) < a.kv_lengths[:, None])[:, None, None, :]
+    return mx.fast.scaled_dot_product_attention(q, keys, values, scale=scale, mask=mask)
 
 
 def _as_dtype(x: mx.array, dtype: mx.Dtype) -> mx.array:
@@ -106,19 +133,21 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
 
     def __call__(self, x: mx.array) -> mx.array:
+        if "gate_up_proj" in self:  # fused at load (fuse.py): SwiGLU in the product's epilogue
+            return self.down_proj(self.gate_up_proj(x))
         return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class DecoderLayer(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
-        self.input_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self.input_layernorm = ext_nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
         self.self_attn = Attention(args)
-        self.post_attention_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self.post_attention_layernorm = ext_nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
         self.mlp = MLP(args)
 
-    def __call__(self, x: mx.array, cache: KVCache, layer: int) -> mx.array:
-        h = x + self.self_attn(self.input_layernorm(x), cache, layer)
+    def __call__(self, x: mx.array, cache: KVCache, layer: int, rope_tables=None) -> mx.array:
+        h = x + self.self_attn(self.input_layernorm(x), cache, layer, rope_tables)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -127,13 +156,14 @@ class Backbone(nn.Module):
         super().__init__()
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
         self.layers = [DecoderLayer(args) for _ in range(args.num_hidden_layers)]
-        self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self.norm = ext_nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
 
 
 class Model(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
+        self.kv_bits, self.kv_group_size = None, 64  # make_cache's defaults
         self.model = Backbone(args)
         if not args.tie_word_embeddings:
             self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
@@ -147,8 +177,10 @@ class Model(nn.Module):
         if isinstance(cache.offset, int):  # outside a compiled step: room is made here
             cache.reserve(tokens.shape[0], tokens.shape[1])
         h = self.model.embed_tokens(tokens)
+        # every layer rotates at the same positions: the cos/sin tables once
+        rope_tables = self.model.layers[0].self_attn.rope.tables(cache.offset, tokens.shape[1])
         for i, layer in enumerate(self.model.layers):
-            h = layer(h, cache, i)
+            h = layer(h, cache, i, rope_tables)
         cache.offset = cache.offset + tokens.shape[1]
         h = self.model.norm(h)
         if self.args.tie_word_embeddings:
@@ -160,11 +192,18 @@ class Model(nn.Module):
         """The activation dtype: that of the float parameters."""
         return self.model.norm.weight.dtype
 
-    def make_cache(self) -> KVCache:
+    def make_cache(self, kv_bits: int | None = None, kv_group_size: int | None = None) -> KVCache:
+        """An empty cache; `kv_bits` 4 or 8 quantizes it along head_dim in
+        groups of `kv_group_size` (mlx-lm's QuantizedKVCache). The defaults are
+        the model's `kv_bits` / `kv_group_size` (set by gpt.load; None: float)."""
         # MLX's CPU matmul has no fast half-precision path: there, keys, values
         # and attention stay float32 (faster and more accurate, twice the memory).
         dtype = mx.float32 if mx.default_device() == mx.cpu else self.dtype
-        return KVCache(self.args.num_hidden_layers, self.args.num_key_value_heads, self.args.head_dim, dtype)
+        return KVCache(
+            self.args.num_hidden_layers, self.args.num_key_value_heads, self.args.head_dim, dtype,
+            bits=self.kv_bits if kv_bits is None else kv_bits,
+            group_size=kv_group_size or self.kv_group_size,
+        )
 
     def sanitize(self, weights: dict) -> dict:
         """Drops what checkpoints carry beyond the parameters: precomputed RoPE

@@ -72,15 +72,33 @@ def _yarn_freqs(freqs: mx.array, dims: int, base: float, scaling: dict) -> tuple
 
 class RoPE:
     """Applies the rotation to (B, heads, L, head_dim) at position ``offset``
-    (a Python int, or an int32 array inside a compiled decode step)."""
+    (a Python int, or an int32 array inside a compiled decode step).
+
+    On MLX's CPU ``mx.fast.rope`` runs as a fallback graph that recomputes the
+    angles' cos and sin on every call (about 20 primitives, twice per layer).
+    Here they are computed once per forward pass (``tables``, shared by every
+    layer's q and k) and the rotation is three elementwise ops that
+    ``mx.compile`` fuses: x * cos + rotate_half(x) * sin."""
 
     def __init__(self, dims: int, base: float, scaling: dict | None):
         self.dims = dims
         self.freqs, self.mscale = rope_parameters(dims, base, scaling)
 
+    def tables(self, offset, length: int) -> tuple[mx.array, mx.array]:
+        """(cos, sin), each (length, dims), for positions offset .. offset +
+        length - 1: cos = [c, c] and sin = [-s, s] per pair (rotate_half's
+        signs folded in), both times the magnitude factor."""
+        positions = (offset + mx.arange(length)).astype(mx.float32)
+        angles = positions[:, None] / self.freqs[None, :]
+        cos, sin = mx.cos(angles) * self.mscale, mx.sin(angles) * self.mscale
+        return mx.concatenate([cos, cos], axis=-1), mx.concatenate([-sin, sin], axis=-1)
+
+    def apply(self, x: mx.array, tables: tuple[mx.array, mx.array]) -> mx.array:
+        """x (..., L, dims) rotated by the (cos, sin) of `tables`."""
+        cos, sin = tables
+        half = self.dims // 2
+        rotated = mx.concatenate([x[..., half:], x[..., :half]], axis=-1)  # i <-> i + dims/2
+        return x * cos + rotated * sin
+
     def __call__(self, x: mx.array, offset) -> mx.array:
-        if self.mscale != 1.0:
-            x = x * self.mscale
-        return mx.fast.rope(
-            x, self.dims, traditional=False, base=None, scale=1.0, offset=offset, freqs=self.freqs
-        )
+        return self.apply(x, self.tables(offset, x.shape[-2]))
