@@ -202,7 +202,7 @@ def sparse_rows(models, dtype=mx.float32, prompt_tokens=32, max_tokens=64, repea
     rows = []
     for model_path in models:
         for label, sparsity, fmt, bits in SPARSE_CASES:
-            model, tokenizer = gpt.load(model_path, dtype=dtype)
+            model, tokenizer = gpt.load(model_path, dtype=dtype, fuse=False)  # one layout for every row
             report = None
             if sparsity is not None:
                 report = prune_model(model, tokenizer, sparsity, format=fmt, bits=bits)

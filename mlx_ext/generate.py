@@ -141,6 +141,7 @@ def main(argv=None) -> int:
         model, tokenizer, config = gpt.load(
             args.model, bits=args.bits, group_size=args.group_size, dtype=DTYPES.get(args.dtype),
             kv_bits=args.kv_bits, kv_group_size=args.kv_group_size, return_config=True,
+            fuse=args.sparsity is None,  # pruning works on the checkpoint's own projections
         )
     except (gpt.ModelNotFoundError, gpt.GGUFError, ValueError) as e:  # load's errors say what is wrong
         print(e, file=sys.stderr)
