@@ -251,7 +251,7 @@ def test_convert_round_trip_through_mlx_lm(tmp_path, smollm2):
     assert their_tokenizer.apply_chat_template(messages, add_generation_prompt=True) == prompt
     assert "Paris" in mlx_lm.generate(theirs, their_tokenizer, prompt, max_tokens=10)
     report = mlx_ext.patch(theirs)
-    assert str(report) == "replaced: 1 QuantizedEmbedding, 210 QuantizedLinear; left: none"
+    assert str(report) == "replaced: 1 QuantizedEmbedding, 210 QuantizedLinear; left: none; attention: 30 Attention"
     their_tokens = [token for token, _ in generate_step(mx.array(prompt), theirs, max_tokens=8)]
     assert their_tokens == list(gpt.generate_tokens(model, prompt, max_tokens=8, sampler=gpt.make_sampler()))
 
