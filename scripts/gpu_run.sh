@@ -88,8 +88,10 @@ fi
 
 if has suite; then
   stage "test suite on the GPU"
-  timeout "$(( $(left) < 150 ? $(left) : 150 ))" python3 -m pytest tests/test_quantized_matmul.py tests/test_quantized_matmul_errors.py \
-    tests/test_quantized_matmul_transforms.py tests/test_package.py tests/test_cuda_compile.py \
+  timeout "$(( $(left) < 240 ? $(left) : 240 ))" python3 -m pytest tests/test_quantized_matmul.py tests/test_quantized_matmul_errors.py \
+    tests/test_quantized_matmul_transforms.py tests/test_quantized_fp.py tests/test_quantized_fp_errors.py \
+    tests/test_attention_errors.py tests/test_sparse_errors.py tests/test_gather_qmm_errors.py \
+    tests/test_package.py tests/test_cuda_compile.py \
     tests/test_cuda_plan.py $pytest_device -q -p no:cacheprovider > "$OUT/suite.log" 2>&1
   echo "suite exit $?"
   tail -15 "$OUT/suite.log"

@@ -1,4 +1,5 @@
-"""A small run of every CUDA kernel family of mlx_ext.quantized_matmul, for
+"""A small run of every CUDA kernel family of mlx_ext.quantized_matmul (affine
+and the fp modes), for
 compute-sanitizer (scripts/gpu_run.sh):
 
     compute-sanitizer --tool memcheck python scripts/gpu_sanitize_case.py
@@ -42,6 +43,17 @@ def main():
                 x = mx.array(rng.standard_normal((1, 3 * k + 1)), dtype=dtype)[:, 1:1 + k]
                 check(mx.contiguous(x), w_q, scales, biases, None, transpose=transpose,
                       group_size=gs, bits=bits)
+    for mode in ["mxfp4", "nvfp4", "mxfp8"]:  # the fp kernels (qmm_fp.cu), ragged edges too
+        for dtype in [mx.bfloat16, mx.float32]:
+            for transpose in [True, False]:
+                gs, bits = ref.FP_MODES[mode]
+                k, n = (8 * gs, 37) if transpose else (40, 3 * gs)
+                rows, cols = (n, k) if transpose else (k, n)
+                w_q, scales = ref.random_fp_quantized(rng, (rows, cols), mode)
+                for m in [1, 3, 19, 70]:
+                    x = mx.array(rng.standard_normal((m, k)), dtype=dtype)
+                    check(x, w_q, scales, None, None, transpose=transpose, group_size=gs, bits=bits,
+                          mode=mode)
     mx.synchronize()
     print("sanitize case: all kernel families ran and matched the reference")
 
