@@ -366,7 +366,9 @@ def main():
         f"measured at the start of this run. KV cache: float (float32 on the CPU) or quantized "
         f"along the head dim in groups of 64 (--kv-bits, mlx-lm's QuantizedKVCache layout), read "
         f"as packed codes by mlx_ext.scaled_dot_product_attention; the perplexity of a 4-bit row "
-        f"is with that cache. Load average at the start: {load}."
+        f"is with that cache. Where a decode step's time goes when a target is missed: "
+        f"gpt_decode_profile.md beside this table (python -m bench.profile_decode). "
+        f"Load average at the start: {load}."
     )
     markdown = f"{notes}\n\n{table}"
     if targets:
