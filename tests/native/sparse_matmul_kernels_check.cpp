@@ -20,7 +20,7 @@ using namespace mlx_ext::cpu;
 
 namespace {
 
-constexpr int kN = 24, kK = 64, kBlock = 8;
+constexpr int kN = 24, kK = 160, kBlock = 8; // K: two and a half 64-column prefill blocks
 
 // One format's arrays, built from a dense W whose zeros are not stored.
 struct Stored {
