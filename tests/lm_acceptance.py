@@ -20,6 +20,12 @@ how many of the routed attention calls ran through mlx_ext (the others, e.g.
 MLA's unequal key and value head dims, went to mlx-lm's function).
 
     python tests/lm_acceptance.py PATH/TO/mlx-lm/tests/test_models.py
+    python tests/lm_acceptance.py PATH/TO/test_models.py --model-tests --moe-only
+
+The second line takes the per-model tests' configs too (most MoE models, e.g.
+mixtral, qwen2_moe, qwen3_moe, deepseek_v2/v3, gpt_oss, are tested there) and
+keeps the architectures built on mlx-lm's switch layers (mixtures of
+experts): each must be patched with no ``QuantizedSwitchLinear`` left.
 
 mlx-lm's tests are not in its wheel: clone github.com/ml-explore/mlx-lm at the
 installed version. tests/test_lm_patch.py runs ``check_config`` on a
@@ -31,6 +37,7 @@ from __future__ import annotations
 import argparse
 import ast
 import importlib
+import inspect
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -118,6 +125,22 @@ def greedy_tokens(model: nn.Module) -> list[int]:
     return [token for token, _ in steps]
 
 
+def has_switch_layers(config: dict) -> bool:
+    """Whether `config`'s architecture builds its experts from mlx-lm's
+    switch layers (read from its module's source: building every model of the
+    per-model tests, some of them large, only to look would take long)."""
+    try:
+        arch = importlib.import_module(f"mlx_lm.models.{config['model_type']}")
+    except (Exception, SystemExit):  # mlx-lm's olmo exits when ai2-olmo is missing
+        return False
+    # The module and the mlx-lm model modules it builds on (kimi_vl: deepseek_v3, ...).
+    names = {arch.__name__} | {
+        v.__name__ if inspect.ismodule(v) else getattr(v, "__module__", "") for v in vars(arch).values()
+    }
+    return any("switch_layers" in inspect.getsource(sys.modules[n])
+               for n in names if n.startswith("mlx_lm.models.") and n in sys.modules)
+
+
 def relative_error(got: mx.array, want: mx.array) -> float:
     return (mx.abs(got - want).max() / mx.abs(want).max()).item()
 
@@ -182,14 +205,45 @@ def configs_of_test_all_models(test_models_py: Path) -> list[dict]:
     raise ValueError(f"no test_all_models config list in {test_models_py}")
 
 
+def configs_of_model_tests(test_models_py: Path) -> list[dict]:
+    """The configs of the per-model tests (``test_mixtral``, ``test_qwen3_moe``,
+    ``test_deepseek_v2``, ...: most MoE models are tested there, not in
+    test_all_models): each ``<arch>.ModelArgs(model_type=..., ...)`` call whose
+    keyword values are all literals, as a dict."""
+    configs = []
+    for node in ast.walk(ast.parse(test_models_py.read_text())):
+        if not (isinstance(node, ast.FunctionDef) and node.name.startswith("test_")):
+            continue
+        for call in ast.walk(node):
+            if not (isinstance(call, ast.Call) and getattr(call.func, "attr", "") == "ModelArgs"
+                    and not call.args):
+                continue
+            try:
+                config = {kw.arg: ast.literal_eval(kw.value) for kw in call.keywords}
+            except (ValueError, TypeError, SyntaxError):
+                continue  # a value computed from names: not a literal config
+            if "model_type" in config and config not in configs:
+                configs.append(config)
+    return configs
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("test_models_py", type=Path, help="mlx-lm's tests/test_models.py")
     parser.add_argument("--mode", choices=list(MODE_PARAMS), default="affine",
                         help="quantization mode of the models (mlx_lm.convert --q-mode)")
+    parser.add_argument("--model-tests", action="store_true",
+                        help="also the literal configs of the per-model tests (test_mixtral, ...)")
+    parser.add_argument("--moe-only", action="store_true",
+                        help="only the configs whose architecture uses mlx-lm's switch layers (MoE)")
     args = parser.parse_args()
+    configs = configs_of_test_all_models(args.test_models_py)
+    if args.model_tests:
+        configs += configs_of_model_tests(args.test_models_py)
+    if args.moe_only:
+        configs = [c for c in configs if has_switch_layers(c)]
     results = []
-    for config in configs_of_test_all_models(args.test_models_py):
+    for config in configs:
         result = check_config(config, args.mode)
         results.append(result)
         print(

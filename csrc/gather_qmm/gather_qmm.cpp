@@ -19,10 +19,29 @@ int64_t batch_size(const mx::array& a) {
   return std::accumulate(b.begin(), b.end(), int64_t(1), std::multiplies<int64_t>());
 }
 
-// mx.gather_qmm's default for a missing index array: every matrix of `a`'s
-// batch once, in order, shaped like the batch.
-mx::array default_indices(const mx::array& a, const mx::Stream& s) {
-  return mx::reshape(mx::arange(int(batch_size(a)), mx::uint32, s), batch_shape(a), s);
+// mx.gather_qmm's default for a missing index array (every matrix of a batch
+// of shape `batch`, in order), broadcast to `index_shape` and flattened. It
+// depends on shapes alone, so it is built here as a constant: no graph nodes
+// per call (a decode step is a few microseconds of kernel per expert).
+mx::array default_flat_indices(const mx::Shape& batch, const mx::Shape& index_shape) {
+  const size_t lead = index_shape.size() - batch.size(); // broadcast aligns trailing dims
+  std::vector<int64_t> stride(index_shape.size(), 0); // 0 on broadcast dims
+  for (int64_t j = int64_t(batch.size()) - 1, step = 1; j >= 0; --j) {
+    if (batch[j] != 1) stride[lead + j] = step;
+    step *= batch[j];
+  }
+  int64_t size = 1;
+  for (auto d : index_shape) size *= d;
+  std::vector<uint32_t> flat(size);
+  for (int64_t p = 0; p < size; ++p) {
+    int64_t rest = p, value = 0;
+    for (int64_t d = int64_t(index_shape.size()) - 1; d >= 0; --d) {
+      value += (rest % index_shape[d]) * stride[d];
+      rest /= index_shape[d];
+    }
+    flat[p] = uint32_t(value);
+  }
+  return mx::array(flat.begin(), {int(size)}, mx::uint32);
 }
 
 // TypeError unless integer; ValueError when its values are already known
@@ -121,18 +140,19 @@ mx::array gather_qmm(
   }
 
   const auto stream = kernel_stream<GatherQmm>(kOp, s);
-  auto lhs = lhs_indices ? *lhs_indices : default_indices(x, stream);
-  auto rhs = rhs_indices ? *rhs_indices : default_indices(w, stream);
+  const auto lhs_shape = lhs_indices ? lhs_indices->shape() : batch_shape(x);
+  const auto rhs_shape = rhs_indices ? rhs_indices->shape() : batch_shape(w);
   mx::Shape index_shape;
   try {
-    index_shape = mx::broadcast_shapes(lhs.shape(), rhs.shape());
+    index_shape = mx::broadcast_shapes(lhs_shape, rhs_shape);
   } catch (const std::invalid_argument&) {
-    value_error(kOp, "lhs_indices with shape ", lhs.shape(), " and rhs_indices with shape ",
-        rhs.shape(), " do not broadcast together");
+    value_error(kOp, "lhs_indices with shape ", lhs_shape, " and rhs_indices with shape ",
+        rhs_shape, " do not broadcast together");
   }
   // Negative values become large uint32 values: out of range, NaN (as above).
-  auto flat = [&](const mx::array& idx) {
-    auto u = mx::astype(mx::broadcast_to(idx, index_shape, stream), mx::uint32, stream);
+  auto flat = [&](const std::optional<mx::array>& idx, const mx::array& of) {
+    if (!idx) return default_flat_indices(batch_shape(of), index_shape);
+    auto u = mx::astype(mx::broadcast_to(*idx, index_shape, stream), mx::uint32, stream);
     return contiguous_input(mx::flatten(u, stream), stream);
   };
   const int M = x.shape(-2);
@@ -141,8 +161,8 @@ mx::array gather_qmm(
       contiguous_input(mx::reshape(w, {-1, rows, int(packed)}, stream), stream),
       kernel_input(mx::reshape(scales, {-1, rows, cols / group_size}, stream), out_type, stream),
       kernel_input(mx::reshape(*biases, {-1, rows, cols / group_size}, stream), out_type, stream),
-      flat(lhs),
-      flat(rhs)};
+      flat(lhs_indices, x),
+      flat(rhs_indices, w)};
   if (bias) {
     auto b = bias->ndim() == 1 ? *bias : mx::reshape(*bias, {-1, N}, stream);
     inputs.push_back(kernel_input(b, out_type, stream));
