@@ -423,6 +423,9 @@ def gather_qmm_with_tolerance(x, w_q, scales, biases, lhs_indices, rhs_indices, 
         expected[at], tol[at] = quantized_matmul_with_tolerance(
             xs[l], ws[r], ss[r], bs[r], out_dtype=out_dtype,
             bias=None if bias_rows is None else bias_rows[r], **kw)
+    return expected, tol
+
+
 def silu(x: np.ndarray) -> np.ndarray:
     return x / (1.0 + np.exp(-x))
 
