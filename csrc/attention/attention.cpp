@@ -78,8 +78,8 @@ int quantized_bits(const std::vector<mx::array>& k, std::optional<int> bits, int
   return *bits;
 }
 
-// The mask as the kernels read it: (Bm, Hm, Lm, Sm), each dim 1 or q's.
-mx::array prepare_mask(const mx::array& m, const Dims& d, const mx::Stream& s) {
+// A mask array's dtype, rank and broadcast against (B, Hq, L, S).
+void check_mask(const mx::array& m, const Dims& d) {
   if (m.dtype() != mx::bool_ && !is_kernel_float(m.dtype()))
     type_error_(kOp, "mask must be bool (True = attend) or a float additive mask "
         "(float32, float16, bfloat16), got ", m.dtype());
@@ -92,6 +92,12 @@ mx::array prepare_mask(const mx::array& m, const Dims& d, const mx::Stream& s) {
     if (shape[i] != 1 && shape[i] != target[i])
       value_error(kOp, "mask with shape ", m.shape(), " does not broadcast to (B, Hq, L, S) = ",
           target);
+}
+
+// The mask as the kernels read it (checked first): (Bm, Hm, Lm, Sm), each dim 1 or q's.
+mx::array prepare_mask(const mx::array& m, const mx::Stream& s) {
+  mx::Shape shape(4 - m.ndim(), 1);
+  shape.insert(shape.end(), m.shape().begin(), m.shape().end());
   auto r = mx::reshape(m, shape, s);
   return m.dtype() == mx::bool_ ? contiguous_input(r, s) : kernel_input(r, mx::float32, s);
 }
@@ -199,6 +205,9 @@ mx::array scaled_dot_product_attention(
     c.has_kv_lengths = true;
   }
 
+  if (c.mask == MaskKind::boolean || c.mask == MaskKind::additive)
+    check_mask(std::get<mx::array>(*mask), d);
+  // Arguments first, then whether this stream has kernels.
   const auto stream = kernel_stream<ScaledDotProductAttention>(kOp, s);
   // K and V are passed as they are (cast to q's dtype): the kernels read a
   // slice of a cache in place (cpu.cpp: kv_rows).
@@ -214,7 +223,7 @@ mx::array scaled_dot_product_attention(
     }
   }
   if (c.mask == MaskKind::boolean || c.mask == MaskKind::additive)
-    inputs.push_back(prepare_mask(std::get<mx::array>(*mask), d, stream));
+    inputs.push_back(prepare_mask(std::get<mx::array>(*mask), stream));
   if (sinks) inputs.push_back(kernel_input(*sinks, mx::float32, stream));
   if (kv_lengths) inputs.push_back(contiguous_input(*kv_lengths, stream));
 

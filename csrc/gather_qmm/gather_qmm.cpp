@@ -139,7 +139,6 @@ mx::array gather_qmm(
     out_type = mx::promote_types(out_type, bias->dtype());
   }
 
-  const auto stream = kernel_stream<GatherQmm>(kOp, s);
   const auto lhs_shape = lhs_indices ? lhs_indices->shape() : batch_shape(x);
   const auto rhs_shape = rhs_indices ? rhs_indices->shape() : batch_shape(w);
   mx::Shape index_shape;
@@ -149,6 +148,8 @@ mx::array gather_qmm(
     value_error(kOp, "lhs_indices with shape ", lhs_shape, " and rhs_indices with shape ",
         rhs_shape, " do not broadcast together");
   }
+  // Arguments first, then whether this stream has kernels.
+  const auto stream = kernel_stream<GatherQmm>(kOp, s);
   // Negative values become large uint32 values: out of range, NaN (as above).
   auto flat = [&](const std::optional<mx::array>& idx, const mx::array& of) {
     if (!idx) return default_flat_indices(batch_shape(of), index_shape);
