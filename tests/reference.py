@@ -30,6 +30,12 @@ def eps(dtype) -> float:
     return EPS[getattr(mx, dtype) if isinstance(dtype, str) else dtype]
 
 
+def subnormal_spacing(dtype) -> float:
+    """The absolute rounding step below a dtype's smallest normal: what a
+    relative tolerance misses near zero (float16's subnormals reach 6e-5)."""
+    return {mx.float16: 2.0**-24}.get(dtype, 0.0)
+
+
 def unpack_bits(w_q, bits: int) -> np.ndarray:
     """Integers of an MLX-packed matrix: each row of uint32 words is one
     little-endian bit stream, `bits` bits per value, low bits first (3-, 5- and
@@ -448,6 +454,23 @@ def quantized_swiglu_with_tolerance(x, w_q, scales, biases, *, out_dtype, group_
     return expected, tol
 
 
+def gather_quantized_swiglu_with_tolerance(x, gate, up, lhs_indices, rhs_indices, *, out_dtype, group_size=64,
+                                           bits=4):
+    """(silu(g) * u, its tolerance) with g and u gather_qmm_with_tolerance's
+    products of x with the gate and up stacks ((w, scales, biases) each,
+    transpose=True), each rounded to out_dtype as the unfused products would
+    be, the epilogue in float32 rounded once; NaN where an index is out of
+    range. The products' errors reach the output as in
+    quantized_swiglu_with_tolerance."""
+    kw = dict(out_dtype=out_dtype, group_size=group_size, bits=bits)
+    g, tol_g = gather_qmm_with_tolerance(x, *gate, lhs_indices, rhs_indices, **kw)
+    u, tol_u = gather_qmm_with_tolerance(x, *up, lhs_indices, rhs_indices, **kw)
+    expected = silu(g) * u
+    tol = (1.1 * np.abs(u) * tol_g + np.abs(silu(g)) * tol_u
+           + (eps(out_dtype) + 8 * EPS[mx.float32]) * np.abs(expected) + subnormal_spacing(out_dtype) + 1e-30)
+    return expected, tol
+
+
 def rms_norm_with_tolerance(x, weight, epsilon: float, *, out_dtype):
     """(x / sqrt(mean(x^2) + epsilon) * weight over the last axis, its
     tolerance) for a kernel that works in float32 (about D + 8 roundings reach
@@ -456,7 +479,5 @@ def rms_norm_with_tolerance(x, weight, epsilon: float, *, out_dtype):
     r = 1.0 / np.sqrt((x64 * x64).mean(axis=-1, keepdims=True) + epsilon)
     w = np.ones(x64.shape[-1]) if weight is None else to_f64(weight)
     expected = x64 * r * w
-    # + the spacing of out_dtype's subnormals (float16's reach 6e-5)
-    subnormal = {mx.float16: 2.0**-24}.get(out_dtype, 0.0)
-    tol = ((x64.shape[-1] + 8) * EPS[mx.float32] + eps(out_dtype)) * np.abs(expected) + subnormal + 1e-30
+    tol = ((x64.shape[-1] + 8) * EPS[mx.float32] + eps(out_dtype)) * np.abs(expected) + subnormal_spacing(out_dtype) + 1e-30
     return expected, tol
