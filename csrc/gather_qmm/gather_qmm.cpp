@@ -238,8 +238,22 @@ mx::array gather_quantized_swiglu(
         scales_gate.dtype(), ") give different output dtypes; use one dtype for both");
   auto inputs = std::move(gate.inputs);
   for (int i : {1, 2, 3}) inputs.push_back(up.inputs[i]);
-  auto out = gather_node(std::move(inputs), gate.out_type, gate.M, gate.N, group_size.value_or(64),
-      bits.value_or(4), true, gate.stream, true);
+  mx::array out = [&] {
+    // The GPU backends run the two gathers and MLX's elementwise ops (their
+    // gather kernels have no fused epilogue yet); the CPU runs the fused node.
+    if (gate.stream.device == mx::Device::gpu) {
+      const auto& st = gate.stream;
+      auto node = [&](int w) {
+        return gather_node({inputs[0], inputs[w], inputs[w + 1], inputs[w + 2], inputs[4], inputs[5]},
+            gate.out_type, gate.M, gate.N, group_size.value_or(64), bits.value_or(4), true, st);
+      };
+      auto g = mx::astype(node(1), mx::float32, st);
+      auto u = mx::astype(node(6), mx::float32, st);
+      return mx::astype(mx::multiply(mx::multiply(g, mx::sigmoid(g, st), st), u, st), gate.out_type, st);
+    }
+    return gather_node(std::move(inputs), gate.out_type, gate.M, gate.N, group_size.value_or(64),
+        bits.value_or(4), true, gate.stream, true);
+  }();
   return mx::reshape(out, std::move(gate.out_shape), gate.stream);
 }
 
