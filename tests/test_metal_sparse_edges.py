@@ -1,0 +1,137 @@
+"""metal/sparse_matmul.metal in the emulator on adversarial patterns: empty
+rows (and an empty matrix), a single stored value, rows of very different
+lengths, N and K off every tile size, and M from 1 to 9 and 33 (across the
+decode / prefill switch). Each case runs the decode or prefill product, the
+transposed product and (float values) the sampled product.
+
+CI samples: each case under one of the three runs of tests/metal_harness.py
+(rotating by case), the row patterns for four (format, dtypes) pairs.
+MLX_EXT_METAL_FULL=1 runs the full sweep: every case under all three runs,
+the row patterns for every CSR / Bitmask instantiation's dtypes.
+"""
+
+from __future__ import annotations
+
+import os
+import zlib
+
+import numpy as np
+import pytest
+
+from tests.metal_harness import METAL, RUNS, library_fixture
+from tests.metal_sparse import PAIRS, Problem, row_mask
+
+lib = library_fixture(METAL / "sparse_matmul.metal")
+
+FULL = os.environ.get("MLX_EXT_METAL_FULL") == "1"
+
+# The sample: each row format with dtype pairs between them; the full sweep:
+# every pair.
+ROW_FORMATS = ([(f, t, v) for f in ("csr_u16", "csr_u32", "bitmask") for t, v in PAIRS] if FULL else
+               [("csr_u16", "float16", "float16"), ("csr_u32", "float32", "bfloat16"),
+                ("bitmask", "bfloat16", "bfloat16"), ("bitmask", "float32", "float16")])
+
+
+def _runs(seed: int) -> list[dict]:
+    """All three runs in the full sweep, else one, rotating by case."""
+    runs = RUNS if FULL else [RUNS[seed % len(RUNS)]]
+    return [dict(schedule=s, check_bounds=c) for s, c in runs]
+
+
+def _check_all(lib, p: Problem, rng, M: int, seed: int):
+    for i, run in enumerate(_runs(seed)):
+        p.check_product(lib, rng, M, transpose=True, has_bias=(seed + i) % 2 == 0, **run)
+        p.check_product(lib, rng, M, transpose=False, has_bias=(seed + i) % 2 == 1, **run)
+        if not p.bits:
+            p.check_sampled(lib, rng, M, **run)
+
+
+def _lengths_problem(fmt, dtype, vdtype, lengths, K, seed):
+    rng = np.random.default_rng(seed)
+    mask = row_mask(rng, lengths, K)
+    return Problem(rng, fmt, N=len(lengths), K=K, dtype=dtype, value_dtype=vdtype, mask=mask), rng
+
+
+PATTERNS = {
+    # Every other row empty, and the last three.
+    "empty_rows": lambda K: [0, 5, 0, K // 3, 0, 1, 9, 0, 0, 0],
+    # Nothing stored at all.
+    "empty_matrix": lambda K: [0] * 6,
+    # One stored value in the whole matrix.
+    "single_value": lambda K: [0, 0, 0, 1, 0],
+    # A full row beside empty and single-value rows.
+    "uneven_rows": lambda K: [K, 0, 1, K // 2, 0, 2, K, 3, 0],
+}
+
+
+@pytest.mark.parametrize("M", [1, 12])
+@pytest.mark.parametrize("pattern", list(PATTERNS))
+@pytest.mark.parametrize("fmt,dtype,vdtype", ROW_FORMATS)
+def test_row_patterns(lib, fmt, dtype, vdtype, pattern, M):
+    seed = zlib.crc32(f"{fmt}{dtype}{vdtype}{pattern}{M}".encode())
+    K = 600 if fmt == "bitmask" else 333
+    p, rng = _lengths_problem(fmt, dtype, vdtype, PATTERNS[pattern](K), K, seed)
+    if pattern == "single_value":
+        assert p.stored == 1
+    _check_all(lib, p, rng, M, seed)
+
+
+@pytest.mark.parametrize("M", [1, 12])
+def test_one_very_long_csr_row_takes_the_wide_kernel(lib, M):
+    """A row of 3000 values among 2 short ones: the plan's wide kernel, a
+    threadgroup per row."""
+    seed = 17 + M
+    p, rng = _lengths_problem("csr_u16", "float32", "float32", [3000, 2, 5], 3001, seed)
+    assert p.plan(M).kernel == "mv_wide"
+    _check_all(lib, p, rng, M, seed)
+
+
+@pytest.mark.parametrize("M", [1, 12])
+@pytest.mark.parametrize("pattern", ["empty_block_rows", "single_block", "all_blocks"])
+def test_bsr_block_patterns(lib, pattern, M):
+    seed = zlib.crc32(f"bsr{pattern}{M}".encode())
+    rng = np.random.default_rng(seed)
+    blocks = np.zeros((4, 3), bool)
+    if pattern == "empty_block_rows":
+        blocks[1] = blocks[3, 2] = True
+    elif pattern == "single_block":
+        blocks[2, 1] = True
+    else:
+        blocks[:] = True
+    p = Problem(rng, "bsr", N=4 * 16, K=3 * 32, dtype="float16", value_dtype="float16", mask=blocks,
+                block=(16, 32))
+    _check_all(lib, p, rng, M, seed)
+
+
+# (format, N, K): N and K off the 4-row, 8-column, 32-tile and 512-column steps.
+ODD_SHAPES = [("csr_u16", 37, 70), ("bitmask", 37, 70), ("bitmask", 5, 33), ("bsr", 35, 45), ("nm", 37, 68),
+              ("nm", 3, 520), ("nm_b8_gs32", 37, 64 * 3)]
+
+
+@pytest.mark.parametrize("M", [1, 33])
+@pytest.mark.parametrize("fmt,N,K", ODD_SHAPES)
+def test_shapes_off_the_tiles(lib, fmt, N, K, M):
+    seed = zlib.crc32(f"{fmt}{N}{K}{M}".encode())
+    rng = np.random.default_rng(seed)
+    extra = {"block": (7, 5), "density": 0.5} if fmt == "bsr" else {}
+    p = Problem(rng, fmt, N=N, K=K, dtype="float32", value_dtype="float16", **extra)
+    _check_all(lib, p, rng, M, seed)
+
+
+MS = list(range(1, 10)) + [33]
+M_FORMATS = [("csr_u16", {}), ("bitmask", {}), ("bsr", {"block": (16, 16), "density": 0.5}),
+             ("nm", {"nm": (2, 4)}), ("nm", {"nm": (4, 8)}), ("nm_b4_gs64", {})]
+
+
+@pytest.mark.parametrize("M", MS)
+@pytest.mark.parametrize("fmt,extra", M_FORMATS, ids=[f"{f}-{e.get('nm', '')}" for f, e in M_FORMATS])
+def test_rows_of_x_around_the_decode_prefill_switch(lib, fmt, extra, M):
+    """M = 1 .. 8 decode (sp_mv), 9 and 33 prefill (sp_mm_t; CSR's gather
+    kernel in steps of 8 rows)."""
+    seed = zlib.crc32(f"{fmt}{extra}{M}".encode())
+    rng = np.random.default_rng(seed)
+    dtype = ["float32", "float16", "bfloat16"][M % 3]
+    p = Problem(rng, fmt, N=48, K=256, dtype=dtype, value_dtype=dtype, **extra)
+    for run in _runs(seed):
+        launch = p.check_product(lib, rng, M, has_bias=M % 2 == 0, **run)
+        assert launch.kernel == ("mv" if M <= 8 or fmt == "csr_u16" else "mm_t")
