@@ -8,7 +8,8 @@
 //   sp_mv_<format>       decode (M <= 8; every M for CSR, which has no tiled
 //                        kernel): a simdgroup owns a row of W and streams its
 //                        stored values once for up to 8 rows of x
-//   sp_mv_wide_csr_*     CSR with long rows: a threadgroup owns a row
+//   sp_mv_split_csr_*    CSR with long rows: balanced slices of stored
+//                        values, then sp_split_fixup_* for rows across slices
 //   sp_mm_t_<format>     prefill (M > 8): 32x32 tiles of W expanded into
 //                        threadgroup memory, simdgroup 8x8 products
 //   sp_mm_n_<format>     the transposed product g @ W, the same tiles
@@ -70,21 +71,20 @@ inline void mv_store(thread float* acc, device T* out, const device T* bias, int
   }
 }
 
-// ---- sp_mv_csr / sp_mv_wide_csr ------------------------------------------------
+// ---- sp_mv_csr -------------------------------------------------------------------
 //
-// CSR, any M: the row-split gather kernel. Grid (ceil(N / 4), ceil(M / 8))
-// (narrow) or (N, ceil(M / 8)) (wide), 128 threads.
-//   thread:      stored values j = lane, lane + 32, ... of its row (narrow) or
-//                j = tid, tid + 128, ... (wide): value and column read once,
-//                x[m, column] gathered from device memory for the 8 rows of x;
-//   simdgroup:   narrow: row n of W, out[m0 .. m0 + 8, n] (simd_sum);
-//   threadgroup: narrow: 4 rows of W; wide: one long row, its 4 simdgroups'
-//                sums combined in threadgroup memory (4 x 8 floats).
+// CSR, any M: the row-split gather kernel. Grid (ceil(N / 4), ceil(M / 8)),
+// 128 threads.
+//   thread:      stored values j = lane, lane + 32, ... of its row: value and
+//                column read once, x[m, column] gathered from device memory
+//                for the 8 rows of x of the threadgroup's step;
+//   simdgroup:   row n of W, out[m0 .. m0 + 8, n] (simd_sum);
+//   threadgroup: 4 rows of W.
 // Reads per stored value: sizeof(V) + sizeof(I) once per 8 rows of x, plus
 // 8 gathered x. x is not staged: the columns of a row are data-dependent
 // and each x value is read by few of the threadgroup's rows.
 
-template <typename T, typename V, typename I, bool wide>
+template <typename T, typename V, typename I>
 [[kernel]] void sp_mv_csr(
     const device V* values [[buffer(SPMM_BUFFER_VALUES)]],
     const device I* cols [[buffer(SPMM_BUFFER_PATTERN)]],
@@ -94,30 +94,23 @@ template <typename T, typename V, typename I, bool wide>
     const device T* bias [[buffer(SPMM_BUFFER_BIAS), function_constant(spmm_has_bias)]],
     constant SpmmShape& shape [[buffer(SPMM_BUFFER_SHAPE)]],
     uint3 tgid [[threadgroup_position_in_grid]],
-    ushort tid [[thread_index_in_threadgroup]],
     ushort sg [[simdgroup_index_in_threadgroup]],
     ushort lane [[thread_index_in_simdgroup]]) {
-  threadgroup float partial[kMvSimdgroups * kMvRows];
   const int N = shape.N;
   const int K = shape.K;
   const int m0 = tgid.y * kMvRows;
   const int rows = min(kMvRows, shape.M - m0);
-  const int n = wide ? int(tgid.x) : int(tgid.x) * kMvSimdgroups + sg;
-  if (!wide && n >= N) {
-    return; // the whole simdgroup; the narrow kernel has no barrier
+  const int n = int(tgid.x) * kMvSimdgroups + sg;
+  if (n >= N) {
+    return; // the whole simdgroup; this kernel has no barrier
   }
-  const int start = row_ptr[n];
-  const int end = row_ptr[n + 1];
-  const int first = wide ? int(tid) : int(lane);
-  const int step = wide ? 32 * kMvSimdgroups : 32;
-
   float acc[kMvRows];
 #pragma clang loop unroll(full)
   for (int i = 0; i < kMvRows; ++i) {
     acc[i] = 0.0f;
   }
   x += int64_t(m0) * K;
-  for (int j = start + first; j < end; j += step) {
+  for (int j = row_ptr[n] + lane; j < row_ptr[n + 1]; j += 32) {
     const float v = float(values[j]);
     const int c = int(cols[j]);
 #pragma clang loop unroll(full)
@@ -127,25 +120,147 @@ template <typename T, typename V, typename I, bool wide>
       }
     }
   }
-  if (!wide) {
-    mv_store<T>(acc, out, bias, N, n, m0, rows, true, lane);
-    return;
+  mv_store<T>(acc, out, bias, N, n, m0, rows, true, lane);
+}
+
+// ---- sp_mv_split_csr + sp_split_fixup ----------------------------------------------
+//
+// CSR with long rows: balanced slices of stored values instead of rows, so
+// that a few long rows among short ones do not leave most of the GPU idle.
+// Slice s holds stored values [s S, (s + 1) S), S = kSliceValues. Grid
+// (ceil(slices / 4), ceil(M / 8)), 128 threads.
+//   thread:      as sp_mv_csr, over the part of each row inside its slice;
+//   simdgroup:   one slice: the row holding its first value (binary search in
+//                row_ptr), then row after row to the slice's end, a simd_sum
+//                per row; a row lying wholly in the slice is written to out,
+//                the part of a row that began before the slice goes to its
+//                `head` partial sums, of a row that goes on past it to its
+//                `tail` (8 floats each, per step of 8 rows of x);
+//   threadgroup: 4 slices.
+// sp_split_fixup then writes every row that crosses a slice boundary, from
+// tail[first slice] + head[each later slice], and every empty row (bias or 0):
+// one thread per row of W, grid (ceil(N / 128), ceil(M / 8)). Each output has
+// one writer; every partial read was written (NaN-filled scratch in the tests).
+// Reads per stored value: as sp_mv_csr; scratch: 2 x 8 floats per slice per 8
+// rows of x, written and read once.
+
+constant constexpr int kSliceValues = 256; // as metal_plan.h's kSliceValues
+
+template <typename T, typename V, typename I>
+[[kernel]] void sp_mv_split_csr(
+    const device V* values [[buffer(SPMM_BUFFER_VALUES)]],
+    const device I* cols [[buffer(SPMM_BUFFER_PATTERN)]],
+    const device int* row_ptr [[buffer(SPMM_BUFFER_ROW_PTR)]],
+    const device T* x [[buffer(SPMM_BUFFER_X)]],
+    device T* out [[buffer(SPMM_BUFFER_OUT)]],
+    const device T* bias [[buffer(SPMM_BUFFER_BIAS), function_constant(spmm_has_bias)]],
+    constant SpmmShape& shape [[buffer(SPMM_BUFFER_SHAPE)]],
+    device float* partials [[buffer(SPMM_BUFFER_PARTIALS)]],
+    uint3 tgid [[threadgroup_position_in_grid]],
+    ushort sg [[simdgroup_index_in_threadgroup]],
+    ushort lane [[thread_index_in_simdgroup]]) {
+  const int N = shape.N;
+  const int K = shape.K;
+  const int stored = row_ptr[N];
+  const int slices = max(1, (stored + kSliceValues - 1) / kSliceValues);
+  const int slice = int(tgid.x) * kMvSimdgroups + sg;
+  const int a = slice * kSliceValues;
+  if (a >= stored) {
+    return; // the whole simdgroup; this kernel has no barrier
   }
-#pragma clang loop unroll(full)
-  for (int i = 0; i < kMvRows; ++i) {
-    const float s = simd_sum(acc[i]);
-    if (lane == 0) {
-      partial[sg * kMvRows + i] = s;
+  const int b = min(a + kSliceValues, stored);
+  const int m0 = tgid.y * kMvRows;
+  const int rows = min(kMvRows, shape.M - m0);
+  device float* head = partials + (int64_t(tgid.y) * slices + slice) * 2 * kMvRows;
+  device float* tail = head + kMvRows;
+  x += int64_t(m0) * K;
+
+  // The last row starting at or before a: it holds value a.
+  int lo = 0;
+  int hi = N;
+  while (lo < hi) {
+    const int mid = (lo + hi) / 2;
+    if (row_ptr[mid] <= a) {
+      lo = mid + 1;
+    } else {
+      hi = mid;
     }
   }
-  threadgroup_barrier(mem_flags::mem_threadgroup);
-  if (sg == 0 && lane < rows) {
-    float v = spmm_has_bias ? float(bias[n]) : 0.0f;
-#pragma clang loop unroll(full)
-    for (int s = 0; s < kMvSimdgroups; ++s) {
-      v += partial[s * kMvRows + lane];
+  for (int r = lo - 1; r < N && row_ptr[r] < b; ++r) {
+    const int start = row_ptr[r];
+    const int end = row_ptr[r + 1];
+    if (start == end) {
+      continue; // empty rows are the fix-up's
     }
-    out[int64_t(m0 + lane) * N + n] = T(v);
+    float acc[kMvRows];
+#pragma clang loop unroll(full)
+    for (int i = 0; i < kMvRows; ++i) {
+      acc[i] = 0.0f;
+    }
+    for (int j = max(start, a) + lane; j < min(end, b); j += 32) {
+      const float v = float(values[j]);
+      const int c = int(cols[j]);
+#pragma clang loop unroll(full)
+      for (int i = 0; i < kMvRows; ++i) {
+        if (i < rows) {
+          acc[i] += v * float(x[int64_t(i) * K + c]);
+        }
+      }
+    }
+    float total = 0.0f;
+#pragma clang loop unroll(full)
+    for (int i = 0; i < kMvRows; ++i) {
+      const float s = simd_sum(acc[i]);
+      total = lane == i ? s : total;
+    }
+    if (lane < rows) {
+      if (start < a) {
+        head[lane] = total;
+      } else if (end > b) {
+        tail[lane] = total;
+      } else {
+        const float bv = spmm_has_bias ? float(bias[r]) : 0.0f;
+        out[int64_t(m0 + lane) * N + r] = T(total + bv);
+      }
+    }
+  }
+}
+
+template <typename T>
+[[kernel]] void sp_split_fixup(
+    const device int* row_ptr [[buffer(SPMM_BUFFER_ROW_PTR)]],
+    device T* out [[buffer(SPMM_BUFFER_OUT)]],
+    const device T* bias [[buffer(SPMM_BUFFER_BIAS), function_constant(spmm_has_bias)]],
+    constant SpmmShape& shape [[buffer(SPMM_BUFFER_SHAPE)]],
+    const device float* partials [[buffer(SPMM_BUFFER_PARTIALS)]],
+    uint3 tgid [[threadgroup_position_in_grid]],
+    ushort tid [[thread_index_in_threadgroup]]) {
+  const int N = shape.N;
+  const int r = int(tgid.x) * 128 + tid;
+  if (r >= N) {
+    return; // no barrier or collective follows
+  }
+  const int m0 = tgid.y * kMvRows;
+  const int rows = min(kMvRows, shape.M - m0);
+  const int slices = max(1, (row_ptr[N] + kSliceValues - 1) / kSliceValues);
+  const int start = row_ptr[r];
+  const int end = row_ptr[r + 1];
+  const int first = start / kSliceValues;
+  const int last = (end - 1) / kSliceValues;
+  if (start != end && first == last) {
+    return; // written by its slice
+  }
+  const device float* step = partials + int64_t(tgid.y) * slices * 2 * kMvRows;
+  const float bv = spmm_has_bias ? float(bias[r]) : 0.0f;
+  for (int i = 0; i < rows; ++i) {
+    float v = 0.0f;
+    if (start != end) {
+      v = step[(int64_t(first) * 2 + 1) * kMvRows + i];
+      for (int s = first + 1; s <= last; ++s) {
+        v += step[int64_t(s) * 2 * kMvRows + i];
+      }
+    }
+    out[int64_t(m0 + i) * N + r] = T(v + bv);
   }
 }
 
@@ -812,7 +927,8 @@ template <typename V, int format, typename I>
 // ---- Instantiations -------------------------------------------------------------------------
 //
 // Host names sp_<kernel>_<format>_<T>_<V>, e.g. sp_mv_csr_u16_float16_float16,
-// sp_mm_t_nm_b4_gs64_float32_bfloat16, and sp_sampled_<format>_<V>. Formats:
+// sp_mm_t_nm_b4_gs64_float32_bfloat16, sp_sampled_<format>_<V> and
+// sp_split_fixup_<T>. Formats:
 // csr_u16, csr_u32 (column index type), bitmask, bsr, nm (float values),
 // nm_b<bits>_gs<group size> (quantized). (T, V): each dtype with itself, and
 // float32 outputs of float16 / bfloat16 values.
@@ -828,10 +944,10 @@ template <typename V, int format, typename I>
       NmTiles<v, bits, gs>, false)
 
 #define instantiate_pair(tn, vn, t, v)                                                              \
-  instantiate_kernel("sp_mv_csr_u16_" #tn "_" #vn, sp_mv_csr, t, v, ushort, false)                  \
-  instantiate_kernel("sp_mv_csr_u32_" #tn "_" #vn, sp_mv_csr, t, v, uint, false)                    \
-  instantiate_kernel("sp_mv_wide_csr_u16_" #tn "_" #vn, sp_mv_csr, t, v, ushort, true)              \
-  instantiate_kernel("sp_mv_wide_csr_u32_" #tn "_" #vn, sp_mv_csr, t, v, uint, true)                \
+  instantiate_kernel("sp_mv_csr_u16_" #tn "_" #vn, sp_mv_csr, t, v, ushort)                         \
+  instantiate_kernel("sp_mv_csr_u32_" #tn "_" #vn, sp_mv_csr, t, v, uint)                           \
+  instantiate_kernel("sp_mv_split_csr_u16_" #tn "_" #vn, sp_mv_split_csr, t, v, ushort)             \
+  instantiate_kernel("sp_mv_split_csr_u32_" #tn "_" #vn, sp_mv_split_csr, t, v, uint)               \
   instantiate_kernel("sp_mv_bitmask_" #tn "_" #vn, sp_mv_bitmask, t, v)                             \
   instantiate_kernel("sp_mv_bsr_" #tn "_" #vn, sp_mv_bsr, t, v)                                     \
   instantiate_kernel("sp_mv_nm_" #tn "_" #vn, sp_mv_nm, t, v, 0, 32)                                \
@@ -863,6 +979,10 @@ instantiate_pair(float32, bfloat16, float, bfloat)
   instantiate_kernel("sp_sampled_bitmask_" #vn, sp_sampled, v, 1, uint)            \
   instantiate_kernel("sp_sampled_bsr_" #vn, sp_sampled, v, 2, uint)                \
   instantiate_kernel("sp_sampled_nm_" #vn, sp_sampled, v, 3, uint)
+
+instantiate_kernel("sp_split_fixup_float32", sp_split_fixup, float)
+instantiate_kernel("sp_split_fixup_float16", sp_split_fixup, half)
+instantiate_kernel("sp_split_fixup_bfloat16", sp_split_fixup, bfloat)
 
 instantiate_sampled(float32, float)
 instantiate_sampled(float16, half)

@@ -17,6 +17,8 @@
 #define SPMM_BUFFER_BIAS 7 // T (N,) or (K,), bound only when SPMM_FC_HAS_BIAS is true
 #define SPMM_BUFFER_SHAPE 8 // SpmmShape
 #define SPMM_BUFFER_G 9 // sp_sampled only: float32 (M, N), the output's cotangent
+#define SPMM_BUFFER_PARTIALS 10 // sp_mv_split_csr, sp_split_fixup: float32 scratch,
+                                // (ceil(M / 8), slices, 2, 8)
 
 // Function constants, set when the pipeline is created.
 #define SPMM_FC_HAS_BIAS 0 // bool: add bias in the epilogue (products only)

@@ -70,6 +70,20 @@ PLAN_SAMPLED = Planner(
 """,
 )
 
+PLAN_SPLIT_FIXUP = Planner(
+    "sparse_matmul_metal_plan_split_fixup",
+    "sparse_matmul/metal_plan.h",
+    ints=("M", "N", "stored"),
+    strings=("type_name",),
+    body="""
+  using namespace mlx_ext::metal::sparse_plan;
+  const auto launch = plan_split_fixup(M, N);
+  // groups[2] carries no grid dimension here: the floats of the scratch.
+  return {launch.kernel, split_fixup_name(type_name),
+          {launch.groups[0], launch.groups[1], split_partials(M, stored)}, {launch.threads, 1, 1}};
+""",
+)
+
 _MX = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 
 
@@ -163,8 +177,22 @@ class Problem:
         buffers = {**self.buffers, b["x"]: x, b["out"]: out, b["shape"]: self.shape(M)}
         if has_bias:
             buffers[b["bias"]] = bias
-        run_planned(lib, launch, buffers, function_constants={BINDINGS.function_constants["has_bias"]: has_bias},
-                    schedule=schedule, check_bounds=check_bounds)
+        constants = {BINDINGS.function_constants["has_bias"]: has_bias}
+        if launch.kernel == "mv_split":
+            # The scratch NaN-filled: the fix-up must read only what the slices wrote.
+            fixup = PLAN_SPLIT_FIXUP(M=M, N=self.N, stored=self.stored, type_name=self.dtype)
+            buffers[b["partials"]] = np.full(fixup.groups[2], np.nan, np.float32)
+            run_planned(lib, launch, buffers, function_constants=constants, schedule=schedule,
+                        check_bounds=check_bounds)
+            launch_fixup = Launch(fixup.kernel, fixup.host_name, (*fixup.groups[:2], 1), fixup.threads)
+            fixup_buffers = {k: buffers[k] for k in (b["row_ptr"], b["out"], b["shape"], b["partials"])}
+            if has_bias:
+                fixup_buffers[b["bias"]] = bias
+            run_planned(lib, launch_fixup, fixup_buffers, function_constants=constants, schedule=schedule,
+                        check_bounds=check_bounds)
+        else:
+            run_planned(lib, launch, buffers, function_constants=constants, schedule=schedule,
+                        check_bounds=check_bounds)
         expected, tol = ref.sparse_matmul_with_tolerance(
             from_device(x, self.dtype), self.ws, out_dtype=self.dtype,
             bias=from_device(bias, self.dtype) if has_bias else None, transpose=transpose)

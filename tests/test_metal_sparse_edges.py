@@ -77,12 +77,14 @@ def test_row_patterns(lib, fmt, dtype, vdtype, pattern, M):
 
 
 @pytest.mark.parametrize("M", [1, 12])
-def test_one_very_long_csr_row_takes_the_wide_kernel(lib, M):
-    """A row of 3000 values among 2 short ones: the plan's wide kernel, a
-    threadgroup per row."""
-    seed = 17 + M
-    p, rng = _lengths_problem("csr_u16", "float32", "float32", [3000, 2, 5], 3001, seed)
-    assert p.plan(M).kernel == "mv_wide"
+@pytest.mark.parametrize("lengths", [[3000, 2, 5], [0, 1200, 0, 0, 256, 1, 0, 900, 0], [512, 256, 256, 256, 0]])
+def test_long_csr_rows_take_balanced_slices(lib, M, lengths):
+    """Rows long on average: sp_mv_split_csr's slices of 256 stored values,
+    rows across slice boundaries (and empty ones) written by the fix-up; rows
+    of exactly one and two whole slices."""
+    seed = zlib.crc32(f"{lengths}{M}".encode())
+    p, rng = _lengths_problem("csr_u16", "float32", "float32", lengths, 3001, seed)
+    assert p.plan(M).kernel == "mv_split"
     _check_all(lib, p, rng, M, seed)
 
 

@@ -41,8 +41,8 @@ def _shape(kernel: str, fmt: str, index: int):
         if fmt == "bitmask":
             return 3, 13, 600, {}  # two 512-column steps; a partial last word
         return 5, 13, 768 if fmt != "nm" else 552, {"nm": nm}  # two steps, the second partial
-    if kernel == "mv_wide":
-        return 2, 3, 1300, {"density": 0.6}  # ~780 stored per row
+    if kernel == "mv_split":
+        return 11, 5, 900, {"density": 0.4}  # ~360 stored per row: rows across slices
     if kernel in ("mm_t", "mm_n"):
         M = 40 if kernel == "mm_t" else 9
         if fmt == "bsr":
@@ -58,7 +58,7 @@ def _product_cases():
         for fmt in FORMATS:
             kernels = ["mv", "mm_n"]
             if fmt.startswith("csr"):
-                kernels.append("mv_wide")
+                kernels.append("mv_split")
             else:
                 kernels.append("mm_t")
             for kernel in kernels:
@@ -109,6 +109,7 @@ def test_every_instantiation_is_covered(lib):
         kernel, fmt, dtype, vdtype, index = case.values
         p, M, _ = _problem(*case.values)
         planned.append(p.plan(M, kernel != "mm_n").host_name)
+    planned += [f"sp_split_fixup_{t}" for t in ("float32", "float16", "bfloat16")]  # after mv_split
     planned += [_sampled_problem(*case.values)[0].plan_sampled().host_name for case in _sampled_cases()]
     assert sorted(planned) == sorted(lib.host_names)
 
@@ -126,7 +127,10 @@ def test_plan_is_metal_plan_h():
     assert q.plan(8).host_name == "sp_mv_nm_b4_gs64_float32_bfloat16"
     assert q.plan(9) == Launch("mm_t", "sp_mm_t_nm_b4_gs64_float32_bfloat16", (2, 1, 1), (128, 1, 1))
     w = Problem(rng, "csr_u32", N=2, K=2048, dtype="float32", value_dtype="float32", density=0.5)
-    assert w.plan(1) == Launch("mv_wide", "sp_mv_wide_csr_u32_float32_float32", (2, 1, 1), (128, 1, 1))
+    assert w.stored > 256 * 2
+    slices = -(-w.stored // 256)
+    assert w.plan(1) == Launch("mv_split", "sp_mv_split_csr_u32_float32_float32", (-(-slices // 4), 1, 1),
+                               (128, 1, 1))
     assert w.plan_sampled() == Launch("sampled", "sp_sampled_csr_u32_float32", (1, 1, 1), (128, 1, 1))
 
 

@@ -110,13 +110,32 @@ void SparseMatmul::eval_gpu(const std::vector<mx::array>& inputs, mx::array& out
   auto* kernel = d.get_kernel(
       name, metal::library(d), name + (has_bias ? "_bias" : "_nobias"), constants);
 
+  const bool split = std::string(launch.kernel) == "mv_split";
+  mx::array partials({split ? int(plan::split_partials(M, stored)) : 0}, mx::float32, nullptr, {});
   enc.set_compute_pipeline_state(kernel);
   bind_format(enc, l, arrays, true);
   enc.set_input_array(x, SPMM_BUFFER_X);
   enc.set_output_array(out, SPMM_BUFFER_OUT);
   if (has_bias_) enc.set_input_array(inputs.back(), SPMM_BUFFER_BIAS);
   enc.set_bytes(shape_of(l, M), SPMM_BUFFER_SHAPE);
+  if (split) {
+    // Scratch of the rows across slices, read by the fix-up below.
+    partials.set_data(mx::allocator::malloc(partials.nbytes()));
+    enc.add_temporary(partials);
+    enc.set_output_array(partials, SPMM_BUFFER_PARTIALS);
+  }
   dispatch(enc, launch);
+  if (!split) return;
+
+  const std::string fixup = plan::split_fixup_name(kernel_dtype_name(out.dtype()));
+  enc.set_compute_pipeline_state(d.get_kernel(
+      fixup, metal::library(d), fixup + (has_bias ? "_bias" : "_nobias"), constants));
+  enc.set_input_array(arrays[2], SPMM_BUFFER_ROW_PTR);
+  enc.set_output_array(out, SPMM_BUFFER_OUT);
+  if (has_bias_) enc.set_input_array(inputs.back(), SPMM_BUFFER_BIAS);
+  enc.set_bytes(shape_of(l, M), SPMM_BUFFER_SHAPE);
+  enc.set_input_array(partials, SPMM_BUFFER_PARTIALS);
+  dispatch(enc, plan::plan_split_fixup(M, l.N));
 }
 
 void SparseSampledMatmul::eval_gpu(const std::vector<mx::array>& inputs, mx::array& out) {

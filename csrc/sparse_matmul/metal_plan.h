@@ -19,28 +19,51 @@ enum Format : int { csr = 0, bitmask = 1, bsr = 2, nm = 3 };
 // kernels (sp_mm_t_*). CSR has no tiled kernel: its gather kernel runs every
 // M in steps of 8 rows. Not tuned on hardware.
 constexpr int64_t kDecodeMaxRows = 8;
-// CSR rows holding on average at least this many stored values take the
-// wide kernel: a threadgroup (128 threads) per row instead of a simdgroup, so
-// that a few long rows do not leave most of the GPU idle. Not tuned on
-// hardware.
-constexpr int64_t kWideRowValues = 512;
+// CSR with long rows (on average at least kLongRowValues stored values)
+// takes balanced slices of kSliceValues stored values per simdgroup
+// (sp_mv_split_csr, then sp_split_fixup for the rows across slices) instead
+// of a simdgroup per row, so that a few long rows do not leave most of the
+// GPU idle. kSliceValues is also the kernels' constant. Not tuned on hardware.
+constexpr int64_t kLongRowValues = 256;
+constexpr int64_t kSliceValues = 256;
 
 struct Launch {
-  const char* kernel; // mv, mv_wide, mm_t, mm_n, sampled
+  const char* kernel; // mv, mv_split, split_fixup, mm_t, mm_n, sampled
   int64_t groups[3]; // threadgroups per grid dimension
   int threads; // threads per threadgroup, along x
 };
+
+// The slices of sp_mv_split_csr (at least one, also with nothing stored).
+inline int64_t split_slices(int64_t stored) {
+  return stored > 0 ? ceil_div(stored, kSliceValues) : 1;
+}
+
+// Floats of sp_mv_split_csr's scratch: (ceil(M / 8), slices, 2, 8).
+inline int64_t split_partials(int64_t M, int64_t stored) {
+  return ceil_div(M, kDecodeMaxRows) * split_slices(stored) * 2 * kDecodeMaxRows;
+}
 
 // out = x W^T (transpose; x (M, K)) or x W (x (M, N)) for W (N, K) holding
 // `stored` values; M, N, K >= 1.
 inline Launch plan(Format format, int64_t M, int64_t N, int64_t K, int64_t stored, bool transpose) {
   if (!transpose) return {"mm_n", {ceil_div(K, 32), ceil_div(M, 32), 1}, 128};
   if (format == csr) {
-    if (stored >= kWideRowValues * N) return {"mv_wide", {N, ceil_div(M, kDecodeMaxRows), 1}, 128};
+    if (stored >= kLongRowValues * N)
+      return {"mv_split", {ceil_div(split_slices(stored), 4), ceil_div(M, kDecodeMaxRows), 1}, 128};
     return {"mv", {ceil_div(N, 4), ceil_div(M, kDecodeMaxRows), 1}, 128};
   }
   if (M <= kDecodeMaxRows) return {"mv", {ceil_div(N, 4), 1, 1}, 128};
   return {"mm_t", {ceil_div(N, 32), ceil_div(M, 32), 1}, 128};
+}
+
+// After mv_split: a thread per row of W, per step of 8 rows of x.
+inline Launch plan_split_fixup(int64_t M, int64_t N) {
+  return {"split_fixup", {ceil_div(N, 128), ceil_div(M, kDecodeMaxRows), 1}, 128};
+}
+
+// The host name of the fix-up: e.g. sp_split_fixup_float16.
+inline std::string split_fixup_name(const char* type_name) {
+  return std::string("sp_split_fixup_") + type_name;
 }
 
 // dvalues of the stored values: one simdgroup per row of W.
