@@ -17,9 +17,11 @@ import zlib
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from tests.metal_harness import METAL, RUNS, library_fixture
-from tests.metal_sparse import PAIRS, Problem, row_mask
+from tests.metal_sparse import FORMATS, PAIRS, Problem, row_mask
 
 lib = library_fixture(METAL / "sparse_matmul.metal")
 
@@ -137,3 +139,39 @@ def test_rows_of_x_around_the_decode_prefill_switch(lib, fmt, extra, M):
     for run in _runs(seed):
         launch = p.check_product(lib, rng, M, has_bias=M % 2 == 0, **run)
         assert launch.kernel == ("mv" if M <= 8 or fmt == "csr_u16" else "mm_t")
+
+
+@st.composite
+def problems(draw):
+    """A random format, dtype pair, shape, density and M (decode and prefill)."""
+    fmt = draw(st.sampled_from(FORMATS))
+    dtype, vdtype = draw(st.sampled_from(PAIRS))
+    M = draw(st.sampled_from([1, 2, 5, 8, 9, 17, 33]))
+    extra = {}
+    if fmt == "bsr":
+        bn, bk = draw(st.sampled_from([(16, 16), (32, 32), (64, 64), (16, 64), (8, 4), (3, 5)]))
+        N, K = bn * draw(st.integers(1, 3)), bk * draw(st.integers(1, 4))
+        extra = {"block": (bn, bk), "density": draw(st.sampled_from([0.0, 0.3, 1.0]))}
+    elif fmt.startswith("nm"):
+        n, m = (2, 4) if fmt != "nm" else draw(st.sampled_from([(1, 4), (2, 4), (3, 4), (1, 8), (4, 8), (7, 8)]))
+        N = draw(st.integers(1, 40))
+        K = m * draw(st.integers(1, 150)) if fmt == "nm" else 2 * 128 * draw(st.integers(1, 3))
+        extra = {"nm": (n, m)}
+    else:
+        N, K = draw(st.integers(1, 40)), draw(st.integers(1, 1100))
+        extra = {"density": draw(st.sampled_from([0.0, 0.05, 0.5, 1.0]))}
+    transpose = draw(st.booleans())
+    seed = draw(st.integers(0, 2**32 - 1))
+    return fmt, dtype, vdtype, M, N, K, extra, transpose, seed
+
+
+@given(case=problems())
+@settings(max_examples=300 if FULL else 50, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_random_problems(lib, case):
+    fmt, dtype, vdtype, M, N, K, extra, transpose, seed = case
+    rng = np.random.default_rng(seed)
+    p = Problem(rng, fmt, N=N, K=K, dtype=dtype, value_dtype=vdtype, **extra)
+    for run in _runs(seed):
+        p.check_product(lib, rng, M, transpose=transpose, has_bias=seed % 2 == 0, **run)
+        if not p.bits:
+            p.check_sampled(lib, rng, M, **run)
