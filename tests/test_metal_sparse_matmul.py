@@ -148,8 +148,8 @@ def _gpu_available() -> bool:
 def test_every_product_on_the_gpu(kernel, fmt, dtype, vdtype, index):
     """The coverage problems through the op on the GPU stream: the product,
     or (sp_mm_n) the raw op's transposed product; and the values' gradient.
-    Containers hold uint16 columns while K <= 65536: csr_u32 runs here only
-    through its sampled product's twin, csr_u16."""
+    (Containers keep uint16 columns while K <= 65536, so the csr_u32 cases
+    run the uint16 kernels here.)"""
     import mlx.core as mx
 
     import mlx_ext
