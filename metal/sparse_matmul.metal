@@ -82,7 +82,8 @@ inline void mv_store(thread float* acc, device T* out, const device T* bias, int
 //   threadgroup: 4 rows of W.
 // Reads per stored value: sizeof(V) + sizeof(I) once per 8 rows of x, plus
 // 8 gathered x. x is not staged: the columns of a row are data-dependent
-// and each x value is read by few of the threadgroup's rows.
+// and each x value is read by few of the threadgroup's rows. Threadgroup
+// memory: none.
 
 template <typename T, typename V, typename I>
 [[kernel]] void sp_mv_csr(
@@ -142,7 +143,7 @@ template <typename T, typename V, typename I>
 // one thread per row of W, grid (ceil(N / 128), ceil(M / 8)). Each output has
 // one writer; every partial read was written (NaN-filled scratch in the tests).
 // Reads per stored value: as sp_mv_csr; scratch: 2 x 8 floats per slice per 8
-// rows of x, written and read once.
+// rows of x, written and read once. Threadgroup memory: none.
 
 constant constexpr int kSliceValues = 256; // as metal_plan.h's kSliceValues
 
@@ -276,6 +277,7 @@ template <typename T>
 //   threadgroup: 4 rows of W sharing the staged x. Rows past N are clamped to
 //                N - 1 (read, never stored): no thread leaves before a barrier.
 // Reads per stored value: sizeof(V) once, plus 1/8 byte of mask per element.
+// Threadgroup memory: 16 KiB (x, 8 rows x 512 floats).
 
 template <typename T, typename V>
 [[kernel]] void sp_mv_bitmask(
@@ -337,7 +339,8 @@ template <typename T, typename V>
 //   threadgroup: 4 rows of W (of one block row when block_n >= 4).
 // Reads per stored value: sizeof(V) once, plus 4 bytes of block column per
 // block_k values. x is read from device memory: it is read in runs of
-// block_k by every row of a block row, which the cache serves.
+// block_k by every row of a block row, which the cache serves. Threadgroup
+// memory: none.
 
 template <typename T, typename V>
 [[kernel]] void sp_mv_bsr(
@@ -401,7 +404,8 @@ template <typename T, typename V>
 //   threadgroup: 4 rows of W sharing the staged x; rows past N clamped to
 //                N - 1 (read, never stored).
 // Reads per stored value: sizeof(V) (float) or bits / 8 (quantized, plus
-// 2 sizeof(V) per group) once, plus code_bits / 8.
+// 2 sizeof(V) per group) once, plus code_bits / 8. Threadgroup memory:
+// 16 KiB (x, 8 rows x 512 floats).
 
 template <typename T, typename V, int bits, int group_size>
 [[kernel]] void sp_mv_nm(
@@ -850,6 +854,7 @@ template <typename T, typename V, typename Tiles, bool transpose>
 //   simdgroup:   row n of W;
 //   threadgroup: 4 rows of W.
 // Reads per stored value: its pattern once, 2 M floats of g and x.
+// Threadgroup memory: none.
 
 inline float sampled_dot(const device float* g, const device float* x, int M, int N, int K,
     int row, int col) {

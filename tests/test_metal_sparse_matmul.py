@@ -42,7 +42,7 @@ def _shape(kernel: str, fmt: str, index: int):
             return 3, 13, 600, {}  # two 512-column steps; a partial last word
         return 5, 13, 768 if fmt != "nm" else 552, {"nm": nm}  # two steps, the second partial
     if kernel == "mv_split":
-        return 11, 5, 900, {"density": 0.4}  # ~360 stored per row: rows across slices
+        return 5, 5, 900, {"density": 0.4}  # ~360 stored per row: rows across slices
     if kernel in ("mm_t", "mm_n"):
         M = 40 if kernel == "mm_t" else 9
         if fmt == "bsr":
@@ -129,8 +129,9 @@ def test_plan_is_metal_plan_h():
     w = Problem(rng, "csr_u32", N=2, K=2048, dtype="float32", value_dtype="float32", density=0.5)
     assert w.stored > 256 * 2
     slices = -(-w.stored // 256)
-    assert w.plan(1) == Launch("mv_split", "sp_mv_split_csr_u32_float32_float32", (-(-slices // 4), 1, 1),
+    assert w.plan(8) == Launch("mv_split", "sp_mv_split_csr_u32_float32_float32", (-(-slices // 4), 1, 1),
                                (128, 1, 1))
+    assert w.plan(9) == Launch("mv", "sp_mv_csr_u32_float32_float32", (1, 2, 1), (128, 1, 1))
     assert w.plan_sampled() == Launch("sampled", "sp_sampled_csr_u32_float32", (1, 1, 1), (128, 1, 1))
 
 

@@ -19,11 +19,13 @@ enum Format : int { csr = 0, bitmask = 1, bsr = 2, nm = 3 };
 // kernels (sp_mm_t_*). CSR has no tiled kernel: its gather kernel runs every
 // M in steps of 8 rows. Not tuned on hardware.
 constexpr int64_t kDecodeMaxRows = 8;
-// CSR with long rows (on average at least kLongRowValues stored values)
-// takes balanced slices of kSliceValues stored values per simdgroup
+// CSR decode with long rows (on average at least kLongRowValues stored
+// values) takes balanced slices of kSliceValues stored values per simdgroup
 // (sp_mv_split_csr, then sp_split_fixup for the rows across slices) instead
 // of a simdgroup per row, so that a few long rows do not leave most of the
-// GPU idle. kSliceValues is also the kernels' constant. Not tuned on hardware.
+// GPU idle. Prefill keeps a simdgroup per row: its ceil(M / 8) passes give
+// the GPU work enough, and the slices' scratch would grow with M.
+// kSliceValues is also the kernels' constant. Not tuned on hardware.
 constexpr int64_t kLongRowValues = 256;
 constexpr int64_t kSliceValues = 256;
 
@@ -48,7 +50,7 @@ inline int64_t split_partials(int64_t M, int64_t stored) {
 inline Launch plan(Format format, int64_t M, int64_t N, int64_t K, int64_t stored, bool transpose) {
   if (!transpose) return {"mm_n", {ceil_div(K, 32), ceil_div(M, 32), 1}, 128};
   if (format == csr) {
-    if (stored >= kLongRowValues * N)
+    if (M <= kDecodeMaxRows && stored >= kLongRowValues * N)
       return {"mv_split", {ceil_div(split_slices(stored), 4), ceil_div(M, kDecodeMaxRows), 1}, 128};
     return {"mv", {ceil_div(N, 4), ceil_div(M, kDecodeMaxRows), 1}, 128};
   }
