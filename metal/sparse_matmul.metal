@@ -128,7 +128,7 @@ template <typename T, typename V, typename I>
 //
 // CSR with long rows: balanced slices of stored values instead of rows, so
 // that a few long rows among short ones do not leave most of the GPU idle.
-// Slice s holds stored values [s S, (s + 1) S), S = kSliceValues. Grid
+// Slice s holds stored values [s S, (s + 1) S), S = shape.slice_values. Grid
 // (ceil(slices / 4), ceil(M / 8)), 128 threads.
 //   thread:      as sp_mv_csr, over the part of each row inside its slice;
 //   simdgroup:   one slice: the row holding its first value (binary search in
@@ -145,8 +145,6 @@ template <typename T, typename V, typename I>
 // Reads per stored value: as sp_mv_csr; scratch: 2 x 8 floats per slice per 8
 // rows of x, written and read once. Threadgroup memory: none.
 
-constant constexpr int kSliceValues = 256; // as metal_plan.h's kSliceValues
-
 template <typename T, typename V, typename I>
 [[kernel]] void sp_mv_split_csr(
     const device V* values [[buffer(SPMM_BUFFER_VALUES)]],
@@ -162,14 +160,15 @@ template <typename T, typename V, typename I>
     ushort lane [[thread_index_in_simdgroup]]) {
   const int N = shape.N;
   const int K = shape.K;
+  const int S = shape.slice_values;
   const int stored = row_ptr[N];
-  const int slices = max(1, (stored + kSliceValues - 1) / kSliceValues);
+  const int slices = max(1, (stored + S - 1) / S);
   const int slice = int(tgid.x) * kMvSimdgroups + sg;
-  const int a = slice * kSliceValues;
+  const int a = slice * S;
   if (a >= stored) {
     return; // the whole simdgroup; this kernel has no barrier
   }
-  const int b = min(a + kSliceValues, stored);
+  const int b = min(a + S, stored);
   const int m0 = tgid.y * kMvRows;
   const int rows = min(kMvRows, shape.M - m0);
   device float* head = partials + (int64_t(tgid.y) * slices + slice) * 2 * kMvRows;
@@ -243,11 +242,12 @@ template <typename T>
   }
   const int m0 = tgid.y * kMvRows;
   const int rows = min(kMvRows, shape.M - m0);
-  const int slices = max(1, (row_ptr[N] + kSliceValues - 1) / kSliceValues);
+  const int S = shape.slice_values;
+  const int slices = max(1, (row_ptr[N] + S - 1) / S);
   const int start = row_ptr[r];
   const int end = row_ptr[r + 1];
-  const int first = start / kSliceValues;
-  const int last = (end - 1) / kSliceValues;
+  const int first = start / S;
+  const int last = (end - 1) / S;
   if (start != end && first == last) {
     return; // written by its slice
   }

@@ -31,4 +31,5 @@ struct SpmmShape {
   int block_k;
   int n; // nm: n kept of every m (0 for other formats)
   int m;
+  int slice_values; // sp_mv_split_csr's slice (metal_plan.h's kSliceValues)
 };

@@ -11,6 +11,7 @@ NaN-filled outputs and compare in float64.
 
 from __future__ import annotations
 
+import functools
 import json
 
 import numpy as np
@@ -83,6 +84,24 @@ PLAN_SPLIT_FIXUP = Planner(
           {launch.groups[0], launch.groups[1], split_partials(M, stored)}, {launch.threads, 1, 1}};
 """,
 )
+
+# metal_plan.h's constants, in a Launch's groups: (kSliceValues, which
+# metal.cpp passes in SpmmShape, kDecodeMaxRows, kLongRowValues).
+PLAN_CONSTANTS = Planner(
+    "sparse_matmul_metal_plan_constants",
+    "sparse_matmul/metal_plan.h",
+    ints=(),
+    strings=(),
+    body="""
+  using namespace mlx_ext::metal::sparse_plan;
+  return {"", "", {kSliceValues, kDecodeMaxRows, kLongRowValues}, {0, 0, 0}};
+""",
+)
+
+
+@functools.cache
+def slice_values() -> int:
+    return PLAN_CONSTANTS().groups[0]
 
 _MX = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 
@@ -158,6 +177,7 @@ class Problem:
         s["M"], s["N"], s["K"] = M, self.N, self.K
         s["block_n"], s["block_k"] = self.block
         s["n"], s["m"] = self.nm
+        s["slice_values"] = slice_values()
         return s
 
     def plan(self, M: int, transpose: bool = True) -> Launch:

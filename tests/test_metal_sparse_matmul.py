@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from tests.metal_harness import METAL, RUNS, Launch, library_fixture
-from tests.metal_sparse import FLOAT_FORMATS, FORMATS, PAIRS, Problem
+from tests.metal_sparse import FLOAT_FORMATS, FORMATS, PAIRS, PLAN_CONSTANTS, Problem
 
 lib = library_fixture(METAL / "sparse_matmul.metal")
 
@@ -127,8 +127,10 @@ def test_plan_is_metal_plan_h():
     assert q.plan(8).host_name == "sp_mv_nm_b4_gs64_float32_bfloat16"
     assert q.plan(9) == Launch("mm_t", "sp_mm_t_nm_b4_gs64_float32_bfloat16", (2, 1, 1), (128, 1, 1))
     w = Problem(rng, "csr_u32", N=2, K=2048, dtype="float32", value_dtype="float32", density=0.5)
-    assert w.stored > 256 * 2
-    slices = -(-w.stored // 256)
+    slice_values, decode_rows, long_row = PLAN_CONSTANTS().groups
+    assert (slice_values, decode_rows, long_row) == (256, 8, 256)  # as metal_plan.h's comments say
+    assert w.stored >= long_row * 2
+    slices = -(-w.stored // slice_values)
     assert w.plan(8) == Launch("mv_split", "sp_mv_split_csr_u32_float32_float32", (-(-slices // 4), 1, 1),
                                (128, 1, 1))
     assert w.plan(9) == Launch("mv", "sp_mv_csr_u32_float32_float32", (1, 2, 1), (128, 1, 1))

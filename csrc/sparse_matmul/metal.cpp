@@ -48,7 +48,7 @@ std::string format_name(const SparseLayout& l, const mx::array* arrays) {
 }
 
 SpmmShape shape_of(const SparseLayout& l, int64_t M) {
-  return {int(M), l.N, l.K, l.block_n, l.block_k, l.n, l.m};
+  return {int(M), l.N, l.K, l.block_n, l.block_k, l.n, l.m, int(plan::kSliceValues)};
 }
 
 // Binds the format's arrays (sparse_matmul.h's order) to their buffers;

@@ -25,7 +25,7 @@ constexpr int64_t kDecodeMaxRows = 8;
 // of a simdgroup per row, so that a few long rows do not leave most of the
 // GPU idle. Prefill keeps a simdgroup per row: its ceil(M / 8) passes give
 // the GPU work enough, and the slices' scratch would grow with M.
-// kSliceValues is also the kernels' constant. Not tuned on hardware.
+// The kernels get kSliceValues in SpmmShape. Not tuned on hardware.
 constexpr int64_t kLongRowValues = 256;
 constexpr int64_t kSliceValues = 256;
 
