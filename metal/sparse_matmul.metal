@@ -338,9 +338,10 @@ template <typename T, typename V>
 //   simdgroup:   row n of W, out[0 .. M, n] (simd_sum);
 //   threadgroup: 4 rows of W (of one block row when block_n >= 4).
 // Reads per stored value: sizeof(V) once, plus 4 bytes of block column per
-// block_k values. x is read from device memory: it is read in runs of
-// block_k by every row of a block row, which the cache serves. Threadgroup
-// memory: none.
+// block_k values. x is read from device memory, not staged: staging would
+// read all K columns of x per threadgroup where a block row touches only its
+// blocks' columns, read as coalesced runs of block_k that the block row's
+// other rows find in the cache. Threadgroup memory: none.
 
 template <typename T, typename V>
 [[kernel]] void sp_mv_bsr(

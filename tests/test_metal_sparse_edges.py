@@ -176,3 +176,24 @@ def test_random_problems(lib, case):
         p.check_product(lib, rng, M, transpose=transpose, has_bias=seed % 2 == 0, **run)
         if not p.bits:
             p.check_sampled(lib, rng, M, **run)
+
+
+@pytest.mark.parametrize("fmt,M,N,K,extra", [
+    ("csr_u16", 1, 256, 2048, {"density": 0.1}),
+    ("csr_u16", 4, 64, 4096, {"density": 0.5}),  # long rows: balanced slices
+    ("bitmask", 2, 256, 2048, {"density": 0.5}),
+    ("bsr", 1, 256, 1024, {"block": (32, 32), "density": 0.25}),
+    ("nm", 3, 128, 2048, {"nm": (2, 4)}),
+    ("nm_b4_gs64", 1, 256, 2048, {}),
+    ("bitmask", 64, 96, 512, {"density": 0.3}),
+    ("bsr", 48, 128, 512, {"block": (64, 64), "density": 0.5}),
+    ("nm_b8_gs128", 40, 64, 1024, {}),
+])
+def test_layer_sized_problems(lib, fmt, M, N, K, extra):
+    """Several steps of x and several threadgroups per dimension, with the
+    transposed product on the same pattern."""
+    seed = zlib.crc32(f"{fmt}{M}{N}{K}".encode())
+    rng = np.random.default_rng(seed)
+    p = Problem(rng, fmt, N=N, K=K, dtype="bfloat16", value_dtype="bfloat16", **extra)
+    p.check_product(lib, rng, M, schedule="random")
+    p.check_product(lib, rng, M, transpose=False, schedule="random")
