@@ -54,17 +54,26 @@ inline void stage_x(const device T* x, int K, int m0, int rows, int k0, ushort t
   }
 }
 
-// The simdgroup's sums acc[0 .. 8) (one per row of x), reduced; lane i < rows
-// writes row m0 + i of column n (+ bias[n]).
-template <typename T>
-inline void mv_store(thread float* acc, device T* out, const device T* bias, int N, int n,
-    int m0, int rows, bool live, ushort lane) {
+// The simdgroup's sums acc[0 .. rows) (one per row of x) reduced, row i's
+// total left on lane i. `rows` is uniform over the simdgroup, so decode at
+// M = 1 pays for one simd_sum, not 8.
+inline float mv_reduce(thread float* acc, int rows, ushort lane) {
   float total = 0.0f;
 #pragma clang loop unroll(full)
   for (int i = 0; i < kMvRows; ++i) {
-    const float s = simd_sum(acc[i]);
-    total = lane == i ? s : total;
+    if (i < rows) {
+      const float s = simd_sum(acc[i]);
+      total = lane == i ? s : total;
+    }
   }
+  return total;
+}
+
+// mv_reduce, then lane i < rows writes row m0 + i of column n (+ bias[n]).
+template <typename T>
+inline void mv_store(thread float* acc, device T* out, const device T* bias, int N, int n,
+    int m0, int rows, bool live, ushort lane) {
+  const float total = mv_reduce(acc, rows, lane);
   if (live && lane < rows) {
     const float b = spmm_has_bias ? float(bias[n]) : 0.0f;
     out[int64_t(m0 + lane) * N + n] = T(total + b);
@@ -207,12 +216,7 @@ template <typename T, typename V, typename I>
         }
       }
     }
-    float total = 0.0f;
-#pragma clang loop unroll(full)
-    for (int i = 0; i < kMvRows; ++i) {
-      const float s = simd_sum(acc[i]);
-      total = lane == i ? s : total;
-    }
+    const float total = mv_reduce(acc, rows, lane);
     if (lane < rows) {
       if (start < a) {
         head[lane] = total;
@@ -321,7 +325,9 @@ template <typename T, typename V>
       const float v = float(values[j++]);
 #pragma clang loop unroll(full)
       for (int i = 0; i < kMvRows; ++i) {
-        acc[i] += v * xs[i * kMvChunk + c];
+        if (i < rows) {
+          acc[i] += v * xs[i * kMvChunk + c];
+        }
       }
       bits &= bits - 1;
     }
@@ -453,7 +459,9 @@ template <typename T, typename V, int bits, int group_size>
         const float v = float(row_values[j]);
 #pragma clang loop unroll(full)
         for (int i = 0; i < kMvRows; ++i) {
-          acc[i] += v * xs[i * kMvChunk + c];
+          if (i < rows) {
+            acc[i] += v * xs[i * kMvChunk + c];
+          }
         }
       }
     } else {
@@ -480,9 +488,11 @@ template <typename T, typename V, int bits, int group_size>
           const float shift = mlx_ext::unit_shift_scale<bits>(t);
 #pragma clang loop unroll(full)
           for (int i = 0; i < kMvRows; ++i) {
-            const float xv = xs[i * kMvChunk + c];
-            dot[i] += q * (xv * shift);
-            x_sum[i] += xv;
+            if (i < rows) {
+              const float xv = xs[i * kMvChunk + c];
+              dot[i] += q * (xv * shift);
+              x_sum[i] += xv;
+            }
           }
         }
         const int64_t g = int64_t(row) * groups + j / group_size;
