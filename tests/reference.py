@@ -392,6 +392,64 @@ def sparse_matmul(x, ws, bias=None):
     return out
 
 
+def sparse_value_positions(ws) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, cols) of each stored value of a container with float values, in
+    the order of its values array flattened: the values numbered 1, 2, ...
+    and decoded by sparse_to_dense."""
+    values = ws["data"]
+    numbered = dict(ws)
+    numbered["data"] = np.arange(1, values.size + 1, dtype=np.float64).reshape(values.shape)
+    dense = sparse_to_dense(numbered)
+    rows, cols = np.nonzero(dense)
+    order = np.argsort(dense[rows, cols])
+    return rows[order], cols[order]
+
+
+# Half the spacing of each dtype's subnormals: what rounding a result that
+# small to the dtype can move it by, where EPS * |value| is smaller.
+SUBNORMAL_ROUNDING = {"float32": 2.0**-150, "float16": 2.0**-25, "bfloat16": 2.0**-134}
+
+
+def _abs_sparse_to_dense(ws) -> np.ndarray:
+    """|W|, or |scale| q + |bias| for quantized values (dequantizing can cancel,
+    so |W| alone would understate the rounding scale)."""
+    if "scales" not in ws:
+        return np.abs(sparse_to_dense(ws))
+    absolute = dict(ws)
+    absolute["scales"], absolute["biases"] = np.abs(to_f64(ws["scales"])), np.abs(to_f64(ws["biases"]))
+    return sparse_to_dense(absolute)
+
+
+def sparse_matmul_with_tolerance(x, ws, *, out_dtype, bias=None, transpose=True):
+    """(x @ W.T + bias (transpose) or x @ W + bias, its tolerance) for a kernel
+    that accumulates in float32 and rounds each output once to out_dtype. x is
+    2-D."""
+    w, w_abs = sparse_to_dense(ws), _abs_sparse_to_dense(ws)
+    x64 = to_f64(x)
+    expected = x64 @ (w.T if transpose else w)
+    magnitude = np.abs(x64) @ (w_abs.T if transpose else w_abs)
+    if bias is not None:
+        expected, magnitude = expected + to_f64(bias), magnitude + np.abs(to_f64(bias))
+    # Each term meets at most (reduction + 4) float32 roundings (dequantize,
+    # multiply, group scale, accumulation).
+    tol = float32_accumulation_tolerance(expected, magnitude, roundings=x64.shape[-1] + 4, out_dtype=out_dtype)
+    return expected, tol + SUBNORMAL_ROUNDING[out_dtype]
+
+
+def sparse_sampled_with_tolerance(g, x, ws, *, out_dtype):
+    """(dvalues, tolerance): dvalues[j] = sum_m g[m, row_j] x[m, col_j] for each
+    stored value j (the values' gradient of sum(g * (x @ W.T))), shaped as the
+    values; g (M, N) and x (M, K)."""
+    rows, cols = sparse_value_positions(ws)
+    g64, x64 = to_f64(g), to_f64(x)
+    expected = np.einsum("mi,mi->i", g64[:, rows], x64[:, cols])
+    magnitude = np.einsum("mi,mi->i", np.abs(g64[:, rows]), np.abs(x64[:, cols]))
+    tol = float32_accumulation_tolerance(expected, magnitude, roundings=g64.shape[0] + 2, out_dtype=out_dtype)
+    tol = tol + SUBNORMAL_ROUNDING[out_dtype]
+    shape = tuple(ws["data"].shape)
+    return expected.reshape(shape), tol.reshape(shape)
+
+
 def gather_qmm_with_tolerance(x, w_q, scales, biases, lhs_indices, rhs_indices, *, out_dtype, transpose=True,
                               group_size=64, bits=4, bias=None):
     """mx.gather_qmm's meaning, plus an optional bias ((N,) or one row per
