@@ -31,9 +31,11 @@ def eps(dtype) -> float:
 
 
 def subnormal_spacing(dtype) -> float:
-    """The absolute rounding step below a dtype's smallest normal: what a
-    relative tolerance misses near zero (float16's subnormals reach 6e-5)."""
-    return {mx.float16: 2.0**-24}.get(dtype, 0.0)
+    """The spacing of an MLX dtype's (or its name's) subnormals: the absolute
+    step below its smallest normal, which a relative tolerance misses near
+    zero (float16's subnormals reach 6e-5). Half of it bounds one rounding."""
+    name = dtype if isinstance(dtype, str) else str(dtype).rsplit(".", 1)[-1]
+    return {"float32": 2.0**-149, "float16": 2.0**-24, "bfloat16": 2.0**-133}[name]
 
 
 def unpack_bits(w_q, bits: int) -> np.ndarray:
@@ -405,11 +407,6 @@ def sparse_value_positions(ws) -> tuple[np.ndarray, np.ndarray]:
     return rows[order], cols[order]
 
 
-# Half the spacing of each dtype's subnormals: what rounding a result that
-# small to the dtype can move it by, where EPS * |value| is smaller.
-SUBNORMAL_ROUNDING = {"float32": 2.0**-150, "float16": 2.0**-25, "bfloat16": 2.0**-134}
-
-
 def _abs_sparse_to_dense(ws) -> np.ndarray:
     """|W|, or |scale| q + |bias| for quantized values (dequantizing can cancel,
     so |W| alone would understate the rounding scale)."""
@@ -433,7 +430,7 @@ def sparse_matmul_with_tolerance(x, ws, *, out_dtype, bias=None, transpose=True)
     # Each term meets at most (reduction + 4) float32 roundings (dequantize,
     # multiply, group scale, accumulation).
     tol = float32_accumulation_tolerance(expected, magnitude, roundings=x64.shape[-1] + 4, out_dtype=out_dtype)
-    return expected, tol + SUBNORMAL_ROUNDING[out_dtype]
+    return expected, tol + subnormal_spacing(out_dtype) / 2  # one rounding of a subnormal result
 
 
 def sparse_sampled_with_tolerance(g, x, ws, *, out_dtype):
@@ -445,7 +442,7 @@ def sparse_sampled_with_tolerance(g, x, ws, *, out_dtype):
     expected = np.einsum("mi,mi->i", g64[:, rows], x64[:, cols])
     magnitude = np.einsum("mi,mi->i", np.abs(g64[:, rows]), np.abs(x64[:, cols]))
     tol = float32_accumulation_tolerance(expected, magnitude, roundings=g64.shape[0] + 2, out_dtype=out_dtype)
-    tol = tol + SUBNORMAL_ROUNDING[out_dtype]
+    tol = tol + subnormal_spacing(out_dtype) / 2
     shape = tuple(ws["data"].shape)
     return expected.reshape(shape), tol.reshape(shape)
 
