@@ -6,23 +6,14 @@
 
 #include "common/cpu/thread_pool.h"
 #include "common/math.h"
+#include "quantized_matmul/cpu_driver.h"
 
 namespace mlx_ext::cpu {
 namespace {
 
-// An expert with fewer gathered rows than this runs the quantized matmul's
-// GEMV kernels (weights read once from their packed form for all rows); from
-// here on its register-blocked GEMM. The same crossover as
-// quantized_matmul/cpu_driver.cpp: the kernels are the same.
-constexpr int64_t kGemmMinRows = 12;
-
 // Tasks per thread of the whole pass: enough that uneven experts balance.
 constexpr int64_t kGemvTasksPerThread = 16;
 constexpr int64_t kQvmTasksPerThread = 4;
-
-int64_t chunk_size(int64_t n, int64_t tasks, int64_t align) {
-  return std::max(align, round_up(ceil_div(n, std::max<int64_t>(tasks, 1)), align));
-}
 
 int64_t element_size(FloatType t) { return t == FloatType::f32 ? 4 : 2; }
 
@@ -54,41 +45,21 @@ struct ExpertBlock {
   int projections() const { return up.w ? 2 : 1; }
 };
 
+// An expert with fewer gathered rows than kGemmMinRows runs the quantized
+// matmul's GEMV kernels (weights read once from their packed form for all
+// rows), from there on its register-blocked GEMM: the same crossover and the
+// same preparation of x as quantized_matmul/cpu_driver.cpp.
 void prepare_gemv(const KernelTable& kt, ExpertBlock& b, int64_t share) {
-  QmmArgs& a = b.a;
-  const int64_t groups = a.K / a.group_size;
-  b.sums.resize(a.M * groups);
-  for (int64_t m = 0; m < a.M; ++m)
-    for (int64_t g = 0; g < groups; ++g) {
-      float s = 0.0f;
-      for (int64_t k = g * a.group_size; k < (g + 1) * a.group_size; ++k) s += a.x[m * a.K + k];
-      b.sums[m * groups + g] = s;
-    }
-  a.x_group_sums = b.sums.data();
-  b.prepared.resize(a.M * a.K);
-  a.x_prepared = kt.qmv_prepare(a, b.prepared.data()) ? b.prepared.data() : nullptr;
-  b.chunk = chunk_size(a.N, share * kGemvTasksPerThread, 8);
+  prepare_qmv(kt, b.a, b.sums, b.prepared);
+  b.chunk = chunk_size(b.a.N, share * kGemvTasksPerThread, 8);
 }
 
-// x packed for the GEMM, layout as quantized_matmul/cpu_kernels.h's PackedA.
 void prepare_gemm(const KernelTable& kt, ExpertBlock& b) {
-  const auto& plan = kt.plan;
-  const QmmArgs& a = b.a;
-  const int64_t panels = ceil_div(a.M, plan.mr);
-  const int64_t k_blocks = ceil_div(a.K, plan.kc);
-  b.packed.assign(k_blocks * panels * plan.mr * plan.kc, 0.0f);
-  for (int64_t p = 0; p < panels; ++p)
-    for (int64_t kb = 0; kb < k_blocks; ++kb) {
-      float* dst = b.packed.data() + (kb * panels + p) * plan.mr * plan.kc;
-      const int64_t k0 = kb * plan.kc;
-      const int64_t kc = std::min<int64_t>(plan.kc, a.K - k0);
-      for (int i = 0; i < plan.mr && p * plan.mr + i < a.M; ++i) {
-        const float* src = a.x + (p * plan.mr + i) * a.K + k0;
-        for (int64_t k = 0; k < kc; ++k) dst[k * plan.mr + i] = src[k];
-      }
-    }
+  b.packed.resize(packed_x_size(kt, b.a));
+  const int64_t panels = ceil_div(b.a.M, kt.plan.mr);
+  pack_x_panels(kt, b.a, b.packed.data(), 0, panels);
   b.pa = PackedA{b.packed.data(), panels};
-  b.chunk = plan.nc;
+  b.chunk = kt.plan.nc;
 }
 
 } // namespace
