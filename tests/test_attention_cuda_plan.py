@@ -112,7 +112,7 @@ def test_decode_4k_splits_the_keys_into_64_key_chunks(lib):
     assert p["path"] == "vec"
     assert p["main"] == ("attn_vec_bfloat16_b0_d128", (1, 64, 8), VEC_THREADS, 0)
     assert (p["chunks"], p["chunk_len"]) == (64, 64)
-    assert p["merge"] == ("attn_merge_bfloat16", (8, 1, 1), MERGE_THREADS, 0)
+    assert p["merge"] == ("attn_merge_bfloat16", (32, 1, 1), MERGE_THREADS, 0)  # a block per row
     assert p["partial_floats"] == 64 * 32 * (128 + 2)
 
 

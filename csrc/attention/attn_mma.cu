@@ -5,6 +5,12 @@
 // whole are not masked element by element.
 #include "attention/cuda_device.cuh"
 
+// 0 drops split2's low part (P rounded to q's type, as FlashAttention does):
+// for bench/cuda/attention.cu's measurement of what the split costs.
+#ifndef MLX_EXT_MMA_SPLIT_P
+#define MLX_EXT_MMA_SPLIT_P 1
+#endif
+
 namespace mlx_ext::cuda {
 namespace {
 
@@ -181,8 +187,10 @@ __device__ __forceinline__ void attn_mma(const AttnParams& p) {
         ldmatrix_x4_trans(f, vs + (kk * 16 + (lane & 7) + (((lane >> 3) & 1) << 3)) * RB + (dp * 2 + (lane >> 4)) * 16);
         mma_m16n8k16<T>(o[2 * dp], a, f[0], f[1], o[2 * dp]);
         mma_m16n8k16<T>(o[2 * dp + 1], a, f[2], f[3], o[2 * dp + 1]);
-        mma_m16n8k16<T>(o[2 * dp], a_lo, f[0], f[1], o[2 * dp]);
-        mma_m16n8k16<T>(o[2 * dp + 1], a_lo, f[2], f[3], o[2 * dp + 1]);
+        if constexpr (MLX_EXT_MMA_SPLIT_P) {
+          mma_m16n8k16<T>(o[2 * dp], a_lo, f[0], f[1], o[2 * dp]);
+          mma_m16n8k16<T>(o[2 * dp + 1], a_lo, f[2], f[3], o[2 * dp + 1]);
+        }
       }
     }
     __syncthreads(); // the next iteration's loads overwrite this stage

@@ -168,8 +168,8 @@ void ScaledDotProductAttention::eval_gpu(
   }
   const int64_t rows = int64_t(p.B) * p.Hq * p.L;
   auto partials = launch.scratch(plan.partial_floats * 4);
-  p.part_ml = mx::gpu_ptr<float>(partials);
-  p.part_acc = p.part_ml + 2 * plan.chunks * rows;
+  p.part_acc = mx::gpu_ptr<float>(partials);
+  p.part_ml = p.part_acc + plan.chunks * rows * p.D;
   p.chunks = plan.chunks;
   p.chunk_len = plan.chunk_len;
   arrays.declare_reads();

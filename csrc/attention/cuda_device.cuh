@@ -7,6 +7,7 @@
 #include <cstdint>
 
 #include "attention/cuda_params.h"
+#include "common/cuda/affine.cuh"
 #include "common/cuda/device.cuh"
 
 namespace mlx_ext::cuda {
@@ -129,15 +130,11 @@ __device__ __forceinline__ void decode_kv(const KvRaw<T, BITS>& r, float (&v)[8]
         v[2 * i] = f.x, v[2 * i + 1] = f.y;
       }
     }
-  } else if constexpr (BITS == 8) {
+  } else { // codes as exact floats by a byte permute under 2^23 (affine.cuh), not int-to-float conversions
+    const uint32_t w[2] = {r.w[0].x, r.w[0].y};
+    dequant8<BITS>(w, 0, v);
 #pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      v[e] = fmaf(r.s, float((r.w[0].x >> (8 * e)) & 255u), r.z);
-      v[4 + e] = fmaf(r.s, float((r.w[0].y >> (8 * e)) & 255u), r.z);
-    }
-  } else {
-#pragma unroll
-    for (int e = 0; e < 8; ++e) v[e] = fmaf(r.s, float((r.w[0].x >> (4 * e)) & 15u), r.z);
+    for (int e = 0; e < 8; ++e) v[e] = fmaf(r.s, v[e], r.z);
   }
 }
 template <typename T, int BITS>

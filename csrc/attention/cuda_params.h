@@ -41,7 +41,8 @@ struct AttnParams {
   float* lse; // (B, Hq, L), natural log, sinks included; -inf for a row that sees nothing
   // Split-K forward (attn_vec): chunk c of the keys writes, per row (b, h, i),
   // the max m and sum l of exp2 of its base-2 logits and acc = sum exp2(s - m)
-  // v (D floats) to part_ml (chunks, rows, 2) and part_acc (chunks, rows, D);
+  // v (D floats) to part_ml (chunks, rows, 2) and part_acc (chunks, rows, D),
+  // one scratch buffer, part_acc first (16-byte aligned rows for attn_merge);
   // attn_merge combines the chunks and the sinks into out and lse.
   float* part_ml;
   float* part_acc;
@@ -65,22 +66,29 @@ struct AttnParams {
 
 // attn_vec (attn_vec.cu): rows of one kv head (its G = Hq / Hkv query heads
 // times L queries) in blocks of VEC_ROWS, VEC_WARPS warps per block; each lane
-// owns 8 consecutive values of D (lanes past D idle), so a key takes
-// dmax / 8 lanes and a warp reads 32 / (dmax / 8) keys at once, VEC_UNROLL
-// (float) or VEC_UNROLL_Q (quantized) times per step.
+// owns VEC_PIECES pieces of 8 consecutive values of D (pieces past D idle), so
+// a key takes dmax / (8 VEC_PIECES) lanes and a warp reads 32 / that many keys
+// at once, VEC_UNROLL (float) or VEC_UNROLL_Q (quantized) times per step.
+#ifndef MLX_EXT_VEC_PIECES
+#define MLX_EXT_VEC_PIECES 2
+#endif
 constexpr int VEC_ROWS = 4;
 constexpr int VEC_WARPS = 4;
 constexpr int VEC_THREADS = VEC_WARPS * 32;
-constexpr int VEC_UNROLL = 4;
-constexpr int VEC_UNROLL_Q = 8;
+constexpr int VEC_PIECES = MLX_EXT_VEC_PIECES; // pieces of 8 values of D per lane
+constexpr int VEC_UNROLL = 4 / VEC_PIECES;
+constexpr int VEC_UNROLL_Q = 8 / VEC_PIECES;
 constexpr MLX_EXT_HOST_DEVICE int vec_dmax(int D) { return D <= 64 ? 64 : D <= 128 ? 128 : 256; }
 constexpr MLX_EXT_HOST_DEVICE int vec_unroll(int bits) { return bits ? VEC_UNROLL_Q : VEC_UNROLL; }
+// Lanes per key: each takes VEC_PIECES pieces of 8 values.
+constexpr MLX_EXT_HOST_DEVICE int vec_lanes_per_key(int dmax) { return dmax / (8 * VEC_PIECES); }
 // Keys one block consumes per step: a chunk's length is a multiple of it.
 constexpr MLX_EXT_HOST_DEVICE int vec_keys_per_step(int dmax, int bits) {
-  return VEC_WARPS * (32 / (dmax / 8)) * vec_unroll(bits);
+  return VEC_WARPS * (32 / vec_lanes_per_key(dmax)) * vec_unroll(bits);
 }
-// attn_merge: one warp per row, MERGE_THREADS per block.
+// attn_merge: one block of MERGE_THREADS per row, at most kMaxMergeChunks chunks.
 constexpr int MERGE_THREADS = 128;
+constexpr int kMaxMergeChunks = 1024;
 
 // attn_mma (attn_mma.cu, mma.sync m16n8k16): MMA_BM query rows of one query
 // head per block (MMA_WARPS warps of 16 rows), key tiles of mma_bn(D) keys,

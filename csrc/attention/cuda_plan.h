@@ -30,7 +30,7 @@ constexpr int64_t kFillBlocks = 1024;
 constexpr int kMinChunk = 64;
 // At most this many chunks (grid.y, and the partials' scratch: chunks x rows
 // x (D + 2) floats).
-constexpr int kMaxChunks = 1024;
+constexpr int kMaxChunks = kMaxMergeChunks;
 
 struct Problem {
   int B, Hq, Hkv, L, S, D;
@@ -52,7 +52,7 @@ struct Plan {
   KernelLaunch main;
   KernelLaunch merge; // vec only
   int chunks = 1, chunk_len = 0; // vec: AttnParams::chunks, chunk_len
-  int64_t partial_floats = 0; // vec: the partials' scratch, part_ml then part_acc
+  int64_t partial_floats = 0; // vec: the partials' scratch, part_acc then part_ml
 };
 
 // The head dims of the tensor-core kernel's instances (attn_mma.cu).
@@ -89,7 +89,7 @@ inline Plan plan_forward(const Problem& p, const Gpu& gpu) {
   plan.partial_floats = plan.chunks * rows * (p.D + 2);
   plan.main = {"attn_vec_" + p.dtype + "_b" + std::to_string(p.bits) + "_d" + std::to_string(dmax),
       {row_blocks, plan.chunks, int64_t(p.B) * p.Hkv}, VEC_THREADS, 0};
-  plan.merge = {"attn_merge_" + p.dtype, {ceil_div(rows, MERGE_THREADS / 32), 1, 1}, MERGE_THREADS, 0};
+  plan.merge = {"attn_merge_" + p.dtype, {rows, 1, 1}, MERGE_THREADS, 0};
   return plan;
 }
 
