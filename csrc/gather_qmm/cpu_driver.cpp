@@ -152,7 +152,7 @@ void run_gather_qmm(const KernelTable& kt, const GatherQmmArgs& g) {
     if (b.gemm) {
       prepare_gemm(kt, b);
     } else if (g.transpose) {
-      prepare_gemv(kt, b, share * b.projections());
+      prepare_gemv(kt, b, share);
     } else {
       b.chunk = std::min(kt.qvm_cols, chunk_size(g.N, share * kQvmTasksPerThread, 32));
     }
