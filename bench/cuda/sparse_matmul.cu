@@ -269,10 +269,11 @@ struct Run {
       std::string& k = plan.main.kernel;
       k = k.substr(0, k.rfind("_m")) + (force_mt < 0 ? "_m1_xg" : "_m" + std::to_string(force_mt));
       plan.main.grid[1] = mlx_ext::ceil_div(M, force_mt < 0 ? 1 : force_mt);
-      plan.main.smem_bytes = force_mt < 0 ? 0 : w.p.K * force_mt * pr.dtype_bytes;
+      plan.main.smem_bytes = force_mt < 0 ? 0 : int(mlx_ext::cuda::spmv_x_bytes(w.p.K, force_mt * pr.dtype_bytes));
     }
     p = w.p;
     p.x = x, p.out = out, p.bias = bias, p.M = M, p.vec = plan.vec, p.slices = plan.slices;
+    p.stored = w.stored;
     if (!plan.prep.kernel.empty()) {
       CHECK(cudaMalloc(&prefix, size_t(w.p.N) * ((w.p.K + 31) / 32) * 4));
       p.word_prefix = static_cast<int32_t*>(prefix);

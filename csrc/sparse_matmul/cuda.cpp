@@ -144,6 +144,7 @@ void SparseMatmul::eval_gpu(const std::vector<mx::array>& inputs, mx::array& out
   p.bias = bias ? mx::gpu_ptr<void>(*bias) : nullptr;
   p.out = mx::gpu_ptr<void>(out);
   p.M = M;
+  p.stored = stored_values(l, arrays);
   auto pr = problem(l, p, M, out.dtype());
   pr.transpose = transpose_;
   const auto plan = sparse_plan::plan(pr, {mx::cu::device(s.device).compute_capability_major(),

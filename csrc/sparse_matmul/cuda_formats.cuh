@@ -54,15 +54,18 @@ template <typename T, int MT, bool XS>
 struct XRows {
   const T* x; // shared: xs; global: the block's first row of x
   int K, mt;
+  static constexpr int PAD = spmv_pad_slots(MT * sizeof(T));
+  __device__ __forceinline__ static int slot(int k) { return k + PAD * (k >> 5); }
   __device__ __forceinline__ void column(int k, float (&v)[MT]) const {
     if constexpr (XS) {
+      const T* c = x + slot(k) * MT;
       if constexpr (MT * sizeof(T) % 16 == 0) {
 #pragma unroll
         for (int i = 0; i < MT * int(sizeof(T)) / 16; ++i)
-          unpack16<T>(reinterpret_cast<const uint4*>(x + k * MT)[i], v + i * (16 / sizeof(T)));
+          unpack16<T>(reinterpret_cast<const uint4*>(c)[i], v + i * (16 / sizeof(T)));
       } else {
 #pragma unroll
-        for (int i = 0; i < MT; ++i) v[i] = to_float(x[k * MT + i]);
+        for (int i = 0; i < MT; ++i) v[i] = to_float(c[i]);
       }
     } else {
 #pragma unroll
@@ -102,6 +105,14 @@ __device__ __forceinline__ void csr_row(const SpParams& p, int row, const X& xr,
   const T* values = static_cast<const T*>(p.values);
   if (p.vec) {
     for (int64_t c = (b & ~int64_t(7)) + 8 * lane; c < e; c += 256) {
+      if (c + 8 > p.stored) { // the arrays' last chunk: no reads past their end
+        for (int64_t i = c > b ? c : b; i < e; ++i) {
+          const uint32_t col = p.wide_columns ? static_cast<const uint32_t*>(p.pattern)[i]
+                                              : static_cast<const uint16_t*>(p.pattern)[i];
+          fma_column(acc, xr, int(col), to_float(values[i]));
+        }
+        continue;
+      }
       float v[8];
       load_values<T, 8>(values + c, v);
       uint32_t cols[8];

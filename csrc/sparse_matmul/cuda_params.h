@@ -44,6 +44,17 @@ struct SpParams {
 // stored values); x of MT rows in shared memory as [K][MT] of T.
 constexpr int SPMV_WARPS = 8;
 constexpr int SPMV_THREADS = SPMV_WARPS * 32;
+// x in a decode block's shared memory: column k (MT values of T, a "slot")
+// at slot k + pad (k / 32). Lanes that each take 32 consecutive columns (a
+// Bitmask word, a 2:4 code word) read columns 32 apart: without the pad
+// those land in one bank.
+constexpr MLX_EXT_HOST_DEVICE int spmv_pad_slots(int slot_bytes) {
+  return slot_bytes >= 4 ? 1 : 4 / slot_bytes;
+}
+constexpr MLX_EXT_HOST_DEVICE int64_t spmv_x_bytes(int K, int slot_bytes) {
+  return (int64_t(K) + ceil_div(K, 32) * spmv_pad_slots(slot_bytes)) * slot_bytes;
+}
+
 // Transposed product and elementwise kernels: a thread per output column.
 constexpr int SPN_THREADS = 256;
 

@@ -18,9 +18,10 @@ namespace mlx_ext::cuda::sparse_plan {
 constexpr int kMinComputeCapability = 8;
 // The decode kernels' x rows per block (MT): 1 row, up to 4, or tiles of 16.
 constexpr int kRowsSmall = 4, kRowsLarge = 16;
-// x in shared memory ([K][MT] of T) up to this many bytes per block, so that
-// at least two blocks share a multiprocessor (228 KB on Hopper, 164 on A100).
-constexpr int kXSmemMax = 80 * 1024;
+// x in shared memory (spmv_x_bytes: K slots of MT values of T, padded) up to
+// this many bytes per block: 16 rows of K = 4096 in 16-bit types, one block
+// per multiprocessor then (228 KB on Hopper; an A100's 164 KB hold one too).
+constexpr int kXSmemMax = 140 * 1024;
 constexpr int kSmemPerSm = 160 * 1024; // what an sm_80 multiprocessor offers, the smaller
 // Decode blocks per multiprocessor (of SPMV_WARPS warps each): enough warps
 // in flight to keep W's loads streaming, few enough that x is copied into
@@ -105,8 +106,8 @@ inline Plan spmv(const Problem& pr, const Gpu& gpu) {
   plan.path = Path::spmv;
   plan.vec = vector_ok(pr);
   int mt = pr.M <= 1 ? 1 : pr.M <= kRowsSmall ? kRowsSmall : kRowsLarge;
-  while (mt > 1 && int64_t(pr.K) * mt * pr.dtype_bytes > kXSmemMax) mt = mt == kRowsLarge ? kRowsSmall : 1;
-  const int64_t smem = int64_t(pr.K) * mt * pr.dtype_bytes;
+  while (mt > 1 && spmv_x_bytes(pr.K, mt * pr.dtype_bytes) > kXSmemMax) mt = mt == kRowsLarge ? kRowsSmall : 1;
+  const int64_t smem = spmv_x_bytes(pr.K, mt * pr.dtype_bytes);
   const bool in_smem = smem <= kXSmemMax;
   const int per_sm = in_smem ? int(std::clamp<int64_t>(kSmemPerSm / (smem + 1024), 1, kSpmvBlocksPerSm))
                              : kSpmvBlocksPerSm;

@@ -23,19 +23,28 @@ namespace {
 constexpr int kRowCost = 32;
 
 // The first row of global warp `w` of `warps`: equal stored values + row
-// costs for CSR and Bitmask, equal rows otherwise.
+// costs for CSR and Bitmask, equal rows otherwise. The whole warp searches
+// row_ptr 32 ways at a time (a few dependent loads, not log2 N).
 template <Fmt F>
-__device__ __forceinline__ int first_row(const SpParams& p, int64_t w, int64_t warps) {
+__device__ __forceinline__ int first_row(const SpParams& p, int64_t w, int64_t warps, int lane) {
   if (w >= warps) return p.N;
   if constexpr (F == CSR || F == BITMASK) {
-    const int64_t total = p.row_ptr[p.N] + int64_t(kRowCost) * p.N;
-    const int64_t target = total * w / warps;
-    int lo = 0, hi = p.N; // the first r with cost(r) >= target
-    while (lo < hi) {
-      const int mid = (lo + hi) / 2;
-      if (p.row_ptr[mid] + int64_t(kRowCost) * mid < target) lo = mid + 1; else hi = mid;
+    auto cost = [&](int r) { return p.row_ptr[r] + int64_t(kRowCost) * r; };
+    const int64_t target = cost(p.N) * w / warps;
+    int lo = 0, hi = p.N; // the first r in [lo, hi] with cost(r) >= target
+    while (hi - lo > 32) {
+      const int64_t step = (int64_t(hi - lo) + 31) / 32;
+      const int probe = int(lo + step * lane < hi ? lo + step * lane : hi);
+      const unsigned below = __ballot_sync(0xffffffffu, cost(probe) < target);
+      const int count = __popc(below); // probes below target: lanes 0 .. count - 1
+      const int new_lo = lo + int(step) * (count - 1);
+      hi = count == 32 ? hi : int(lo + step * count < hi ? lo + step * count : hi);
+      lo = count ? new_lo + 1 : lo;
+      if (lo > hi) lo = hi;
     }
-    return lo;
+    const int probe = lo + lane <= hi ? lo + lane : hi;
+    const unsigned below = __ballot_sync(0xffffffffu, cost(probe) < target);
+    return lo + __popc(below) < hi ? lo + __popc(below) : hi;
   } else {
     return int(int64_t(p.N) * w / warps);
   }
@@ -50,15 +59,32 @@ __device__ __forceinline__ void spmv(const SpParams& p) {
   const T* x = static_cast<const T*>(p.x) + m0 * K;
   XRows<T, MT, XS> xr{x, K, mt};
   if constexpr (XS) {
+    // 8 columns per thread and row at a time, all loads before the stores.
+    using X = XRows<T, MT, true>;
     T* xs = reinterpret_cast<T*>(smem);
-    for (int i = 0; i < MT; ++i)
-      for (int k = threadIdx.x; k < K; k += SPMV_THREADS)
-        xs[k * MT + i] = i < mt ? x[int64_t(i) * K + k] : from_float<T>(0.0f);
+    const bool vec = K % 8 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0;
+    for (int k0 = 8 * threadIdx.x; k0 < K; k0 += 8 * SPMV_THREADS) {
+      float v[MT][8];
+#pragma unroll
+      for (int i = 0; i < MT; ++i) {
+        if (i < mt && vec) {
+          load8(x + int64_t(i) * K + k0, v[i]);
+        } else {
+#pragma unroll
+          for (int j = 0; j < 8; ++j) v[i][j] = i < mt && k0 + j < K ? to_float(x[int64_t(i) * K + k0 + j]) : 0.0f;
+        }
+      }
+#pragma unroll
+      for (int j = 0; j < 8; ++j)
+        if (k0 + j < K)
+#pragma unroll
+          for (int i = 0; i < MT; ++i) xs[X::slot(k0 + j) * MT + i] = from_float<T>(v[i][j]);
+    }
     __syncthreads();
     xr.x = xs;
   }
   const int64_t warps = int64_t(gridDim.x) * SPMV_WARPS, gw = int64_t(blockIdx.x) * SPMV_WARPS + warp;
-  const int r0 = first_row<F>(p, gw, warps), r1 = first_row<F>(p, gw + 1, warps);
+  const int r0 = first_row<F>(p, gw, warps, lane), r1 = first_row<F>(p, gw + 1, warps, lane);
   T* out = static_cast<T*>(p.out) + m0 * p.N;
   const T* bias = static_cast<const T*>(p.bias);
   for (int row = r0; row < r1; ++row) {
