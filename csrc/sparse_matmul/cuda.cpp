@@ -147,6 +147,7 @@ void SparseMatmul::eval_gpu(const std::vector<mx::array>& inputs, mx::array& out
   p.stored = stored_values(l, arrays);
   auto pr = problem(l, p, M, out.dtype());
   pr.transpose = transpose_;
+  pr.x_aligned = aligned16(p.x);
   const auto plan = sparse_plan::plan(pr, {mx::cu::device(s.device).compute_capability_major(),
       mx::cu::device(s.device).compute_capability_minor(), sm_count(mx::cu::device(s.device).cuda_device())});
   p.vec = plan.vec;

@@ -55,6 +55,11 @@ constexpr MLX_EXT_HOST_DEVICE int64_t spmv_x_bytes(int K, int slot_bytes) {
   return (int64_t(K) + ceil_div(K, 32) * spmv_pad_slots(slot_bytes)) * slot_bytes;
 }
 
+// Prefill kernels (spmm_tc.cu): 8 warps, out tiles of 128 rows of x by 128
+// rows of W (block_n for BSR), steps of 32 columns of K.
+constexpr int SPMM_TC_THREADS = 256;
+constexpr int SPMM_TC_BM = 128, SPMM_TC_BN = 128, SPMM_TC_BK = 32;
+
 // Transposed product and elementwise kernels: a thread per output column.
 constexpr int SPN_THREADS = 256;
 

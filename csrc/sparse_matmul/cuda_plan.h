@@ -34,9 +34,12 @@ constexpr int64_t kFillBlocks = 1024;
 constexpr int64_t kMaxSlices = 64;
 constexpr int kMinRowsPerSlice = 16;
 constexpr int kSpnRowsMany = 8; // rows of x per thread of spmm_n beyond one
+// The tensor-core prefill kernels (spmm_tc) above this many rows of x: below,
+// the decode kernels read W once per 16 rows and are bound by that read.
+constexpr int64_t kTcMinRows = 32;
 
 enum class Format { csr, bitmask, bsr, nm };
-enum class Path { spmv, spmm_n, sampled };
+enum class Path { spmv, spmm_tc, spmm_n, sampled };
 
 struct Problem {
   Format format;
@@ -46,7 +49,7 @@ struct Problem {
   int dtype_bytes;
   int block_n = 1, block_k = 1; // bsr
   int nm_n = 0, nm_m = 0, bits = 0; // nm; bits > 0: quantized values
-  bool values_aligned = true, pattern_aligned = true; // data pointers 16-byte aligned
+  bool values_aligned = true, pattern_aligned = true, x_aligned = true; // data pointers 16-byte aligned
   bool transpose = true; // out = x W^T (else x W)
 };
 
@@ -114,7 +117,34 @@ inline Plan spmv(const Problem& pr, const Gpu& gpu) {
   const int64_t blocks = std::min<int64_t>(ceil_div(pr.N, SPMV_WARPS), int64_t(gpu.sm_count) * per_sm);
   plan.x_rows = mt;
   plan.main = {"spmv_" + format_name(pr) + "_" + pr.dtype + "_m" + std::to_string(mt) + (in_smem ? "" : "_xg"),
-      {std::max<int64_t>(1, blocks), ceil_div(pr.M, mt), 1}, SPMV_THREADS, in_smem ? int(smem) : 0};
+      {std::max<int64_t>(1, blocks), std::min(ceil_div(pr.M, mt), kMaxGridYZ), 1}, SPMV_THREADS,
+      in_smem ? int(smem) : 0};
+  return plan;
+}
+
+// The prefill kernel's format name, or "" where spmm_tc does not take the problem.
+inline std::string tc_format(const Problem& pr) {
+  if (pr.dtype == "float32" || pr.M <= kTcMinRows || pr.K % SPMM_TC_BK || !pr.x_aligned || !pr.values_aligned)
+    return "";
+  switch (pr.format) {
+    case Format::csr: return "csr";
+    case Format::bitmask: return "bitmask";
+    case Format::bsr:
+      if ((pr.block_n == 32 || pr.block_n == 64) && pr.block_k % SPMM_TC_BK == 0)
+        return "bsr" + std::to_string(pr.block_n);
+      return "";
+    case Format::nm: return pr.nm_n == 2 && pr.nm_m == 4 && pr.bits == 0 ? "nm24" : "";
+  }
+  return "";
+}
+
+inline Plan spmm_tc(const Problem& pr, const std::string& name) {
+  Plan plan;
+  plan.path = Path::spmm_tc;
+  const int bn = pr.format == Format::bsr ? pr.block_n : SPMM_TC_BN;
+  plan.x_rows = SPMM_TC_BM;
+  plan.main = {"spmm_tc_" + name + "_" + pr.dtype, {ceil_div(pr.N, bn), ceil_div(pr.M, SPMM_TC_BM), 1},
+      SPMM_TC_THREADS, 0};
   return plan;
 }
 
@@ -122,7 +152,7 @@ inline Plan spmm_n(const Problem& pr) {
   Plan plan;
   plan.path = Path::spmm_n;
   const int mt = pr.M <= 1 ? 1 : kSpnRowsMany;
-  const int64_t grid_x = ceil_div(pr.K, SPN_THREADS), grid_z = ceil_div(pr.M, mt);
+  const int64_t grid_x = ceil_div(pr.K, SPN_THREADS), grid_z = std::min(ceil_div(pr.M, mt), kMaxGridYZ);
   plan.slices = int(std::min<int64_t>({std::max<int64_t>(1, ceil_div(kFillBlocks, grid_x * grid_z)), kMaxSlices,
       std::max(1, pr.N / kMinRowsPerSlice)}));
   plan.x_rows = mt;
@@ -135,10 +165,16 @@ inline Plan spmm_n(const Problem& pr) {
 
 } // namespace detail
 
+// The decode and transposed-product kernels loop over tiles of x beyond
+// CUDA's 65535 blocks along grid.y / grid.z; the prefill kernel's grid.y
+// (M / 128) reaches that limit only past 8 million rows.
+
 // The kernels for out = x W^T (transpose) or x W, x (M, K) or (M, N); M, N,
 // K >= 1 and a GPU of compute capability kMinComputeCapability or newer.
 inline Plan plan(const Problem& pr, const Gpu& gpu) {
-  return pr.transpose ? detail::spmv(pr, gpu) : detail::spmm_n(pr);
+  if (!pr.transpose) return detail::spmm_n(pr);
+  const std::string tc = detail::tc_format(pr);
+  return tc.empty() ? detail::spmv(pr, gpu) : detail::spmm_tc(pr, tc);
 }
 
 // The sampled product dvalues (the values' gradient) over `stored` values of

@@ -56,29 +56,31 @@ __device__ __forceinline__ void spmm_n(const SpParams& p) {
   if (k >= p.K) return;
   const int s = blockIdx.y;
   const int n0 = int(int64_t(p.N) * s / p.slices), n1 = int(int64_t(p.N) * (s + 1) / p.slices);
-  const int64_t m0 = int64_t(blockIdx.z) * MT;
-  const int mt = int(p.M - m0 < MT ? p.M - m0 : MT);
-  const T* x = static_cast<const T*>(p.x) + m0 * p.N;
-  float acc[MT] = {};
-  for (int n = n0; n < n1; ++n) {
-    const float w = element<T, F, CB, BITS>(p, n, k);
-    if (w == 0.0f) continue;
+  for (int64_t tile = blockIdx.z; tile * MT < p.M; tile += gridDim.z) { // grid.z capped at 65535
+    const int64_t m0 = tile * MT;
+    const int mt = int(p.M - m0 < MT ? p.M - m0 : MT);
+    const T* x = static_cast<const T*>(p.x) + m0 * p.N;
+    float acc[MT] = {};
+    for (int n = n0; n < n1; ++n) {
+      const float w = element<T, F, CB, BITS>(p, n, k);
+      if (w == 0.0f) continue;
+#pragma unroll
+      for (int i = 0; i < MT; ++i)
+        if (i < mt) acc[i] = fmaf(w, to_float(x[int64_t(i) * p.N + n]), acc[i]);
+    }
+    if (p.slices > 1) {
+      float* partials = static_cast<float*>(p.out) + (int64_t(s) * p.M + m0) * p.K;
+#pragma unroll
+      for (int i = 0; i < MT; ++i)
+        if (i < mt) partials[int64_t(i) * p.K + k] = acc[i];
+      continue;
+    }
+    const float b = p.bias ? to_float(static_cast<const T*>(p.bias)[k]) : 0.0f;
+    T* out = static_cast<T*>(p.out) + m0 * p.K;
 #pragma unroll
     for (int i = 0; i < MT; ++i)
-      if (i < mt) acc[i] = fmaf(w, to_float(x[int64_t(i) * p.N + n]), acc[i]);
+      if (i < mt) out[int64_t(i) * p.K + k] = from_float<T>(acc[i] + b);
   }
-  if (p.slices > 1) {
-    float* partials = static_cast<float*>(p.out) + (int64_t(s) * p.M + m0) * p.K;
-#pragma unroll
-    for (int i = 0; i < MT; ++i)
-      if (i < mt) partials[int64_t(i) * p.K + k] = acc[i];
-    return;
-  }
-  const float b = p.bias ? to_float(static_cast<const T*>(p.bias)[k]) : 0.0f;
-  T* out = static_cast<T*>(p.out) + m0 * p.K;
-#pragma unroll
-  for (int i = 0; i < MT; ++i)
-    if (i < mt) out[int64_t(i) * p.K + k] = from_float<T>(acc[i] + b);
 }
 
 // out (M, K) = the sum of p.parts float slices (parts, M, K) at p.x, + bias.

@@ -54,7 +54,9 @@ template <typename T, int MT, bool XS, Fmt F, int CB, int BITS>
 __device__ __forceinline__ void spmv(const SpParams& p) {
   extern __shared__ uint4 smem[];
   const int K = p.K, lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  const int64_t m0 = int64_t(blockIdx.y) * MT;
+  // grid.y is capped at CUDA's 65535: a block takes every gridDim.y-th tile of x.
+  for (int64_t tile = blockIdx.y; tile * MT < p.M; tile += gridDim.y) {
+  const int64_t m0 = tile * MT;
   const int mt = int(p.M - m0 < MT ? p.M - m0 : MT);
   const T* x = static_cast<const T*>(p.x) + m0 * K;
   XRows<T, MT, XS> xr{x, K, mt};
@@ -102,6 +104,8 @@ __device__ __forceinline__ void spmv(const SpParams& p) {
 #pragma unroll
     for (int i = 0; i < MT; ++i)
       if (lane == i % 32 && i < mt) out[int64_t(i) * p.N + row] = from_float<T>(acc[i] + b);
+  }
+  if constexpr (XS) __syncthreads(); // x of the next tile overwrites xs
   }
 }
 
