@@ -4,7 +4,14 @@
 #
 #   bash scripts/gpu_run.sh [stage ...]   stages: build exceptions cuda sanitize suite bench
 #                                          (default: all, in that order)
-#   MLX_EXT_GPU_BENCH_ARGS="--rows 1,8"   extra arguments of the bench
+#   MLX_EXT_GPU_BENCH_ARGS="--rows 1,8"   extra arguments of the quantized matmul's bench
+#   MLX_EXT_GPU_BENCH="sparse_matmul"      which benches (default: quantized_matmul sparse_matmul)
+#   MLX_EXT_GPU_SPARSE_BENCH_ARGS="--quick" extra arguments of the sparse bench (--device gpu --write given)
+#
+# The sparse matmul rides along in each stage: cuda runs its kernels alone
+# (bench/cuda/sparse_matmul.cu --checks-only: float64 checks, NaN-poisoned
+# outputs), sanitize its small cases (scripts/gpu_sanitize_case.py), suite its
+# op tests on the GPU stream, bench bench_sparse_matmul --device gpu.
 #
 # Needs, carried into the checkout (ignored by git): .gpu-tools/ (a copy of
 # ../shared/gpu/*.sh), .gpu-wheels/b/ (see ../shared/gpu/README.md; a run just
@@ -76,6 +83,11 @@ if has cuda; then
   stage "cuda kernel tests"
   timeout "$(( $(left) < 200 ? $(left) : 200 ))" python3 -m pytest tests/test_quantized_matmul_cuda.py \
     $pytest_device -q -x -p no:cacheprovider 2>&1 | tail -25
+  echo "--- sparse_matmul kernels alone (bench/cuda/sparse_matmul.cu --checks-only)"
+  OUT="$OUT" timeout "$(( $(left) < 150 ? $(left) : 150 ))" bash scripts/gpu_kernels.sh sparse_matmul --checks-only \
+    > "$OUT/sparse_kernels.log" 2>&1
+  echo "sparse kernels exit $?"
+  grep -E "FAILED|checks:" "$OUT/sparse_kernels.log" | tail -15
 fi
 
 if has sanitize; then
@@ -91,21 +103,28 @@ if has suite; then
   timeout "$(( $(left) < 240 ? $(left) : 240 ))" python3 -m pytest tests/test_quantized_matmul.py tests/test_quantized_matmul_errors.py \
     tests/test_quantized_matmul_transforms.py tests/test_quantized_fp.py tests/test_quantized_fp_errors.py \
     tests/test_attention_errors.py tests/test_sparse_errors.py tests/test_gather_qmm_errors.py \
+    tests/test_sparse_matmul.py tests/test_sparse_grad.py tests/test_sparse_nn.py \
     tests/test_package.py tests/test_cuda_compile.py \
-    tests/test_cuda_plan.py $pytest_device -q -p no:cacheprovider > "$OUT/suite.log" 2>&1
+    tests/test_cuda_plan.py tests/test_cuda_plan_sparse.py $pytest_device -q -p no:cacheprovider > "$OUT/suite.log" 2>&1
   echo "suite exit $?"
   tail -15 "$OUT/suite.log"
 fi
 if has bench; then
-  stage bench
-  timeout "$(left)" python3 -m bench.bench_quantized_matmul \
-    --device gpu ${MLX_EXT_GPU_BENCH_ARGS:-} > "$OUT/bench.log" 2>&1
-  echo "bench exit $?"
-  tail -30 "$OUT/bench.log"
-  folder=$(grep -o "written to .*" "$OUT/bench.log" | tail -1 | cut -d' ' -f3)
-  # Only what this run wrote (the committed tables sit in the same folder).
-  [ -n "$folder" ] && find "$folder" -maxdepth 1 -name 'quantized_matmul*' -newer "$OUT/run.log" \
-    -exec cp {} "$OUT/" \;
+  for op in ${MLX_EXT_GPU_BENCH:-quantized_matmul sparse_matmul}; do
+    stage "bench $op"
+    if [ "$op" = sparse_matmul ]; then
+      bench_args="--device gpu --write ${MLX_EXT_GPU_SPARSE_BENCH_ARGS:-}"
+    else
+      bench_args="--device gpu ${MLX_EXT_GPU_BENCH_ARGS:-}"
+    fi
+    timeout "$(left)" python3 -m "bench.bench_$op" $bench_args > "$OUT/bench_$op.log" 2>&1
+    echo "bench $op exit $?"
+    tail -30 "$OUT/bench_$op.log"
+    folder=$(grep -o "written to .*" "$OUT/bench_$op.log" | tail -1 | cut -d' ' -f3)
+    # Only what this run wrote (the committed tables sit in the same folder).
+    [ -n "$folder" ] && find "$folder" -maxdepth 1 -name "$op*" -newer "$OUT/run.log" \
+      -exec cp {} "$OUT/" \;
+  done
 fi
 
 stage done

@@ -104,18 +104,7 @@ __device__ __forceinline__ void csr_row(const SpParams& p, int row, const X& xr,
   const int64_t b = p.row_ptr[row], e = p.row_ptr[row + 1];
   const T* values = static_cast<const T*>(p.values);
   if (p.vec) {
-    for (int64_t c = (b & ~int64_t(7)) + 8 * lane; c < e; c += 256) {
-      if (c + 8 > p.stored) { // the arrays' last chunk: no reads past their end
-        for (int64_t i = c > b ? c : b; i < e; ++i) {
-          const uint32_t col = p.wide_columns ? static_cast<const uint32_t*>(p.pattern)[i]
-                                              : static_cast<const uint16_t*>(p.pattern)[i];
-          fma_column(acc, xr, int(col), to_float(values[i]));
-        }
-        continue;
-      }
-      float v[8];
-      load_values<T, 8>(values + c, v);
-      uint32_t cols[8];
+    auto cols8 = [&](int64_t c, uint32_t (&cols)[8]) {
       if (p.wide_columns) {
         const uint32_t* idx = static_cast<const uint32_t*>(p.pattern) + c;
         const uint4 a = load_stream16(idx), d = load_stream16(idx + 4);
@@ -127,9 +116,36 @@ __device__ __forceinline__ void csr_row(const SpParams& p, int row, const X& xr,
 #pragma unroll
         for (int j = 0; j < 4; ++j) cols[2 * j] = w[j] & 0xffffu, cols[2 * j + 1] = w[j] >> 16;
       }
+    };
+    // Chunks of 8 from the 8-aligned one holding b; two per lane in flight.
+    for (int64_t c0 = (b & ~int64_t(7)) + 8 * lane; c0 < e; c0 += 512) {
+      float v[2][8];
+      uint32_t cols[2][8];
+      bool full[2];
 #pragma unroll
-      for (int j = 0; j < 8; ++j)
-        if (c + j >= b && c + j < e) fma_column(acc, xr, int(cols[j]), v[j]);
+      for (int h = 0; h < 2; ++h) {
+        const int64_t c = c0 + 256 * h;
+        full[h] = c < e && c + 8 <= p.stored; // else scalar: no reads past the arrays
+        if (full[h]) {
+          load_values<T, 8>(values + c, v[h]);
+          cols8(c, cols[h]);
+        }
+      }
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int64_t c = c0 + 256 * h;
+        if (full[h]) {
+#pragma unroll
+          for (int j = 0; j < 8; ++j)
+            if (c + j >= b && c + j < e) fma_column(acc, xr, int(cols[h][j]), v[h][j]);
+        } else if (c < e) {
+          for (int64_t i = c > b ? c : b; i < e && i < c + 8; ++i) {
+            const uint32_t col = p.wide_columns ? static_cast<const uint32_t*>(p.pattern)[i]
+                                                : static_cast<const uint16_t*>(p.pattern)[i];
+            fma_column(acc, xr, int(col), to_float(values[i]));
+          }
+        }
+      }
     }
   } else {
     for (int64_t i = b + lane; i < e; i += 32) {
@@ -164,23 +180,23 @@ __device__ __forceinline__ void bitmask_row(const SpParams& p, int row, const X&
       const T* v = values + before;
       const int k0 = (w0 + 32 * h + lane) * 32;
       uint32_t bits = word[h];
-      // Four values loaded before their products.
+      // Eight values loaded before their products.
       while (bits) {
-        float w4[4];
-        int k4[4];
+        float w8[8];
+        int k8[8];
 #pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          k4[j] = -1;
+        for (int j = 0; j < 8; ++j) {
+          k8[j] = -1;
           if (bits) {
-            k4[j] = k0 + __ffs(bits) - 1;
+            k8[j] = k0 + __ffs(bits) - 1;
             bits &= bits - 1;
-            w4[j] = to_float(v[j]);
+            w8[j] = to_float(v[j]);
           }
         }
-        v += 4;
+        v += 8;
 #pragma unroll
-        for (int j = 0; j < 4; ++j)
-          if (k4[j] >= 0) fma_column(acc, xr, k4[j], w4[j]);
+        for (int j = 0; j < 8; ++j)
+          if (k8[j] >= 0) fma_column(acc, xr, k8[j], w8[j]);
       }
       values += total;
     }
@@ -225,6 +241,29 @@ __device__ __forceinline__ int nm_column(uint32_t code, int j, int group, int m)
   return group * m + int((code >> (CB * j)) & ((1u << CB) - 1));
 }
 
+// A lane's code word w of the row: V values from vs (float), code `code`.
+// NN > 0: n known at compile time (2:4), so each value's column is a
+// constant offset plus its code.
+template <int MT, int CB, int NN, typename X>
+__device__ __forceinline__ void nm_word(const X& xr, const float* v, uint32_t code, int w, int kc, int n, int m,
+                                        float (&acc)[MT]) {
+  constexpr int V = 32 / CB;
+  const int i0 = w * V;
+  if constexpr (NN > 0) {
+    const int base = i0 / NN * (1 << CB);
+#pragma unroll
+    for (int j = 0; j < V; ++j)
+      fma_column(acc, xr, base + (j / NN) * (1 << CB) + int((code >> (CB * j)) & ((1u << CB) - 1)), v[j]);
+  } else {
+    int group = i0 / n, r = i0 - group * n;
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      if (i0 + j < kc) fma_column(acc, xr, nm_column<CB>(code, j, group, m), v[j]);
+      if (++r == n) r = 0, ++group;
+    }
+  }
+}
+
 template <typename T, int MT, int CB, typename X>
 __device__ __forceinline__ void nm_row(const SpParams& p, int row, const X& xr, int lane, float (&acc)[MT]) {
   constexpr int V = 32 / CB;
@@ -232,22 +271,32 @@ __device__ __forceinline__ void nm_row(const SpParams& p, int row, const X& xr, 
   const int words = (kc * CB + 31) / 32;
   const uint32_t* codes = static_cast<const uint32_t*>(p.pattern) + int64_t(row) * words;
   const T* values = static_cast<const T*>(p.values) + int64_t(row) * kc;
+  if (p.vec) {
+    // Two code words per lane in flight: both words' loads before either's arithmetic.
+    const bool two_four = CB == 2 && n == 2;
+    for (int w = lane; w < words; w += 64) {
+      const bool second = w + 32 < words;
+      const uint32_t code0 = __ldg(codes + w), code1 = second ? __ldg(codes + w + 32) : 0u;
+      float v0[V], v1[V];
+      load_values<T, V>(values + w * V, v0);
+      if (second) load_values<T, V>(values + (w + 32) * V, v1);
+      if (two_four) {
+        nm_word<MT, CB, 2>(xr, v0, code0, w, kc, n, m, acc);
+        if (second) nm_word<MT, CB, 2>(xr, v1, code1, w + 32, kc, n, m, acc);
+      } else {
+        nm_word<MT, CB, 0>(xr, v0, code0, w, kc, n, m, acc);
+        if (second) nm_word<MT, CB, 0>(xr, v1, code1, w + 32, kc, n, m, acc);
+      }
+    }
+    return;
+  }
   for (int w = lane; w < words; w += 32) {
     const uint32_t code = __ldg(codes + w);
     const int i0 = w * V;
     float v[V];
-    if (p.vec) { // kc % V == 0 and aligned rows
-      load_values<T, V>(values + i0, v);
-    } else {
 #pragma unroll
-      for (int j = 0; j < V; ++j) v[j] = i0 + j < kc ? to_float(values[i0 + j]) : 0.0f;
-    }
-    int group = i0 / n, r = i0 - group * n;
-#pragma unroll
-    for (int j = 0; j < V; ++j) {
-      if (i0 + j < kc) fma_column(acc, xr, nm_column<CB>(code, j, group, m), v[j]);
-      if (++r == n) r = 0, ++group;
-    }
+    for (int j = 0; j < V; ++j) v[j] = i0 + j < kc ? to_float(values[i0 + j]) : 0.0f;
+    nm_word<MT, CB, 0>(xr, v, code, w, kc, n, m, acc);
   }
 }
 
@@ -260,32 +309,52 @@ __device__ __forceinline__ void nmq_row(const SpParams& p, int row, const X& xr,
   const int n = p.nm_n, m = p.nm_m, kc = p.K / m * n;
   const int words = (kc * CB + 31) / 32, row_q = kc * BITS / 32, G = kc / p.group_size;
   const int gs_shift = __ffs(p.group_size) - 1;
+  const bool two_four = CB == 2 && n == 2;
   const uint32_t* codes = static_cast<const uint32_t*>(p.pattern) + int64_t(row) * words;
   const uint32_t* wq = static_cast<const uint32_t*>(p.values) + int64_t(row) * row_q;
   const T* scales = static_cast<const T*>(p.scales) + int64_t(row) * G;
   const T* biases = static_cast<const T*>(p.biases) + int64_t(row) * G;
-  for (int w = lane; w < words; w += 32) {
-    const uint32_t code = __ldg(codes + w);
-    const int i0 = w * V;
-    uint32_t q[QW];
+  // Two code words per lane in flight (w and w + 32): all loads first.
+  for (int w0 = lane; w0 < words; w0 += 64) {
+    uint32_t code[2], q[2][QW];
+    float s[2], b[2];
 #pragma unroll
-    for (int l = 0; l < QW; ++l) q[l] = i0 * BITS / 32 + l < row_q ? __ldg(wq + i0 * BITS / 32 + l) : 0u;
-    const float s = to_float(scales[i0 >> gs_shift]), b = to_float(biases[i0 >> gs_shift]);
-    float dot[MT] = {}, xsum[MT] = {};
-    int group = i0 / n, r = i0 - group * n;
+    for (int h = 0; h < 2; ++h) {
+      const int w = w0 + 32 * h, i0 = w * V;
+      const bool valid = w < words;
+      code[h] = valid ? __ldg(codes + w) : 0u;
 #pragma unroll
-    for (int j = 0; j < V; ++j) {
-      if (i0 + j < kc) {
-        const float qj = int_bits_to_float(extract<BITS>(q, j) | 0x4b000000u);
-        float xv[MT];
-        xr.column(nm_column<CB>(code, j, group, m), xv);
-#pragma unroll
-        for (int i = 0; i < MT; ++i) dot[i] = fmaf(qj, xv[i], dot[i]), xsum[i] += xv[i];
-      }
-      if (++r == n) r = 0, ++group;
+      for (int l = 0; l < QW; ++l) q[h][l] = valid && i0 * BITS / 32 + l < row_q ? __ldg(wq + i0 * BITS / 32 + l) : 0u;
+      s[h] = valid ? to_float(scales[i0 >> gs_shift]) : 0.0f;
+      b[h] = valid ? to_float(biases[i0 >> gs_shift]) : 0.0f;
     }
 #pragma unroll
-    for (int i = 0; i < MT; ++i) acc[i] = fmaf(s, dot[i], fmaf(b, xsum[i], acc[i]));
+    for (int h = 0; h < 2; ++h) {
+      const int w = w0 + 32 * h, i0 = w * V;
+      if (w >= words) break;
+      float dot[MT] = {}, xsum[MT] = {};
+      auto add = [&](int j, int col) {
+        const float qj = int_bits_to_float(extract<BITS>(q[h], j) | 0x4b000000u);
+        float xv[MT];
+        xr.column(col, xv);
+#pragma unroll
+        for (int i = 0; i < MT; ++i) dot[i] = fmaf(qj, xv[i], dot[i]), xsum[i] += xv[i];
+      };
+      if (two_four && i0 + V <= kc) {
+        const int base = i0 / 2 * 4;
+#pragma unroll
+        for (int j = 0; j < V; ++j) add(j, base + (j / 2) * 4 + int((code[h] >> (CB * j)) & 3u));
+      } else {
+        int group = i0 / n, r = i0 - group * n;
+#pragma unroll
+        for (int j = 0; j < V; ++j) {
+          if (i0 + j < kc) add(j, nm_column<CB>(code[h], j, group, m));
+          if (++r == n) r = 0, ++group;
+        }
+      }
+#pragma unroll
+      for (int i = 0; i < MT; ++i) acc[i] = fmaf(s[h], dot[i], fmaf(b[h], xsum[i], acc[i]));
+    }
   }
 }
 
