@@ -272,20 +272,30 @@ __device__ __forceinline__ void nm_row(const SpParams& p, int row, const X& xr, 
   const uint32_t* codes = static_cast<const uint32_t*>(p.pattern) + int64_t(row) * words;
   const T* values = static_cast<const T*>(p.values) + int64_t(row) * kc;
   if (p.vec) {
-    // Two code words per lane in flight: both words' loads before either's arithmetic.
+    // U code words per lane in flight (w, w + 32, ...: a whole row of 4096
+    // columns of 2:4 in one round trip): every load before any arithmetic.
+    constexpr int U = 4, CHUNKS = V * sizeof(T) / 16;
     const bool two_four = CB == 2 && n == 2;
-    for (int w = lane; w < words; w += 64) {
-      const bool second = w + 32 < words;
-      const uint32_t code0 = __ldg(codes + w), code1 = second ? __ldg(codes + w + 32) : 0u;
-      float v0[V], v1[V];
-      load_values<T, V>(values + w * V, v0);
-      if (second) load_values<T, V>(values + (w + 32) * V, v1);
-      if (two_four) {
-        nm_word<MT, CB, 2>(xr, v0, code0, w, kc, n, m, acc);
-        if (second) nm_word<MT, CB, 2>(xr, v1, code1, w + 32, kc, n, m, acc);
-      } else {
-        nm_word<MT, CB, 0>(xr, v0, code0, w, kc, n, m, acc);
-        if (second) nm_word<MT, CB, 0>(xr, v1, code1, w + 32, kc, n, m, acc);
+    for (int w0 = lane; w0 < words; w0 += 32 * U) {
+      uint32_t code[U];
+      uint4 raw[U][CHUNKS];
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const int w = w0 + 32 * u;
+        code[u] = w < words ? __ldg(codes + w) : 0u;
+#pragma unroll
+        for (int c = 0; c < CHUNKS; ++c)
+          raw[u][c] = w < words ? load_stream16(values + w * V + c * (16 / sizeof(T))) : make_uint4(0, 0, 0, 0);
+      }
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const int w = w0 + 32 * u;
+        if (w >= words) break;
+        float v[V];
+#pragma unroll
+        for (int c = 0; c < CHUNKS; ++c) unpack16<T>(raw[u][c], v + c * (16 / sizeof(T)));
+        if (two_four) nm_word<MT, CB, 2>(xr, v, code[u], w, kc, n, m, acc);
+        else nm_word<MT, CB, 0>(xr, v, code[u], w, kc, n, m, acc);
       }
     }
     return;
@@ -314,12 +324,13 @@ __device__ __forceinline__ void nmq_row(const SpParams& p, int row, const X& xr,
   const uint32_t* wq = static_cast<const uint32_t*>(p.values) + int64_t(row) * row_q;
   const T* scales = static_cast<const T*>(p.scales) + int64_t(row) * G;
   const T* biases = static_cast<const T*>(p.biases) + int64_t(row) * G;
-  // Two code words per lane in flight (w and w + 32): all loads first.
-  for (int w0 = lane; w0 < words; w0 += 64) {
-    uint32_t code[2], q[2][QW];
-    float s[2], b[2];
+  // U code words per lane in flight (w, w + 32, ...): all loads first.
+  constexpr int U = 4;
+  for (int w0 = lane; w0 < words; w0 += 32 * U) {
+    uint32_t code[U], q[U][QW];
+    float s[U], b[U];
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
+    for (int h = 0; h < U; ++h) {
       const int w = w0 + 32 * h, i0 = w * V;
       const bool valid = w < words;
       code[h] = valid ? __ldg(codes + w) : 0u;
@@ -329,7 +340,7 @@ __device__ __forceinline__ void nmq_row(const SpParams& p, int row, const X& xr,
       b[h] = valid ? to_float(biases[i0 >> gs_shift]) : 0.0f;
     }
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
+    for (int h = 0; h < U; ++h) {
       const int w = w0 + 32 * h, i0 = w * V;
       if (w >= words) break;
       float dot[MT] = {}, xsum[MT] = {};

@@ -54,58 +54,73 @@ template <typename T, int MT, bool XS, Fmt F, int CB, int BITS>
 __device__ __forceinline__ void spmv(const SpParams& p) {
   extern __shared__ uint4 smem[];
   const int K = p.K, lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int64_t warps = int64_t(gridDim.x) * SPMV_WARPS, gw = int64_t(blockIdx.x) * SPMV_WARPS + warp;
+  int r0 = -1, r1 = -1; // this warp's rows, found during the first tile's copy of x
   // grid.y is capped at CUDA's 65535: a block takes every gridDim.y-th tile of x.
   for (int64_t tile = blockIdx.y; tile * MT < p.M; tile += gridDim.y) {
-  const int64_t m0 = tile * MT;
-  const int mt = int(p.M - m0 < MT ? p.M - m0 : MT);
-  const T* x = static_cast<const T*>(p.x) + m0 * K;
-  XRows<T, MT, XS> xr{x, K, mt};
-  if constexpr (XS) {
-    // 8 columns per thread and row at a time, all loads before the stores.
-    using X = XRows<T, MT, true>;
-    T* xs = reinterpret_cast<T*>(smem);
-    const bool vec = K % 8 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0;
-    for (int k0 = 8 * threadIdx.x; k0 < K; k0 += 8 * SPMV_THREADS) {
-      float v[MT][8];
+    const int64_t m0 = tile * MT;
+    const int mt = int(p.M - m0 < MT ? p.M - m0 : MT);
+    const T* x = static_cast<const T*>(p.x) + m0 * K;
+    XRows<T, MT, XS> xr{x, K, mt};
+    if constexpr (XS) {
+      // 8 columns per thread and row at a time; the first chunk's loads are in
+      // flight while the warp searches its rows.
+      using X = XRows<T, MT, true>;
+      T* xs = reinterpret_cast<T*>(smem);
+      const bool vec = K % 8 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0;
+      auto load_chunk = [&](int k0, float (&v)[MT][8]) {
 #pragma unroll
-      for (int i = 0; i < MT; ++i) {
-        if (i < mt && vec) {
-          load8(x + int64_t(i) * K + k0, v[i]);
-        } else {
+        for (int i = 0; i < MT; ++i) {
+          if (i < mt && vec && k0 < K) {
+            load8(x + int64_t(i) * K + k0, v[i]);
+          } else {
 #pragma unroll
-          for (int j = 0; j < 8; ++j) v[i][j] = i < mt && k0 + j < K ? to_float(x[int64_t(i) * K + k0 + j]) : 0.0f;
+            for (int j = 0; j < 8; ++j) v[i][j] = i < mt && k0 + j < K ? to_float(x[int64_t(i) * K + k0 + j]) : 0.0f;
+          }
         }
+      };
+      auto store_chunk = [&](int k0, const float (&v)[MT][8]) {
+#pragma unroll
+        for (int j = 0; j < 8; ++j)
+          if (k0 + j < K)
+#pragma unroll
+            for (int i = 0; i < MT; ++i) xs[X::slot(k0 + j) * MT + i] = from_float<T>(v[i][j]);
+      };
+      {
+        float v[MT][8];
+        load_chunk(8 * threadIdx.x, v);
+        if (r0 < 0) r0 = first_row<F>(p, gw, warps, lane), r1 = first_row<F>(p, gw + 1, warps, lane);
+        store_chunk(8 * threadIdx.x, v);
       }
-#pragma unroll
-      for (int j = 0; j < 8; ++j)
-        if (k0 + j < K)
-#pragma unroll
-          for (int i = 0; i < MT; ++i) xs[X::slot(k0 + j) * MT + i] = from_float<T>(v[i][j]);
+      for (int k0 = 8 * threadIdx.x + 8 * SPMV_THREADS; k0 < K; k0 += 8 * SPMV_THREADS) {
+        float v[MT][8];
+        load_chunk(k0, v);
+        store_chunk(k0, v);
+      }
+      __syncthreads();
+      xr.x = xs;
+    } else if (r0 < 0) {
+      r0 = first_row<F>(p, gw, warps, lane), r1 = first_row<F>(p, gw + 1, warps, lane);
     }
-    __syncthreads();
-    xr.x = xs;
-  }
-  const int64_t warps = int64_t(gridDim.x) * SPMV_WARPS, gw = int64_t(blockIdx.x) * SPMV_WARPS + warp;
-  const int r0 = first_row<F>(p, gw, warps, lane), r1 = first_row<F>(p, gw + 1, warps, lane);
-  T* out = static_cast<T*>(p.out) + m0 * p.N;
-  const T* bias = static_cast<const T*>(p.bias);
-  for (int row = r0; row < r1; ++row) {
-    float acc[MT] = {};
-    if constexpr (F == CSR) csr_row<T>(p, row, xr, lane, acc);
-    else if constexpr (F == BITMASK) bitmask_row<T>(p, row, xr, lane, acc);
-    else if constexpr (F == BSR) bsr_row<T>(p, row, xr, lane, acc);
-    else if constexpr (BITS == 0) nm_row<T, MT, CB>(p, row, xr, lane, acc);
-    else nmq_row<T, MT, CB, BITS>(p, row, xr, lane, acc);
+    T* out = static_cast<T*>(p.out) + m0 * p.N;
+    const T* bias = static_cast<const T*>(p.bias);
+    for (int row = r0; row < r1; ++row) {
+      float acc[MT] = {};
+      if constexpr (F == CSR) csr_row<T>(p, row, xr, lane, acc);
+      else if constexpr (F == BITMASK) bitmask_row<T>(p, row, xr, lane, acc);
+      else if constexpr (F == BSR) bsr_row<T>(p, row, xr, lane, acc);
+      else if constexpr (BITS == 0) nm_row<T, MT, CB>(p, row, xr, lane, acc);
+      else nmq_row<T, MT, CB, BITS>(p, row, xr, lane, acc);
 #pragma unroll
-    for (int i = 0; i < MT; ++i)
+      for (int i = 0; i < MT; ++i)
 #pragma unroll
-      for (int d = 16; d >= 1; d /= 2) acc[i] += __shfl_xor_sync(0xffffffffu, acc[i], d);
-    const float b = bias ? to_float(bias[row]) : 0.0f;
+        for (int d = 16; d >= 1; d /= 2) acc[i] += __shfl_xor_sync(0xffffffffu, acc[i], d);
+      const float b = bias ? to_float(bias[row]) : 0.0f;
 #pragma unroll
-    for (int i = 0; i < MT; ++i)
-      if (lane == i % 32 && i < mt) out[int64_t(i) * p.N + row] = from_float<T>(acc[i] + b);
-  }
-  if constexpr (XS) __syncthreads(); // x of the next tile overwrites xs
+      for (int i = 0; i < MT; ++i)
+        if (lane == i % 32 && i < mt) out[int64_t(i) * p.N + row] = from_float<T>(acc[i] + b);
+    }
+    if constexpr (XS) __syncthreads(); // x of the next tile overwrites xs
   }
 }
 
