@@ -407,8 +407,8 @@ int main(int argc, char** argv) {
   CHECK(cudaGetDeviceProperties(&prop, 0));
   g_sm_count = prop.multiProcessorCount;
   std::printf("device %s, %d SMs, L2 %d MB\n", prop.name, prop.multiProcessorCount, prop.l2CacheSize >> 20);
-  // --checks-only: all checks, no timings; --sanitize: the bfloat16 checks of
-  // two shapes (every kernel family; compute-sanitizer's pace).
+  // --checks-only: all checks, no timings; --sanitize: the bfloat16 checks
+  // only (every kernel family, at compute-sanitizer's pace).
   const bool sanitize = argc > 1 && std::string(argv[1]) == "--sanitize";
   const bool quick = sanitize || (argc > 1 && std::string(argv[1]) == "--checks-only");
 
@@ -423,7 +423,7 @@ int main(int argc, char** argv) {
   for (int dt : {2, 1, 0})
     for (const auto& c : cases)
       for (auto [N, K] : {std::pair{96, 768}, std::pair{37, 1024}, std::pair{192, 512}}) {
-        if (sanitize && (dt != 2 || N == 192)) continue;
+        if (sanitize && dt != 2) continue;
         if (c.format == "bsr" && (N % c.bn || K % c.bk)) continue;
         if (c.format == "nmq" && (K / c.m * c.n) % 64) continue;
         SparseW* w = build(c.format, N, K, dt, c.density, 1, c.bn, c.bk, c.n, c.m, c.bits);
