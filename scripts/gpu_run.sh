@@ -81,7 +81,7 @@ grep -q device_option tests/conftest.py 2>/dev/null && pytest_device="--device g
 
 if has cuda; then
   stage "cuda kernel tests"
-  timeout "$(( $(left) < 200 ? $(left) : 200 ))" python3 -m pytest tests/test_quantized_matmul_cuda.py \
+  timeout "$(( $(left) < 200 ? $(left) : 200 ))" python3 -m pytest tests/test_quantized_matmul_cuda.py tests/test_sparse_matmul_cuda.py \
     $pytest_device -q -x -p no:cacheprovider 2>&1 | tail -25
   echo "--- sparse_matmul kernels alone (bench/cuda/sparse_matmul.cu --checks-only)"
   OUT="$OUT" timeout "$(( $(left) < 150 ? $(left) : 150 ))" bash scripts/gpu_kernels.sh sparse_matmul --checks-only \
