@@ -8,10 +8,12 @@
 #   MLX_EXT_GPU_BENCH="sparse_matmul"      which benches (default: quantized_matmul sparse_matmul)
 #   MLX_EXT_GPU_SPARSE_BENCH_ARGS="--quick" extra arguments of the sparse bench (--device gpu --write given)
 #
-# The sparse matmul rides along in each stage: cuda runs its kernels alone
+# The sparse matmul rides along in each stage: cuda runs its CUDA tests
+# (tests/test_sparse_matmul_cuda.py) and its kernels alone
 # (bench/cuda/sparse_matmul.cu --checks-only: float64 checks, NaN-poisoned
 # outputs), sanitize its small cases (scripts/gpu_sanitize_case.py), suite its
-# op tests on the GPU stream, bench bench_sparse_matmul --device gpu.
+# op tests on the GPU stream, bench bench_sparse_matmul --device gpu
+# (MLX_EXT_CUDA_SPARSE_TC=0 turns its tensor-core prefill kernels off).
 #
 # Needs, carried into the checkout (ignored by git): .gpu-tools/ (a copy of
 # ../shared/gpu/*.sh), .gpu-wheels/b/ (see ../shared/gpu/README.md; a run just

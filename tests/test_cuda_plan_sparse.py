@@ -38,12 +38,12 @@ static std::string launch_json(const KernelLaunch& l) {
 
 extern "C" int plan_json(int format, long long M, int N, int K, const char* dtype, int bn, int bk,
     int n, int m, int bits, int values_aligned, int pattern_aligned, int x_aligned, int transpose,
-    int sm_count, int sampled, char* out, int size) {
+    int sm_count, int sampled, int tc_enabled, char* out, int size) {
   Problem pr{static_cast<Format>(format), M, N, K, dtype, std::string(dtype) == "float32" ? 4 : 2};
   pr.block_n = bn, pr.block_k = bk, pr.nm_n = n, pr.nm_m = m, pr.bits = bits;
   pr.values_aligned = values_aligned, pr.pattern_aligned = pattern_aligned, pr.x_aligned = x_aligned;
   pr.transpose = transpose;
-  const Plan p = sampled ? plan_sampled(pr, 1000) : plan(pr, {9, 0, sm_count});
+  const Plan p = sampled ? plan_sampled(pr, 1000) : plan(pr, {9, 0, sm_count, tc_enabled != 0});
   const char* paths[] = {"spmv", "spmm_tc", "spmm_n", "sampled"};
   const std::string s = std::string("{\"path\": \"") + paths[int(p.path)] + "\", \"main\": " +
       launch_json(p.main) + ", \"reduce\": " + launch_json(p.reduce) + ", \"prep\": " +
@@ -66,17 +66,17 @@ def lib():
         pytest.skip(str(e))
     lib.plan_json.restype = ctypes.c_int
     lib.plan_json.argtypes = [ctypes.c_int, ctypes.c_longlong, ctypes.c_int, ctypes.c_int,
-                              ctypes.c_char_p, *[ctypes.c_int] * 11, ctypes.c_char_p, ctypes.c_int]
+                              ctypes.c_char_p, *[ctypes.c_int] * 12, ctypes.c_char_p, ctypes.c_int]
     return lib
 
 
 def plan(lib, fmt="csr", M=1, N=4096, K=4096, dtype="bfloat16", block=(1, 1), nm=(0, 0), bits=0,
          values_aligned=True, pattern_aligned=True, x_aligned=True, transpose=True, sm=SM,
-         sampled=False):
+         sampled=False, tc=True):
     buf = ctypes.create_string_buffer(2048)
     n = lib.plan_json(FORMATS[fmt], M, N, K, dtype.encode(), *block, *nm, bits,
                       int(values_aligned), int(pattern_aligned), int(x_aligned), int(transpose),
-                      sm, int(sampled), buf, len(buf))
+                      sm, int(sampled), int(tc), buf, len(buf))
     assert n <= len(buf)
     p = json.loads(buf.value)
     for key in ("main", "reduce", "prep"):
@@ -158,6 +158,12 @@ def test_prefill_tensor_cores(lib):
 def test_prefill_falls_back_to_decode_kernels(lib, kw):
     args = dict(M=2048) | kw
     assert plan(lib, "csr", **args)["path"] == "spmv"
+
+
+def test_prefill_can_be_turned_off(lib):
+    """MLX_EXT_CUDA_SPARSE_TC=0: the decode kernels, 16 rows of x per block."""
+    p = plan(lib, "nm", M=2048, nm=(2, 4), tc=False)
+    assert p["main"][0] == "spmv_nm4_bfloat16_m16" and p["main"][1][1] == 128
 
 
 def test_prefill_not_for_other_structures(lib):

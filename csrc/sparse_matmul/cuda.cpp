@@ -5,7 +5,9 @@
 // bias and out: the op casts them to the output's dtype on GPU streams
 // (sparse_matmul.cpp), exactly (the output's dtype holds each of them).
 #include <cstdint>
+#include <cstdlib>
 #include <optional>
+#include <string>
 #include <vector>
 
 #include "common/cuda/driver.h"
@@ -26,6 +28,16 @@ constexpr const char* kOp = "sparse_matmul";
 
 bool aligned16(const void* p) {
   return reinterpret_cast<uintptr_t>(p) % 16 == 0;
+}
+
+// MLX_EXT_CUDA_SPARSE_TC=0 turns the tensor-core prefill kernels off (the
+// decode kernels then take every row count, tiles of 16 rows of x).
+bool tc_enabled() {
+  static const bool on = [] {
+    const char* v = std::getenv("MLX_EXT_CUDA_SPARSE_TC");
+    return !(v && std::string(v) == "0");
+  }();
+  return on;
 }
 
 int sm_count(int device) {
@@ -148,8 +160,9 @@ void SparseMatmul::eval_gpu(const std::vector<mx::array>& inputs, mx::array& out
   auto pr = problem(l, p, M, out.dtype());
   pr.transpose = transpose_;
   pr.x_aligned = aligned16(p.x);
-  const auto plan = sparse_plan::plan(pr, {mx::cu::device(s.device).compute_capability_major(),
-      mx::cu::device(s.device).compute_capability_minor(), sm_count(mx::cu::device(s.device).cuda_device())});
+  auto& device = mx::cu::device(s.device);
+  const auto plan = sparse_plan::plan(pr, {device.compute_capability_major(),
+      device.compute_capability_minor(), sm_count(device.cuda_device()), tc_enabled()});
   p.vec = plan.vec;
   p.slices = plan.slices;
 

@@ -56,6 +56,7 @@ struct Problem {
 struct Gpu {
   int cc_major, cc_minor;
   int sm_count; // multiprocessors
+  bool tc_enabled = true; // MLX_EXT_CUDA_SPARSE_TC is not "0" (cuda.cpp)
 };
 
 struct Plan {
@@ -173,7 +174,7 @@ inline Plan spmm_n(const Problem& pr) {
 // K >= 1 and a GPU of compute capability kMinComputeCapability or newer.
 inline Plan plan(const Problem& pr, const Gpu& gpu) {
   if (!pr.transpose) return detail::spmm_n(pr);
-  const std::string tc = detail::tc_format(pr);
+  const std::string tc = gpu.tc_enabled ? detail::tc_format(pr) : "";
   return tc.empty() ? detail::spmv(pr, gpu) : detail::spmm_tc(pr, tc);
 }
 
