@@ -8,7 +8,7 @@ pipelined, one eval per round of calls (bench/gpu.py); PyTorch with CUDA events
 over a round of calls. Every implementation rotates weight copies over >= 256 MiB.
 
     python -m bench.bench_sparse_matmul --device gpu            # the table and targets
-    python -m bench.bench_sparse_matmul --device gpu --write    # -> bench/results/<gpu>/sparse_matmul_gpu.md
+    python -m bench.bench_sparse_matmul --device gpu --write    # -> bench/results/<gpu>/sparse_matmul.md
     python -m bench.bench_sparse_matmul --device gpu --quick    # 4096 x 4096 only
     python -m bench.bench_sparse_matmul --device gpu --smoke    # tiny shapes, any device (a check of this script)
 """
@@ -224,6 +224,6 @@ def main(args):
     print(target_text)
     if args.write and not smoke:
         info["copy_GBps"] = bw["copy_GBps"]
-        folder = harness.write_results("sparse_matmul_gpu", info, results,
+        folder = harness.write_results("sparse_matmul", info, results,
                                        f"{notes}\n\n{table}\n\n{target_text}")
         print(f"written to {folder}")
