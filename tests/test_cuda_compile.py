@@ -179,3 +179,28 @@ def test_kernel_file_compiles(compiled, source):
     result = compiled[relative(source)]
     assert result.returncode == 0, f"{relative(source)}:\n{result.log[-4000:]}"
     assert result.cubin.stat().st_size > 0
+
+
+def kernel_names(cubin: Path) -> list[str]:
+    """The kernels a cubin defines: its global function symbols (readelf)."""
+    out = subprocess.run(["readelf", "-Ws", str(cubin)], capture_output=True, text=True, check=True).stdout
+    return [line.split()[-1] for line in out.splitlines() if " FUNC " in line and " GLOBAL " in line]
+
+
+@no_nvcc
+@cuda_mlx
+@pytest.mark.skipif(shutil.which("readelf") is None, reason="readelf (binutils) not found")
+def test_kernel_names_are_unique_across_operators(compiled):
+    """The registry looks kernels up by name across every operator's module
+    (common/cuda/registry.cpp), so a name defined twice breaks every CUDA call
+    at the first lookup: sparse_matmul's reduce_partials_float32 once did."""
+    seen: dict[str, str] = {}
+    clashes = []
+    for name, result in compiled.items():
+        assert result.returncode == 0, name
+        for kernel in kernel_names(result.cubin):
+            if kernel in seen:
+                clashes.append(f"{kernel}: {seen[kernel]} and {name}")
+            seen.setdefault(kernel, name)
+    assert len(seen) > 100
+    assert not clashes, "kernel names defined twice:\n" + "\n".join(clashes)

@@ -177,7 +177,7 @@ def test_transposed_product_slices(lib):
     p = plan(lib, "csr", M=1, transpose=False)
     # 16 blocks of columns: 64 slices (the cap), partials summed by reduce.
     assert p["main"] == ("spmm_n_csr_bfloat16_m1", (16, 64, 1), 256, 0)
-    assert p["reduce"] == ("reduce_partials_bfloat16", (16, 1, 1), 256, 0)
+    assert p["reduce"] == ("sparse_reduce_partials_bfloat16", (16, 1, 1), 256, 0)
     q = plan(lib, "bitmask", M=4096, transpose=False)
     assert q["main"] == ("spmm_n_bitmask_bfloat16_m8", (16, 1, 512), 256, 0)
     assert q["slices"] == 1 and q["reduce"] is None
@@ -204,7 +204,7 @@ def defined_kernels() -> set[str]:
         names |= {f"spmm_n_{f}_{d}_m{mt}" for mt in (1, 8)}
     for d, f in itertools.product(dtypes, ["csr", "bitmask", "bsr", "nm4", "nm8"]):
         names.add(f"sampled_{f}_{d}")
-    names |= {f"reduce_partials_{d}" for d in dtypes} | {"bitmask_prefix"}
+    names |= {f"sparse_reduce_partials_{d}" for d in dtypes} | {"bitmask_prefix"}
     for d, f in itertools.product(["float16", "bfloat16"], ["nm24", "bitmask", "csr", "bsr64", "bsr32"]):
         names.add(f"spmm_tc_{f}_{d}")
     return names
@@ -214,7 +214,7 @@ def test_the_macros_define_the_expected_names():
     """Each macro's pasted name, as the .cu files spell it."""
     text = "".join((CSRC / f).read_text() for f in ("spmv.cu", "sparse_grad.cu", "spmm_tc.cu"))
     for pattern in ["spmv_##FNAME##_##DT##_m##MT##SUFFIX", "spmm_n_##FNAME##_##DT##_m##MT",
-                    "sampled_##FNAME##_##DT", "reduce_partials_##DT", "spmm_tc_##NAME##_##DT"]:
+                    "sampled_##FNAME##_##DT", "sparse_reduce_partials_##DT", "spmm_tc_##NAME##_##DT"]:
         assert pattern in text
     assert re.search(r"SPMV_ONE\(T, DT, FNAME, F, CB, BITS, 1, false, _xg\)", text)
 

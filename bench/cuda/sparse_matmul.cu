@@ -31,7 +31,7 @@ namespace {
   E(spmv_##F##_##DT##_m1_xg) E(spmm_n_##F##_##DT##_m1) E(spmm_n_##F##_##DT##_m8)
 #define FLOATS(F, DT) DECODE(F, DT) E(sampled_##F##_##DT)
 #define ALL(DT) FLOATS(csr, DT) FLOATS(bitmask, DT) FLOATS(bsr, DT) FLOATS(nm4, DT) FLOATS(nm8, DT) \
-  DECODE(nm4_q4, DT) DECODE(nm4_q8, DT) DECODE(nm8_q4, DT) DECODE(nm8_q8, DT) E(reduce_partials_##DT)
+  DECODE(nm4_q4, DT) DECODE(nm4_q8, DT) DECODE(nm8_q4, DT) DECODE(nm8_q8, DT) E(sparse_reduce_partials_##DT)
 #define TC(DT) E(spmm_tc_nm24_##DT) E(spmm_tc_bitmask_##DT) E(spmm_tc_csr_##DT) E(spmm_tc_bsr64_##DT) E(spmm_tc_bsr32_##DT)
 const std::map<std::string, const void*> kKernels = {ALL(float32) ALL(float16) ALL(bfloat16) E(bitmask_prefix)
                                                      TC(float16) TC(bfloat16)};

@@ -159,7 +159,7 @@ inline Plan spmm_n(const Problem& pr) {
   plan.x_rows = mt;
   plan.main = {"spmm_n_" + format_name(pr) + "_" + pr.dtype + "_m" + std::to_string(mt),
       {grid_x, plan.slices, grid_z}, SPN_THREADS, 0};
-  if (plan.slices > 1) plan.reduce = elementwise("reduce_partials_" + pr.dtype, pr.M * pr.K);
+  if (plan.slices > 1) plan.reduce = elementwise("sparse_reduce_partials_" + pr.dtype, pr.M * pr.K);
   plan.prep = bitmask_prep(pr);
   return plan;
 }

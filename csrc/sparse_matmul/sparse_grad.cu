@@ -162,7 +162,7 @@ using mlx_ext::cuda::f16;
 using mlx_ext::cuda::SpParams;
 
 // Names: spmm_n_<format>_<dtype>_m<MT> (MT = 1 or 8 rows of x per thread),
-// sampled_<format>_<dtype> (<dtype>: the values'), reduce_partials_<dtype>,
+// sampled_<format>_<dtype> (<dtype>: the values'), sparse_reduce_partials_<dtype>,
 // bitmask_prefix. <format> as spmv.cu's. Block SPN_THREADS.
 #define SPN_ONE(T, DT, FNAME, F, CB, BITS, MT)                                                     \
   extern "C" __global__ void __launch_bounds__(mlx_ext::cuda::SPN_THREADS)                         \
@@ -191,7 +191,7 @@ using mlx_ext::cuda::SpParams;
   SAMPLED(T, DT, nm4, NM, 2)                                                                       \
   SAMPLED(T, DT, nm8, NM, 4)                                                                       \
   extern "C" __global__ void __launch_bounds__(mlx_ext::cuda::SPN_THREADS)                         \
-      reduce_partials_##DT(const SpParams p) {                                                     \
+      sparse_reduce_partials_##DT(const SpParams p) {                                                     \
     mlx_ext::cuda::sparse::reduce_partials<T>(p);                                                  \
   }
 SPN_DTYPE(float, float32)
