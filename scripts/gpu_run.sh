@@ -35,6 +35,9 @@ export PYTHONUNBUFFERED=1
 deadline=${MLX_EXT_GPU_DEADLINE:-570}
 stages=${*:-build exceptions cuda sanitize suite bench}
 left() { echo $((deadline - SECONDS)); }
+# The time a stage may take: at most $1 seconds and what is left (at least 1:
+# `timeout` refuses 0 and negative limits).
+limit() { local l=$(left); ((l > $1)) && l=$1; ((l < 1)) && l=1; echo $l; }
 stage() { echo; echo "=== $1 (t=${SECONDS}s, $(left)s left)"; }
 has() { [[ " $stages " == *" $1 "* ]]; }
 
@@ -68,7 +71,7 @@ if has build; then
   export SKBUILD_CMAKE_BUILD_TYPE=RelWithDebInfo
   CMAKE_ARGS="$CMAKE_ARGS '-DCMAKE_CXX_FLAGS_RELWITHDEBINFO=-O3 -DNDEBUG'"
   export CMAKE_BUILD_PARALLEL_LEVEL=$(nproc)
-  if ! MLX_EXT_CUDA=ON timeout "$(left)" python3 -m pip install --no-build-isolation --no-deps -e . -v \
+  if ! MLX_EXT_CUDA=ON timeout "$(limit 10000)" python3 -m pip install --no-build-isolation --no-deps -e . -v \
       > "$OUT/build.log" 2>&1; then
     grep -E "error|Error|FAILED" "$OUT/build.log" | head -40
     tail -40 "$OUT/build.log"
@@ -88,12 +91,12 @@ grep -q device_option tests/conftest.py 2>/dev/null && pytest_device="--device g
 
 if has cuda; then
   stage "cuda kernel tests"
-  timeout "$(( $(left) < 200 ? $(left) : 200 ))" python3 -m pytest tests/test_quantized_matmul_cuda.py tests/test_sparse_matmul_cuda.py \
+  timeout "$(limit 200)" python3 -m pytest tests/test_quantized_matmul_cuda.py tests/test_sparse_matmul_cuda.py \
     $pytest_device -q -x -p no:cacheprovider 2>&1 | tail -25
-  timeout "$(( $(left) < 150 ? $(left) : 150 ))" python3 -m pytest tests/test_attention_cuda.py \
+  timeout "$(limit 150)" python3 -m pytest tests/test_attention_cuda.py \
     $pytest_device -q -p no:cacheprovider 2>&1 | tail -25
   echo "--- sparse_matmul kernels alone (bench/cuda/sparse_matmul.cu --checks-only)"
-  OUT="$OUT" timeout "$(( $(left) < 150 ? $(left) : 150 ))" bash scripts/gpu_kernels.sh sparse_matmul --checks-only \
+  OUT="$OUT" timeout "$(limit 150)" bash scripts/gpu_kernels.sh sparse_matmul --checks-only \
     > "$OUT/sparse_kernels.log" 2>&1
   echo "sparse kernels exit $?"
   grep -E "FAILED|checks:" "$OUT/sparse_kernels.log" | tail -15
@@ -101,7 +104,7 @@ fi
 
 if has sanitize; then
   stage "compute-sanitizer memcheck"
-  timeout "$(( $(left) < 120 ? $(left) : 120 ))" compute-sanitizer --tool memcheck --print-limit 20 \
+  timeout "$(limit 120)" compute-sanitizer --tool memcheck --print-limit 20 \
     python3 scripts/gpu_sanitize_case.py > "$OUT/sanitizer.log" 2>&1
   echo "sanitizer exit $?"
   tail -8 "$OUT/sanitizer.log"
@@ -109,7 +112,7 @@ fi
 
 if has suite; then
   stage "test suite on the GPU"
-  timeout "$(( $(left) < 240 ? $(left) : 240 ))" python3 -m pytest tests/test_quantized_matmul.py tests/test_quantized_matmul_errors.py \
+  timeout "$(limit 240)" python3 -m pytest tests/test_quantized_matmul.py tests/test_quantized_matmul_errors.py \
     tests/test_quantized_matmul_transforms.py tests/test_quantized_fp.py tests/test_quantized_fp_errors.py \
     tests/test_attention_errors.py tests/test_sparse_errors.py tests/test_gather_qmm_errors.py \
     tests/test_sparse_matmul.py tests/test_sparse_grad.py tests/test_sparse_nn.py \
@@ -117,7 +120,7 @@ if has suite; then
     tests/test_cuda_plan.py tests/test_cuda_plan_sparse.py $pytest_device -q -p no:cacheprovider > "$OUT/suite.log" 2>&1
   echo "suite exit $?"
   tail -15 "$OUT/suite.log"
-  timeout "$(( $(left) < 240 ? $(left) : 240 ))" python3 -m pytest tests/test_attention.py \
+  timeout "$(limit 240)" python3 -m pytest tests/test_attention.py \
     tests/test_attention_transforms.py tests/test_attention_cuda_plan.py $pytest_device -q \
     -p no:cacheprovider > "$OUT/suite_attention.log" 2>&1
   echo "attention suite exit $?"
@@ -131,7 +134,7 @@ if has bench; then
       sparse_matmul) args="--write ${MLX_EXT_GPU_SPARSE_BENCH_ARGS:-}" ;;
       *) args=${MLX_EXT_GPU_BENCH_ARGS:-} ;;
     esac
-    timeout "$(left)" python3 -m "bench.bench_$bench" --device gpu $args > "$OUT/bench_$bench.log" 2>&1
+    timeout "$(limit 10000)" python3 -m "bench.bench_$bench" --device gpu $args > "$OUT/bench_$bench.log" 2>&1
     echo "bench $bench exit $?"
     tail -30 "$OUT/bench_$bench.log"
     folder=$(grep -o "written to .*" "$OUT/bench_$bench.log" | tail -1 | cut -d' ' -f3)
