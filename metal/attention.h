@@ -17,29 +17,31 @@ constant bool attn_has_kv_lengths [[function_constant(ATTN_FC_HAS_KV_LENGTHS)]];
 
 namespace mlx_ext {
 
-// K or V of one call: `bits` 0 reads rows of D values of T; 4 or 8 reads rows
-// of D * bits / 32 uint32 words, value d being code d (bits d * bits ..
-// of the row's little-endian stream, the CPU's layout) times the scale plus
-// the bias of group d / group_size. Row j of (b, h) is at b * *_bs + h * *_hs
-// + j of each array (attention_bindings.h).
+// K or V of one call, of head dim `dim` (at most the kernel's D): `bits` 0
+// reads rows of dim values of T; 4 or 8 reads rows of dim * bits / 32 uint32
+// words, value d being code d (bits d * bits .. of the row's little-endian
+// stream, the CPU's layout) times the scale plus the bias of group
+// d / group_size. Row j of (b, h) is at b * *_bs + h * *_hs + j of each array
+// (attention_bindings.h).
 template <typename T, int D, int bits>
 struct KvRows {
   const device uchar* x;
   const device T* scales;
   const device T* biases;
   int x_bs, x_hs, s_bs, s_hs, b_bs, b_hs;
+  int dim;
   int group_size;
 
   float at(int b, int h, int j, int d) const {
     if (bits == 0) {
       const int64_t row = int64_t(b) * x_bs + int64_t(h) * x_hs + j;
-      return float(((const device T*)x)[row * D + d]);
+      return float(((const device T*)x)[row * dim + d]);
     }
-    constexpr int words = D * bits / 32;
+    const int words = dim * bits / 32;
     const int64_t row = int64_t(b) * x_bs + int64_t(h) * x_hs + j;
     const uint word = ((const device uint*)x)[row * words + d * bits / 32];
     const uint code = (word >> (d * bits % 32)) & ((1u << bits) - 1);
-    const int groups = D / group_size;
+    const int groups = dim / group_size;
     const int g = d / group_size;
     const float s = float(scales[(int64_t(b) * s_bs + int64_t(h) * s_hs + j) * groups + g]);
     const float c = float(biases[(int64_t(b) * b_bs + int64_t(h) * b_hs + j) * groups + g]);
@@ -49,7 +51,7 @@ struct KvRows {
 
 template <typename T, int D, int bits>
 inline KvRows<T, D, bits> kv_rows(const device uchar* x, const device T* scales,
-    const device T* biases, int x_bs, int x_hs, int s_bs, int s_hs, int b_bs, int b_hs,
+    const device T* biases, int x_bs, int x_hs, int s_bs, int s_hs, int b_bs, int b_hs, int dim,
     int group_size) {
   KvRows<T, D, bits> r;
   r.x = x;
@@ -61,6 +63,7 @@ inline KvRows<T, D, bits> kv_rows(const device uchar* x, const device T* scales,
   r.s_hs = s_hs;
   r.b_bs = b_bs;
   r.b_hs = b_hs;
+  r.dim = dim;
   r.group_size = group_size;
   return r;
 }

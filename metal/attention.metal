@@ -15,7 +15,8 @@
 //                 so no two threads add to one value (no atomics)
 // T (float, half, bfloat), D (64, 80, 96, 128, 192, 256) and the K/V format
 // (bits 0 = float, 4, 8; group_size a runtime argument) are template
-// parameters; masks, sinks and kv_lengths are function constants and causal,
+// parameters; the call's head dim sh.D (a multiple of 8 up to 256) runs on the
+// next instantiated D at or above it, with the columns past sh.D zero; masks, sinks and kv_lengths are function constants and causal,
 // window and scale runtime arguments of one kernel (attention.h). Buffers are
 // bound as attention_bindings.h says.
 #include <metal_simdgroup>
@@ -44,9 +45,9 @@ using namespace metal;
 
 #define ATTN_KV_ROWS                                                                              \
   const auto K = mlx_ext::kv_rows<T, D, bits>(k, k_scales, k_biases, sh.k_bs, sh.k_hs, sh.ks_bs, \
-      sh.ks_hs, sh.kb_bs, sh.kb_hs, sh.group_size);                                               \
+      sh.ks_hs, sh.kb_bs, sh.kb_hs, sh.D, sh.group_size);                                         \
   const auto V = mlx_ext::kv_rows<T, D, bits>(v, v_scales, v_biases, sh.v_bs, sh.v_hs, sh.vs_bs, \
-      sh.vs_hs, sh.vb_bs, sh.vb_hs, sh.group_size)
+      sh.vs_hs, sh.vb_bs, sh.vb_hs, sh.D, sh.group_size)
 
 // ---- attn_decode -------------------------------------------------------------------
 //
@@ -82,6 +83,7 @@ template <typename T, int D, int bits>
     ushort lane [[thread_index_in_simdgroup]]) {
   constexpr int E = (D + 31) / 32;
   constexpr int R = kDecodeRows;
+  const int dim = sh.D;
   threadgroup float sg_m[kDecodeSimdgroups];
   threadgroup float sg_l[kDecodeSimdgroups];
   threadgroup float sg_acc[kDecodeSimdgroups * D];
@@ -106,11 +108,11 @@ template <typename T, int D, int bits>
     const int row = r0 + min(r, rows - 1); // rows past the end repeat the last (never stored)
     head[r] = hkv * G + row / sh.L;
     query[r] = row % sh.L;
-    const device T* q_row = q + ((int64_t(b) * sh.Hq + head[r]) * sh.L + query[r]) * D;
+    const device T* q_row = q + ((int64_t(b) * sh.Hq + head[r]) * sh.L + query[r]) * dim;
 #pragma clang loop unroll(full)
     for (int e = 0; e < E; ++e) {
       const int d = lane + 32 * e;
-      qv[r][e] = d < D ? sh.scale * float(q_row[d]) : 0.0f;
+      qv[r][e] = d < dim ? sh.scale * float(q_row[d]) : 0.0f;
       acc[r][e] = 0.0f;
     }
     m[r] = -INFINITY;
@@ -136,8 +138,8 @@ template <typename T, int D, int bits>
 #pragma clang loop unroll(full)
     for (int e = 0; e < E; ++e) {
       const int d = lane + 32 * e;
-      kv[e] = d < D ? K.at(b, hkv, j, d) : 0.0f;
-      vv[e] = d < D ? V.at(b, hkv, j, d) : 0.0f;
+      kv[e] = d < dim ? K.at(b, hkv, j, d) : 0.0f;
+      vv[e] = d < dim ? V.at(b, hkv, j, d) : 0.0f;
     }
 #pragma clang loop unroll(full)
     for (int r = 0; r < R; ++r) {
@@ -182,8 +184,8 @@ template <typename T, int D, int bits>
 #pragma clang loop unroll(full)
     for (int e = 0; e < E; ++e) {
       const int d = lane + 32 * e;
-      if (d < D) {
-        sg_acc[sg * D + d] = acc[r][e];
+      if (d < dim) {
+        sg_acc[sg * dim + d] = acc[r][e];
       }
     }
     threadgroup_barrier(mem_flags::mem_threadgroup);
@@ -201,15 +203,15 @@ template <typename T, int D, int bits>
     float row_lse = 0.0f;
     const float norm = sh.chunks == 1 ? mlx_ext::finish_row(top, total, sinks, head[r], &row_lse)
                                       : 1.0f;
-    for (int d = tid; d < D; d += 32 * kDecodeSimdgroups) {
+    for (int d = tid; d < dim; d += 32 * kDecodeSimdgroups) {
       float a = 0.0f;
       for (int i = 0; i < kDecodeSimdgroups; ++i) {
-        a = fma(sg_acc[i * D + d], weight[i], a);
+        a = fma(sg_acc[i * dim + d], weight[i], a);
       }
       if (sh.chunks == 1) {
-        out[row * D + d] = T(a * norm);
+        out[row * dim + d] = T(a * norm);
       } else {
-        part_acc[(chunk * row_count + row) * D + d] = a;
+        part_acc[(chunk * row_count + row) * dim + d] = a;
       }
     }
     if (tid == 0) {
@@ -241,6 +243,7 @@ template <typename T, int D>
     constant AttnShape& sh [[buffer(ATTN_BUFFER_SHAPE)]],
     uint3 tgid [[threadgroup_position_in_grid]],
     ushort lane [[thread_index_in_simdgroup]]) {
+  const int dim = sh.D;
   const int64_t row = tgid.x;
   const int64_t row_count = int64_t(sh.B) * sh.Hq * sh.L;
   const int h = int(row / sh.L % sh.Hq);
@@ -254,13 +257,13 @@ template <typename T, int D>
   }
   float row_lse = 0.0f;
   const float norm = mlx_ext::finish_row(top, total, sinks, h, &row_lse);
-  for (int d = lane; d < D; d += 32) {
+  for (int d = lane; d < dim; d += 32) {
     float a = 0.0f;
     for (int c = 0; c < sh.chunks; ++c) {
       const float w = mlx_ext::rescale(part_m[c * row_count + row], top);
-      a = fma(part_acc[(c * row_count + row) * D + d], w, a);
+      a = fma(part_acc[(c * row_count + row) * dim + d], w, a);
     }
-    out[row * D + d] = T(a * norm);
+    out[row * dim + d] = T(a * norm);
   }
   if (lane == 0) {
     lse[row] = row_lse;
@@ -291,7 +294,8 @@ constexpr constant int kPrefillSimdgroups = 4;
 constexpr constant int kPrefillRows = 8 * kPrefillSimdgroups;
 constexpr constant int kPrefillKeys = 16;
 
-// Rows [j0, j0 + 16) of K or V into the tile (zeros past S), float32.
+// Rows [j0, j0 + 16) of K or V into the tile, float32; zeros past S and
+// past the head dim.
 template <typename T, int D, int bits>
 inline void load_kv_tile(thread const mlx_ext::KvRows<T, D, bits>& x, int b, int h, int j0, int S,
     ushort tid, threadgroup float* tile) {
@@ -299,7 +303,7 @@ inline void load_kv_tile(thread const mlx_ext::KvRows<T, D, bits>& x, int b, int
   for (int at = tid; at < kPrefillKeys * D; at += 32 * kPrefillSimdgroups) {
     const int r = at / D;
     const int d = at % D;
-    tile[r * ld + d] = j0 + r < S ? x.at(b, h, j0 + r, d) : 0.0f;
+    tile[r * ld + d] = j0 + r < S && d < x.dim ? x.at(b, h, j0 + r, d) : 0.0f;
   }
 }
 
@@ -326,17 +330,19 @@ template <typename T, int D, int bits>
   const int hkv = h / (sh.Hq / sh.Hkv);
   const int i0 = tgid.x * kPrefillRows;
   const int len = mlx_ext::sequence_length(sh, kv_lengths, b);
-  const device T* q_head = q + (int64_t(b) * sh.Hq + h) * sh.L * D;
+  const int dim = sh.D;
+  const device T* q_head = q + (int64_t(b) * sh.Hq + h) * sh.L * dim;
 
-  // q (scaled; rows past L zero) into fragments, staged 16 rows at a time
-  // through the tile.
+  // q (scaled; zeros past L and past the head dim) into fragments, staged 16
+  // rows at a time through the tile.
   simdgroup_matrix<float, 8, 8> qf[F];
 #pragma clang loop unroll(full)
   for (int half_rows = 0; half_rows < 2; ++half_rows) {
     threadgroup_barrier(mem_flags::mem_threadgroup);
     for (int at = tid; at < 16 * D; at += 32 * kPrefillSimdgroups) {
       const int i = i0 + 16 * half_rows + at / D;
-      tile[at / D * ld + at % D] = i < sh.L ? sh.scale * float(q_head[int64_t(i) * D + at % D]) : 0.0f;
+      const int d = at % D;
+      tile[at / D * ld + d] = i < sh.L && d < dim ? sh.scale * float(q_head[int64_t(i) * dim + d]) : 0.0f;
     }
     threadgroup_barrier(mem_flags::mem_threadgroup);
     if (sg / 2 == half_rows) {
@@ -447,12 +453,14 @@ template <typename T, int D, int bits>
   const int out_i = i0 + 8 * sg + coord.y;
   if (out_i < sh.L) {
     const float row_norm = factor_sg[coord.y];
-    device T* out_row = out + ((int64_t(b) * sh.Hq + h) * sh.L + out_i) * D;
+    device T* out_row = out + ((int64_t(b) * sh.Hq + h) * sh.L + out_i) * dim;
 #pragma clang loop unroll(full)
     for (int f = 0; f < F; ++f) {
 #pragma clang loop unroll(full)
       for (int e = 0; e < 2; ++e) {
-        out_row[8 * f + coord.x + e] = T(of[f].thread_elements()[e] * row_norm);
+        if (8 * f + coord.x + e < dim) {
+          out_row[8 * f + coord.x + e] = T(of[f].thread_elements()[e] * row_norm);
+        }
       }
     }
   }
@@ -479,6 +487,7 @@ template <typename T, int D, int bits>
     ushort sg [[simdgroup_index_in_threadgroup]],
     ushort lane [[thread_index_in_simdgroup]]) {
   constexpr int E = (D + 31) / 32;
+  const int dim = sh.D;
   const int i = tgid.x * 4 + sg;
   if (i >= sh.L) {
     return; // the whole simdgroup; this kernel has no threadgroup barrier
@@ -495,8 +504,8 @@ template <typename T, int D, int bits>
 #pragma clang loop unroll(full)
   for (int e = 0; e < E; ++e) {
     const int d = lane + 32 * e;
-    qv[e] = d < D ? sh.scale * float(q[row * D + d]) : 0.0f;
-    go[e] = d < D ? float(d_out[row * D + d]) : 0.0f;
+    qv[e] = d < dim ? sh.scale * float(q[row * dim + d]) : 0.0f;
+    go[e] = d < dim ? float(d_out[row * dim + d]) : 0.0f;
     grad[e] = 0.0f;
   }
   const float row_lse = lse[row];
@@ -513,9 +522,9 @@ template <typename T, int D, int bits>
 #pragma clang loop unroll(full)
     for (int e = 0; e < E; ++e) {
       const int d = lane + 32 * e;
-      kv[e] = d < D ? K.at(b, hkv, j, d) : 0.0f;
+      kv[e] = d < dim ? K.at(b, hkv, j, d) : 0.0f;
       qk = fma(qv[e], kv[e], qk);
-      gv = fma(go[e], d < D ? V.at(b, hkv, j, d) : 0.0f, gv);
+      gv = fma(go[e], d < dim ? V.at(b, hkv, j, d) : 0.0f, gv);
     }
     const float s = simd_sum(qk) + term;
     const float dp = simd_sum(gv);
@@ -532,8 +541,8 @@ template <typename T, int D, int bits>
 #pragma clang loop unroll(full)
   for (int e = 0; e < E; ++e) {
     const int d = lane + 32 * e;
-    if (d < D) {
-      dq[row * D + d] = T(sh.scale * grad[e]);
+    if (d < dim) {
+      dq[row * dim + d] = T(sh.scale * grad[e]);
     }
   }
 }
@@ -566,6 +575,7 @@ template <typename T, int D>
     ushort sg [[simdgroup_index_in_threadgroup]],
     ushort lane [[thread_index_in_simdgroup]]) {
   constexpr int E = (D + 31) / 32;
+  const int dim = sh.D;
   const int j = tgid.x * 4 + sg;
   if (j >= sh.S) {
     return; // the whole simdgroup; this kernel has no threadgroup barrier
@@ -583,8 +593,8 @@ template <typename T, int D>
 #pragma clang loop unroll(full)
   for (int e = 0; e < E; ++e) {
     const int d = lane + 32 * e;
-    kv[e] = d < D ? float(k[k_row * D + d]) : 0.0f;
-    vv[e] = d < D ? float(v[v_row * D + d]) : 0.0f;
+    kv[e] = d < dim ? float(k[k_row * dim + d]) : 0.0f;
+    vv[e] = d < dim ? float(v[v_row * dim + d]) : 0.0f;
     gk[e] = 0.0f;
     gv[e] = 0.0f;
   }
@@ -613,8 +623,8 @@ template <typename T, int D>
 #pragma clang loop unroll(full)
       for (int e = 0; e < E; ++e) {
         const int d = lane + 32 * e;
-        qv[e] = d < D ? sh.scale * float(q[row * D + d]) : 0.0f;
-        go[e] = d < D ? float(d_out[row * D + d]) : 0.0f;
+        qv[e] = d < dim ? sh.scale * float(q[row * dim + d]) : 0.0f;
+        go[e] = d < dim ? float(d_out[row * dim + d]) : 0.0f;
         qk = fma(qv[e], kv[e], qk);
         ov = fma(go[e], vv[e], ov);
       }
@@ -636,9 +646,9 @@ template <typename T, int D>
 #pragma clang loop unroll(full)
   for (int e = 0; e < E; ++e) {
     const int d = lane + 32 * e;
-    if (d < D) {
-      dk[out_row * D + d] = T(gk[e]);
-      dv[out_row * D + d] = T(gv[e]);
+    if (d < dim) {
+      dk[out_row * dim + d] = T(gk[e]);
+      dv[out_row * dim + d] = T(gv[e]);
     }
   }
 }

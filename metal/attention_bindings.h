@@ -3,7 +3,9 @@
 // (csrc/attention/metal.cpp) and the emulator tests (which parse this file)
 // all bind through it. Valid MSL and C++.
 //
-// Layouts: q, out, d_out, dq (B, Hq, L, D) contiguous, T = q's dtype. K and V
+// Layouts (D the call's head dim, a multiple of 8 up to 256, run by the
+// kernel instantiated for the next supported head dim at or above it, the
+// columns past D zero): q, out, d_out, dq (B, Hq, L, D) contiguous, T = q's dtype. K and V
 // (and dk, dv) are read by rows: row j of (batch b, kv head h) of an array is
 // row b * <array>_bs + h * <array>_hs + j (strides in rows, as a slice
 // [..., :S, :] of a preallocated cache has them). Float K/V rows hold D values
@@ -41,6 +43,7 @@
 #define ATTN_FC_HAS_KV_LENGTHS 3 // bool: per-sequence key lengths, clamped to [0, S]
 
 struct AttnShape {
+  int D; // head dim: the kernel's template D is the smallest instantiated one >= D
   int B;
   int Hq;
   int Hkv;

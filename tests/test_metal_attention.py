@@ -173,7 +173,7 @@ class Problem:
 
     def shape(self, chunks=1):
         sh = np.zeros((), BINDINGS.shape)
-        for name in ("B", "Hq", "Hkv", "L", "S"):
+        for name in ("D", "B", "Hq", "Hkv", "L", "S"):
             sh[name] = getattr(self, name)
         sh["group_size"] = self.group_size
         sh["causal"] = int(self.mask_kind == "causal" or self.window is not None)
@@ -431,6 +431,27 @@ def test_every_instantiation_is_covered(lib):
         if not bits:
             planned.add(p.plan(which=3).host_name)
     assert sorted(planned) == sorted(lib.host_names)
+
+
+# ---- head dims between the instantiated ones ---------------------------------------
+
+
+@pytest.mark.parametrize("D,bits,gs,kernel_dim", [(8, 0, 64, 64), (24, 0, 64, 64), (72, 0, 64, 80),
+                                                  (104, 0, 64, 128), (160, 4, 32, 192), (224, 8, 32, 256),
+                                                  (248, 0, 64, 256)])
+@pytest.mark.parametrize("L", [2, 35])
+def test_head_dims_between_instantiations(lib, D, bits, gs, kernel_dim, L):
+    """Any multiple of 8 up to 256 (what the op takes) runs on the next
+    instantiated head dim with the columns past D zero: nothing past D is read
+    (bounds guards) or written (NaN-filled outputs stay exact)."""
+    dtype = TYPES[D % 3]
+    rng = np.random.default_rng(D + L)
+    for run, (schedule, check_bounds) in enumerate((("forward", 2), ("random", 1))):
+        p = Problem(rng, B=2, Hq=4, Hkv=2, L=L, S=41, D=D, dtype=dtype, bits=bits, group_size=gs,
+                    mask=["causal", "bool"][run], sinks=True, kv_lengths=run == 0, capacity=43)
+        launches = p.check_forward(lib, schedule=schedule, check_bounds=check_bounds)
+        assert f"_d{kernel_dim}" in launches[0].host_name, launches[0].host_name
+        p.check_backward(lib, rng, schedule=schedule, check_bounds=check_bounds)
 
 
 # ---- the host code's plan ----------------------------------------------------------

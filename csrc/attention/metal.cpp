@@ -66,12 +66,12 @@ Call prepare(const AttentionConfig& c, const std::vector<mx::array>& inputs, con
   const auto& q = inputs[0];
   Call call;
   call.D = q.shape(3);
-  if (!plan::supported_head_dim(call.D))
-    refuse("the Metal kernels take head dims 64, 80, 96, 128, 192 and 256, got D=" +
-        std::to_string(call.D) + "; use the CPU stream");
+  if (plan::kernel_head_dim(call.D) == 0)
+    refuse("the Metal kernels take head dims up to 256, got D=" + std::to_string(call.D));
   call.type_name = kernel_dtype_name(q.dtype());
   call.bits = c.bits;
   auto& sh = call.shape;
+  sh.D = int(call.D);
   sh.B = q.shape(0);
   sh.Hq = q.shape(1);
   sh.L = q.shape(2);

@@ -4,15 +4,20 @@
 #pragma once
 
 #include <cstdint>
+#include <initializer_list>
 #include <string>
 
 #include "common/math.h"
 
 namespace mlx_ext::metal::attention_plan {
 
-// The head dims the Metal kernels are instantiated for.
-inline bool supported_head_dim(int64_t D) {
-  return D == 64 || D == 80 || D == 96 || D == 128 || D == 192 || D == 256;
+// The instantiated head dim that runs head dim D (a multiple of 8 up to 256,
+// as the op takes): the smallest of 64, 80, 96, 128, 192, 256 at or above D;
+// the kernels zero the columns past D. 0 for a D above 256.
+inline int64_t kernel_head_dim(int64_t D) {
+  for (int64_t k : {64, 80, 96, 128, 192, 256})
+    if (D <= k) return k;
+  return 0;
 }
 
 // At most this many query rows take the decode (vector) kernel, which reads
@@ -78,10 +83,11 @@ inline Launch backward_dkv(int64_t B, int64_t Hkv, int64_t S) {
   return {"attn_dkv", {ceil_div(S, kBackwardRows), Hkv, B}, threads};
 }
 
-// The host name: <kernel>_<type>_d<D>, and _q<bits> for quantized K/V in the
-// kernels that read K/V (attn_decode, attn_prefill, attn_dq).
+// The host name: <kernel>_<type>_d<kernel_head_dim(D)>, and _q<bits> for
+// quantized K/V in the kernels that read K/V (attn_decode, attn_prefill, attn_dq).
 inline std::string kernel_name(const Launch& launch, const char* type_name, int64_t D, int bits) {
-  std::string name = std::string(launch.kernel) + "_" + type_name + "_d" + std::to_string(D);
+  std::string name =
+      std::string(launch.kernel) + "_" + type_name + "_d" + std::to_string(kernel_head_dim(D));
   const std::string kernel = launch.kernel;
   if (bits != 0 && kernel != "attn_merge" && kernel != "attn_dkv") name += "_q" + std::to_string(bits);
   return name;
