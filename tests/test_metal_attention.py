@@ -476,3 +476,46 @@ def test_plan_is_metal_plan_h():
     assert plan(which=1, L=2, B=2) == ("attn_merge_float16_d128", (128, 1, 1), 32)
     assert plan(which=2, L=9, bits=4) == ("attn_dq_float16_d128_q4", (3, 32, 1), 128)
     assert plan(which=3, S=9) == ("attn_dkv_float16_d128", (3, 8, 1), 128)
+
+
+# ---- the same instantiations on a real Apple GPU (macOS with Metal only) -------------
+
+
+def _gpu_available() -> bool:
+    return mx.metal.is_available()
+
+
+GPU = mx.gpu  # the stream of the tests below
+
+
+@pytest.mark.skipif(not _gpu_available(), reason="no Metal GPU here (the emulator runs these kernels instead)")
+@pytest.mark.parametrize("kernel,dtype,D,bits,gs", list(_forward_cases()))
+def test_every_forward_instantiation_on_the_gpu(kernel, dtype, D, bits, gs):
+    """mlx_ext.scaled_dot_product_attention on the GPU stream with the coverage
+    problems (metal.cpp picks `kernel` for each); its gradient with respect to
+    q (attn_dq) and, for float K/V, to k and v (attn_dkv)."""
+    import mlx_ext
+
+    for run in range(3):
+        p = _forward_problem(kernel, dtype, D, bits, gs, run)
+        mx_type = MX_TYPES[dtype]
+
+        def on_device(a):  # exact: the values are the dtype's
+            return mx.array(from_device(a, dtype)).astype(mx_type)
+
+        def kv(x):
+            if bits:
+                return (mx.array(x[0][:, :, : p.S]), on_device(x[1][:, :, : p.S]), on_device(x[2][:, :, : p.S]))
+            return on_device(x[0][:, :, : p.S])
+
+        kw = p.reference_kwargs()
+        out = mlx_ext.scaled_dot_product_attention(on_device(p.q), kv(p.k), kv(p.v), stream=GPU, **kw)
+        expected, tol, _ = p.expected()
+        ref.assert_within_tolerance(out, expected, tol, f"{kernel} {p.describe}")
+        if not bits:
+            grads = mx.grad(lambda q, k, v: mlx_ext.scaled_dot_product_attention(
+                q, k, v, stream=GPU, **kw).astype(mx.float32).sum(), argnums=(0, 1, 2))(
+                on_device(p.q), kv(p.k), kv(p.v))
+            want, tols, _, _ = p.gradients(np.ones((p.B, p.Hq, p.L, p.D)))
+            for name, got, w, t in zip("qkv", grads, want, tols):
+                ref.assert_within_tolerance(got, w, t, f"d{name} {p.describe}")
