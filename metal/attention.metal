@@ -62,7 +62,7 @@ using namespace metal;
 //   threadgroup: 4 simdgroups; their (m, l, acc) merged row by row through
 //                threadgroup memory; chunks == 1 writes out and lse, else
 //                float32 partials for attn_merge.
-// Threadgroup memory: 4 (D + 2) floats, 4.1 KiB at D = 256 (of 32 KiB).
+// Threadgroup memory: 4 (D + 2) floats, 4.0 KiB at D = 256 (of 32 KiB).
 // Registers per thread: q, acc 2 x 8 x ceil(D / 32) floats (128 at D = 256),
 // plus 2 x ceil(D / 32) for the key's K and V values.
 constexpr constant int kDecodeSimdgroups = 4;
@@ -231,7 +231,8 @@ template <typename T, int D, int bits>
 // Split-K pass 2. Grid (B Hq L): one simdgroup per query row.
 //   thread: values d = lane + 32 e of the row: sum over chunks of
 //           acc_c exp(m_c - max) / (sum_c l_c exp(m_c - max) + the sink);
-//   lane 0 writes the row's lse. No threadgroup memory.
+//   lane 0 writes the row's lse. No threadgroup memory; a few scalars of
+//   registers per thread (the chunks are re-read, not held).
 template <typename T, int D>
 [[kernel]] void attn_merge(
     const device float* sinks [[buffer(ATTN_BUFFER_SINKS), function_constant(attn_has_sinks)]],
@@ -287,7 +288,7 @@ template <typename T, int D>
 //                one tile (dequantized to float there for quantized K/V, the
 //                codes read straight from the cache).
 // Threadgroup memory (floats): tile 16 (D + 4), probs 4 x 8 x 16, factors
-// 32: 17.0 KiB at D = 256, 4.9 KiB at D = 64 (of 32 KiB). Registers per
+// 32: 18.4 KiB at D = 256, 6.4 KiB at D = 64 (of 32 KiB). Registers per
 // thread: 2 x D / 8 fragments of 2 floats (q and out: 128 floats at D = 256,
 // which a GPU may spill) plus 2 logit fragments.
 constexpr constant int kPrefillSimdgroups = 4;

@@ -1,13 +1,14 @@
 // The attention forward and backward on Metal: picks the kernels of
 // metal/attention.metal (metal_plan.h), specializes them for the call's
 // optional inputs (function constants) and binds them as
-// metal/attention_bindings.h says. K/V are read in place where each
-// (batch, head) holds contiguous rows (a slice of a cache), else copied.
+// metal/attention_bindings.h says. K/V are read in place where
+// kv_strides.h allows (a slice of a cache), else copied.
 #include <climits>
 #include <string>
 
 #include "../../metal/attention_bindings.h"
 #include "attention/attention.h"
+#include "attention/kv_strides.h"
 #include "attention/metal_plan.h"
 #include "common/gpu.h"
 #include "common/kernel_names.h"
@@ -26,21 +27,6 @@ namespace plan = metal::attention_plan;
 
 [[noreturn]] void refuse(const std::string& what) {
   throw std::invalid_argument(std::string("[mlx_ext.") + kAttentionOp + "] " + what);
-}
-
-// (batch, head) strides in rows of a K/V array whose rows are contiguous
-// within each (batch, head) (cpu.cpp's kv_rows has the same rule), or
-// {-1, -1}.
-std::pair<int64_t, int64_t> row_strides(const mx::array& x) {
-  const auto& st = x.strides();
-  const int64_t row = x.shape(3);
-  auto in_rows = [&](int dim) -> int64_t {
-    if (x.shape(dim) == 1) return 0;
-    return st[dim] % row == 0 ? st[dim] / row : -1;
-  };
-  const int64_t bs = in_rows(0), hs = in_rows(1);
-  if (st[3] == 1 && (x.shape(2) <= 1 || st[2] == row) && bs >= 0 && hs >= 0) return {bs, hs};
-  return {-1, -1};
 }
 
 // The launch state shared by the forward and the backward: the call's K/V
@@ -83,20 +69,20 @@ Call prepare(const AttentionConfig& c, const std::vector<mx::array>& inputs, con
   sh.scale = c.scale;
   sh.chunks = 1;
   sh.chunk_len = sh.S;
-  int* strides[6][2] = {{&sh.k_bs, &sh.k_hs}, {&sh.ks_bs, &sh.ks_hs}, {&sh.kb_bs, &sh.kb_hs},
+  int* slots[6][2] = {{&sh.k_bs, &sh.k_hs}, {&sh.ks_bs, &sh.ks_hs}, {&sh.kb_bs, &sh.kb_hs},
       {&sh.v_bs, &sh.v_hs}, {&sh.vs_bs, &sh.vs_hs}, {&sh.vb_bs, &sh.vb_hs}};
   for (int which = 0; which < 2; ++which) {
     for (int part = 0; part < idx.n_kv; ++part) {
       mx::array x = inputs[(which == 0 ? idx.k : idx.v) + part];
-      auto [bs, hs] = row_strides(x);
-      if (bs < 0) {
+      auto strides = kv_row_strides(x);
+      if (!strides) {
         x = mx::contiguous_copy_gpu(x, s);
         enc.add_temporary(x);
-        bs = int64_t(x.shape(1)) * x.shape(2);
-        hs = x.shape(2);
+        strides = std::make_pair(int64_t(x.shape(1)) * x.shape(2), int64_t(x.shape(2)));
       }
-      *strides[3 * which + part][0] = checked_int(bs, "K/V batch strides");
-      *strides[3 * which + part][1] = checked_int(hs, "K/V head strides");
+      const auto [bs, hs] = *strides;
+      *slots[3 * which + part][0] = checked_int(bs, "K/V batch strides");
+      *slots[3 * which + part][1] = checked_int(hs, "K/V head strides");
       call.kv.push_back(x);
     }
   }
