@@ -16,9 +16,10 @@
 // T (float, half, bfloat), D (64, 80, 96, 128, 192, 256) and the K/V format
 // (bits 0 = float, 4, 8; group_size a runtime argument) are template
 // parameters; the call's head dim sh.D (a multiple of 8 up to 256) runs on the
-// next instantiated D at or above it, with the columns past sh.D zero; masks, sinks and kv_lengths are function constants and causal,
-// window and scale runtime arguments of one kernel (attention.h). Buffers are
-// bound as attention_bindings.h says.
+// next instantiated D at or above it, with the columns past sh.D zero. Masks,
+// sinks and kv_lengths are function constants and causal, window and scale
+// runtime arguments of one kernel (attention.h). Buffers are bound as
+// attention_bindings.h says.
 #include <metal_simdgroup>
 #include <metal_simdgroup_matrix>
 #include <metal_stdlib>
