@@ -42,20 +42,6 @@ ROWS = [1, 8, 512]
 MLX_SPARSE = "mlx-sparse==0.0.6b0"
 
 
-def llc_bytes():
-    """The last-level cache the OS reports (at least 96 MiB assumed)."""
-    best = 96 << 20
-    for index in range(8):
-        try:
-            text = open(f"/sys/devices/system/cpu/cpu0/cache/index{index}/size").read().strip()
-        except OSError:
-            continue
-        scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1], 1)
-        best = max(best, int(text.rstrip("KMG")) * scale)
-    return best
-
-
-CACHE_BYTES = llc_bytes() + (32 << 20)
 GROUP_SIZE = 64
 
 # name -> builder of a container from a float16 w and a NumPy rng
@@ -80,7 +66,7 @@ def arrays_of(tree):
 
 
 def copies_for(nbytes):
-    return max(2, math.ceil(CACHE_BYTES / max(nbytes, 1)))
+    return max(2, harness.rotation_count(max(nbytes, 1)))
 
 
 def timed(fn, count, repeats):
@@ -251,9 +237,13 @@ def main():
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--no-mlx-sparse", action="store_true", help="do not install and time mlx-sparse")
     parser.add_argument("--write", action="store_true", help="write bench/results/<machine>/")
+    parser.add_argument("--cases", nargs="+", choices=list(CASES), metavar="CASE",
+                        help=f"only these cases (default all: {', '.join(CASES)})")
+    parser.add_argument("--rows", nargs="+", type=int, help=f"only these M (default {ROWS})")
     args = parser.parse_args()
     shapes = SHAPES[:1] if args.quick else SHAPES
-    rows = [1, 512] if args.quick else ROWS
+    rows = args.rows or ([1, 512] if args.quick else ROWS)
+    cases = args.cases or list(CASES)
     info = harness.machine_info()
     info["load_average_before"] = load_average()
     mlx_sparse_note = "not run (--no-mlx-sparse)" if args.no_mlx_sparse else load_mlx_sparse()
@@ -263,7 +253,7 @@ def main():
     results = []
     for n, k in shapes:
         baselines = dense_baselines(n, k, rows, args.repeats)
-        for name in CASES:
+        for name in cases:
             for row in bench_case(name, n, k, rows, args.repeats, baselines):
                 row["of copy BW"] = row["GBps"] * 1e9 / bw["bytes_per_s"]
                 results.append(row)
@@ -282,8 +272,8 @@ def report(args, info, bw, mlx_sparse_note, results):
         f"mlx_ext.sparse_matmul (> 1: ours faster). Dense NumPy and mx f32 use float32 weights. GB/s: "
         f"bytes the format stores, read once per call; 'of copy BW': that over the copy bandwidth "
         f"measured in this run ({bw['bytes_per_s'] / 1e9:.1f} GB/s read + written, "
-        f"{bw['threads']} threads). Weight copies rotated: at least {CACHE_BYTES >> 20} MiB per "
-        f"implementation (the reported last-level cache plus 32 MiB). mlx-sparse: {mlx_sparse_note}. "
+        f"{bw['threads']} threads). Weight copies rotated: at least 1.1x the reported last-level cache "
+        f"({harness.last_level_cache_bytes() >> 20} MiB) per implementation. mlx-sparse: {mlx_sparse_note}. "
         f"Empty cells: not run (see the module docstring). Load average (1, 5, 15 min) before "
         f"{info['load_average_before']}, after {info['load_average_after']}: the machine's 2 cores "
         f"are shared, so every time here is noisy."

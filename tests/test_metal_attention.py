@@ -277,7 +277,7 @@ class Problem:
         mags = (self.scale * ds_mag @ key_mag, self.scale * per_kv_head(np.swapaxes(ds_mag, -1, -2) @ np.abs(q)),
                 per_kv_head(np.swapaxes(p, -1, -2) @ np.abs(d_out)))
         grads = (dq, per_kv_head(dk), per_kv_head(dv))
-        subnormal = ref.SUBNORMAL[MX_TYPES[self.dtype]]
+        subnormal = ref.subnormal_spacing(self.dtype)
         tols = tuple(eps32 * m + 8 * logit_err.max() * m + out_eps * np.abs(g) + subnormal for g, m in zip(grads, mags))
         return grads, tols, delta, lse
 

@@ -6,7 +6,7 @@ GQA ratios 1, 4 and 8, and every mask kind, against tests/reference.py.
 The full product is 23 328 cases, forward and backward: about two hours in
 the emulator on a 2-core machine (estimated from a random 1000-case sample,
 195 s with a quarter of them also backward). CI runs a fixed sample in which
-every value of each axis occurs (SAMPLE cases). Set MLX_EXT_METAL_FULL_SWEEP=1
+every value of each axis occurs (SAMPLE cases). Set MLX_EXT_METAL_FULL=1
 for the full sweep (each case one thread order, rotated)."""
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from .test_metal_attention import HEAD_DIMS, MASKS, TYPES, Problem, lib  # noqa:
 SIZES = [1, 2, 3, 4, 5, 6, 7, 8, 9, 31, 32, 33, 63, 64, 65, 127, 128, 129]
 GQA = [1, 4, 8]
 SCHEDULES = [("forward", 1), ("reverse", 2), ("random", 1)]
-FULL = os.environ.get("MLX_EXT_METAL_FULL_SWEEP", "") not in ("", "0")
+FULL = os.environ.get("MLX_EXT_METAL_FULL") == "1"  # as tests/test_metal_sparse_edges.py
 SAMPLE = 108  # forward cases in CI; a quarter as many backward ones
 
 

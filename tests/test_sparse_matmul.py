@@ -202,3 +202,20 @@ def test_unstructured_partial_mask_words(isa, fmt, k, m):
     ws = make_container(fmt, w, rng, 0.6)
     x = mx.array(rng.standard_normal((m, k)), dtype=mx.float32)
     assert_matches_reference(mlx_ext.sparse_matmul(x, ws), x, ws)
+
+
+def test_bitmask_without_vbmi2():
+    """On AVX-512 the Bitmask decode expands its values with VBMI2 where the CPU
+    has it; MLX_EXT_CPU_NO_VBMI2=1 forces the other kernel (Skylake-X, Cascade
+    Lake), whose bitmask tests then run in a fresh process here."""
+    import os
+    import subprocess
+    import sys
+
+    if "avx512" not in mlx_ext.available_cpu_isas():
+        pytest.skip("no AVX-512 on this CPU")
+    env = dict(os.environ, MLX_EXT_CPU_NO_VBMI2="1")
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
+                           "-k", "bitmask and not without_vbmi2"], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert " passed" in proc.stdout

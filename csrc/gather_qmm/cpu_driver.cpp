@@ -42,6 +42,7 @@ struct ExpertBlock {
   const int64_t* pairs;
   int64_t count;
   QmmArgs a;
+  QmmArgs up; // the up projection's (up.w nullptr: none), sharing a's x
   bool gemm;
   int64_t chunk; // output columns per task
   int64_t tasks;
@@ -49,7 +50,8 @@ struct ExpertBlock {
   std::vector<float> sums, prepared; // GEMV: group sums, permuted x
   std::vector<float> packed; // GEMM: x packed into panels (PackedA)
   PackedA pa{};
-  std::vector<uint8_t> staging; // out rows, when the pairs' blocks are not adjacent in out
+  std::vector<uint8_t> staging, up_staging; // out rows, when the pairs' blocks are not adjacent in out
+  int projections() const { return up.w ? 2 : 1; }
 };
 
 void prepare_gemv(const KernelTable& kt, ExpertBlock& b, int64_t share) {
@@ -95,6 +97,7 @@ void run_gather_qmm(const KernelTable& kt, const GatherQmmArgs& g) {
   const int64_t esize = element_size(g.type);
   const int64_t block_elems = g.M * g.N; // one pair's output block
   auto* out = static_cast<uint8_t*>(g.out);
+  auto* up_out = static_cast<uint8_t*>(g.up_out);
 
   // Group the pairs by expert (a counting sort, stable: pairs keep their
   // order within an expert). Out-of-range pairs get NaN and read nothing.
@@ -104,6 +107,7 @@ void run_gather_qmm(const KernelTable& kt, const GatherQmmArgs& g) {
       ++start[g.rhs[p] + 1];
     } else {
       fill_nan(out + p * block_elems * esize, g.type, block_elems);
+      if (g.up_w) fill_nan(up_out + p * block_elems * esize, g.type, block_elems);
     }
   }
   for (int64_t e = 0; e < g.E; ++e) start[e + 1] += start[e];
@@ -137,6 +141,12 @@ void run_gather_qmm(const KernelTable& kt, const GatherQmmArgs& g) {
     b.a.group_size = g.group_size;
     b.a.bits = g.bits;
     b.gemm = b.a.M >= kGemmMinRows;
+    if (g.up_w) {
+      b.up = b.a;
+      b.up.w = g.up_w + e * w_bytes;
+      b.up.scales = static_cast<const uint8_t*>(g.up_scales) + e * group_elems * esize;
+      b.up.biases = static_cast<const uint8_t*>(g.up_biases) + e * group_elems * esize;
+    }
     blocks.push_back(std::move(b));
   }
   if (blocks.empty()) return;
@@ -159,23 +169,34 @@ void run_gather_qmm(const KernelTable& kt, const GatherQmmArgs& g) {
     for (int64_t j = 1; j < b.count; ++j) adjacent = adjacent && b.pairs[j] == b.pairs[0] + j;
     if (adjacent) {
       b.a.out = out + b.pairs[0] * block_elems * esize;
+      if (b.up.w) b.up.out = up_out + b.pairs[0] * block_elems * esize;
     } else {
       b.staging.resize(b.count * block_elems * esize);
       b.a.out = b.staging.data();
+      if (b.up.w) {
+        b.up_staging.resize(b.count * block_elems * esize);
+        b.up.out = b.up_staging.data();
+      }
     }
     if (b.gemm) {
       prepare_gemm(kt, b);
     } else if (g.transpose) {
-      prepare_gemv(kt, b, share);
+      prepare_gemv(kt, b, share * b.projections());
     } else {
       b.chunk = std::min(kt.qvm_cols, chunk_size(g.N, share * kQvmTasksPerThread, 32));
     }
     b.tasks = ceil_div(g.N, b.chunk);
+    if (b.up.w) { // the same prepared x (group sums, permuted or packed rows)
+      b.up.x = b.a.x;
+      b.up.x_group_sums = b.a.x_group_sums;
+      b.up.x_prepared = b.a.x_prepared;
+    }
   });
 
-  // One pass over every expert's column chunks.
+  // One pass over every expert's column chunks (of each projection).
   std::vector<int64_t> first_task(blocks.size() + 1, 0);
-  for (size_t i = 0; i < blocks.size(); ++i) first_task[i + 1] = first_task[i] + blocks[i].tasks;
+  for (size_t i = 0; i < blocks.size(); ++i)
+    first_task[i + 1] = first_task[i] + blocks[i].tasks * blocks[i].projections();
   const int64_t scratch_size = [&] {
     int64_t panels = 0;
     for (const auto& b : blocks)
@@ -185,21 +206,27 @@ void run_gather_qmm(const KernelTable& kt, const GatherQmmArgs& g) {
   parallel_for(first_task.back(), [&](int64_t t) {
     const size_t i = std::upper_bound(first_task.begin(), first_task.end(), t) - first_task.begin() - 1;
     const ExpertBlock& b = blocks[i];
-    const int64_t n0 = (t - first_task[i]) * b.chunk;
+    const int64_t local = t - first_task[i];
+    const QmmArgs& a = local < b.tasks ? b.a : b.up;
+    const int64_t n0 = (local % b.tasks) * b.chunk;
     if (b.gemm) {
       thread_local std::vector<float> scratch;
       if (int64_t(scratch.size()) < scratch_size) scratch.resize(scratch_size);
-      (g.transpose ? kt.qmm_t : kt.qmm_n)(b.a, b.pa, n0, scratch.data());
+      (g.transpose ? kt.qmm_t : kt.qmm_n)(a, b.pa, n0, scratch.data());
     } else {
-      (g.transpose ? kt.qmv : kt.qvm)(b.a, n0, std::min(g.N, n0 + b.chunk));
+      (g.transpose ? kt.qmv : kt.qvm)(a, n0, std::min(g.N, n0 + b.chunk));
     }
   });
 
   for (const auto& b : blocks) {
     if (b.staging.empty()) continue;
-    for (int64_t j = 0; j < b.count; ++j)
+    for (int64_t j = 0; j < b.count; ++j) {
       std::memcpy(out + b.pairs[j] * block_elems * esize,
           b.staging.data() + j * block_elems * esize, block_elems * esize);
+      if (b.up.w)
+        std::memcpy(up_out + b.pairs[j] * block_elems * esize,
+            b.up_staging.data() + j * block_elems * esize, block_elems * esize);
+    }
   }
 }
 

@@ -17,6 +17,7 @@
 // sampled_rows (the values' gradient): one dot product over M per stored value.
 // transpose (for the x-gradient): W^T as CSR, one counting sort.
 #include <algorithm>
+#include <cstdlib>
 #include <vector>
 
 #include "common/cpu/float_io.h"
@@ -253,41 +254,103 @@ struct BytePositions {
 constexpr BytePositions kBytePositions;
 
 #if defined(MLX_EXT_ISA_avx512)
-// Bitmask row r . x without a list of columns, 16 columns (two bytes of the
-// mask) at a time: the x values at the set positions compressed into the low
-// lanes, against as many stored values loaded under the same count (masked
-// loads: nothing is read past them).
+// Bitmask rows on AVX-512. The mask is stored as 32-bit words per row (bit b
+// of word t: column 32 t + b), the row's values packed in column order.
+
+// float32 of 16-bit values (VT f16 or bf16).
 template <FloatType VT>
-MLX_EXT_INLINE __m512 load_first(const void* p, int64_t i, __mmask16 first) {
-  if constexpr (VT == FloatType::f32) {
-    return _mm512_maskz_loadu_ps(first, static_cast<const float*>(p) + i);
-  } else {
-    const __m256i h = _mm256_maskz_loadu_epi16(first, static_cast<const uint16_t*>(p) + i);
-    if constexpr (VT == FloatType::f16) return _mm512_cvtph_ps(h);
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+MLX_EXT_INLINE __m512 halves_to_float(__m256i h) {
+  if constexpr (VT == FloatType::f16) return _mm512_cvtph_ps(h);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+// The columns of word t's set bits past the whole words, one at a time.
+template <FloatType VT>
+MLX_EXT_INLINE float bitmask_tail(const void* values, int64_t j, uint32_t bits, const float* x) {
+  float s = 0.0f;
+  for (; bits; bits &= bits - 1) s += load_float<VT>(values, j++) * x[__builtin_ctz(bits)];
+  return s;
+}
+
+// With AVX512-VBMI2 (Ice Lake and later): each 32-bit mask word expands the
+// next popcount stored values to their columns (zeros elsewhere) in one
+// expanding load -- vpexpandw for 16-bit values, two vexpandps for float32 --
+// against x read contiguously. An expanding load reads exactly the values it
+// places, so nothing past the row is touched. About 9 vector operations per
+// 32 columns.
+template <FloatType VT>
+__attribute__((target("avx512vbmi2,popcnt"))) float bitmask_dot_expand(const SparseW& w, int64_t r,
+    const float* x) {
+  const int64_t words = (w.K + 31) / 32, full = w.K / 32;
+  const auto* mask = static_cast<const uint32_t*>(w.pattern) + r * words;
+  int64_t j = w.row_ptr[r];
+  __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+  for (int64_t t = 0; t < full; ++t) {
+    const uint32_t m = mask[t];
+    if constexpr (VT == FloatType::f32) {
+      const float* v = static_cast<const float*>(w.values) + j;
+      acc0 = _mm512_fmadd_ps(_mm512_maskz_expandloadu_ps(__mmask16(m), v), _mm512_loadu_ps(x + 32 * t), acc0);
+      acc1 = _mm512_fmadd_ps(_mm512_maskz_expandloadu_ps(__mmask16(m >> 16), v + __builtin_popcount(m & 0xFFFFu)),
+          _mm512_loadu_ps(x + 32 * t + 16), acc1);
+    } else {
+      const __m512i h = _mm512_maskz_expandloadu_epi16(__mmask32(m), static_cast<const uint16_t*>(w.values) + j);
+      acc0 = _mm512_fmadd_ps(halves_to_float<VT>(_mm512_castsi512_si256(h)), _mm512_loadu_ps(x + 32 * t), acc0);
+      acc1 = _mm512_fmadd_ps(halves_to_float<VT>(_mm512_extracti64x4_epi64(h, 1)), _mm512_loadu_ps(x + 32 * t + 16),
+          acc1);
+    }
+    j += __builtin_popcount(m);
   }
+  float s = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+  if (full < words) s += bitmask_tail<VT>(w.values, j, mask[full], x + 32 * full);
+  return s;
+}
+
+// Without VBMI2 (Skylake-X, Cascade Lake): 16 columns at a time, the next
+// popcount values loaded under a first-count mask (a table, not a variable
+// shift), converted, then expanded to their columns (vexpandps).
+struct FirstMasks {
+  uint16_t m[17];
+  constexpr FirstMasks() : m() {
+    for (int c = 0; c <= 16; ++c) m[c] = uint16_t((1u << c) - 1);
+  }
+};
+constexpr FirstMasks kFirstMasks;
+
+template <FloatType VT>
+MLX_EXT_INLINE __m512 load_first(const void* p, int64_t i, int count) {
+  const __mmask16 first = kFirstMasks.m[count];
+  if constexpr (VT == FloatType::f32) return _mm512_maskz_loadu_ps(first, static_cast<const float*>(p) + i);
+  return halves_to_float<VT>(_mm256_maskz_loadu_epi16(first, static_cast<const uint16_t*>(p) + i));
 }
 
 template <FloatType VT>
 float bitmask_dot(const SparseW& w, int64_t r, const float* x) {
-  const int64_t halves = (w.K + 31) / 32 * 2; // 16-bit halves of the mask words
-  const auto* mask = reinterpret_cast<const uint16_t*>(w.pattern) + r * halves;
+  const int64_t words = (w.K + 31) / 32, full = w.K / 32;
+  const auto* mask = static_cast<const uint32_t*>(w.pattern) + r * words;
+  int64_t j = w.row_ptr[r];
   __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
-  int64_t j = w.row_ptr[r], h = 0;
-  for (; h + 2 <= w.K / 16; h += 2) {
-    const __mmask16 m0 = mask[h], m1 = mask[h + 1];
-    const int c0 = __builtin_popcount(m0), c1 = __builtin_popcount(m1);
-    const __m512 x0 = _mm512_maskz_compress_ps(m0, _mm512_loadu_ps(x + h * 16));
-    const __m512 x1 = _mm512_maskz_compress_ps(m1, _mm512_loadu_ps(x + h * 16 + 16));
-    acc0 = _mm512_fmadd_ps(load_first<VT>(w.values, j, __mmask16((1u << c0) - 1)), x0, acc0);
-    acc1 = _mm512_fmadd_ps(load_first<VT>(w.values, j + c0, __mmask16((1u << c1) - 1)), x1, acc1);
+  for (int64_t t = 0; t < full; ++t) {
+    const uint32_t m = mask[t];
+    const int c0 = __builtin_popcount(m & 0xFFFFu), c1 = __builtin_popcount(m >> 16);
+    acc0 = _mm512_fmadd_ps(_mm512_maskz_expand_ps(__mmask16(m), load_first<VT>(w.values, j, c0)),
+        _mm512_loadu_ps(x + 32 * t), acc0);
+    acc1 = _mm512_fmadd_ps(_mm512_maskz_expand_ps(__mmask16(m >> 16), load_first<VT>(w.values, j + c0, c1)),
+        _mm512_loadu_ps(x + 32 * t + 16), acc1);
     j += c0 + c1;
   }
   float s = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
-  for (h *= 16; h < halves * 16; h += 16)
-    for (uint32_t bits = mask[h / 16]; bits; bits &= bits - 1)
-      s += load_float<VT>(w.values, j++) * x[h + __builtin_ctz(bits)];
+  if (full < words) s += bitmask_tail<VT>(w.values, j, mask[full], x + 32 * full);
   return s;
+}
+
+// VBMI2 unless the CPU lacks it or MLX_EXT_CPU_NO_VBMI2 is set (the tests
+// use it to run the fallback on machines that have VBMI2).
+bool use_vbmi2() {
+  static const bool use = [] {
+    const char* off = std::getenv("MLX_EXT_CPU_NO_VBMI2");
+    return __builtin_cpu_supports("avx512vbmi2") && !(off && *off && *off != '0');
+  }();
+  return use;
 }
 #else
 // Columns of the stored values of bitmask row r, in order, into cols (room
@@ -405,6 +468,74 @@ MLX_EXT_INLINE VecI nm24_local(const uint32_t* codes, int64_t c) {
 #endif
 }
 
+#if defined(MLX_EXT_ISA_avx512)
+// 2:4 with 4-bit values on AVX-512, 16 kept values (one 64-bit word of codes
+// and one 32-bit word of 2-bit column codes) per step, in 6 vector operations:
+// the lanes hold the chunk's values in the order 0, 8, 1, 9, ..., 7, 15
+// (lane 2i: value i, lane 2i + 1: value 8 + i), because one variable 64-bit
+// shift of the broadcast word puts nibble i in the low dword of qword i and
+// nibble 8 + i in its high dword. The dequantized values come from a 16-entry
+// table scale * q + bias per group (a permute, which reads only the index's
+// low 4 bits, so nothing needs masking), and the x values from the chunk's
+// 32-column window (a two-source permute, low 5 bits of each index).
+constexpr int64_t kPrefetchBytes = 2048;
+
+// The 16 values of one chunk, from its 64-bit word of nibbles.
+MLX_EXT_INLINE __m512 chunk_values(uint64_t nibbles, __m512 table) {
+  const __m512i shifts = _mm512_set_epi64(28, 24, 20, 16, 12, 8, 4, 0);
+  return _mm512_permutexvar_ps(_mm512_srlv_epi64(_mm512_set1_epi64(int64_t(nibbles)), shifts), table);
+}
+
+// The x value of each of one chunk's 16 values, from its 32-bit word of
+// 2-bit codes and the chunk's 32 columns of x.
+MLX_EXT_INLINE __m512 chunk_x(uint32_t codes, const float* x) {
+  const __m512i shifts = _mm512_set_epi32(30, 14, 28, 12, 26, 10, 24, 8, 22, 6, 20, 4, 18, 2, 16, 0);
+  // Lane 2i: group i / 2 of the chunk; lane 2i + 1: group (8 + i) / 2.
+  const __m512i first = _mm512_set_epi32(28, 12, 28, 12, 24, 8, 24, 8, 20, 4, 20, 4, 16, 0, 16, 0);
+  const __m512i code = _mm512_srlv_epi32(_mm512_set1_epi32(int32_t(codes)), shifts);
+  // (code & 3) | first: each value's column inside the 32-wide window.
+  const __m512i local = _mm512_ternarylogic_epi32(code, _mm512_set1_epi32(3), first, 0xEA);
+  return _mm512_permutex2var_ps(_mm512_loadu_ps(x), local, _mm512_loadu_ps(x + 16));
+}
+
+template <FloatType VT>
+float nm24_dot_q4(const SparseW& w, int64_t r, const float* x) {
+  const int64_t kc = w.K / 2, groups = kc / w.group_size, per_group = w.group_size / 16;
+  const auto* codes = static_cast<const uint32_t*>(w.pattern) + r * (kc / 16);
+  const auto* wq = static_cast<const uint64_t*>(w.values) + r * (kc / 16);
+  const __m512 levels = _mm512_set_ps(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+  __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+  // One group: its 16-entry table scale * q + bias, then its chunks, two per
+  // step (per_group is even: group sizes 32, 64, 128), one accumulator each.
+  const auto group = [&](int64_t g, __m512 scale, __m512 bias) {
+    const __m512 table = _mm512_fmadd_ps(levels, scale, bias);
+    for (int64_t c = g * per_group; c < (g + 1) * per_group; c += 2) {
+      // The codes and values streams, prefetched kPrefetchBytes ahead (into
+      // the next rows: a thread's rows are contiguous): one row alone is too
+      // short for the hardware prefetcher to run ahead of the loads.
+      if ((c & 7) == 0) _mm_prefetch(reinterpret_cast<const char*>(wq + c) + kPrefetchBytes, _MM_HINT_T0);
+      if ((c & 15) == 0) _mm_prefetch(reinterpret_cast<const char*>(codes + c) + kPrefetchBytes, _MM_HINT_T0);
+      acc0 = _mm512_fmadd_ps(chunk_values(wq[c], table), chunk_x(codes[c], x + 32 * c), acc0);
+      acc1 = _mm512_fmadd_ps(chunk_values(wq[c + 1], table), chunk_x(codes[c + 1], x + 32 * c + 32), acc1);
+    }
+  };
+  // Scales and biases converted 16 groups at a time, each broadcast by a permute.
+  int64_t g = 0;
+  for (; g + 16 <= groups; g += 16) {
+    const __m512 scales = load_floats<VT>(w.scales, r * groups + g).v;
+    const __m512 biases = load_floats<VT>(w.biases, r * groups + g).v;
+    for (int t = 0; t < 16; ++t) {
+      const __m512i lane = _mm512_set1_epi32(t);
+      group(g + t, _mm512_permutexvar_ps(lane, scales), _mm512_permutexvar_ps(lane, biases));
+    }
+  }
+  for (; g < groups; ++g)
+    group(g, _mm512_set1_ps(load_float<VT>(w.scales, r * groups + g)),
+        _mm512_set1_ps(load_float<VT>(w.biases, r * groups + g)));
+  return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+}
+#endif
+
 // Row r of a 2:4 W . x; bits 0: float values of type VT, else VT is the
 // scales' and biases' type.
 template <FloatType VT, int bits>
@@ -459,7 +590,7 @@ float decode_row(const SparseW& w, int64_t r, const float* x, DecodeScratch& s) 
     }
     case SparseKind::bitmask: {
 #if defined(MLX_EXT_ISA_avx512)
-      return bitmask_dot<VT>(w, r, x);
+      return use_vbmi2() ? bitmask_dot_expand<VT>(w, r, x) : bitmask_dot<VT>(w, r, x);
 #else
       const int64_t n = bitmask_columns(w, r, s.cols.data());
       return gather_dot<VT>(w.values, w.row_ptr[r], s.cols.data(), n, x);
@@ -477,7 +608,12 @@ float decode_row(const SparseW& w, int64_t r, const float* x, DecodeScratch& s) 
     case SparseKind::nm: {
 #if defined(MLX_EXT_ISA_avx512) || defined(MLX_EXT_ISA_avx2)
       if (nm24_fused_ok(w)) {
+#if defined(MLX_EXT_ISA_avx512)
+        if (w.bits == 4 && w.group_size % 32 == 0) return nm24_dot_q4<VT>(w, r, x);
         if (w.bits == 4) return nm24_dot<VT, 4>(w, r, x);
+#else
+        if (w.bits == 4) return nm24_dot<VT, 4>(w, r, x);
+#endif
         if (w.bits == 8) return nm24_dot<VT, 8>(w, r, x);
         return nm24_dot<VT, 0>(w, r, x);
       }
