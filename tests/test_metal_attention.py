@@ -476,6 +476,9 @@ def test_plan_is_metal_plan_h():
     assert plan(which=1, L=2, B=2) == ("attn_merge_float16_d128", (128, 1, 1), 32)
     assert plan(which=2, L=9, bits=4) == ("attn_dq_float16_d128_q4", (3, 32, 1), 128)
     assert plan(which=3, S=9) == ("attn_dkv_float16_d128", (3, 8, 1), 128)
+    assert plan(D=8)[0] == "attn_decode_float16_d64"  # the next instantiated head dim
+    assert plan(D=72, L=9)[0] == "attn_prefill_float16_d80"
+    assert plan(D=200, bits=4, which=2)[0] == "attn_dq_float16_d256_q4"
 
 
 # ---- the same instantiations on a real Apple GPU (macOS with Metal only) -------------
