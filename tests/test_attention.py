@@ -11,40 +11,10 @@ import mlx.core as mx
 import mlx_ext
 
 from . import reference as ref
+from .reference import attention_tolerance
 
 DTYPES = [mx.float32, mx.float16, mx.bfloat16]
 EPS = {mx.float32: 2.0**-24, mx.float16: 2.0**-11, mx.bfloat16: 2.0**-8}
-# The spacing of the subnormals, where rounding error stops being relative.
-SUBNORMAL = {mx.float32: 2.0**-149, mx.float16: 2.0**-24, mx.bfloat16: 2.0**-133}
-
-
-def attention_tolerance(out_dtype, q, k, v, *, scale, mask=None, sinks=None, window=None,
-                        kv_lengths=None, group_size=64, bits=None):
-    """Per-element bound on |out - reference| for float32 arithmetic. Each
-    logit meets at most D + 4 roundings (scaling q, the dot products, the
-    per-group scales), a relative error e of the logits moves each
-    probability by at most 2 e of itself, and the value sum adds S + D
-    roundings per term; then one rounding to the output dtype."""
-    head_dim = q.shape[-1]
-    keys, key_mag = ref.attention_kv(k, head_dim, group_size, bits)
-    values, value_mag = ref.attention_kv(v, head_dim, group_size, bits)
-    p = ref.attention_probabilities(q, keys, scale=scale, mask=mask, sinks=sinks, window=window,
-                                    kv_lengths=kv_lengths)
-    heads = q.shape[1]
-    key_mag = np.repeat(key_mag, heads // key_mag.shape[1], axis=1)
-    value_mag = np.repeat(value_mag, heads // value_mag.shape[1], axis=1)
-    eps = EPS[mx.float32]
-    logit_err = (head_dim + 4) * eps * abs(scale) * (np.abs(ref.to_f64(q)) @ np.swapaxes(key_mag, -1, -2))
-    if isinstance(mask, mx.array) and mask.dtype != mx.bool_:
-        logit_err = logit_err + eps * np.abs(ref.to_f64(mask))
-    row_err = np.where(p > 0, logit_err, 0).max(axis=-1, keepdims=True)
-    spread = p @ value_mag
-    expected = p @ np.repeat(values, heads // values.shape[1], axis=1)
-    kv_len = keys.shape[2]
-    # The kernels' exp flushes to 0 below e^-87 (about 2^-125) of the row's max.
-    flushed = 2.0**-125 * value_mag.sum(axis=-2, keepdims=True)
-    return ((4 * row_err + 4 * (kv_len + head_dim + 16) * eps) * spread + flushed
-            + EPS[out_dtype] * np.abs(expected) + SUBNORMAL[out_dtype])
 
 
 def assert_matches_reference(out, q, k, v, **kwargs):

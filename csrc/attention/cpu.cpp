@@ -5,6 +5,7 @@
 
 #include "attention/attention.h"
 #include "attention/cpu_driver.h"
+#include "attention/kv_strides.h"
 #include "common/cpu/arrays.h"
 #include "mlx/backend/cpu/encoder.h"
 
@@ -20,20 +21,12 @@ void broadcast_strides(const mx::array& mask, int64_t* strides) {
   }
 }
 
-// K/V arrays are read in place when the rows of each (batch, head) are
-// contiguous (any batch and head strides, broadcasts included): a slice
-// [..., :S, :] of a cache is not copied. Anything else is copied to
+// K/V arrays are read in place where kv_strides.h allows (a slice
+// [..., :S, :] of a cache is not copied); anything else is copied to
 // contiguous rows into `storage` first.
 cpu::KvRows kv_rows(const mx::array& x, std::vector<char>& storage) {
+  if (const auto strides = kv_row_strides(x)) return {x.data<void>(), strides->first, strides->second};
   const auto& st = x.strides();
-  const int64_t row = x.shape(3);
-  auto stride_in_rows = [&](int dim) -> int64_t {
-    if (x.shape(dim) == 1) return 0;
-    return st[dim] % row == 0 ? st[dim] / row : -1;
-  };
-  const int64_t bs = stride_in_rows(0), hs = stride_in_rows(1);
-  if (st[3] == 1 && (x.shape(2) <= 1 || st[2] == row) && bs >= 0 && hs >= 0)
-    return {x.data<void>(), bs, hs};
   const int64_t size = x.itemsize();
   storage.resize(x.nbytes());
   const char* src = x.data<char>();

@@ -14,8 +14,6 @@
 namespace mlx_ext {
 
 #if defined(MLX_EXT_METAL)
-MLX_EXT_NO_GPU_MULTI(ScaledDotProductAttention)
-MLX_EXT_NO_GPU_MULTI(ScaledDotProductAttentionVjp)
 MLX_EXT_NO_GPU(GatherQmm)
 MLX_EXT_NO_GPU(QuantizedSwiGLU)
 MLX_EXT_NO_GPU(RMSNorm)
