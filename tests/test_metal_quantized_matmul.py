@@ -128,7 +128,8 @@ class Problem:
             buffers[buffer["biases"]] = self.biases
         if has_bias:
             buffers[buffer["bias"]] = self.bias
-        run_planned(lib, launch, buffers, function_constants={BINDINGS.function_constants["has_bias"]: has_bias},
+        constants = BINDINGS.function_constants
+        run_planned(lib, launch, buffers, function_constants={constants["has_bias"]: has_bias, constants["gather"]: False},
                     schedule=schedule, check_bounds=check_bounds)
         return launch, ref.to_f64(from_device(out, self.dtype))
 
