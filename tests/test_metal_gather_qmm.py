@@ -9,11 +9,11 @@ metal_plan.h itself (compiled and called), the inputs as GatherQmm holds them
 the three runs of tests/metal_harness.py (schedules, bounds-check sides), with
 poisoning, strict mode and NaN-filled outputs.
 
-`make test` runs a sample of the affine instantiations in gather mode (every
-kernel x dtype x bit width, the group size rotating) and the edge cases; set
-MLX_EXT_METAL_FULL_SWEEP=1 for every instantiation. (Every instantiation is
-launched anyway by tests/test_metal_quantized_matmul.py, so the coverage gate
-holds either way.)
+`make test` runs every affine instantiation in gather mode once per run of
+RUNS (about 30 s on the 2-core machine) and the edge cases; set
+MLX_EXT_METAL_FULL_SWEEP=1 to add, per instantiation, random routings
+(sorted or not, repeated and unused experts, an out-of-range index) at
+several rows per pair.
 """
 
 from __future__ import annotations
@@ -186,12 +186,10 @@ COVERAGE_SHAPES = {
 
 def _instantiation_cases():
     for kernel in COVERAGE_SHAPES:
-        for t, dtype in enumerate(TYPES):
-            for b, bits in enumerate(BITS):
-                for g, gs in enumerate(GROUP_SIZES):
-                    # The sample: each (kernel, dtype, bits) once, the group size rotating.
-                    if FULL_SWEEP or g == (t + b) % len(GROUP_SIZES):
-                        yield pytest.param(kernel, dtype, gs, bits, id=f"{kernel}-{dtype}-gs{gs}-b{bits}")
+        for dtype in TYPES:
+            for bits in BITS:
+                for gs in GROUP_SIZES:
+                    yield pytest.param(kernel, dtype, gs, bits, id=f"{kernel}-{dtype}-gs{gs}-b{bits}")
 
 
 @pytest.mark.parametrize("kernel,dtype,group_size,bits", list(_instantiation_cases()))
@@ -208,9 +206,33 @@ def test_instantiations_in_gather_mode(lib, kernel, dtype, group_size, bits):
     assert p.check_all_runs(lib).kernel == kernel
 
 
-def test_the_sample_reaches_every_kernel_dtype_and_width():
-    cases = {(c.values[0], c.values[1], c.values[3]) for c in _instantiation_cases()}
-    assert len(cases) == len(COVERAGE_SHAPES) * len(TYPES) * len(BITS)
+def test_every_affine_instantiation_is_run_in_gather_mode(lib):
+    """The cases above plan every affine instantiation of the library."""
+    planned = set()
+    for case in _instantiation_cases():
+        kernel, dtype, gs, bits = case.values
+        M, K, N = COVERAGE_SHAPES[kernel](gs)
+        planned.add(PLAN(P=6, M=M, N=N, K=K, transpose=kernel in ("qmv_fast", "qmv", "qmm_t"), group_size=gs,
+                         bits=bits, type_name=dtype).host_name)
+    affine = {name for name in lib.host_names if name.startswith(tuple(COVERAGE_SHAPES)) and "_gs" in name}
+    assert planned == affine
+
+
+@pytest.mark.skipif(not FULL_SWEEP, reason="the full sweep: MLX_EXT_METAL_FULL_SWEEP=1")
+@pytest.mark.parametrize("kernel,dtype,group_size,bits", list(_instantiation_cases()))
+def test_random_routings(lib, kernel, dtype, group_size, bits):
+    """Per instantiation, random routings at rows per pair its kernel takes."""
+    _, K, N = COVERAGE_SHAPES[kernel](group_size)
+    transpose = kernel in ("qmv_fast", "qmv", "qmm_t")
+    rng = np.random.default_rng(zlib.crc32(f"sweep{kernel}{dtype}{group_size}{bits}".encode()))
+    for M in ([1, 8] if kernel in ("qmv_fast", "qmv", "qvm") else [9, 33]):
+        E, tokens = int(rng.integers(1, 7)), int(rng.integers(1, 6))
+        lhs, rhs = routing(rng, tokens=tokens, top_k=int(rng.integers(1, E + 1)), E=E, sort=bool(rng.integers(2)))
+        lhs, rhs = lhs.copy(), rhs.copy()
+        lhs[rng.integers(len(lhs))] = tokens if rng.integers(2) else OUT_OF_RANGE
+        p = GatherProblem(rng, E=E, X=tokens, M=M, K=K, N=N, lhs=lhs, rhs=rhs, transpose=transpose,
+                          group_size=group_size, bits=bits, dtype=dtype)
+        assert p.check_all_runs(lib).kernel == kernel
 
 
 # ---- adversarial routing ------------------------------------------------------------

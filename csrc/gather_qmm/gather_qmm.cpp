@@ -1,5 +1,5 @@
 // The op function (validation, index broadcasting, graph building) and the
-// Primitive's transforms. Kernels: cpu.cpp.
+// Primitive's transforms. Kernels: cpu.cpp, metal.cpp.
 #include "gather_qmm/gather_qmm.h"
 
 #include <numeric>

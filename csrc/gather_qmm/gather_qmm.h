@@ -4,7 +4,8 @@
 // N*bits/32); lhs_indices / rhs_indices hold flat indices into the batch
 // dimensions of x and w. Pair p of the broadcast indices gives
 //   out[p] = x[lhs[p]] @ dequantize(w[rhs[p]]).T (+ bias[rhs[p]]).
-// Kernels: cpu.cpp (expert-grouped, cpu_driver.cpp); no GPU kernels yet.
+// Kernels: cpu.cpp (expert-grouped, cpu_driver.cpp); metal.cpp (the quantized
+// matmul's Metal kernels, one (row, expert) pair per grid z); no CUDA kernels yet.
 #pragma once
 
 #include <optional>
