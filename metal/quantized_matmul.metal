@@ -47,11 +47,11 @@ constant bool qmm_gather [[function_constant(QMM_FC_GATHER)]];
 // integer multiplies); every pair's threadgroups stream that pair's expert
 // slice, so a decode step (M = 1, top-k pairs per token) reads each routed
 // expert's weights once per pair, all pairs in one launch. Cost with many
-// pairs of one row each (mlx-lm's prefill layout, sorted or not): the weights
-// are read once per pair, P times an expert's bytes, where the CPU path
-// (expert-grouped) reads each used expert once; sorted pairs put the
-// threadgroups of one expert next to each other in z, which only the caches
-// can exploit. Larger M per pair takes the tiled qmm (32 x 32 tiles per pair).
+// pairs of one row each: the weights are read once per pair, P times an
+// expert's bytes, where the CPU path (expert-grouped) reads each used expert
+// once; so sorted one-row pairs from 32 on (mlx-lm's prefill) take
+// metal/gather_qmm.metal's tiles over pairs instead, and only unsorted ones
+// pay this. Larger M per pair takes the tiled qmm (32 x 32 tiles per pair).
 //
 // Indices are known only at run time: a pair with lhs[p] >= X or rhs[p] >= E
 // reads nothing (its reduction length becomes 0 and its offsets 0) and

@@ -61,11 +61,12 @@ void check_indices(const char* arg, const mx::array& idx, int64_t limit, const c
 
 // The primitive's node: inputs as GatherQmm documents them.
 mx::array gather_node(std::vector<mx::array> inputs, mx::Dtype out_type, int M, int N,
-    int group_size, int bits, bool transpose, const mx::Stream& s) {
+    int group_size, int bits, bool transpose, bool sorted, const mx::Stream& s) {
   const int P = inputs[4].shape(0);
   const bool has_bias = inputs.size() > 6;
   return mx::array({P, M, N}, out_type,
-      std::make_shared<GatherQmm>(s, group_size, bits, transpose, has_bias), std::move(inputs));
+      std::make_shared<GatherQmm>(s, group_size, bits, transpose, has_bias, sorted),
+      std::move(inputs));
 }
 
 } // namespace
@@ -81,7 +82,7 @@ mx::array gather_qmm(
     std::optional<int> group_size_or_default,
     std::optional<int> bits_or_default,
     const std::string& mode,
-    bool /* sorted_indices: a hint only; the kernel groups by expert either way */,
+    bool sorted_indices, // a hint: picks the Metal kernel; the CPU groups by expert anyway
     const std::optional<mx::array>& bias,
     mx::StreamOrDevice s) {
   // The one place a quantization mode is chosen: other modes (fp formats)
@@ -168,7 +169,8 @@ mx::array gather_qmm(
     auto b = bias->ndim() == 1 ? *bias : mx::reshape(*bias, {-1, N}, stream);
     inputs.push_back(kernel_input(b, out_type, stream));
   }
-  auto out = gather_node(std::move(inputs), out_type, M, N, group_size, bits, transpose, stream);
+  auto out = gather_node(std::move(inputs), out_type, M, N, group_size, bits, transpose,
+      sorted_indices, stream);
   auto out_shape = index_shape;
   out_shape.push_back(M);
   out_shape.push_back(N);
@@ -213,7 +215,7 @@ std::vector<mx::array> GatherQmm::vjp(
       const auto& x = primals[0];
       auto per_pair_x = mx::arange(P, mx::uint32, s);
       auto dpairs = gather_node({contiguous_input(cotan, s), primals[1], primals[2], primals[3], per_pair_x, rhs},
-          x.dtype(), x.shape(1), x.shape(2), group_size_, bits_, !transpose_, s);
+          x.dtype(), x.shape(1), x.shape(2), group_size_, bits_, !transpose_, sorted_, s);
       grads.push_back(scatter_rows(lhs, dpairs, x.shape(0)));
     } else if (arg == 6 && has_bias_) {
       const auto& bias = primals[6];
@@ -245,7 +247,7 @@ std::vector<mx::array> GatherQmm::jvp(
         inputs.erase(inputs.begin() + 6, inputs.end());
         inputs[0] = kernel_input(tangents[i], primals[0].dtype(), s);
         return gather_node(std::move(inputs), primals[0].dtype(), M, N, group_size_, bits_,
-            transpose_, s);
+            transpose_, sorted_, s);
       }
       if (argnums[i] == 6 && has_bias_) {
         const auto& t = tangents[i];
@@ -264,7 +266,7 @@ std::vector<mx::array> GatherQmm::jvp(
 bool GatherQmm::is_equivalent(const mx::Primitive& other) const {
   const auto& o = static_cast<const GatherQmm&>(other);
   return group_size_ == o.group_size_ && bits_ == o.bits_ && transpose_ == o.transpose_ &&
-      has_bias_ == o.has_bias_;
+      has_bias_ == o.has_bias_ && sorted_ == o.sorted_;
 }
 
 std::vector<mx::Shape> GatherQmm::output_shapes(const std::vector<mx::array>& inputs) {

@@ -36,16 +36,19 @@ mx::array gather_qmm(
 // Inputs: x (X, M, K) with X the flattened batch of x; w (E, rows, packed),
 // scales and biases (E, rows, groups); lhs and rhs (P,) uint32, the
 // broadcast indices flattened; bias (E, N) per expert or (N,) shared, when
-// has_bias. All contiguous; x, scales, biases, bias of the output dtype. The
+// has_bias. `sorted`: the caller's sorted_indices hint (the pairs grouped by
+// expert), which picks the Metal kernel (the CPU groups by expert anyway). All contiguous; x, scales, biases, bias of the output dtype. The
 // output is (P, M, N); the op function reshapes it.
 class GatherQmm : public mx::UnaryPrimitive {
  public:
-  GatherQmm(mx::Stream stream, int group_size, int bits, bool transpose, bool has_bias)
+  GatherQmm(mx::Stream stream, int group_size, int bits, bool transpose, bool has_bias,
+      bool sorted = false)
       : mx::UnaryPrimitive(stream),
         group_size_(group_size),
         bits_(bits),
         transpose_(transpose),
-        has_bias_(has_bias) {}
+        has_bias_(has_bias),
+        sorted_(sorted) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override;
   void eval_gpu(const std::vector<mx::array>& inputs, mx::array& out) override;
@@ -69,6 +72,7 @@ class GatherQmm : public mx::UnaryPrimitive {
   int bits_;
   bool transpose_;
   bool has_bias_;
+  bool sorted_;
 };
 
 } // namespace mlx_ext

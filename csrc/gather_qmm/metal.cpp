@@ -1,8 +1,9 @@
-// GatherQmm::eval_gpu on Metal: one launch of a quantized matmul kernel of
-// metal/quantized_matmul.metal specialized for gathering (QMM_FC_GATHER),
-// one (row, expert) pair per grid z (gather_qmm/metal_plan.h). Indices are
-// read by the kernel: out-of-range pairs read nothing and give NaN, as on the
-// CPU (the comment "Gather" in the .metal file).
+// GatherQmm::eval_gpu on Metal: one launch (gather_qmm/metal_plan.h chooses):
+// metal/gather_qmm.metal's tiled kernel over sorted one-row pairs, or a
+// quantized matmul kernel of metal/quantized_matmul.metal specialized for
+// gathering (QMM_FC_GATHER), one (row, expert) pair per grid z. Indices are
+// read by the kernels: out-of-range pairs read nothing and give NaN, as on
+// the CPU.
 #include <climits>
 #include <string>
 
@@ -41,14 +42,14 @@ void GatherQmm::eval_gpu(const std::vector<mx::array>& inputs, mx::array& out) {
 
   auto& s = stream();
   auto& d = mx::metal::device(s.device);
-  const auto launch = metal::gather_qmm_plan::plan(P, M, N, K, transpose_);
+  const auto launch = metal::gather_qmm_plan::plan(P, M, N, K, transpose_, sorted_);
+  const bool over_pairs = metal::gather_qmm_plan::over_pairs(launch);
   const std::string name =
       metal::qmm_plan::kernel_name(launch, kernel_dtype_name(out.dtype()), group_size_, bits_);
   bool has_bias = has_bias_;
-  bool gather = true;
-  const mx::metal::MTLFCList constants = {
-      {&has_bias, MTL::DataType::DataTypeBool, QMM_FC_HAS_BIAS},
-      {&gather, MTL::DataType::DataTypeBool, QMM_FC_GATHER}};
+  bool gather = true; // declared by quantized_matmul.metal's kernels only
+  mx::metal::MTLFCList constants = {{&has_bias, MTL::DataType::DataTypeBool, QMM_FC_HAS_BIAS}};
+  if (!over_pairs) constants.emplace_back(&gather, MTL::DataType::DataTypeBool, QMM_FC_GATHER);
   auto* kernel = d.get_kernel(name, metal::library(d),
       name + (has_bias ? "_bias" : "_nobias") + "_gather", constants);
 
@@ -63,8 +64,9 @@ void GatherQmm::eval_gpu(const std::vector<mx::array>& inputs, mx::array& out) {
   enc.set_input_array(inputs[5], QMM_BUFFER_RHS);
   const bool bias_per_expert = has_bias_ && inputs[6].ndim() == 2;
   if (has_bias_) enc.set_input_array(inputs[6], QMM_BUFFER_BIAS);
-  const QmmShape shape{int(M), int(N), int(K), int(x.shape(0)), int(w.shape(0)), int(x_stride),
-      int(w_stride), int(group_stride), bias_per_expert ? int(N) : 0};
+  // gather_qmm_t / gather_qmm_n take the pairs as rows: M = P (M is 1).
+  const QmmShape shape{int(over_pairs ? P : M), int(N), int(K), int(x.shape(0)), int(w.shape(0)),
+      int(x_stride), int(w_stride), int(group_stride), bias_per_expert ? int(N) : 0};
   enc.set_bytes(shape, QMM_BUFFER_SHAPE);
   enc.dispatch_threadgroups(
       MTL::Size(launch.groups[0], launch.groups[1], launch.groups[2]),
