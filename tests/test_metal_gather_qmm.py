@@ -78,6 +78,21 @@ PLAN = Planner(
 )
 
 
+# metal_plan.h's over_pairs(launch), which metal.cpp binds by (shape.M = P, no
+# gather constant): "over_pairs" or "per_pair" in place of the kernel.
+OVER_PAIRS = Planner(
+    "gather_qmm_metal_over_pairs",
+    "gather_qmm/metal_plan.h",
+    ints=("P", "M", "transpose", "sorted"),
+    strings=(),
+    body="""
+  const auto launch = mlx_ext::metal::gather_qmm_plan::plan(P, M, 64, 64, transpose != 0, sorted != 0);
+  return {mlx_ext::metal::gather_qmm_plan::over_pairs(launch) ? "over_pairs" : "per_pair", launch.kernel,
+          {launch.groups[0], launch.groups[1], launch.groups[2]}, {launch.threads, 1, 1}};
+""",
+)
+
+
 class GatherProblem:
     """A random gather_qmm as GatherQmm's inputs: E experts of w packed as
     (N, K) or (K, N), X matrices of x (M, K), and P pairs (lhs, rhs)."""
@@ -480,13 +495,24 @@ def test_plan_is_metal_plan_h():
          ("gather_qmm_t", "gather_qmm_t_bfloat16_gs64_b4", (24, 128, 1), 128)),
         ((33, 1, 2880, 2880, False, 1, "float32", 32, 8),
          ("gather_qmm_n", "gather_qmm_n_float32_gs32_b8", (90, 2, 1), 128)),
-        ((4096, 1, 768, 2048, True, 0, "bfloat16", 64, 4), ("qmv_fast", "qmv_fast_bfloat16_gs64_b4", (1, 96, 4096), 64)),
+        ((4096, 1, 768, 2048, True, 0, "bfloat16", 64, 4),
+         ("qmv_fast", "qmv_fast_bfloat16_gs64_b4", (1, 96, 4096), 64)),
         ((64, 2, 768, 2048, True, 1, "bfloat16", 64, 4), ("qmv_fast", "qmv_fast_bfloat16_gs64_b4", (2, 96, 64), 64)),
     ]
     for (P, M, N, K, transpose, sorted_, type_name, group_size, bits), (kernel, host_name, groups, threads) in cases:
         launch = PLAN(P=P, M=M, N=N, K=K, transpose=transpose, sorted=sorted_, type_name=type_name,
                       group_size=group_size, bits=bits)
         assert launch == Launch(kernel, host_name, groups, (threads, 1, 1))
+
+
+@pytest.mark.parametrize("P,M,transpose,sorted_", [(32, 1, 1, 1), (500, 1, 0, 1), (31, 1, 1, 1), (64, 1, 1, 0),
+                                                   (64, 2, 0, 1), (1, 9, 1, 1)])
+def test_over_pairs_names_the_kernels_of_gather_qmm_metal(P, M, transpose, sorted_):
+    """What metal.cpp binds by (over_pairs) agrees with the kernel chosen
+    (and with GatherProblem.launch's test of the name)."""
+    launch = OVER_PAIRS(P=P, M=M, transpose=transpose, sorted=sorted_)
+    assert (launch.kernel == "over_pairs") == launch.host_name.startswith("gather_qmm")
+    assert (launch.kernel == "over_pairs") == (sorted_ == 1 and M == 1 and P >= 32)
 
 
 def test_bindings_declare_the_gather_buffers():

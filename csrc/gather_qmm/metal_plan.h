@@ -11,6 +11,7 @@
 #pragma once
 
 #include <cstdint>
+#include <string_view>
 
 #include "common/math.h"
 #include "quantized_matmul/metal_plan.h"
@@ -26,7 +27,7 @@ constexpr int64_t kRowsMinPairs = 32;
 // no gather function constant, shape.M = P) rather than a quantized matmul
 // kernel in gather mode.
 inline bool over_pairs(const qmm_plan::Launch& launch) {
-  return launch.kernel[0] == 'g';
+  return std::string_view(launch.kernel).substr(0, 10) == "gather_qmm";
 }
 
 // P pairs, each x (M, K) times one expert's quantized matrix into out (M, N);
