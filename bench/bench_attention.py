@@ -4,6 +4,7 @@ same inputs (CPU).
 
     python -m bench.bench_attention            # the table
     python -m bench.bench_attention --quick    # a smoke run
+    python -m bench.bench_attention --device gpu   # CUDA: bench/bench_attention_gpu.py
 
 Decode rows: L=1, Hq=32, Hkv=8, D=128, K/V float32, float16, or 8-/4-bit
 (mlx-lm's QuantizedKVCache format, group size 64, float16 scales, float16 q).
@@ -29,7 +30,10 @@ import numpy as np
 import mlx.core as mx
 import mlx_ext
 from mlx.utils import tree_flatten
-from mlx_lm.models.base import quantized_scaled_dot_product_attention
+try:  # absent on machines that only run --device gpu's own rows without it
+    from mlx_lm.models.base import quantized_scaled_dot_product_attention
+except ImportError:  # pragma: no cover
+    quantized_scaled_dot_product_attention = None
 
 from . import harness
 
@@ -218,7 +222,13 @@ def main():
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--budget", type=float, default=10.0,
                         help="time a baseline from one call when that call takes longer (seconds)")
+    parser.add_argument("--device", choices=["cpu", "gpu"], default="cpu",
+                        help="gpu: MLX's CUDA backend, bfloat16 (bench/bench_attention_gpu.py)")
     args = parser.parse_args()
+    if args.device == "gpu":
+        from .bench_attention_gpu import main_gpu
+
+        return main_gpu(args)
     mx.set_default_device(mx.cpu)
 
     info = harness.machine_info()

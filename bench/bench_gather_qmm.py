@@ -18,6 +18,10 @@ experts a call reads (weights + scales + biases) once; copy BW is bytes read +
 written, measured in the same run. Call i routes to experts shifted by
 i * M * top_k, so consecutive calls read other experts (the whole set exceeds
 96 MiB), and the dense matrices rotate over > 96 MiB.
+
+"SwiGLU fused ms" times mlx_ext.gather_quantized_swiglu (SwitchGLU's gate, up
+and activation in one primitive, with a second stack of experts as up) and
+"x SwiGLU unfused" the two mlx_ext.gather_qmm calls and MLX's silu * up over it.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import math
 import numpy as np
 
 import mlx.core as mx
+import mlx.nn as nn
 import mlx_ext
 
 from . import harness
@@ -67,6 +72,7 @@ def mlx_call(x, w, s, b, idx):
 
 def bench_shape(experts, n, k, top_k, rows, copy_bw, mlx_budget, repeats):
     w, s, b = quantized((experts, n, k), 0)
+    up = quantized((experts, n, k), 9)  # a second stack: the SwiGLU's up projections (w is the gate)
     expert_bytes = (w.nbytes + s.nbytes + b.nbytes) // experts
     dense_one = quantized((top_k * n, k), 1)
     dense_bytes = sum(a.nbytes for a in dense_one)
@@ -88,6 +94,17 @@ def bench_shape(experts, n, k, top_k, rows, copy_bw, mlx_budget, repeats):
         dense_call = lambda i: mx.eval(mlx_ext.quantized_matmul(x2, *dense[i % len(dense)],
                                                                 group_size=GROUP_SIZE, bits=BITS))
         t_ours = harness.time_calls(ours, warmup=1, repeats=repeats)["median_s"]
+        # SwitchGLU's gate, up and activation: fused, and as two gathers + MLX's silu * up.
+        fused = lambda i: mx.eval(mlx_ext.gather_quantized_swiglu(x, w, s, b, *up, rhs_indices=idx[i % calls],
+                                                                  group_size=GROUP_SIZE, bits=BITS))
+
+        def unfused(i):
+            kw = dict(rhs_indices=idx[i % calls], group_size=GROUP_SIZE, bits=BITS)
+            g, u = mlx_ext.gather_qmm(x, w, s, b, **kw), mlx_ext.gather_qmm(x, *up, **kw)
+            mx.eval(nn.silu(g) * u)
+
+        t_fused = harness.time_calls(fused, warmup=1, repeats=repeats)["median_s"]
+        t_unfused = harness.time_calls(unfused, warmup=1, repeats=repeats)["median_s"]
         t_dense = harness.time_calls(dense_call, warmup=1, repeats=repeats)["median_s"]
         pairs = m * top_k
         t_mlx = None
@@ -107,6 +124,8 @@ def bench_shape(experts, n, k, top_k, rows, copy_bw, mlx_budget, repeats):
             "dense_frac_copy_bw": dense_bytes / t_dense / copy_bw,
             "mlx_ext_GFLOPs": flops / t_ours / 1e9,
             "dense_GFLOPs": flops / t_dense / 1e9,
+            "swiglu_fused_ms": 1e3 * t_fused,
+            "swiglu_gain": t_unfused / t_fused,
             "mlx_note": "" if t_mlx else f"not run: ~{mlx_per_pair * pairs:.0f} s/call",
         }
         harness.print_row(row)
@@ -138,7 +157,8 @@ COLUMNS = [
     ("mlx_ext_ms", "mlx_ext ms"), ("mlx_ms", "mx.gather_qmm ms"), ("dense_ms", "dense qmm ms"),
     ("vs_mlx", "x mx"), ("mlx_ext_GBps", "GB/s"), ("frac_copy_bw", "of copy BW"),
     ("dense_frac_copy_bw", "dense of copy BW"), ("mlx_ext_GFLOPs", "GFLOP/s"),
-    ("dense_GFLOPs", "dense GFLOP/s"), ("mlx_note", "note"),
+    ("dense_GFLOPs", "dense GFLOP/s"), ("swiglu_fused_ms", "SwiGLU fused ms"),
+    ("swiglu_gain", "x SwiGLU unfused"), ("mlx_note", "note"),
 ]
 
 

@@ -324,4 +324,52 @@ and give NaN in their output block.
 Returns:
     array: ``broadcast(lhs_indices, rhs_indices).shape + (M, N)``; dtype
     promoted from x, scales (and bias). Accumulation is float32.)");
+
+  m.def(
+      "gather_quantized_swiglu",
+      &mlx_ext::gather_quantized_swiglu,
+      "x"_a,
+      "w_gate"_a,
+      "scales_gate"_a,
+      "biases_gate"_a,
+      "w_up"_a,
+      "scales_up"_a,
+      "biases_up"_a,
+      "lhs_indices"_a = nb::none(),
+      "rhs_indices"_a = nb::none(),
+      nb::kw_only(),
+      "group_size"_a = nb::none(),
+      "bits"_a = nb::none(),
+      "mode"_a = "affine",
+      "sorted_indices"_a = false,
+      "stream"_a = nb::none(),
+      nb::sig(
+          "def gather_quantized_swiglu(x: mlx.core.array, w_gate: mlx.core.array, "
+          "scales_gate: mlx.core.array, biases_gate: mlx.core.array | None, w_up: mlx.core.array, "
+          "scales_up: mlx.core.array, biases_up: mlx.core.array | None, "
+          "lhs_indices: mlx.core.array | None = None, rhs_indices: mlx.core.array | None = None, *, "
+          "group_size: int | None = None, bits: int | None = None, mode: str = 'affine', "
+          "sorted_indices: bool = False, stream: mlx.core.Stream | mlx.core.Device | None = None) "
+          "-> mlx.core.array"),
+      R"(A SwiGLU over gathered experts: the gate and up projections of a mixture
+of experts and the activation, in one primitive.
+
+Computes ``silu(g) * u`` with ``g = gather_qmm(x, w_gate, scales_gate,
+biases_gate, lhs_indices, rhs_indices)`` and ``u`` the same with the up
+projections (``transpose=True``): mlx-lm's ``SwitchGLU`` before its down
+projection. x is gathered and grouped by expert once for both products, and
+the activation runs in float32 on their float32-accumulated results.
+
+Args:
+    x (array): ``(..., M, K)``; float32, float16 or bfloat16.
+    w_gate, scales_gate, biases_gate (array): the gate projections, as for
+        ``gather_qmm`` (``(..., N, K*bits/32)`` and ``(..., N, K // group_size)``).
+    w_up, scales_up, biases_up (array): the up projections, the same shapes.
+    lhs_indices, rhs_indices (array, optional): as for ``gather_qmm``.
+    group_size, bits, mode, sorted_indices: as for ``gather_qmm`` (affine).
+    stream: the stream or device to run on (CPU only in this build).
+
+Returns:
+    array: ``broadcast(lhs_indices, rhs_indices).shape + (M, N)``. Its vjp is
+    with respect to x.)");
 }

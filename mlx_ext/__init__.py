@@ -19,6 +19,7 @@ if _mx.__version__ != _BUILT_WITH_MLX:
 from ._ext import (  # noqa: E402
     available_cpu_isas,
     gather_qmm,
+    gather_quantized_swiglu,
     get_cpu_isa,
     get_num_threads,
     gpu_kernels,
@@ -40,6 +41,7 @@ __version__ = "0.1.0"
 __all__ = [
     "available_cpu_isas",
     "gather_qmm",
+    "gather_quantized_swiglu",
     "get_cpu_isa",
     "get_num_threads",
     "gpu_kernels",

@@ -42,29 +42,36 @@ def _mlx_lm_swaps() -> dict:
 class PatchReport:
     """Module counts by type name: ``replaced`` are the quantized layers
     swapped; ``left`` the quantized layers (those holding ``scales``) that were
-    not, with their mode where it is not affine; ``attention`` the attention
-    modules whose mlx-lm ``scaled_dot_product_attention`` calls (plain and
-    quantized KV caches) now run through mlx_ext (by ``unpatch``: back
-    through MLX)."""
+    not, with their mode where it is not affine; ``fused`` the mixture-of-experts
+    MLPs (mlx-lm ``SwitchGLU``) whose gate, up and SwiGLU now run as one
+    ``mlx_ext.gather_quantized_swiglu`` (by ``unpatch``: unfused again);
+    ``attention`` the attention modules whose mlx-lm
+    ``scaled_dot_product_attention`` calls (plain and quantized KV caches) now
+    run through mlx_ext (by ``unpatch``: back through MLX)."""
 
     replaced: Counter = field(default_factory=Counter)
     left: Counter = field(default_factory=Counter)
     attention: Counter = field(default_factory=Counter)
+    fused: Counter = field(default_factory=Counter)
 
     def __str__(self):
         def listing(counts):
             return ", ".join(f"{n} {name}" for name, n in sorted(counts.items())) or "none"
 
+        # `fused` is shown where a model has any (mixture-of-experts models).
+        fused = f"; fused: {listing(self.fused)}" if self.fused else ""
         return (
-            f"replaced: {listing(self.replaced)}; left: {listing(self.left)}; "
+            f"replaced: {listing(self.replaced)}; left: {listing(self.left)}{fused}; "
             f"attention: {listing(self.attention)}"
         )
 
 
 def patch(model: nn.Module) -> PatchReport:
-    """Swap the model's MLX quantized layers for mlx_ext's and route its
-    attention through mlx_ext, in place."""
+    """Swap the model's MLX quantized layers for mlx_ext's, fuse its
+    mixture-of-experts SwiGLUs and route its attention through mlx_ext, in
+    place."""
     report = _swap_layers(model, {**_TO_MLX_EXT, **_mlx_lm_swaps()})
+    report.fused = _fuse_switch_glus(model)
     report.attention = lm_attention.route(model)
     return report
 
@@ -73,8 +80,33 @@ def unpatch(model: nn.Module) -> PatchReport:
     """Swap mlx_ext's quantized layers back for MLX's and its attention back
     to MLX's, in place."""
     report = _swap_layers(model, {**_TO_MLX, **{new: old for old, new in _mlx_lm_swaps().items()}})
+    report.fused = _unfuse_switch_glus(model)
     report.attention = lm_attention.unroute(model)
     return report
+
+
+def _fuse_switch_glus(model: nn.Module) -> Counter:
+    """mlx-lm SwitchGLU modules that ``mlx_ext.nn.SwitchGLU.fusable`` accepts
+    take that class (the same modules and arrays; ``__class__`` only)."""
+    fused = Counter()
+    if "mlx_lm.models.switch_layers" not in sys.modules:
+        return fused
+    for module in model.modules():
+        if ext_nn.SwitchGLU.fusable(module):
+            module.__class__ = ext_nn.SwitchGLU
+            fused["SwitchGLU"] += 1
+    return fused
+
+
+def _unfuse_switch_glus(model: nn.Module) -> Counter:
+    unfused = Counter()
+    if "mlx_lm.models.switch_layers" not in sys.modules:
+        return unfused
+    for module in model.modules():
+        if type(module) is ext_nn.SwitchGLU:
+            module.__class__ = sys.modules["mlx_lm.models.switch_layers"].SwitchGLU
+            unfused["SwitchGLU"] += 1
+    return unfused
 
 
 def _swap_layers(model: nn.Module, swaps: dict) -> PatchReport:

@@ -18,7 +18,9 @@ Routing is per model instance, not per model file:
 Calls the op cannot take (head dims that are not a multiple of 8 or above 256,
 keys and values of different head dims as in MLA, sinks with a quantized
 cache, a GPU stream in a build without GPU attention kernels) go to mlx-lm's
-function unchanged. ``calls`` counts where routed calls went ("mlx_ext" or
+function unchanged. On a GPU a plain cache stays with MLX's fused attention
+except where MLX has none (prefill at head dims above 128); the quantized
+cache, which MLX runs unfused, comes to mlx_ext. ``calls`` counts where routed calls went ("mlx_ext" or
 "mlx-lm"), which is how a user (and tests/lm_acceptance.py) can see it.
 """
 
@@ -147,10 +149,20 @@ def _through_mlx_ext(queries, keys, values, cache, scale, mask, sinks):
         or not _runs_on_default_stream()
     ):
         return None
+    if not quantized and mx.default_device() != mx.cpu and not _mlx_lacks_fused_gpu_path(queries):
+        return None  # MLX's own fused GPU attention (cuDNN / Metal), faster there today
     extra = {"bits": cache.bits, "group_size": cache.group_size} if quantized else {}
     return _ext.scaled_dot_product_attention(
         queries, keys, values, scale=scale, mask=mask, sinks=sinks, **extra
     )
+
+
+def _mlx_lacks_fused_gpu_path(queries) -> bool:
+    """On a GPU, a plain (unquantized) cache goes to mlx_ext only where MLX
+    falls back to unfused attention: prefill at head dims above 128 (cuDNN's
+    limit, and beyond MLX's Metal prefill kernels). Elsewhere MLX's fused
+    kernels are as fast or faster than ours (bench/results/h200/)."""
+    return queries.shape[2] > 1 and queries.shape[-1] > 128
 
 
 def _runs_on_default_stream() -> bool:

@@ -191,8 +191,64 @@ def _quantized_switch_linear() -> type:
     return QuantizedSwitchLinear
 
 
+def _switch_glu() -> type:
+    """mlx-lm's ``SwitchGLU`` (a mixture of experts' SwiGLU MLP) with its
+    gate and up projections and the activation as one
+    ``mlx_ext.gather_quantized_swiglu``. Built on first use, like
+    ``QuantizedSwitchLinear``."""
+    from mlx_lm.models import switch_layers
+
+    from ._ext import gather_quantized_swiglu
+
+    class SwitchGLU(switch_layers.SwitchGLU):
+        """x (..., K) routed to the experts in ``indices`` (..., top_k), output
+        (..., top_k, K), as mlx-lm's ``SwitchGLU``: same modules and arrays
+        (``gate_proj``, ``up_proj``, ``down_proj``), one primitive where mlx-lm
+        runs two gathers and an elementwise op. ``mlx_ext.patch`` gives this
+        class to the modules ``fusable`` accepts; ``unpatch`` takes it back."""
+
+        @staticmethod
+        def fusable(module) -> bool:
+            """mlx-lm's SwitchGLU (exactly) whose activation is mlx-lm's SwiGLU
+            and whose gate and up projections are ``mlx_ext.nn.QuantizedSwitchLinear``
+            layers of one affine quantization, without bias."""
+            if type(module) is not switch_layers.SwitchGLU or type(module.activation) is not switch_layers.SwiGLU:
+                return False
+            gate, up = module.gate_proj, module.up_proj
+            ours = QuantizedSwitchLinear  # noqa: F821 - this module's lazily built class
+            return (type(gate) is ours and type(up) is ours and gate.mode == up.mode == "affine"
+                    and (gate.bits, gate.group_size) == (up.bits, up.group_size)
+                    and "bias" not in gate and "bias" not in up
+                    and gate["weight"].shape == up["weight"].shape)
+
+        def __call__(self, x, indices):
+            x = mx.expand_dims(x, (-2, -3))  # (..., 1, 1, K): one row per (token, expert) pair
+            indices = mx.stop_gradient(indices)
+            # mlx-lm's choice: from 64 pairs on, rows are sorted by expert (and
+            # unsorted after the down projection).
+            sort = indices.size >= 64
+            idx, inverse = indices, None
+            if sort:
+                x, idx, inverse = switch_layers._gather_sort(x, indices)
+            gate, up = self.gate_proj, self.up_proj
+            hidden = gather_quantized_swiglu(
+                x, gate["weight"], gate["scales"], gate["biases"], up["weight"], up["scales"], up["biases"],
+                rhs_indices=idx, group_size=gate.group_size, bits=gate.bits, mode=gate.mode,
+                sorted_indices=sort)
+            out = self.down_proj(hidden, idx, sorted_indices=sort)
+            if sort:
+                out = switch_layers._scatter_unsort(out, inverse, indices.shape)
+            return out.squeeze(-2)
+
+    SwitchGLU.__module__ = __name__
+    return SwitchGLU
+
+
+_LAZY = {"QuantizedSwitchLinear": _quantized_switch_linear, "SwitchGLU": _switch_glu}
+
+
 def __getattr__(name):
-    if name == "QuantizedSwitchLinear":
-        cls = globals()[name] = _quantized_switch_linear()
+    if name in _LAZY:
+        cls = globals()[name] = _LAZY[name]()
         return cls
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -4,7 +4,18 @@
 #
 #   bash scripts/gpu_run.sh [stage ...]   stages: build exceptions cuda sanitize suite bench
 #                                          (default: all, in that order)
-#   MLX_EXT_GPU_BENCH_ARGS="--rows 1,8"   extra arguments of the bench
+#   MLX_EXT_GPU_BENCH_ARGS="--rows 1,8"   extra arguments of the quantized matmul's bench
+#   MLX_EXT_GPU_BENCHES="attention"       which benches the bench stage runs, in order
+#                                          (default: "quantized_matmul attention")
+#   MLX_EXT_GPU_ATTENTION_ARGS="--quick"  extra arguments of the attention's bench
+#                                          (--quick: its decode rows only)
+#
+# The attention (CUDA issue) is covered by each stage: cuda runs
+# tests/test_attention_cuda.py, sanitize runs its cases in
+# scripts/gpu_sanitize_case.py, suite runs tests/test_attention*.py on the GPU
+# stream, bench runs bench.bench_attention --device gpu (about 3 minutes;
+# give MLX_EXT_GPU_DEADLINE room, or run `bash scripts/gpu_run.sh bench` with
+# MLX_EXT_GPU_BENCHES=attention in a second call).
 #
 # Needs, carried into the checkout (ignored by git): .gpu-tools/ (a copy of
 # ../shared/gpu/*.sh), .gpu-wheels/b/ (see ../shared/gpu/README.md; a run just
@@ -76,6 +87,8 @@ if has cuda; then
   stage "cuda kernel tests"
   timeout "$(( $(left) < 200 ? $(left) : 200 ))" python3 -m pytest tests/test_quantized_matmul_cuda.py \
     $pytest_device -q -x -p no:cacheprovider 2>&1 | tail -25
+  timeout "$(( $(left) < 150 ? $(left) : 150 ))" python3 -m pytest tests/test_attention_cuda.py \
+    $pytest_device -q -p no:cacheprovider 2>&1 | tail -25
 fi
 
 if has sanitize; then
@@ -95,17 +108,25 @@ if has suite; then
     tests/test_cuda_plan.py $pytest_device -q -p no:cacheprovider > "$OUT/suite.log" 2>&1
   echo "suite exit $?"
   tail -15 "$OUT/suite.log"
+  timeout "$(( $(left) < 240 ? $(left) : 240 ))" python3 -m pytest tests/test_attention.py \
+    tests/test_attention_transforms.py tests/test_attention_cuda_plan.py $pytest_device -q \
+    -p no:cacheprovider > "$OUT/suite_attention.log" 2>&1
+  echo "attention suite exit $?"
+  tail -15 "$OUT/suite_attention.log"
 fi
 if has bench; then
-  stage bench
-  timeout "$(left)" python3 -m bench.bench_quantized_matmul \
-    --device gpu ${MLX_EXT_GPU_BENCH_ARGS:-} > "$OUT/bench.log" 2>&1
-  echo "bench exit $?"
-  tail -30 "$OUT/bench.log"
-  folder=$(grep -o "written to .*" "$OUT/bench.log" | tail -1 | cut -d' ' -f3)
-  # Only what this run wrote (the committed tables sit in the same folder).
-  [ -n "$folder" ] && find "$folder" -maxdepth 1 -name 'quantized_matmul*' -newer "$OUT/run.log" \
-    -exec cp {} "$OUT/" \;
+  for bench in ${MLX_EXT_GPU_BENCHES:-quantized_matmul attention}; do
+    stage "bench $bench"
+    args=${MLX_EXT_GPU_BENCH_ARGS:-}
+    [ "$bench" = attention ] && args=${MLX_EXT_GPU_ATTENTION_ARGS:-}
+    timeout "$(left)" python3 -m "bench.bench_$bench" --device gpu $args > "$OUT/bench_$bench.log" 2>&1
+    echo "bench $bench exit $?"
+    tail -30 "$OUT/bench_$bench.log"
+    folder=$(grep -o "written to .*" "$OUT/bench_$bench.log" | tail -1 | cut -d' ' -f3)
+    # Only what this run wrote (the committed tables sit in the same folder).
+    [ -n "$folder" ] && find "$folder" -maxdepth 1 -name "$bench*" -newer "$OUT/run.log" \
+      -exec cp {} "$OUT/" \;
+  done
 fi
 
 stage done

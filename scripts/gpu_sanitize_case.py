@@ -1,6 +1,6 @@
 """A small run of every CUDA kernel family of mlx_ext.quantized_matmul (affine
-and the fp modes), for
-compute-sanitizer (scripts/gpu_run.sh):
+and the fp modes) and of mlx_ext.scaled_dot_product_attention (split-K, merge,
+mma.sync, backward), for compute-sanitizer (scripts/gpu_run.sh):
 
     compute-sanitizer --tool memcheck python scripts/gpu_sanitize_case.py
 
@@ -54,8 +54,37 @@ def main():
                     x = mx.array(rng.standard_normal((m, k)), dtype=dtype)
                     check(x, w_q, scales, None, None, transpose=transpose, group_size=gs, bits=bits,
                           mode=mode)
+    attention(rng)
     mx.synchronize()
     print("sanitize case: all kernel families ran and matched the reference")
+
+
+def attention(rng):
+    """Ragged shapes (S, L and the capacity of a sliced cache off every tile)
+    through each attention kernel: decode over float and 8-/4-bit K/V, the
+    tensor-core prefill with every option, and the backward."""
+    def check(q, k, v, **kw):
+        out = mlx_ext.scaled_dot_product_attention(q, k, v, stream=mx.gpu, **kw)
+        expected = ref.scaled_dot_product_attention(q, k, v, **kw)
+        err = np.abs(ref.to_f64(out) - expected).max() / max(np.abs(expected).max(), 1e-30)
+        assert err < 2e-2, (kw.get("bits"), q.shape, err)
+
+    b, hq, hkv, s, d = 2, 6, 2, 301, 128
+    q1 = mx.array(rng.standard_normal((b, hq, 1, d)), dtype=mx.bfloat16)
+    k, v = (mx.array(rng.standard_normal((b, hkv, s + 33, d)), dtype=mx.bfloat16)[:, :, :s] for _ in range(2))
+    check(q1, k, v, scale=d**-0.5, sinks=mx.array(rng.standard_normal(hq), dtype=mx.float32))
+    for bits in [8, 4]:
+        kq, vq = (mx.quantize(x, group_size=64, bits=bits) for x in (k, v))
+        check(q1, kq, vq, scale=d**-0.5, bits=bits, kv_lengths=mx.array([200, 400], dtype=mx.int32))
+    q = mx.array(rng.standard_normal((b, hq, 70, d)), dtype=mx.bfloat16)
+    check(q, k, v, scale=d**-0.5, mask="causal", window=50, kv_lengths=mx.array([150, 301], dtype=mx.int32))
+    check(q, k, v, scale=d**-0.5, mask=mx.array(rng.random((70, s)) < 0.5))
+    qf = q.astype(mx.float32)
+    check(qf, k.astype(mx.float32), v.astype(mx.float32), scale=d**-0.5, mask="causal")
+    cot = mx.array(rng.standard_normal(q.shape), dtype=mx.bfloat16)
+    grads = mx.grad(lambda q, k, v: (mlx_ext.scaled_dot_product_attention(
+        q, k, v, scale=d**-0.5, mask="causal", stream=mx.gpu) * cot).sum(), argnums=(0, 1, 2))(q, k, v)
+    mx.eval(grads)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,14 @@ def eps(dtype) -> float:
     return EPS[getattr(mx, dtype) if isinstance(dtype, str) else dtype]
 
 
+def subnormal_spacing(dtype) -> float:
+    """The spacing of an MLX dtype's (or its name's) subnormals: the absolute
+    step below its smallest normal, which a relative tolerance misses near
+    zero (float16's subnormals reach 6e-5). Half of it bounds one rounding."""
+    name = dtype if isinstance(dtype, str) else str(dtype).rsplit(".", 1)[-1]
+    return {"float32": 2.0**-149, "float16": 2.0**-24, "bfloat16": 2.0**-133}[name]
+
+
 def unpack_bits(w_q, bits: int) -> np.ndarray:
     """Integers of an MLX-packed matrix: each row of uint32 words is one
     little-endian bit stream, `bits` bits per value, low bits first (3-, 5- and
@@ -386,6 +394,59 @@ def sparse_matmul(x, ws, bias=None):
     return out
 
 
+def sparse_value_positions(ws) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, cols) of each stored value of a container with float values, in
+    the order of its values array flattened: the values numbered 1, 2, ...
+    and decoded by sparse_to_dense."""
+    values = ws["data"]
+    numbered = dict(ws)
+    numbered["data"] = np.arange(1, values.size + 1, dtype=np.float64).reshape(values.shape)
+    dense = sparse_to_dense(numbered)
+    rows, cols = np.nonzero(dense)
+    order = np.argsort(dense[rows, cols])
+    return rows[order], cols[order]
+
+
+def _abs_sparse_to_dense(ws) -> np.ndarray:
+    """|W|, or |scale| q + |bias| for quantized values (dequantizing can cancel,
+    so |W| alone would understate the rounding scale)."""
+    if "scales" not in ws:
+        return np.abs(sparse_to_dense(ws))
+    absolute = dict(ws)
+    absolute["scales"], absolute["biases"] = np.abs(to_f64(ws["scales"])), np.abs(to_f64(ws["biases"]))
+    return sparse_to_dense(absolute)
+
+
+def sparse_matmul_with_tolerance(x, ws, *, out_dtype, bias=None, transpose=True):
+    """(x @ W.T + bias (transpose) or x @ W + bias, its tolerance) for a kernel
+    that accumulates in float32 and rounds each output once to out_dtype. x is
+    2-D."""
+    w, w_abs = sparse_to_dense(ws), _abs_sparse_to_dense(ws)
+    x64 = to_f64(x)
+    expected = x64 @ (w.T if transpose else w)
+    magnitude = np.abs(x64) @ (w_abs.T if transpose else w_abs)
+    if bias is not None:
+        expected, magnitude = expected + to_f64(bias), magnitude + np.abs(to_f64(bias))
+    # Each term meets at most (reduction + 4) float32 roundings (dequantize,
+    # multiply, group scale, accumulation).
+    tol = float32_accumulation_tolerance(expected, magnitude, roundings=x64.shape[-1] + 4, out_dtype=out_dtype)
+    return expected, tol + subnormal_spacing(out_dtype) / 2  # one rounding of a subnormal result
+
+
+def sparse_sampled_with_tolerance(g, x, ws, *, out_dtype):
+    """(dvalues, tolerance): dvalues[j] = sum_m g[m, row_j] x[m, col_j] for each
+    stored value j (the values' gradient of sum(g * (x @ W.T))), shaped as the
+    values; g (M, N) and x (M, K)."""
+    rows, cols = sparse_value_positions(ws)
+    g64, x64 = to_f64(g), to_f64(x)
+    expected = np.einsum("mi,mi->i", g64[:, rows], x64[:, cols])
+    magnitude = np.einsum("mi,mi->i", np.abs(g64[:, rows]), np.abs(x64[:, cols]))
+    tol = float32_accumulation_tolerance(expected, magnitude, roundings=g64.shape[0] + 2, out_dtype=out_dtype)
+    tol = tol + subnormal_spacing(out_dtype) / 2
+    shape = tuple(ws["data"].shape)
+    return expected.reshape(shape), tol.reshape(shape)
+
+
 def gather_qmm_with_tolerance(x, w_q, scales, biases, lhs_indices, rhs_indices, *, out_dtype, transpose=True,
                               group_size=64, bits=4, bias=None):
     """mx.gather_qmm's meaning, plus an optional bias ((N,) or one row per
@@ -448,6 +509,23 @@ def quantized_swiglu_with_tolerance(x, w_q, scales, biases, *, out_dtype, group_
     return expected, tol
 
 
+def gather_quantized_swiglu_with_tolerance(x, gate, up, lhs_indices, rhs_indices, *, out_dtype, group_size=64,
+                                           bits=4):
+    """(silu(g) * u, its tolerance) with g and u gather_qmm_with_tolerance's
+    products of x with the gate and up stacks ((w, scales, biases) each,
+    transpose=True), each rounded to out_dtype as the unfused products would
+    be, the epilogue in float32 rounded once; NaN where an index is out of
+    range. The products' errors reach the output as in
+    quantized_swiglu_with_tolerance."""
+    kw = dict(out_dtype=out_dtype, group_size=group_size, bits=bits)
+    g, tol_g = gather_qmm_with_tolerance(x, *gate, lhs_indices, rhs_indices, **kw)
+    u, tol_u = gather_qmm_with_tolerance(x, *up, lhs_indices, rhs_indices, **kw)
+    expected = silu(g) * u
+    tol = (1.1 * np.abs(u) * tol_g + np.abs(silu(g)) * tol_u
+           + (eps(out_dtype) + 8 * EPS[mx.float32]) * np.abs(expected) + subnormal_spacing(out_dtype) + 1e-30)
+    return expected, tol
+
+
 def rms_norm_with_tolerance(x, weight, epsilon: float, *, out_dtype):
     """(x / sqrt(mean(x^2) + epsilon) * weight over the last axis, its
     tolerance) for a kernel that works in float32 (about D + 8 roundings reach
@@ -456,7 +534,5 @@ def rms_norm_with_tolerance(x, weight, epsilon: float, *, out_dtype):
     r = 1.0 / np.sqrt((x64 * x64).mean(axis=-1, keepdims=True) + epsilon)
     w = np.ones(x64.shape[-1]) if weight is None else to_f64(weight)
     expected = x64 * r * w
-    # + the spacing of out_dtype's subnormals (float16's reach 6e-5)
-    subnormal = {mx.float16: 2.0**-24}.get(out_dtype, 0.0)
-    tol = ((x64.shape[-1] + 8) * EPS[mx.float32] + eps(out_dtype)) * np.abs(expected) + subnormal + 1e-30
+    tol = ((x64.shape[-1] + 8) * EPS[mx.float32] + eps(out_dtype)) * np.abs(expected) + subnormal_spacing(out_dtype) + 1e-30
     return expected, tol

@@ -1,6 +1,7 @@
 """mlx_ext.nn.QuantizedSwitchLinear and mlx_ext.patch on mlx-lm's SwitchGLU:
 the same outputs as mlx-lm's layer (unsorted and sorted routing, per-expert
-bias), the same arrays, and unpatch restoring mlx-lm's exact type."""
+bias), the same arrays, the gate/up/SwiGLU fused where there is no bias, and
+unpatch restoring mlx-lm's exact types."""
 
 import numpy as np
 import pytest
@@ -35,11 +36,16 @@ def test_patched_switch_glu_matches_mlx_lm(bias, tokens):
     report = mlx_ext.patch(glu)
     assert report.replaced["QuantizedSwitchLinear"] == 3 and not report.left
     assert type(glu.up_proj) is mlx_ext.nn.QuantizedSwitchLinear
+    # Gate, up and SwiGLU fused into one gather_quantized_swiglu, where no bias is in the way.
+    assert report.fused == ({} if bias else {"SwitchGLU": 1})
+    assert type(glu) is (switch_layers.SwitchGLU if bias else mlx_ext.nn.SwitchGLU)
+    assert isinstance(glu, switch_layers.SwitchGLU)
     assert glu.gate_proj.weight is weight  # the same arrays, not copies
     got = glu(x, indices)
     scale = float(mx.abs(want).max())
     assert float(mx.abs(got - want).max()) <= 1e-5 * scale
 
-    mlx_ext.unpatch(glu)
+    back = mlx_ext.unpatch(glu)
+    assert back.fused == report.fused and type(glu) is switch_layers.SwitchGLU
     assert type(glu.down_proj) is switch_layers.QuantizedSwitchLinear
     np.testing.assert_array_equal(np.array(glu(x, indices)), np.array(want))

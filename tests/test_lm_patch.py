@@ -42,22 +42,23 @@ MIXTRAL = {
 
 
 @pytest.mark.parametrize(
-    "config,replaced,left,attention",
+    "config,replaced,left,fused,attention",
     [
         # 7 projections per layer + lm_head; the embedding
-        (LLAMA, {"QuantizedLinear": 15, "QuantizedEmbedding": 1}, {}, {"Attention": 2}),
-        (QWEN3_TIED, {"QuantizedLinear": 14, "QuantizedEmbedding": 1}, {}, {"Attention": 2}),
+        (LLAMA, {"QuantizedLinear": 15, "QuantizedEmbedding": 1}, {}, {}, {"Attention": 2}),
+        (QWEN3_TIED, {"QuantizedLinear": 14, "QuantizedEmbedding": 1}, {}, {}, {"Attention": 2}),
         # 4 attention projections + the router per layer (8-bit by quant_predicate) + lm_head;
-        # the experts' gate/up/down (QuantizedSwitchLinear, through gather_qmm)
+        # the experts' gate/up/down (QuantizedSwitchLinear, through gather_qmm), and per
+        # layer the experts' gate, up and SwiGLU as one gather_quantized_swiglu
         (QWEN3_MOE, {"QuantizedLinear": 11, "QuantizedEmbedding": 1, "QuantizedSwitchLinear": 6}, {},
-         {"Attention": 2}),
+         {"SwitchGLU": 2}, {"Attention": 2}),
         (MIXTRAL, {"QuantizedLinear": 11, "QuantizedEmbedding": 1, "QuantizedSwitchLinear": 6}, {},
-         {"MixtralAttention": 2}),
+         {"SwitchGLU": 2}, {"MixtralAttention": 2}),
     ],
     ids=["llama", "qwen3-tied", "qwen3_moe", "mixtral"],
 )
 @pytest.mark.parametrize("kv_bits", [4, 8])
-def test_patched_logits_match(config, replaced, left, attention, kv_bits):
+def test_patched_logits_match(config, replaced, left, fused, attention, kv_bits):
     """Plain cache (patched) and QuantizedKVCache (attention routed), against
     the unpatched model; every attention call went through mlx_ext."""
     result = check_config(config, kv_bits=kv_bits)
@@ -69,7 +70,8 @@ def test_patched_logits_match(config, replaced, left, attention, kv_bits):
     assert int(calls) == int(total) > 0
     expected = "; ".join(
         f"{label}: " + (", ".join(f"{n} {name}" for name, n in sorted(counts.items())) or "none")
-        for label, counts in (("replaced", replaced), ("left", left), ("attention", attention))
+        for label, counts in (("replaced", replaced), ("left", left), ("fused", fused), ("attention", attention))
+        if counts or label != "fused"  # the report lists `fused` only where a model has some
     )
     assert result.patch_report == expected
 

@@ -14,7 +14,7 @@ poisoning, strict mode and NaN-filled outputs.
 `make test` runs every affine instantiation in gather mode and every
 instantiation of gather_qmm.metal under RUNS (under a minute on the 2-core
 machine), and the edge cases; set
-MLX_EXT_METAL_FULL_SWEEP=1 to add, per instantiation, random routings
+MLX_EXT_METAL_FULL=1 to add, per instantiation, random routings
 (sorted or not, repeated and unused experts, an out-of-range index) at
 several rows per pair.
 """
@@ -59,7 +59,7 @@ def libs(lib) -> dict[str, Library]:
 BITS = [2, 3, 4, 5, 6, 8]
 GROUP_SIZES = [32, 64, 128]
 TYPES = ["float32", "float16", "bfloat16"]
-FULL_SWEEP = os.environ.get("MLX_EXT_METAL_FULL_SWEEP", "") not in ("", "0")
+FULL_SWEEP = os.environ.get("MLX_EXT_METAL_FULL", "") not in ("", "0")
 # (schedule, check_bounds, bias) of the runs every case gets.
 RUNS_WITH_BIAS = [(schedule, check_bounds, bias)
                   for (schedule, check_bounds), bias in zip(RUNS, ("per_expert", None, "shared"))]
@@ -331,7 +331,7 @@ def test_over_pairs_empty_reduction_gives_the_bias(libs, transpose):
         np.testing.assert_array_equal(got, rows[:, None, :])
 
 
-@pytest.mark.skipif(not FULL_SWEEP, reason="the full sweep: MLX_EXT_METAL_FULL_SWEEP=1")
+@pytest.mark.skipif(not FULL_SWEEP, reason="the full sweep: MLX_EXT_METAL_FULL=1")
 @pytest.mark.parametrize("kernel,dtype,group_size,bits", list(_instantiation_cases()))
 def test_random_routings(libs, kernel, dtype, group_size, bits):
     """Per instantiation, random routings at rows per pair its kernel takes."""

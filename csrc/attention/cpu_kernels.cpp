@@ -426,10 +426,8 @@ void merge_entry(const AttentionArgs& a, const AttentionPartials& p, int64_t chu
 
 } // namespace
 
-#define MLX_EXT_STR2(x) #x
-#define MLX_EXT_STR(x) MLX_EXT_STR2(x)
 extern const AttentionKernels attention_kernels = {
-    MLX_EXT_STR(MLX_EXT_ISA_NS),
+    MLX_EXT_ISA_NAME,
     kKeyBlock,
     attend_entry,
     merge_entry,

@@ -1,13 +1,36 @@
 // GatherQmm::eval_cpu: converts x to float32 once and hands the problem to
-// the CPU driver (cpu_driver.cpp) on the stream's thread.
+// the CPU driver (cpu_driver.cpp) on the stream's thread. The fused SwiGLU
+// has the driver write the gate projections into out and the up projections
+// into a scratch of out's size and dtype (what the unfused products would
+// hold), then applies silu(gate) * up in float32 in place.
+#include <cmath>
 #include <vector>
 
 #include "common/cpu/arrays.h"
+#include "common/cpu/thread_pool.h"
+#include "common/math.h"
 #include "gather_qmm/cpu_driver.h"
 #include "gather_qmm/gather_qmm.h"
 #include "mlx/backend/cpu/encoder.h"
 
 namespace mlx_ext {
+namespace {
+
+// gate[i] = silu(gate[i]) * up[i] for i < n, in float32.
+template <typename T>
+void swiglu_in_place(T* gate, const T* up, int64_t n) {
+  constexpr int64_t kPerTask = 16384; // one decode step's few thousand values stay on this thread
+  auto run = [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const float g = static_cast<float>(gate[i]);
+      gate[i] = static_cast<T>(g / (1.0f + std::exp(-g)) * static_cast<float>(up[i]));
+    }
+  };
+  if (n <= kPerTask) return run(0, n);
+  cpu::parallel_for(ceil_div(n, kPerTask), [&](int64_t t) { run(t * kPerTask, std::min(n, (t + 1) * kPerTask)); });
+}
+
+} // namespace
 
 void GatherQmm::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
   out.set_data(mx::allocator::malloc(out.nbytes()));
@@ -37,6 +60,11 @@ void GatherQmm::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
                     rhs = mx::array::unsafe_weak_copy(inputs[5]),
                     bias = has_bias_ ? std::optional<mx::array>(mx::array::unsafe_weak_copy(inputs[6]))
                                      : std::nullopt,
+                    up_w = swiglu_ ? std::optional<mx::array>(mx::array::unsafe_weak_copy(inputs[6])) : std::nullopt,
+                    up_scales = swiglu_ ? std::optional<mx::array>(mx::array::unsafe_weak_copy(inputs[7]))
+                                        : std::nullopt,
+                    up_biases = swiglu_ ? std::optional<mx::array>(mx::array::unsafe_weak_copy(inputs[8]))
+                                        : std::nullopt,
                     out = mx::array::unsafe_weak_copy(out), g]() mutable {
     if (g.P == 0 || g.M == 0 || g.N == 0) return;
     std::vector<float> x_storage;
@@ -48,7 +76,25 @@ void GatherQmm::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
     g.biases = biases.data<void>();
     g.bias = bias ? bias->data<void>() : nullptr;
     g.out = out.data<void>();
+    std::vector<uint8_t> up_out;
+    if (up_w) {
+      up_out.resize(out.nbytes());
+      g.up_w = reinterpret_cast<const uint8_t*>(up_w->data<uint32_t>());
+      g.up_scales = up_scales->data<void>();
+      g.up_biases = up_biases->data<void>();
+      g.up_out = up_out.data();
+    }
     cpu::run_gather_qmm(cpu::quantized_matmul_kernels_for(cpu::current_isa()), g);
+    if (!up_w) return;
+    const int64_t n = out.size();
+    switch (out.dtype()) {
+      case mx::float16:
+        return swiglu_in_place(out.data<mx::float16_t>(), reinterpret_cast<const mx::float16_t*>(up_out.data()), n);
+      case mx::bfloat16:
+        return swiglu_in_place(out.data<mx::bfloat16_t>(), reinterpret_cast<const mx::bfloat16_t*>(up_out.data()), n);
+      default:
+        return swiglu_in_place(out.data<float>(), reinterpret_cast<const float*>(up_out.data()), n);
+    }
   });
 }
 

@@ -6,23 +6,14 @@
 
 #include "common/cpu/thread_pool.h"
 #include "common/math.h"
+#include "quantized_matmul/cpu_driver.h"
 
 namespace mlx_ext::cpu {
 namespace {
 
-// An expert with fewer gathered rows than this runs the quantized matmul's
-// GEMV kernels (weights read once from their packed form for all rows); from
-// here on its register-blocked GEMM. The same crossover as
-// quantized_matmul/cpu_driver.cpp: the kernels are the same.
-constexpr int64_t kGemmMinRows = 12;
-
 // Tasks per thread of the whole pass: enough that uneven experts balance.
 constexpr int64_t kGemvTasksPerThread = 16;
 constexpr int64_t kQvmTasksPerThread = 4;
-
-int64_t chunk_size(int64_t n, int64_t tasks, int64_t align) {
-  return std::max(align, round_up(ceil_div(n, std::max<int64_t>(tasks, 1)), align));
-}
 
 int64_t element_size(FloatType t) { return t == FloatType::f32 ? 4 : 2; }
 
@@ -42,6 +33,7 @@ struct ExpertBlock {
   const int64_t* pairs;
   int64_t count;
   QmmArgs a;
+  QmmArgs up; // the up projection's (up.w nullptr: none), sharing a's x
   bool gemm;
   int64_t chunk; // output columns per task
   int64_t tasks;
@@ -49,44 +41,25 @@ struct ExpertBlock {
   std::vector<float> sums, prepared; // GEMV: group sums, permuted x
   std::vector<float> packed; // GEMM: x packed into panels (PackedA)
   PackedA pa{};
-  std::vector<uint8_t> staging; // out rows, when the pairs' blocks are not adjacent in out
+  std::vector<uint8_t> staging, up_staging; // out rows, when the pairs' blocks are not adjacent in out
+  int projections() const { return up.w ? 2 : 1; }
 };
 
+// An expert with fewer gathered rows than kGemmMinRows runs the quantized
+// matmul's GEMV kernels (weights read once from their packed form for all
+// rows), from there on its register-blocked GEMM: the same crossover and the
+// same preparation of x as quantized_matmul/cpu_driver.cpp.
 void prepare_gemv(const KernelTable& kt, ExpertBlock& b, int64_t share) {
-  QmmArgs& a = b.a;
-  const int64_t groups = a.K / a.group_size;
-  b.sums.resize(a.M * groups);
-  for (int64_t m = 0; m < a.M; ++m)
-    for (int64_t g = 0; g < groups; ++g) {
-      float s = 0.0f;
-      for (int64_t k = g * a.group_size; k < (g + 1) * a.group_size; ++k) s += a.x[m * a.K + k];
-      b.sums[m * groups + g] = s;
-    }
-  a.x_group_sums = b.sums.data();
-  b.prepared.resize(a.M * a.K);
-  a.x_prepared = kt.qmv_prepare(a, b.prepared.data()) ? b.prepared.data() : nullptr;
-  b.chunk = chunk_size(a.N, share * kGemvTasksPerThread, 8);
+  prepare_qmv(kt, b.a, b.sums, b.prepared);
+  b.chunk = chunk_size(b.a.N, share * kGemvTasksPerThread, 8);
 }
 
-// x packed for the GEMM, layout as quantized_matmul/cpu_kernels.h's PackedA.
 void prepare_gemm(const KernelTable& kt, ExpertBlock& b) {
-  const auto& plan = kt.plan;
-  const QmmArgs& a = b.a;
-  const int64_t panels = ceil_div(a.M, plan.mr);
-  const int64_t k_blocks = ceil_div(a.K, plan.kc);
-  b.packed.assign(k_blocks * panels * plan.mr * plan.kc, 0.0f);
-  for (int64_t p = 0; p < panels; ++p)
-    for (int64_t kb = 0; kb < k_blocks; ++kb) {
-      float* dst = b.packed.data() + (kb * panels + p) * plan.mr * plan.kc;
-      const int64_t k0 = kb * plan.kc;
-      const int64_t kc = std::min<int64_t>(plan.kc, a.K - k0);
-      for (int i = 0; i < plan.mr && p * plan.mr + i < a.M; ++i) {
-        const float* src = a.x + (p * plan.mr + i) * a.K + k0;
-        for (int64_t k = 0; k < kc; ++k) dst[k * plan.mr + i] = src[k];
-      }
-    }
+  b.packed.resize(packed_x_size(kt, b.a));
+  const int64_t panels = ceil_div(b.a.M, kt.plan.mr);
+  pack_x_panels(kt, b.a, b.packed.data(), 0, panels);
   b.pa = PackedA{b.packed.data(), panels};
-  b.chunk = plan.nc;
+  b.chunk = kt.plan.nc;
 }
 
 } // namespace
@@ -95,6 +68,7 @@ void run_gather_qmm(const KernelTable& kt, const GatherQmmArgs& g) {
   const int64_t esize = element_size(g.type);
   const int64_t block_elems = g.M * g.N; // one pair's output block
   auto* out = static_cast<uint8_t*>(g.out);
+  auto* up_out = static_cast<uint8_t*>(g.up_out);
 
   // Group the pairs by expert (a counting sort, stable: pairs keep their
   // order within an expert). Out-of-range pairs get NaN and read nothing.
@@ -104,6 +78,7 @@ void run_gather_qmm(const KernelTable& kt, const GatherQmmArgs& g) {
       ++start[g.rhs[p] + 1];
     } else {
       fill_nan(out + p * block_elems * esize, g.type, block_elems);
+      if (g.up_w) fill_nan(up_out + p * block_elems * esize, g.type, block_elems);
     }
   }
   for (int64_t e = 0; e < g.E; ++e) start[e + 1] += start[e];
@@ -137,6 +112,12 @@ void run_gather_qmm(const KernelTable& kt, const GatherQmmArgs& g) {
     b.a.group_size = g.group_size;
     b.a.bits = g.bits;
     b.gemm = b.a.M >= kGemmMinRows;
+    if (g.up_w) {
+      b.up = b.a;
+      b.up.w = g.up_w + e * w_bytes;
+      b.up.scales = static_cast<const uint8_t*>(g.up_scales) + e * group_elems * esize;
+      b.up.biases = static_cast<const uint8_t*>(g.up_biases) + e * group_elems * esize;
+    }
     blocks.push_back(std::move(b));
   }
   if (blocks.empty()) return;
@@ -159,9 +140,14 @@ void run_gather_qmm(const KernelTable& kt, const GatherQmmArgs& g) {
     for (int64_t j = 1; j < b.count; ++j) adjacent = adjacent && b.pairs[j] == b.pairs[0] + j;
     if (adjacent) {
       b.a.out = out + b.pairs[0] * block_elems * esize;
+      if (b.up.w) b.up.out = up_out + b.pairs[0] * block_elems * esize;
     } else {
       b.staging.resize(b.count * block_elems * esize);
       b.a.out = b.staging.data();
+      if (b.up.w) {
+        b.up_staging.resize(b.count * block_elems * esize);
+        b.up.out = b.up_staging.data();
+      }
     }
     if (b.gemm) {
       prepare_gemm(kt, b);
@@ -171,11 +157,17 @@ void run_gather_qmm(const KernelTable& kt, const GatherQmmArgs& g) {
       b.chunk = std::min(kt.qvm_cols, chunk_size(g.N, share * kQvmTasksPerThread, 32));
     }
     b.tasks = ceil_div(g.N, b.chunk);
+    if (b.up.w) { // the same prepared x (group sums, permuted or packed rows)
+      b.up.x = b.a.x;
+      b.up.x_group_sums = b.a.x_group_sums;
+      b.up.x_prepared = b.a.x_prepared;
+    }
   });
 
-  // One pass over every expert's column chunks.
+  // One pass over every expert's column chunks (of each projection).
   std::vector<int64_t> first_task(blocks.size() + 1, 0);
-  for (size_t i = 0; i < blocks.size(); ++i) first_task[i + 1] = first_task[i] + blocks[i].tasks;
+  for (size_t i = 0; i < blocks.size(); ++i)
+    first_task[i + 1] = first_task[i] + blocks[i].tasks * blocks[i].projections();
   const int64_t scratch_size = [&] {
     int64_t panels = 0;
     for (const auto& b : blocks)
@@ -185,21 +177,27 @@ void run_gather_qmm(const KernelTable& kt, const GatherQmmArgs& g) {
   parallel_for(first_task.back(), [&](int64_t t) {
     const size_t i = std::upper_bound(first_task.begin(), first_task.end(), t) - first_task.begin() - 1;
     const ExpertBlock& b = blocks[i];
-    const int64_t n0 = (t - first_task[i]) * b.chunk;
+    const int64_t local = t - first_task[i];
+    const QmmArgs& a = local < b.tasks ? b.a : b.up;
+    const int64_t n0 = (local % b.tasks) * b.chunk;
     if (b.gemm) {
       thread_local std::vector<float> scratch;
       if (int64_t(scratch.size()) < scratch_size) scratch.resize(scratch_size);
-      (g.transpose ? kt.qmm_t : kt.qmm_n)(b.a, b.pa, n0, scratch.data());
+      (g.transpose ? kt.qmm_t : kt.qmm_n)(a, b.pa, n0, scratch.data());
     } else {
-      (g.transpose ? kt.qmv : kt.qvm)(b.a, n0, std::min(g.N, n0 + b.chunk));
+      (g.transpose ? kt.qmv : kt.qvm)(a, n0, std::min(g.N, n0 + b.chunk));
     }
   });
 
   for (const auto& b : blocks) {
     if (b.staging.empty()) continue;
-    for (int64_t j = 0; j < b.count; ++j)
+    for (int64_t j = 0; j < b.count; ++j) {
       std::memcpy(out + b.pairs[j] * block_elems * esize,
           b.staging.data() + j * block_elems * esize, block_elems * esize);
+      if (b.up.w)
+        std::memcpy(up_out + b.pairs[j] * block_elems * esize,
+            b.up_staging.data() + j * block_elems * esize, block_elems * esize);
+    }
   }
 }
 

@@ -24,6 +24,12 @@ struct GatherQmmArgs {
   const void* bias; // (E, N), (N,) or nullptr
   bool bias_per_expert; // bias is (E, N)
   void* out; // (P, M, N) of `type`
+  // A second stack of experts shaped as w (a SwiGLU's up projections), run
+  // on the same gathered rows into up_out, (P, M, N); up_w nullptr: none.
+  const uint8_t* up_w;
+  const void* up_scales;
+  const void* up_biases;
+  void* up_out;
   FloatType type;
   int64_t P, X, E, M, N, K;
   int group_size, bits;

@@ -11,6 +11,7 @@ namespace mlx_ext {
 namespace {
 
 constexpr const char* kOp = "gather_qmm";
+constexpr const char* kSwiGLUOp = "gather_quantized_swiglu";
 
 mx::Shape batch_shape(const mx::array& a) { return mx::Shape(a.shape().begin(), a.shape().end() - 2); }
 
@@ -47,31 +48,42 @@ mx::array default_flat_indices(const mx::Shape& batch, const mx::Shape& index_sh
 // TypeError unless integer; ValueError when its values are already known
 // (an evaluated array) and one falls outside [0, limit). Values known only at
 // run time are checked by the kernel (out-of-range pairs give NaN).
-void check_indices(const char* arg, const mx::array& idx, int64_t limit, const char* of) {
+void check_indices(const char* op, const char* arg, const mx::array& idx, int64_t limit, const char* of) {
   if (!mx::issubdtype(idx.dtype(), mx::integer))
-    type_error_(kOp, arg, " must have an integer dtype, got ", idx.dtype());
+    type_error_(op, arg, " must have an integer dtype, got ", idx.dtype());
   if (!idx.is_available() || idx.size() == 0) return;
   auto lo = mx::min(mx::astype(idx, mx::int64, mx::Device::cpu), false, mx::Device::cpu);
   auto hi = mx::max(mx::astype(idx, mx::int64, mx::Device::cpu), false, mx::Device::cpu);
   mx::eval({lo, hi});
   if (lo.item<int64_t>() < 0 || hi.item<int64_t>() >= limit)
-    value_error(kOp, arg, " holds values in [", lo.item<int64_t>(), ", ", hi.item<int64_t>(),
+    value_error(op, arg, " holds values in [", lo.item<int64_t>(), ", ", hi.item<int64_t>(),
         "] but must lie in [0, ", limit, "): the number of matrices in the batch of ", of);
 }
 
 // The primitive's node: inputs as GatherQmm documents them.
 mx::array gather_node(std::vector<mx::array> inputs, mx::Dtype out_type, int M, int N,
-    int group_size, int bits, bool transpose, bool sorted, const mx::Stream& s) {
+    int group_size, int bits, bool transpose, const mx::Stream& s, bool swiglu = false,
+    bool sorted = false) {
   const int P = inputs[4].shape(0);
-  const bool has_bias = inputs.size() > 6;
+  const bool has_bias = !swiglu && inputs.size() > 6;
   return mx::array({P, M, N}, out_type,
-      std::make_shared<GatherQmm>(s, group_size, bits, transpose, has_bias, sorted),
+      std::make_shared<GatherQmm>(s, group_size, bits, transpose, has_bias, swiglu, sorted),
       std::move(inputs));
 }
 
-} // namespace
+// The checked, flattened inputs of one gather (as GatherQmm documents them),
+// and what the node and the reshape of its output need.
+struct Gather {
+  std::vector<mx::array> inputs;
+  mx::Dtype out_type;
+  int M, N;
+  mx::Shape out_shape; // broadcast indices' shape + (M, N)
+  mx::Stream stream;
+};
 
-mx::array gather_qmm(
+Gather checked_gather(
+    const char* op,
+    const char* suffix, // of the weight arguments' names: "", "_gate" or "_up"
     const mx::array& x,
     const mx::array& w,
     const mx::array& scales,
@@ -82,60 +94,62 @@ mx::array gather_qmm(
     std::optional<int> group_size_or_default,
     std::optional<int> bits_or_default,
     const std::string& mode,
-    bool sorted_indices, // a hint: picks the Metal kernel; the CPU groups by expert anyway
     const std::optional<mx::array>& bias,
     mx::StreamOrDevice s) {
+
   // The one place a quantization mode is chosen: other modes (fp formats)
   // plug in here with their own defaults and checks.
   if (mode != "affine")
-    value_error(kOp, "mode='", mode, "' is not supported; mlx_ext implements mode='affine'");
+    value_error(op, "mode='", mode, "' is not supported; mlx_ext implements mode='affine'");
   const int group_size = group_size_or_default.value_or(64);
   const int bits = bits_or_default.value_or(4);
-  check_affine_config(kOp, bits, group_size);
-  if (!biases) value_error(kOp, "biases are required for mode='affine' (got None)");
+  check_affine_config(op, bits, group_size);
+  const std::string w_arg = std::string("w") + suffix, scales_arg = std::string("scales") + suffix,
+                    biases_arg = std::string("biases") + suffix;
+  if (!biases) value_error(op, biases_arg, " are required for mode='affine' (got None)");
 
-  check_kernel_float(kOp, "x", x);
-  if (x.ndim() < 2) value_error(kOp, "x must have at least two dimensions (..., M, K), got shape ", x.shape());
+  check_kernel_float(op, "x", x);
+  if (x.ndim() < 2) value_error(op, "x must have at least two dimensions (..., M, K), got shape ", x.shape());
   if (w.dtype() != mx::uint32)
-    type_error_(kOp, "w must be uint32 (as packed by mx.quantize), got ", w.dtype());
-  if (w.ndim() < 2) value_error(kOp, "w must have at least two dimensions (..., rows, packed columns), got shape ", w.shape());
+    type_error_(op, w_arg, " must be uint32 (as packed by mx.quantize), got ", w.dtype());
+  if (w.ndim() < 2) value_error(op, w_arg, " must have at least two dimensions (..., rows, packed columns), got shape ", w.shape());
   const int64_t packed = w.shape(-1);
   if ((packed * 32) % bits != 0)
-    value_error(kOp, "w with shape ", w.shape(), " cannot hold ", bits, "-bit values (", packed,
+    value_error(op, w_arg, " with shape ", w.shape(), " cannot hold ", bits, "-bit values (", packed,
         " uint32 words per row is not a whole number of values)");
   const int rows = w.shape(-2);
   const int cols = int(packed * 32 / bits);
   const int K = transpose ? cols : rows;
   const int N = transpose ? rows : cols;
   if (x.shape(-1) != K)
-    value_error(kOp, "x has inner dimension ", x.shape(-1), " (shape ", x.shape(), ") but w with shape ",
+    value_error(op, "x has inner dimension ", x.shape(-1), " (shape ", x.shape(), ") but ", w_arg, " with shape ",
         w.shape(), ", bits=", bits, ", transpose=", transpose ? "True" : "False", " expects ", K);
   if (cols % group_size != 0)
-    value_error(kOp, transpose ? "K" : "N", "=", cols, " (from w with shape ", w.shape(),
+    value_error(op, transpose ? "K" : "N", "=", cols, " (from ", w_arg, " with shape ", w.shape(),
         ") is not a multiple of group_size=", group_size);
-  check_kernel_float(kOp, "scales", scales);
+  check_kernel_float(op, scales_arg.c_str(), scales);
   if (biases->dtype() != scales.dtype())
-    type_error_(kOp, "biases must have the dtype of scales (", scales.dtype(), "), got ", biases->dtype());
+    type_error_(op, biases_arg, " must have the dtype of ", scales_arg, " (", scales.dtype(), "), got ", biases->dtype());
   auto group_shape = batch_shape(w);
   group_shape.push_back(rows);
   group_shape.push_back(cols / group_size);
   if (scales.shape() != group_shape)
-    value_error(kOp, "scales must have shape ", group_shape, ", got ", scales.shape());
+    value_error(op, scales_arg, " must have shape ", group_shape, ", got ", scales.shape());
   if (biases->shape() != group_shape)
-    value_error(kOp, "biases must have shape ", group_shape, ", got ", biases->shape());
+    value_error(op, biases_arg, " must have shape ", group_shape, ", got ", biases->shape());
 
   const int64_t X = batch_size(x);
   const int64_t E = batch_size(w);
-  if (lhs_indices) check_indices("lhs_indices", *lhs_indices, X, "x");
-  if (rhs_indices) check_indices("rhs_indices", *rhs_indices, E, "w");
+  if (lhs_indices) check_indices(op, "lhs_indices", *lhs_indices, X, "x");
+  if (rhs_indices) check_indices(op, "rhs_indices", *rhs_indices, E, w_arg.c_str());
 
   mx::Dtype out_type = mx::promote_types(x.dtype(), scales.dtype());
   auto bias_expert_shape = batch_shape(w);
   bias_expert_shape.push_back(N);
   if (bias) {
-    check_kernel_float(kOp, "bias", *bias);
+    check_kernel_float(op, "bias", *bias);
     if (bias->shape() != mx::Shape{N} && bias->shape() != bias_expert_shape)
-      value_error(kOp, "bias must have shape (", N, ",) or ", bias_expert_shape,
+      value_error(op, "bias must have shape (", N, ",) or ", bias_expert_shape,
           " (one row per matrix of w), got ", bias->shape());
     out_type = mx::promote_types(out_type, bias->dtype());
   }
@@ -146,11 +160,11 @@ mx::array gather_qmm(
   try {
     index_shape = mx::broadcast_shapes(lhs_shape, rhs_shape);
   } catch (const std::invalid_argument&) {
-    value_error(kOp, "lhs_indices with shape ", lhs_shape, " and rhs_indices with shape ",
+    value_error(op, "lhs_indices with shape ", lhs_shape, " and rhs_indices with shape ",
         rhs_shape, " do not broadcast together");
   }
   // Arguments first, then whether this stream has kernels.
-  const auto stream = kernel_stream<GatherQmm>(kOp, s);
+  const auto stream = kernel_stream<GatherQmm>(op, s);
   // Negative values become large uint32 values: out of range, NaN (as above).
   auto flat = [&](const std::optional<mx::array>& idx, const mx::array& of) {
     if (!idx) return default_flat_indices(batch_shape(of), index_shape);
@@ -169,12 +183,81 @@ mx::array gather_qmm(
     auto b = bias->ndim() == 1 ? *bias : mx::reshape(*bias, {-1, N}, stream);
     inputs.push_back(kernel_input(b, out_type, stream));
   }
-  auto out = gather_node(std::move(inputs), out_type, M, N, group_size, bits, transpose,
-      sorted_indices, stream);
   auto out_shape = index_shape;
   out_shape.push_back(M);
   out_shape.push_back(N);
-  return mx::reshape(out, std::move(out_shape), stream);
+  return Gather{std::move(inputs), out_type, M, N, std::move(out_shape), stream};
+}
+
+} // namespace
+
+mx::array gather_qmm(
+    const mx::array& x,
+    const mx::array& w,
+    const mx::array& scales,
+    const std::optional<mx::array>& biases,
+    const std::optional<mx::array>& lhs_indices,
+    const std::optional<mx::array>& rhs_indices,
+    bool transpose,
+    std::optional<int> group_size,
+    std::optional<int> bits,
+    const std::string& mode,
+    bool sorted_indices, // a hint: picks the Metal kernel; the CPU groups by expert anyway
+    const std::optional<mx::array>& bias,
+    mx::StreamOrDevice s) {
+  auto g = checked_gather(kOp, "", x, w, scales, biases, lhs_indices, rhs_indices, transpose, group_size, bits, mode,
+      bias, s);
+  auto out = gather_node(std::move(g.inputs), g.out_type, g.M, g.N, group_size.value_or(64), bits.value_or(4),
+      transpose, g.stream, false, sorted_indices);
+  return mx::reshape(out, std::move(g.out_shape), g.stream);
+}
+
+mx::array gather_quantized_swiglu(
+    const mx::array& x,
+    const mx::array& w_gate,
+    const mx::array& scales_gate,
+    const std::optional<mx::array>& biases_gate,
+    const mx::array& w_up,
+    const mx::array& scales_up,
+    const std::optional<mx::array>& biases_up,
+    const std::optional<mx::array>& lhs_indices,
+    const std::optional<mx::array>& rhs_indices,
+    std::optional<int> group_size,
+    std::optional<int> bits,
+    const std::string& mode,
+    bool sorted_indices,
+    mx::StreamOrDevice s) {
+  // Each projection is checked as a gather_qmm of its own, then the two must agree.
+  auto gate = checked_gather(kSwiGLUOp, "_gate", x, w_gate, scales_gate, biases_gate, lhs_indices, rhs_indices, true, group_size,
+      bits, mode, std::nullopt, s);
+  auto up = checked_gather(kSwiGLUOp, "_up", x, w_up, scales_up, biases_up, lhs_indices, rhs_indices, true, group_size, bits,
+      mode, std::nullopt, s);
+  if (w_up.shape() != w_gate.shape())
+    value_error(kSwiGLUOp, "w_up must have the shape of w_gate ", w_gate.shape(), ", got ",
+        w_up.shape());
+  if (up.out_type != gate.out_type)
+    type_error_(kSwiGLUOp, "scales_up (", scales_up.dtype(), ") and scales_gate (",
+        scales_gate.dtype(), ") give different output dtypes; use one dtype for both");
+  auto inputs = std::move(gate.inputs);
+  for (int i : {1, 2, 3}) inputs.push_back(up.inputs[i]);
+  mx::array out = [&] {
+    // The GPU backends run the two gathers and MLX's elementwise ops (their
+    // gather kernels have no fused epilogue yet); the CPU runs the fused node.
+    if (gate.stream.device == mx::Device::gpu) {
+      const auto& st = gate.stream;
+      auto node = [&](int w) {
+        return gather_node({inputs[0], inputs[w], inputs[w + 1], inputs[w + 2], inputs[4], inputs[5]},
+            gate.out_type, gate.M, gate.N, group_size.value_or(64), bits.value_or(4), true, st, false,
+            sorted_indices);
+      };
+      auto g = mx::astype(node(1), mx::float32, st);
+      auto u = mx::astype(node(6), mx::float32, st);
+      return mx::astype(mx::multiply(mx::multiply(g, mx::sigmoid(g, st), st), u, st), gate.out_type, st);
+    }
+    return gather_node(std::move(inputs), gate.out_type, gate.M, gate.N, group_size.value_or(64),
+        bits.value_or(4), true, gate.stream, true, sorted_indices);
+  }();
+  return mx::reshape(out, std::move(gate.out_shape), gate.stream);
 }
 
 // Inputs: 0 x (X, M, K), 1 w, 2 scales, 3 biases, 4 lhs (P,), 5 rhs (P,),
@@ -185,6 +268,7 @@ std::vector<mx::array> GatherQmm::vjp(
     const std::vector<int>& argnums,
     const std::vector<mx::array>&) {
   const auto& s = stream();
+  if (swiglu_) return swiglu_vjp(primals, cotangents[0], argnums);
   // Cotangents may be broadcast views (the vjp of a sum): the kernel reads
   // contiguous rows.
   const auto& cotan = cotangents[0];
@@ -215,7 +299,7 @@ std::vector<mx::array> GatherQmm::vjp(
       const auto& x = primals[0];
       auto per_pair_x = mx::arange(P, mx::uint32, s);
       auto dpairs = gather_node({contiguous_input(cotan, s), primals[1], primals[2], primals[3], per_pair_x, rhs},
-          x.dtype(), x.shape(1), x.shape(2), group_size_, bits_, !transpose_, sorted_, s);
+          x.dtype(), x.shape(1), x.shape(2), group_size_, bits_, !transpose_, s, false, sorted_);
       grads.push_back(scatter_rows(lhs, dpairs, x.shape(0)));
     } else if (arg == 6 && has_bias_) {
       const auto& bias = primals[6];
@@ -232,11 +316,42 @@ std::vector<mx::array> GatherQmm::vjp(
   return grads;
 }
 
+// The fused SwiGLU's transforms through its unfused form: the two gathers
+// (this primitive without swiglu) and the activation in MLX ops, whose own
+// vjp / jvp MLX then derives. Only x (input 0) has derivatives.
+mx::array GatherQmm::unfused_swiglu(const std::vector<mx::array>& primals, const mx::array& x) {
+  const auto& s = stream();
+  const int M = x.shape(1), N = primals[1].shape(1);
+  auto gate = gather_node({x, primals[1], primals[2], primals[3], primals[4], primals[5]}, x.dtype(), M, N,
+      group_size_, bits_, true, s, false, sorted_);
+  auto up = gather_node({x, primals[6], primals[7], primals[8], primals[4], primals[5]}, x.dtype(), M, N,
+      group_size_, bits_, true, s, false, sorted_);
+  auto gate32 = mx::astype(gate, mx::float32, s);
+  auto silu = mx::multiply(gate32, mx::sigmoid(gate32, s), s);
+  return mx::astype(mx::multiply(silu, mx::astype(up, mx::float32, s), s), x.dtype(), s);
+}
+
+std::vector<mx::array> GatherQmm::swiglu_vjp(
+    const std::vector<mx::array>& primals, const mx::array& cotan, const std::vector<int>& argnums) {
+  for (int arg : argnums)
+    if (arg != 0) value_error(kSwiGLUOp, "gradients are only defined with respect to x");
+  auto fn = [&](const std::vector<mx::array>& in) { return std::vector<mx::array>{unfused_swiglu(primals, in[0])}; };
+  auto [outs, grads] = mx::vjp(fn, {primals[0]}, {cotan});
+  return grads;
+}
+
 std::vector<mx::array> GatherQmm::jvp(
     const std::vector<mx::array>& primals,
     const std::vector<mx::array>& tangents,
     const std::vector<int>& argnums) {
   const auto& s = stream();
+  if (swiglu_) {
+    if (argnums.size() != 1 || argnums[0] != 0)
+      value_error(kSwiGLUOp, "derivatives are only defined with respect to x");
+    auto fn = [&](const std::vector<mx::array>& in) { return std::vector<mx::array>{unfused_swiglu(primals, in[0])}; };
+    auto [outs, jvps] = mx::jvp(fn, {primals[0]}, {tangents[0]});
+    return jvps;
+  }
   const int M = primals[0].shape(1);
   const int N = output_shapes(primals)[0][2];
   std::optional<mx::array> out;
@@ -247,7 +362,7 @@ std::vector<mx::array> GatherQmm::jvp(
         inputs.erase(inputs.begin() + 6, inputs.end());
         inputs[0] = kernel_input(tangents[i], primals[0].dtype(), s);
         return gather_node(std::move(inputs), primals[0].dtype(), M, N, group_size_, bits_,
-            transpose_, sorted_, s);
+            transpose_, s, false, sorted_);
       }
       if (argnums[i] == 6 && has_bias_) {
         const auto& t = tangents[i];
@@ -266,7 +381,8 @@ std::vector<mx::array> GatherQmm::jvp(
 bool GatherQmm::is_equivalent(const mx::Primitive& other) const {
   const auto& o = static_cast<const GatherQmm&>(other);
   return group_size_ == o.group_size_ && bits_ == o.bits_ && transpose_ == o.transpose_ &&
-      has_bias_ == o.has_bias_ && sorted_ == o.sorted_;
+      has_bias_ == o.has_bias_ && swiglu_ == o.swiglu_ &&
+      sorted_ == o.sorted_;
 }
 
 std::vector<mx::Shape> GatherQmm::output_shapes(const std::vector<mx::array>& inputs) {

@@ -4,8 +4,14 @@
 // N*bits/32); lhs_indices / rhs_indices hold flat indices into the batch
 // dimensions of x and w. Pair p of the broadcast indices gives
 //   out[p] = x[lhs[p]] @ dequantize(w[rhs[p]]).T (+ bias[rhs[p]]).
-// Kernels: cpu.cpp (expert-grouped, cpu_driver.cpp); metal.cpp (the quantized
-// matmul's Metal kernels, one (row, expert) pair per grid z); no CUDA kernels yet.
+// mlx_ext.gather_quantized_swiglu is the same gather over two stacks of
+// experts, a SwiGLU's gate and up projections, with the activation applied
+// in the kernel: out[p] = silu(x[lhs[p]] @ gate[rhs[p]].T) * (x[lhs[p]] @
+// up[rhs[p]].T). One primitive for what mlx-lm's SwitchGLU runs as two
+// gathers and an elementwise op: x is gathered and grouped once.
+// Kernels: cpu.cpp (expert-grouped, cpu_driver.cpp); metal.cpp (without
+// swiglu, which GPU streams run as two gathers: one launch covering every
+// (row, expert) pair; metal/quantized_matmul.metal, metal/gather_qmm.metal).
 #pragma once
 
 #include <optional>
@@ -33,21 +39,42 @@ mx::array gather_qmm(
     const std::optional<mx::array>& bias,
     mx::StreamOrDevice s = {});
 
+mx::array gather_quantized_swiglu(
+    const mx::array& x,
+    const mx::array& w_gate,
+    const mx::array& scales_gate,
+    const std::optional<mx::array>& biases_gate,
+    const mx::array& w_up,
+    const mx::array& scales_up,
+    const std::optional<mx::array>& biases_up,
+    const std::optional<mx::array>& lhs_indices,
+    const std::optional<mx::array>& rhs_indices,
+    std::optional<int> group_size,
+    std::optional<int> bits,
+    const std::string& mode,
+    bool sorted_indices,
+    mx::StreamOrDevice s = {});
+
 // Inputs: x (X, M, K) with X the flattened batch of x; w (E, rows, packed),
 // scales and biases (E, rows, groups); lhs and rhs (P,) uint32, the
 // broadcast indices flattened; bias (E, N) per expert or (N,) shared, when
-// has_bias. `sorted`: the caller's sorted_indices hint (the pairs grouped by
-// expert), which picks the Metal kernel (the CPU groups by expert anyway). All contiguous; x, scales, biases, bias of the output dtype. The
-// output is (P, M, N); the op function reshapes it.
+// has_bias. With swiglu (transpose=True, no bias), inputs 6, 7, 8 are the up
+// projections' w, scales and biases, shaped as 1, 2, 3 (the gate's). All
+// contiguous; x, scales, biases, bias of the output dtype. The output is
+// (P, M, N); the op function reshapes it. `sorted`: the caller's
+// sorted_indices hint (pairs grouped by expert); it picks the Metal kernel
+// (any order stays correct) and the CPU, which groups by expert anyway,
+// ignores it.
 class GatherQmm : public mx::UnaryPrimitive {
  public:
-  GatherQmm(mx::Stream stream, int group_size, int bits, bool transpose, bool has_bias,
+  GatherQmm(mx::Stream stream, int group_size, int bits, bool transpose, bool has_bias, bool swiglu = false,
       bool sorted = false)
       : mx::UnaryPrimitive(stream),
         group_size_(group_size),
         bits_(bits),
         transpose_(transpose),
         has_bias_(has_bias),
+        swiglu_(swiglu),
         sorted_(sorted) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override;
@@ -68,10 +95,15 @@ class GatherQmm : public mx::UnaryPrimitive {
   std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override;
 
  private:
+  mx::array unfused_swiglu(const std::vector<mx::array>& primals, const mx::array& x);
+  std::vector<mx::array> swiglu_vjp(
+      const std::vector<mx::array>& primals, const mx::array& cotan, const std::vector<int>& argnums);
+
   int group_size_;
   int bits_;
   bool transpose_;
   bool has_bias_;
+  bool swiglu_;
   bool sorted_;
 };
 

@@ -5,6 +5,7 @@
 // read by the kernels: out-of-range pairs read nothing and give NaN, as on
 // the CPU.
 #include <climits>
+#include <stdexcept>
 #include <string>
 
 #include "../../metal/quantized_matmul_bindings.h"
@@ -20,6 +21,9 @@ namespace mlx_ext {
 MLX_EXT_HAS_GPU(GatherQmm)
 
 void GatherQmm::eval_gpu(const std::vector<mx::array>& inputs, mx::array& out) {
+  // GPU streams build gather_quantized_swiglu as two plain gathers (gather_qmm.cpp).
+  if (swiglu_)
+    throw std::runtime_error("[mlx_ext.gather_quantized_swiglu] the fused node has no Metal kernel");
   out.set_data(mx::allocator::malloc(out.nbytes()));
   // Inputs as gather_qmm.h documents them: x (X, M, K), w (E, rows, packed),
   // scales and biases (E, rows, groups), lhs and rhs (P,), bias (E, N) or (N,).

@@ -496,10 +496,8 @@ void qmm_n_entry(const QmmArgs& a, const PackedA& pa, int64_t n0, float* s) {
 
 } // namespace
 
-#define MLX_EXT_STR2(x) #x
-#define MLX_EXT_STR(x) MLX_EXT_STR2(x)
 extern const KernelTable quantized_matmul_fp_kernels = {
-    MLX_EXT_STR(MLX_EXT_ISA_NS),
+    MLX_EXT_ISA_NAME,
     GemmPlan{kMR, kNR, kKC, kNC},
     qmv_prepare_entry,
     qmv_entry,

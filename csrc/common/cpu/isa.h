@@ -33,6 +33,12 @@ const Table& select_for_isa(Isa isa, const std::array<const Table*, 4>& tables) 
 
 } // namespace mlx_ext::cpu
 
+// In a per-ISA kernel file (compiled with MLX_EXT_ISA_NS=<ns>): the ISA's name
+// as a string literal, "avx512", for its table's `isa` field.
+#define MLX_EXT_STRINGIFY_(x) #x
+#define MLX_EXT_STRINGIFY(x) MLX_EXT_STRINGIFY_(x)
+#define MLX_EXT_ISA_NAME MLX_EXT_STRINGIFY(MLX_EXT_ISA_NS)
+
 // &ns::name when the ISA `ns` is compiled into this build (CMakeLists.txt
 // defines MLX_EXT_HAVE_ISA_<ns>), else nullptr: no reference to a symbol
 // that does not exist.

@@ -1,0 +1,117 @@
+// Which CUDA kernels run an attention call, on what grids: the choice
+// cuda.cpp's eval_gpu makes, as plain C++ (no MLX or CUDA types) so that
+// tests/test_attention_cuda_plan.py checks it on machines without a GPU.
+// cuda.cpp fills the kernels' parameters (cuda_params.h) and launches what
+// the plan says.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <string>
+
+#include "attention/cuda_params.h"
+#include "common/cuda/kernel_launch.h"
+#include "common/math.h"
+
+namespace mlx_ext::cuda::attn_plan {
+
+// mma.sync with bfloat16 and cp.async: the kernels need Ampere or newer.
+constexpr int kMinComputeCapability = 8;
+// The tensor-core kernel takes 64 query rows of one head per block: it takes
+// over from attn_vec (VEC_ROWS rows of one kv head per block, every query
+// head of it sharing each K/V load) from this many queries on.
+constexpr int kMmaMinL = 16;
+// attn_vec: when (batch, kv head, row block) units give fewer blocks than
+// this, the keys are cut into chunks (each at least kMinChunk keys, a
+// multiple of the block's keys per step) until about this many blocks run:
+// enough for every SM of an H100/H200 (132) to hold several, so that one
+// query row reads K/V at the memory's rate.
+constexpr int64_t kFillBlocks = 1024;
+constexpr int kMinChunk = 64;
+// At most this many chunks (grid.y, and the partials' scratch: chunks x rows
+// x (D + 2) floats).
+constexpr int kMaxChunks = kMaxMergeChunks;
+
+struct Problem {
+  int B, Hq, Hkv, L, S, D;
+  int bits; // 0: float K/V
+  std::string dtype; // of q (and out, float K/V, scales), as common/kernel_names.h spells it
+};
+
+struct Gpu {
+  int cc_major, cc_minor; // compute capability
+};
+
+enum class Path {
+  mma, // attn_mma: one kernel writes out and lse
+  vec, // attn_vec over key chunks, then attn_merge
+};
+
+struct Plan {
+  Path path;
+  KernelLaunch main;
+  KernelLaunch merge; // vec only
+  int chunks = 1, chunk_len = 0; // vec: AttnParams::chunks, chunk_len
+  int64_t partial_floats = 0; // vec: the partials' scratch, part_acc then part_ml
+};
+
+// The head dims of the tensor-core kernel's instances (attn_mma.cu).
+inline bool mma_head_dim(int D) { return D == 64 || D == 96 || D == 128 || D == 192 || D == 256; }
+
+inline bool mma_applies(const Problem& p, const Gpu& gpu) {
+  return gpu.cc_major >= kMinComputeCapability && p.bits == 0 && p.dtype != "float32" &&
+      mma_head_dim(p.D) && p.L >= kMmaMinL;
+}
+
+inline Plan plan_forward(const Problem& p, const Gpu& gpu) {
+  Plan plan;
+  if (mma_applies(p, gpu)) {
+    plan.path = Path::mma;
+    plan.main = {"attn_mma_" + p.dtype + "_d" + std::to_string(p.D),
+        {ceil_div(p.L, MMA_BM), int64_t(p.B) * p.Hq, 1}, MMA_THREADS, mma_smem_bytes(p.D)};
+    return plan;
+  }
+  plan.path = Path::vec;
+  const int dmax = vec_dmax(p.D);
+  const int step = vec_keys_per_step(dmax, p.bits);
+  const int64_t row_blocks = ceil_div(int64_t(p.Hq / p.Hkv) * p.L, VEC_ROWS);
+  const int64_t units = row_blocks * p.B * p.Hkv;
+  const int64_t S = std::max(p.S, 1);
+  int64_t chunk_len = round_up(S, step);
+  if (units < kFillBlocks) {
+    const int64_t wanted = ceil_div(kFillBlocks, units);
+    chunk_len = std::max<int64_t>(round_up(kMinChunk, step), round_up(ceil_div(S, wanted), step));
+  }
+  chunk_len = std::max<int64_t>(chunk_len, round_up(ceil_div(S, kMaxChunks), step));
+  plan.chunks = int(ceil_div(S, chunk_len));
+  plan.chunk_len = int(chunk_len);
+  const int64_t rows = int64_t(p.B) * p.Hq * p.L;
+  plan.partial_floats = plan.chunks * rows * (p.D + 2);
+  plan.main = {"attn_vec_" + p.dtype + "_b" + std::to_string(p.bits) + "_d" + std::to_string(dmax),
+      {row_blocks, plan.chunks, int64_t(p.B) * p.Hkv}, VEC_THREADS, 0};
+  plan.merge = {"attn_merge_" + p.dtype, {rows, 1, 1}, MERGE_THREADS, 0};
+  return plan;
+}
+
+// The backward: dq over row blocks (float or quantized K/V), then dk and dv
+// over key blocks (float K/V only; empty kernel name otherwise).
+struct BackwardPlan {
+  KernelLaunch dq, dkv;
+};
+
+inline BackwardPlan plan_backward(const Problem& p) {
+  BackwardPlan plan;
+  const int dmax = vec_dmax(p.D);
+  const std::string d = "_d" + std::to_string(dmax);
+  const int64_t row_blocks = ceil_div(int64_t(p.Hq / p.Hkv) * p.L, BWD_ROWS);
+  plan.dq = {"attn_bwd_dq_" + p.dtype + "_b" + std::to_string(p.bits) + d,
+      {row_blocks, 1, int64_t(p.B) * p.Hkv}, BWD_THREADS, 0};
+  if (p.bits == 0) {
+    const int keys_per_block = BWD_WARPS * (32 / (dmax / 8));
+    plan.dkv = {"attn_bwd_dkv_" + p.dtype + d, {ceil_div(p.S, keys_per_block), 1, int64_t(p.B) * p.Hkv},
+        BWD_THREADS, 0};
+  }
+  return plan;
+}
+
+} // namespace mlx_ext::cuda::attn_plan

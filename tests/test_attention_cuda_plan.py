@@ -1,0 +1,198 @@
+"""The CUDA kernel choice of the attention (csrc/attention/cuda_plan.h), compiled
+on the CPU and checked without a GPU: hand-worked cases at each boundary
+(literal kernel names, grids and shared memory, worked out from the rules the
+header's comments state), and properties of the key split over a sweep.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+from dataclasses import dataclass
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tests import native_build
+
+WRAPPER = r"""
+#include <cstdio>
+#include <string>
+
+#include "attention/cuda_plan.h"
+
+using namespace mlx_ext::cuda;
+using namespace mlx_ext::cuda::attn_plan;
+
+static std::string launch_json(const KernelLaunch& l) {
+  if (l.kernel.empty()) return "null";
+  char buf[256];
+  std::snprintf(buf, sizeof buf, "[\"%s\", [%lld, %lld, %lld], %d, %d]", l.kernel.c_str(),
+      (long long)l.grid[0], (long long)l.grid[1], (long long)l.grid[2], l.threads, l.smem_bytes);
+  return buf;
+}
+
+extern "C" int plan_json(int B, int Hq, int Hkv, int L, int S, int D, int bits, const char* dtype,
+    int cc_major, int backward, char* out, int size) {
+  const Problem pr{B, Hq, Hkv, L, S, D, bits, dtype};
+  std::string s;
+  if (backward) {
+    const BackwardPlan p = plan_backward(pr);
+    s = "{\"dq\": " + launch_json(p.dq) + ", \"dkv\": " + launch_json(p.dkv) + "}";
+  } else {
+    const Plan p = plan_forward(pr, {cc_major, 0});
+    s = std::string("{\"path\": \"") + (p.path == Path::mma ? "mma" : "vec") + "\", \"main\": " +
+        launch_json(p.main) + ", \"merge\": " + launch_json(p.merge) + ", \"chunks\": " +
+        std::to_string(p.chunks) + ", \"chunk_len\": " + std::to_string(p.chunk_len) +
+        ", \"partial_floats\": " + std::to_string(p.partial_floats) + ", \"fits\": " +
+        std::to_string(grid_fits(p.main) && (p.merge.kernel.empty() || grid_fits(p.merge))) + "}";
+  }
+  std::snprintf(out, size, "%s", s.c_str());
+  return int(s.size()) + 1;
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def lib():
+    try:
+        lib = native_build.shared_library("attention_cuda_plan", WRAPPER)
+    except native_build.CompilerMissing as e:
+        pytest.skip(str(e))
+    lib.plan_json.restype = ctypes.c_int
+    lib.plan_json.argtypes = [*[ctypes.c_int] * 7, ctypes.c_char_p, ctypes.c_int, ctypes.c_int,
+                              ctypes.c_char_p, ctypes.c_int]
+    return lib
+
+
+@dataclass(frozen=True)
+class Case:
+    L: int = 1
+    S: int = 4096
+    D: int = 128
+    B: int = 1
+    Hq: int = 32
+    Hkv: int = 8
+    bits: int = 0
+    dtype: str = "bfloat16"
+    cc: int = 9
+
+
+def plan_of(lib, c: Case, backward: bool = False) -> dict:
+    buf = ctypes.create_string_buffer(2048)
+    n = lib.plan_json(c.B, c.Hq, c.Hkv, c.L, c.S, c.D, c.bits, c.dtype.encode(), c.cc,
+                      int(backward), buf, len(buf))
+    assert n <= len(buf)
+    p = json.loads(buf.value)
+    for key in ("main", "merge", "dq", "dkv"):
+        if p.get(key) is not None:
+            name, grid, threads, smem = p[key]
+            p[key] = (name, tuple(grid), threads, smem)
+    return p
+
+
+# Constants of csrc/attention/cuda_params.h and cuda_plan.h, spelled out again.
+VEC_THREADS, MERGE_THREADS, MMA_THREADS = 128, 128, 128
+
+
+def cdiv(a, b):
+    return -(-a // b)
+
+
+def keys_per_step(D, bits):
+    dmax = 64 if D <= 64 else 128 if D <= 128 else 256
+    return 4 * (32 // (dmax // 8)) * (8 if bits else 4)
+
+
+def test_decode_4k_splits_the_keys_into_64_key_chunks(lib):
+    # 8 (batch, kv head) units of one 4-row block: 1024 / 8 = 128 chunks wanted,
+    # 4096 / 128 = 32 keys, raised to the 64-key minimum.
+    p = plan_of(lib, Case(S=4096))
+    assert p["path"] == "vec"
+    assert p["main"] == ("attn_vec_bfloat16_b0_d128", (1, 64, 8), VEC_THREADS, 0)
+    assert (p["chunks"], p["chunk_len"]) == (64, 64)
+    assert p["merge"] == ("attn_merge_bfloat16", (32, 1, 1), MERGE_THREADS, 0)  # a block per row
+    assert p["partial_floats"] == 64 * 32 * (128 + 2)
+
+
+@pytest.mark.parametrize("S,chunk", [(32768, 256), (131072, 1024), (1000, 64), (100, 64)])
+def test_decode_chunks(lib, S, chunk):
+    p = plan_of(lib, Case(S=S))
+    assert p["chunk_len"] == chunk
+    assert p["chunks"] == cdiv(S, chunk)
+    assert p["main"][1] == (1, cdiv(S, chunk), 8)
+
+
+def test_quantized_decode_reads_codes(lib):
+    p = plan_of(lib, Case(S=32768, bits=8))
+    assert p["main"][0] == "attn_vec_bfloat16_b8_d128"
+    assert p["chunk_len"] == 256  # a multiple of 64, the 8-bit kernel's keys per step
+    p = plan_of(lib, Case(S=32768, bits=4, dtype="float16", L=20))
+    assert p["path"] == "vec" and p["main"][0] == "attn_vec_float16_b4_d128"
+    assert p["main"][1][0] == cdiv(4 * 20, 4)
+
+
+def test_head_dims_pick_the_lane_layout(lib):
+    assert plan_of(lib, Case(D=64))["main"][0] == "attn_vec_bfloat16_b0_d64"
+    assert plan_of(lib, Case(D=96))["main"][0] == "attn_vec_bfloat16_b0_d128"
+    assert plan_of(lib, Case(D=136))["main"][0] == "attn_vec_bfloat16_b0_d256"
+    assert plan_of(lib, Case(D=256, S=64))["chunk_len"] == 64
+
+
+def test_prefill_takes_the_tensor_core_kernel(lib):
+    p = plan_of(lib, Case(L=8192, S=8192))
+    assert p["path"] == "mma" and p["merge"] is None
+    # 64 rows per block; Q plus two stages of K and V, rows of 2 D + 16 bytes
+    assert p["main"] == ("attn_mma_bfloat16_d128", (128, 32, 1), MMA_THREADS, (64 + 4 * 64) * 272)
+    p = plan_of(lib, Case(L=100, S=300, D=256, dtype="float16", B=2, Hq=4, Hkv=2))
+    assert p["main"] == ("attn_mma_float16_d256", (2, 8, 1), MMA_THREADS, (64 + 4 * 32) * 528)
+
+
+@pytest.mark.parametrize("case,path", [
+    (Case(L=15, S=100), "vec"),  # below 16 queries
+    (Case(L=16, S=100), "mma"),
+    (Case(L=64, S=100, dtype="float32"), "vec"),  # no float32 tensor-core kernel
+    (Case(L=64, S=100, bits=4), "vec"),  # quantized K/V
+    (Case(L=64, S=100, D=80), "vec"),  # head dims of the mma instances only
+    (Case(L=64, S=100, D=192), "mma"),
+    (Case(L=64, S=100, cc=7), "vec"),  # below sm_80
+])
+def test_path_boundaries(lib, case, path):
+    assert plan_of(lib, case)["path"] == path
+
+
+def test_prefill_on_the_vec_kernel_is_not_split(lib):
+    # 8192 units (4 query heads x 8192 rows / 4 per block, x 8 kv heads) fill the GPU
+    p = plan_of(lib, Case(L=8192, S=8192, dtype="float32"))
+    assert p["main"] == ("attn_vec_float32_b0_d128", (8192, 1, 8), VEC_THREADS, 0)
+    assert (p["chunks"], p["chunk_len"]) == (1, 8192)
+
+
+def test_backward(lib):
+    p = plan_of(lib, Case(L=4096, S=4096), backward=True)
+    assert p["dq"] == ("attn_bwd_dq_bfloat16_b0_d128", (4096, 1, 8), 128, 0)
+    assert p["dkv"] == ("attn_bwd_dkv_bfloat16_d128", (4096 // 8, 1, 8), 128, 0)
+    p = plan_of(lib, Case(L=37, S=45, D=64, bits=4, Hq=4, Hkv=2, B=2), backward=True)
+    assert p["dq"] == ("attn_bwd_dq_bfloat16_b4_d64", (cdiv(2 * 37, 4), 1, 4), 128, 0)
+    assert p["dkv"] is None  # no gradient for quantized K/V
+
+
+@settings(max_examples=300, deadline=None)
+@given(L=st.integers(1, 5000), S=st.integers(0, 1 << 22), D=st.sampled_from([8, 64, 96, 128, 200, 256]),
+       B=st.integers(1, 4), Hkv=st.sampled_from([1, 2, 8]), G=st.sampled_from([1, 4, 7]),
+       bits=st.sampled_from([0, 4, 8]), dtype=st.sampled_from(["float32", "float16", "bfloat16"]))
+def test_the_key_split_covers_every_key_once(lib, L, S, D, B, Hkv, G, bits, dtype):
+    c = Case(L=L, S=S, D=D, B=B, Hq=G * Hkv, Hkv=Hkv, bits=bits, dtype=dtype)
+    p = plan_of(lib, c)
+    assert p["fits"] == 1
+    if p["path"] == "mma":
+        assert dtype != "float32" and bits == 0 and L >= 16 and D in (64, 96, 128, 192, 256)
+        return
+    chunks, chunk_len = p["chunks"], p["chunk_len"]
+    assert chunk_len % keys_per_step(D, bits) == 0
+    assert 1 <= chunks <= 1024
+    assert (chunks - 1) * chunk_len < max(S, 1) <= chunks * chunk_len
+    rows = B * G * Hkv * L
+    assert p["partial_floats"] == chunks * rows * (D + 2)
+    assert p["main"][1] == (cdiv(G * L, 4), chunks, B * Hkv)
