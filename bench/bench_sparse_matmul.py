@@ -5,6 +5,7 @@ our own 4-bit quantized_matmul; side by side in one process, same inputs.
     python -m bench.bench_sparse_matmul --write    # the full table -> bench/results/<machine>/
     python -m bench.bench_sparse_matmul --quick    # 4096 x 4096, M in {1, 512}
     python -m bench.bench_sparse_matmul --no-mlx-sparse   # without installing mlx-sparse
+    python -m bench.bench_sparse_matmul --device gpu --write   # CUDA (bench_sparse_matmul_gpu.py)
 
 GB/s counts the bytes the sparse format actually stores (values, indices,
 masks, scales), read once per call, over the copy bandwidth measured in the
@@ -240,7 +241,14 @@ def main():
     parser.add_argument("--cases", nargs="+", choices=list(CASES), metavar="CASE",
                         help=f"only these cases (default all: {', '.join(CASES)})")
     parser.add_argument("--rows", nargs="+", type=int, help=f"only these M (default {ROWS})")
+    parser.add_argument("--device", choices=["cpu", "gpu"], default="cpu",
+                        help="gpu: MLX's CUDA backend, bench/bench_sparse_matmul_gpu.py")
+    parser.add_argument("--smoke", action="store_true", help="with --device gpu: tiny shapes, any device")
     args = parser.parse_args()
+    if args.device == "gpu":
+        from . import bench_sparse_matmul_gpu
+
+        return bench_sparse_matmul_gpu.main(args)
     shapes = SHAPES[:1] if args.quick else SHAPES
     rows = args.rows or ([1, 512] if args.quick else ROWS)
     cases = args.cases or list(CASES)

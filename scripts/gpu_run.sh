@@ -6,16 +6,19 @@
 #                                          (default: all, in that order)
 #   MLX_EXT_GPU_BENCH_ARGS="--rows 1,8"   extra arguments of the quantized matmul's bench
 #   MLX_EXT_GPU_BENCHES="attention"       which benches the bench stage runs, in order
-#                                          (default: "quantized_matmul attention")
+#                                          (default: "quantized_matmul attention sparse_matmul")
 #   MLX_EXT_GPU_ATTENTION_ARGS="--quick"  extra arguments of the attention's bench
 #                                          (--quick: its decode rows only)
+#   MLX_EXT_GPU_SPARSE_BENCH_ARGS="--quick" extra arguments of the sparse bench (--write given)
 #
-# The attention (CUDA issue) is covered by each stage: cuda runs
-# tests/test_attention_cuda.py, sanitize runs its cases in
-# scripts/gpu_sanitize_case.py, suite runs tests/test_attention*.py on the GPU
-# stream, bench runs bench.bench_attention --device gpu (about 3 minutes;
-# give MLX_EXT_GPU_DEADLINE room, or run `bash scripts/gpu_run.sh bench` with
-# MLX_EXT_GPU_BENCHES=attention in a second call).
+# Attention and the sparse matmul ride along in each stage: cuda runs
+# tests/test_attention_cuda.py, tests/test_sparse_matmul_cuda.py and the sparse
+# kernels alone (bench/cuda/sparse_matmul.cu --checks-only: float64 checks,
+# NaN-poisoned outputs); sanitize runs their cases in
+# scripts/gpu_sanitize_case.py; suite runs their op tests on the GPU stream;
+# bench runs bench_attention / bench_sparse_matmul --device gpu (a few minutes
+# each: give MLX_EXT_GPU_DEADLINE room, or choose with MLX_EXT_GPU_BENCHES in a
+# second call). MLX_EXT_CUDA_SPARSE_TC=0 turns the sparse tensor-core prefill off.
 #
 # Needs, carried into the checkout (ignored by git): .gpu-tools/ (a copy of
 # ../shared/gpu/*.sh), .gpu-wheels/b/ (see ../shared/gpu/README.md; a run just
@@ -85,10 +88,15 @@ grep -q device_option tests/conftest.py 2>/dev/null && pytest_device="--device g
 
 if has cuda; then
   stage "cuda kernel tests"
-  timeout "$(( $(left) < 200 ? $(left) : 200 ))" python3 -m pytest tests/test_quantized_matmul_cuda.py \
+  timeout "$(( $(left) < 200 ? $(left) : 200 ))" python3 -m pytest tests/test_quantized_matmul_cuda.py tests/test_sparse_matmul_cuda.py \
     $pytest_device -q -x -p no:cacheprovider 2>&1 | tail -25
   timeout "$(( $(left) < 150 ? $(left) : 150 ))" python3 -m pytest tests/test_attention_cuda.py \
     $pytest_device -q -p no:cacheprovider 2>&1 | tail -25
+  echo "--- sparse_matmul kernels alone (bench/cuda/sparse_matmul.cu --checks-only)"
+  OUT="$OUT" timeout "$(( $(left) < 150 ? $(left) : 150 ))" bash scripts/gpu_kernels.sh sparse_matmul --checks-only \
+    > "$OUT/sparse_kernels.log" 2>&1
+  echo "sparse kernels exit $?"
+  grep -E "FAILED|checks:" "$OUT/sparse_kernels.log" | tail -15
 fi
 
 if has sanitize; then
@@ -104,8 +112,9 @@ if has suite; then
   timeout "$(( $(left) < 240 ? $(left) : 240 ))" python3 -m pytest tests/test_quantized_matmul.py tests/test_quantized_matmul_errors.py \
     tests/test_quantized_matmul_transforms.py tests/test_quantized_fp.py tests/test_quantized_fp_errors.py \
     tests/test_attention_errors.py tests/test_sparse_errors.py tests/test_gather_qmm_errors.py \
+    tests/test_sparse_matmul.py tests/test_sparse_grad.py tests/test_sparse_nn.py \
     tests/test_package.py tests/test_cuda_compile.py \
-    tests/test_cuda_plan.py $pytest_device -q -p no:cacheprovider > "$OUT/suite.log" 2>&1
+    tests/test_cuda_plan.py tests/test_cuda_plan_sparse.py $pytest_device -q -p no:cacheprovider > "$OUT/suite.log" 2>&1
   echo "suite exit $?"
   tail -15 "$OUT/suite.log"
   timeout "$(( $(left) < 240 ? $(left) : 240 ))" python3 -m pytest tests/test_attention.py \
@@ -115,10 +124,13 @@ if has suite; then
   tail -15 "$OUT/suite_attention.log"
 fi
 if has bench; then
-  for bench in ${MLX_EXT_GPU_BENCHES:-quantized_matmul attention}; do
+  for bench in ${MLX_EXT_GPU_BENCHES:-quantized_matmul attention sparse_matmul}; do
     stage "bench $bench"
-    args=${MLX_EXT_GPU_BENCH_ARGS:-}
-    [ "$bench" = attention ] && args=${MLX_EXT_GPU_ATTENTION_ARGS:-}
+    case $bench in
+      attention) args=${MLX_EXT_GPU_ATTENTION_ARGS:-} ;;
+      sparse_matmul) args="--write ${MLX_EXT_GPU_SPARSE_BENCH_ARGS:-}" ;;
+      *) args=${MLX_EXT_GPU_BENCH_ARGS:-} ;;
+    esac
     timeout "$(left)" python3 -m "bench.bench_$bench" --device gpu $args > "$OUT/bench_$bench.log" 2>&1
     echo "bench $bench exit $?"
     tail -30 "$OUT/bench_$bench.log"

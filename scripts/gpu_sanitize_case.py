@@ -1,6 +1,7 @@
 """A small run of every CUDA kernel family of mlx_ext.quantized_matmul (affine
-and the fp modes) and of mlx_ext.scaled_dot_product_attention (split-K, merge,
-mma.sync, backward), for compute-sanitizer (scripts/gpu_run.sh):
+and the fp modes), of mlx_ext.scaled_dot_product_attention (split-K, merge,
+mma.sync, backward) and of mlx_ext.sparse_matmul (decode, prefill, transposed and
+sampled products of every format), for compute-sanitizer (scripts/gpu_run.sh):
 
     compute-sanitizer --tool memcheck python scripts/gpu_sanitize_case.py
 
@@ -55,6 +56,7 @@ def main():
                     check(x, w_q, scales, None, None, transpose=transpose, group_size=gs, bits=bits,
                           mode=mode)
     attention(rng)
+    sparse_cases(rng)
     mx.synchronize()
     print("sanitize case: all kernel families ran and matched the reference")
 
@@ -85,6 +87,46 @@ def attention(rng):
     grads = mx.grad(lambda q, k, v: (mlx_ext.scaled_dot_product_attention(
         q, k, v, scale=d**-0.5, mask="causal", stream=mx.gpu) * cot).sum(), argnums=(0, 1, 2))(q, k, v)
     mx.eval(grads)
+def sparse_cases(rng):
+    """Each sparse format through the decode (M <= 32), prefill (M > 32,
+    16-bit) and gradient kernels (x: the transposed product; values: the
+    sampled product), on a ragged N."""
+    from mlx_ext import sparse
+
+    n, k = 200, 256
+    for dtype in [mx.bfloat16, mx.float32]:
+        w = mx.array(rng.standard_normal((n, k)) * 0.1, dtype=dtype)
+        containers = {
+            "csr": sparse.CSR.from_dense(w, mask=rng.random((n, k)) < 0.3),
+            "bitmask": sparse.Bitmask.from_dense(w, mask=rng.random((n, k)) < 0.5),
+            "bsr": sparse.BSR.from_dense(w[:192], block=32, mask=rng.random((6, 8)) < 0.4),
+            "2:4": sparse.NM.from_dense(w, 2, 4),
+            "4:8 q4": sparse.NM.from_dense(w, 4, 8, bits=4, group_size=64),
+        }
+        for name, ws in containers.items():
+            dense = ref.sparse_to_dense(ws)
+            for m in [1, 3, 19, 40]:
+                x = mx.array(rng.standard_normal((m, k)), dtype=dtype)
+                out = mlx_ext.sparse_matmul(x, ws, stream=mx.gpu)
+                expected = ref.to_f64(x) @ dense.T
+                err = np.abs(ref.to_f64(out) - expected).max() / max(np.abs(expected).max(), 1e-30)
+                assert err < 2e-2, (name, dtype, m, err)
+            if name == "4:8 q4":
+                continue
+            x = mx.array(rng.standard_normal((5, k)), dtype=mx.float32)
+            values_key = "data"
+            g = mx.grad(lambda x, v: mx.sum(mlx_ext.sparse_matmul(x, _with(ws, values_key, v), stream=mx.gpu) ** 2),
+                        argnums=(0, 1))(x, ws[values_key])
+            mx.eval(g)
+
+
+def _with(ws, key, values):
+    """ws with its values replaced (the pattern unchanged)."""
+    import copy
+
+    out = copy.copy(ws)
+    out[key] = values
+    return out
 
 
 if __name__ == "__main__":

@@ -2,6 +2,8 @@
 // Transforms: transforms.cpp. Kernels: cpu.cpp.
 #include "attention/attention.h"
 
+#include <string>
+
 #include "common/affine.h"
 #include "common/checks.h"
 
@@ -92,6 +94,42 @@ void check_mask(const mx::array& m, const Dims& d) {
     if (shape[i] != 1 && shape[i] != target[i])
       value_error(kOp, "mask with shape ", m.shape(), " does not broadcast to (B, Hq, L, S) = ",
           target);
+}
+
+// Whether the GPU kernels can read K/V (or their codes, scales, biases) x in
+// place, known while the graph is built: rows of D contiguous, batch and head
+// strides whole rows (cuda.cpp / metal.cpp read it so). True for an evaluated
+// array laid out so, and for a lazy slice of an evaluated row-contiguous
+// buffer that keeps the last axis whole (mlx-lm's KV caches, read
+// [..., :offset, :] each step).
+bool kv_rows_in_place(const mx::array& x) {
+  auto rows_layout = [](const mx::array& a) {
+    const auto& st = a.strides();
+    const int64_t row = a.shape(3);
+    if (a.ndim() != 4 || st[3] != 1 || (a.shape(2) > 1 && st[2] != row)) return false;
+    for (int d : {0, 1})
+      if (a.shape(d) > 1 && st[d] % row != 0) return false;
+    return true;
+  };
+  if (x.ndim() != 4) return false;
+  if (x.is_available()) return rows_layout(x);
+  if (!x.has_primitive()) return false;
+  // By name: MLX's typeinfo is not exported to extensions (no dynamic_cast).
+  if (std::string(x.primitive().name()) != "Slice") return false;
+  const auto& in = x.inputs()[0];
+  const auto [start, end, strides] = static_cast<const mx::Slice&>(x.primitive()).state();
+  for (auto step : strides)
+    if (step != 1) return false;
+  return in.is_available() && in.flags().row_contiguous && start[3] == 0 && end[3] == in.shape(3);
+}
+
+// K/V as the op passes them: unchanged on the CPU (cpu.cpp copies what it
+// cannot read in place) and where the GPU kernels read them in place, else
+// made row-contiguous in the graph (the GPU builds cannot copy inside eval_gpu:
+// MLX's copy kernels are not exported).
+mx::array kv_input(const mx::array& x, const mx::Stream& s) {
+  if (s.device != mx::Device::gpu || kv_rows_in_place(x)) return x;
+  return mx::contiguous(x, false, s);
 }
 
 // The mask as the kernels read it (checked first): (Bm, Hm, Lm, Sm), each dim 1 or q's.
@@ -210,16 +248,16 @@ mx::array scaled_dot_product_attention(
   // Arguments first, then whether this stream has kernels.
   const auto stream = kernel_stream<ScaledDotProductAttention>(kOp, s);
   // K and V are passed as they are (cast to q's dtype): the kernels read a
-  // slice of a cache in place (cpu.cpp: kv_rows).
+  // slice of a cache in place (cpu.cpp: kv_rows; on a GPU see kv_input).
   std::vector<mx::array> inputs{contiguous_input(q, stream)};
   for (const auto* kv : {&k, &v}) {
     if (c.quantized()) {
       const auto& t = std::get<std::vector<mx::array>>(*kv);
-      inputs.push_back(t[0]);
-      inputs.push_back(mx::astype(t[1], q.dtype(), stream));
-      inputs.push_back(mx::astype(t[2], q.dtype(), stream));
+      inputs.push_back(kv_input(t[0], stream));
+      inputs.push_back(kv_input(mx::astype(t[1], q.dtype(), stream), stream));
+      inputs.push_back(kv_input(mx::astype(t[2], q.dtype(), stream), stream));
     } else {
-      inputs.push_back(mx::astype(std::get<mx::array>(*kv), q.dtype(), stream));
+      inputs.push_back(kv_input(mx::astype(std::get<mx::array>(*kv), q.dtype(), stream), stream));
     }
   }
   if (c.mask == MaskKind::boolean || c.mask == MaskKind::additive)

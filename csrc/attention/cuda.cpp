@@ -2,10 +2,9 @@
 // fills the kernels' parameters (cuda_params.h) and launches what
 // cuda_plan.h chooses, through MLX's command encoder (common/cuda/launcher.h).
 // K/V are read in place when each (batch, kv head)'s rows are contiguous (a
-// slice [..., :S, :] of a preallocated cache, broadcasts); anything else is
-// copied first, as on the CPU (cpu.cpp, kv_rows).
+// slice [..., :S, :] of a preallocated cache, broadcasts); the op function
+// makes anything else row-contiguous in the graph (attention.cpp, kv_input).
 #include <cstdint>
-#include <list>
 #include <vector>
 
 #include "attention/attention.h"
@@ -17,14 +16,12 @@
 #include "common/kernel_names.h"
 #include "mlx/backend/cuda/device.h"
 #include "mlx/backend/cuda/utils.h"
-#include "mlx/backend/gpu/copy.h"
 
 namespace mlx_ext {
 namespace cuda {
 namespace {
 
-// The call's input arrays as the kernels read them, and the copies made of
-// those they cannot read in place (kept alive by the encoder until done).
+// The call's input arrays as the kernels read them.
 class Inputs {
  public:
   Inputs(mx::cu::CommandEncoder& enc, const mx::Stream& s, const std::vector<mx::array>& in)
@@ -34,7 +31,6 @@ class Inputs {
   // encoder orders nodes by the buffers declared before each one).
   void declare_reads() const {
     for (const auto& a : in_) enc_.set_input_array(a);
-    for (const auto& a : copies_) enc_.set_input_array(a);
   }
 
   // x itself when its data is row-contiguous and `align`-byte aligned, else a copy.
@@ -63,15 +59,18 @@ class Inputs {
   static bool aligned(const mx::array& x, int align) {
     return reinterpret_cast<uintptr_t>(mx::gpu_ptr<void>(x)) % align == 0;
   }
+  // The op function makes every input row-contiguous in the graph unless the
+  // kernels read it in place (attention.cpp: kv_input), and MLX's CUDA copy
+  // kernels are not exported to extensions, so there is no copy here: an
+  // input this far off (a misaligned view) is refused, not read wrongly.
   const mx::array& copy(const mx::array& x) {
-    copies_.push_back(mx::contiguous_copy_gpu(x, s_));
-    enc_.add_temporary(copies_.back());
-    return copies_.back();
+    runtime_error("scaled_dot_product_attention", "an input of shape ", x.shape(),
+        " reached the CUDA kernels in a layout they cannot read in place (not row-contiguous or not aligned); "
+        "make it contiguous first (mx.contiguous)");
   }
   mx::cu::CommandEncoder& enc_;
   const mx::Stream& s_;
   const std::vector<mx::array>& in_;
-  std::list<mx::array> copies_; // a list: references to its elements stay valid
 };
 
 // The alignment the kernels' loads of a K/V array need: 16 bytes for float

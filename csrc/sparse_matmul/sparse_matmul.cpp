@@ -107,7 +107,18 @@ mx::array matmul_node(const mx::array& x, const SparseLayout& l, std::vector<mx:
     const std::optional<mx::array>& bias, bool transpose, const mx::Stream& s) {
   mx::Dtype out_type = mx::promote_types(x.dtype(), arrays[l.quantized() ? 1 : 0].dtype());
   if (bias) out_type = mx::promote_types(out_type, bias->dtype());
-  std::vector<mx::array> inputs{contiguous_input(x, s)};
+  auto x_in = x;
+#if defined(MLX_EXT_CUDA)
+  if (s.device == mx::Device::gpu) {
+    // The CUDA kernels (cuda.cpp) read x and the values in the output's
+    // dtype: cast here, exactly (the promoted dtype holds both). The Metal
+    // kernels read the values in their own dtype (metal.cpp).
+    x_in = mx::astype(x, out_type, s);
+    for (int i = l.quantized() ? 1 : 0; i < (l.quantized() ? 3 : 1); ++i)
+      arrays[i] = mx::astype(arrays[i], out_type, s);
+  }
+#endif
+  std::vector<mx::array> inputs{contiguous_input(x_in, s)};
   for (auto& a : contiguous_all(arrays, s)) inputs.push_back(std::move(a));
   if (bias) inputs.push_back(kernel_input(*bias, out_type, s));
   auto shape = x.shape();

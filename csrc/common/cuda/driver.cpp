@@ -20,6 +20,7 @@ Driver::Driver() {
   sym(ctx_get_current, "cuCtxGetCurrent");
   sym(ctx_set_current, "cuCtxSetCurrent");
   sym(device_get, "cuDeviceGet");
+  sym(device_get_attribute, "cuDeviceGetAttribute");
   sym(primary_ctx_retain, "cuDevicePrimaryCtxRetain");
   sym(module_load_data, "cuModuleLoadData");
   sym(module_get_function_count, "cuModuleGetFunctionCount");

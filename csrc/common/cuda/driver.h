@@ -14,6 +14,7 @@ struct Driver {
   CUresult (*ctx_get_current)(CUcontext*);
   CUresult (*ctx_set_current)(CUcontext);
   CUresult (*device_get)(CUdevice*, int);
+  CUresult (*device_get_attribute)(int*, CUdevice_attribute, CUdevice);
   CUresult (*primary_ctx_retain)(CUcontext*, CUdevice);
   CUresult (*module_load_data)(CUmodule*, const void*);
   CUresult (*module_get_function_count)(unsigned int*, CUmodule);
