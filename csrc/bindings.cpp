@@ -297,7 +297,9 @@ they broadcast together, and each of their entries ``p`` gives the matrix
 ``x[lhs[p]] @ dequantize(w[rhs[p]]).T`` (``transpose=True``), plus
 ``bias[rhs[p]]``. A missing index array means every matrix of that batch in
 order. The CPU kernel groups the pairs by matrix of ``w`` whether or not they
-are sorted, so ``sorted_indices`` is accepted and changes nothing.
+are sorted, so there ``sorted_indices`` changes nothing; on Metal it picks a
+kernel that tiles many one-row pairs grouped by expert (correct for any
+order, fast only when sorted).
 
 Args:
     x (array): ``(..., M, K)``; float32, float16 or bfloat16.

@@ -17,6 +17,10 @@
 // epilogue a function constant; buffers are bound as
 // quantized_matmul_bindings.h says (fp modes: uint8 scales, no biases).
 // Packed values are read and dequantized by the helpers of affine.h and fp.h.
+//
+// mlx_ext.gather_qmm (csrc/gather_qmm/metal.cpp) runs the same affine kernels
+// with the function constant qmm_gather (see "Gather" below): one launch, one
+// (row, expert) pair per grid z.
 #include <metal_simdgroup>
 #include <metal_simdgroup_matrix>
 #include <metal_stdlib>
@@ -29,6 +33,61 @@
 using namespace metal;
 
 constant bool qmm_has_bias [[function_constant(QMM_FC_HAS_BIAS)]];
+constant bool qmm_gather [[function_constant(QMM_FC_GATHER)]];
+
+// ---- Gather ------------------------------------------------------------------
+//
+// With qmm_gather (mlx_ext.gather_qmm, affine mode), the grid's z dimension
+// runs over the P pairs of the broadcast indices, and the threadgroups of
+// pair p = tgid.z compute out[p] = x[lhs[p]] @ dequantize(w[rhs[p]]).T (or
+// without .T) + bias[rhs[p]], an (M, N) block, exactly as the plain launch
+// computes one matmul: same tiling, threadgroup memory and per-thread work
+// within a pair (the comment of each kernel). Each threadgroup first moves
+// its pointers to its pair's matrices (gather_pair: two index loads and a few
+// integer multiplies); every pair's threadgroups stream that pair's expert
+// slice, so a decode step (M = 1, top-k pairs per token) reads each routed
+// expert's weights once per pair, all pairs in one launch. Cost with many
+// pairs of one row each: the weights are read once per pair, P times an
+// expert's bytes, where the CPU path (expert-grouped) reads each used expert
+// once; so sorted one-row pairs from 32 on (mlx-lm's prefill) take
+// metal/gather_qmm.metal's tiles over pairs instead, and only unsorted ones
+// pay this. Larger M per pair takes the tiled qmm (32 x 32 tiles per pair).
+//
+// Indices are known only at run time: a pair with lhs[p] >= X or rhs[p] >= E
+// reads nothing (its reduction length becomes 0 and its offsets 0) and
+// writes NaN over its whole block, as the CPU path does
+// (csrc/gather_qmm/cpu_driver.h); negative indices arrive as large uint32.
+// The pairs' values are uniform across a threadgroup, so no control flow
+// diverges.
+
+struct GatherPair {
+  bool valid; // both indices in range
+  int64_t x; // element offsets of the pair's matrices (0 when !valid)
+  int64_t w; // uint32 words
+  int64_t groups; // scales / biases elements
+  int64_t bias;
+  int64_t out; // out[p]: always the pair's own block
+};
+
+inline GatherPair gather_pair(uint p, const device uint* lhs, const device uint* rhs,
+    constant QmmShape& shape) {
+  const uint l = lhs[p];
+  const uint e = rhs[p];
+  GatherPair g = {false, 0, 0, 0, 0, int64_t(p) * shape.M * shape.N};
+  if (l < uint(shape.X) && e < uint(shape.E)) {
+    g.valid = true;
+    g.x = int64_t(l) * shape.x_stride;
+    g.w = int64_t(e) * shape.w_stride;
+    g.groups = int64_t(e) * shape.group_stride;
+    g.bias = int64_t(e) * shape.bias_stride;
+  }
+  return g;
+}
+
+// What an out-of-range pair's outputs hold.
+inline float gather_nan() {
+  return as_type<float>(0x7fc00000u);
+}
 
 // ---- qmv_fast / qmv ----------------------------------------------------------
 //
@@ -40,7 +99,9 @@ constant bool qmm_has_bias [[function_constant(QMM_FC_HAS_BIAS)]];
 //                scale * sum(q x) + bias * sum(x);
 //   simdgroup:   out[m, n .. n + 4): the lanes' partial sums (simd_sum);
 //   threadgroup: 2 simdgroups, out[m, 8 t .. 8 t + 8); grid (M, ceil(N / 8)),
-//                so consecutive threadgroups read the same weight rows.
+//                so consecutive threadgroups read the same weight rows;
+//                gather: grid (M, ceil(N / 8), P), z the pair. No
+//                threadgroup memory.
 // qmv_fast (aligned) needs K % 512 == 0 and N % 8 == 0. qmv also runs the
 // tail of K past the last whole block (K is a multiple of 32, so no lane's 16
 // values are cut) and clamps rows past N to row N - 1 (read, never stored).
@@ -54,6 +115,8 @@ template <typename T, int group_size, int bits, bool aligned>
     device T* out [[buffer(QMM_BUFFER_OUT)]],
     const device T* bias [[buffer(QMM_BUFFER_BIAS), function_constant(qmm_has_bias)]],
     constant QmmShape& shape [[buffer(QMM_BUFFER_SHAPE)]],
+    const device uint* lhs [[buffer(QMM_BUFFER_LHS), function_constant(qmm_gather)]],
+    const device uint* rhs [[buffer(QMM_BUFFER_RHS), function_constant(qmm_gather)]],
     uint3 tgid [[threadgroup_position_in_grid]],
     ushort sg [[simdgroup_index_in_threadgroup]],
     ushort lane [[thread_index_in_simdgroup]]) {
@@ -61,7 +124,21 @@ template <typename T, int group_size, int bits, bool aligned>
   constexpr int values = 16;
   constexpr int block = 32 * values;
   const int N = shape.N;
-  const int K = shape.K;
+  int K = shape.K;
+  bool valid = true;
+  if (qmm_gather) {
+    const GatherPair g = gather_pair(tgid.z, lhs, rhs, shape);
+    valid = g.valid;
+    K = valid ? K : 0;
+    w += g.w;
+    scales += g.groups;
+    biases += g.groups;
+    x += g.x;
+    out += g.out;
+    if (qmm_has_bias) {
+      bias += g.bias;
+    }
+  }
   const int n0 = (int(tgid.y) * 2 + sg) * rows;
   if (!aligned && n0 >= N) {
     return; // the whole simdgroup; this kernel has no threadgroup barrier
@@ -107,8 +184,8 @@ template <typename T, int group_size, int bits, bool aligned>
     for (int r = 0; r < rows; ++r) {
       const int n = n0 + r;
       if (aligned || n < N) {
-        const float b = qmm_has_bias ? float(bias[n]) : 0.0f;
-        out[int64_t(m) * N + n] = T(acc[r] + b);
+        const float b = qmm_has_bias && valid ? float(bias[n]) : 0.0f;
+        out[int64_t(m) * N + n] = T(valid ? acc[r] + b : gather_nan());
       }
     }
   }
@@ -125,8 +202,9 @@ template <typename T, int group_size, int bits, bool aligned>
 //                once at the end), and the sum of x_k bias_k;
 //   simdgroup:   a reduce-scatter leaves column `lane`'s total over the
 //                simdgroup's rows on lane `lane` (31 shuffles);
-//   threadgroup: 4 simdgroups (split K), combined in threadgroup memory:
-//                out[m, 32 t .. 32 t + 32); grid (M, N / 32).
+//   threadgroup: 4 simdgroups (split K), combined in threadgroup memory
+//                (4 x 32 floats, 512 bytes): out[m, 32 t .. 32 t + 32);
+//                grid (M, N / 32); gather: (M, N / 32, P), z the pair.
 
 template <typename T, int group_size, int bits>
 [[kernel]] void qvm(
@@ -137,6 +215,8 @@ template <typename T, int group_size, int bits>
     device T* out [[buffer(QMM_BUFFER_OUT)]],
     const device T* bias [[buffer(QMM_BUFFER_BIAS), function_constant(qmm_has_bias)]],
     constant QmmShape& shape [[buffer(QMM_BUFFER_SHAPE)]],
+    const device uint* lhs [[buffer(QMM_BUFFER_LHS), function_constant(qmm_gather)]],
+    const device uint* rhs [[buffer(QMM_BUFFER_RHS), function_constant(qmm_gather)]],
     uint3 tgid [[threadgroup_position_in_grid]],
     ushort sg [[simdgroup_index_in_threadgroup]],
     ushort lane [[thread_index_in_simdgroup]]) {
@@ -145,7 +225,21 @@ template <typename T, int group_size, int bits>
   threadgroup float partial[simdgroups * columns];
 
   const int N = shape.N;
-  const int K = shape.K;
+  int K = shape.K;
+  bool valid = true;
+  if (qmm_gather) {
+    const GatherPair g = gather_pair(tgid.z, lhs, rhs, shape);
+    valid = g.valid;
+    K = valid ? K : 0;
+    w += g.w;
+    scales += g.groups;
+    biases += g.groups;
+    x += g.x;
+    out += g.out;
+    if (qmm_has_bias) {
+      bias += g.bias;
+    }
+  }
   const int m = tgid.x;
   const int n0 = tgid.y * columns;
   const int groups = N / group_size;
@@ -187,10 +281,10 @@ template <typename T, int group_size, int bits>
       v += partial[s * columns + lane];
     }
     const int n = n0 + lane;
-    if (qmm_has_bias) {
+    if (qmm_has_bias && valid) {
       v += float(bias[n]);
     }
-    out[int64_t(m) * N + n] = T(v);
+    out[int64_t(m) * N + n] = T(valid ? v : gather_nan());
   }
 }
 
@@ -205,7 +299,9 @@ template <typename T, int group_size, int bits>
 //   simdgroup:   a 16x16 block of the tile: 2x2 float 8x8 accumulators,
 //                4 simdgroup MMAs per 8 of K;
 //   threadgroup: 4 simdgroups (2x2), out[32 ty .., 32 tx ..);
-//                grid (ceil(N / 32), ceil(M / 32)).
+//                grid (ceil(N / 32), ceil(M / 32)); gather: (.., .., P), z
+//                the pair, so the tiles cover the M rows of one pair.
+// Threadgroup memory: the x and weight tiles, 2 x 32 x 36 floats (9 KiB).
 // Rows of x past M, and weight rows past N (qmm_t) or K (qmm_n), are clamped
 // to the last row (read, never stored); x past K (qmm_n: K is any size) is 0.
 // The weight tile is (n, k) for qmm_t, read transposed, and (k, n) for qmm_n:
@@ -235,6 +331,8 @@ template <typename T, int group_size, int bits, bool transpose, int mode>
     device T* out [[buffer(QMM_BUFFER_OUT)]],
     const device T* bias [[buffer(QMM_BUFFER_BIAS), function_constant(qmm_has_bias)]],
     constant QmmShape& shape [[buffer(QMM_BUFFER_SHAPE)]],
+    const device uint* lhs [[buffer(QMM_BUFFER_LHS), function_constant(qmm_gather)]],
+    const device uint* rhs [[buffer(QMM_BUFFER_RHS), function_constant(qmm_gather)]],
     uint3 tgid [[threadgroup_position_in_grid]],
     ushort tid [[thread_index_in_threadgroup]],
     ushort sg [[simdgroup_index_in_threadgroup]],
@@ -246,7 +344,21 @@ template <typename T, int group_size, int bits, bool transpose, int mode>
 
   const int M = shape.M;
   const int N = shape.N;
-  const int K = shape.K;
+  int K = shape.K;
+  bool valid = true;
+  if (qmm_gather) { // scales are bytes here: T elements (affine) or uint8 codes
+    const GatherPair g = gather_pair(tgid.z, lhs, rhs, shape);
+    valid = g.valid;
+    K = valid ? K : 0;
+    w += g.w;
+    scales += g.groups * (mode == 0 ? int64_t(sizeof(T)) : int64_t(1));
+    biases += g.groups;
+    x += g.x;
+    out += g.out;
+    if (qmm_has_bias) {
+      bias += g.bias;
+    }
+  }
   const int m0 = tgid.y * tile;
   const int n0 = tgid.x * tile;
 
@@ -330,8 +442,9 @@ template <typename T, int group_size, int bits, bool transpose, int mode>
       for (int e = 0; e < 2; ++e) {
         const int n = n0 + 16 * sn + 8 * j + coord.x + e;
         if (m < M && n < N) {
-          const float b = qmm_has_bias ? float(bias[n]) : 0.0f;
-          out[int64_t(m) * N + n] = T(acc[i][j].thread_elements()[e] + b);
+          const float b = qmm_has_bias && valid ? float(bias[n]) : 0.0f;
+          const float v = acc[i][j].thread_elements()[e] + b;
+          out[int64_t(m) * N + n] = T(valid ? v : gather_nan());
         }
       }
     }

@@ -128,8 +128,9 @@ class Problem:
             buffers[buffer["biases"]] = self.biases
         if has_bias:
             buffers[buffer["bias"]] = self.bias
-        run_planned(lib, launch, buffers, function_constants={BINDINGS.function_constants["has_bias"]: has_bias},
-                    schedule=schedule, check_bounds=check_bounds)
+        constants = BINDINGS.function_constants  # gather: gather_qmm's launches (test_metal_gather_qmm.py)
+        run_planned(lib, launch, buffers, schedule=schedule, check_bounds=check_bounds,
+                    function_constants={constants["has_bias"]: has_bias, constants["gather"]: False})
         return launch, ref.to_f64(from_device(out, self.dtype))
 
     def check(self, lib: Library, *, has_bias=True, schedule="forward", check_bounds=1) -> Launch:

@@ -14,7 +14,6 @@
 namespace mlx_ext {
 
 #if defined(MLX_EXT_METAL)
-MLX_EXT_NO_GPU(GatherQmm)
 MLX_EXT_NO_GPU(QuantizedSwiGLU)
 MLX_EXT_NO_GPU(RMSNorm)
 #elif defined(MLX_EXT_CUDA)

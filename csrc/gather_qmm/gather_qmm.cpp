@@ -1,5 +1,5 @@
 // The op function (validation, index broadcasting, graph building) and the
-// Primitive's transforms. Kernels: cpu.cpp.
+// Primitive's transforms. Kernels: cpu.cpp, metal.cpp.
 #include "gather_qmm/gather_qmm.h"
 
 #include <numeric>
@@ -62,11 +62,13 @@ void check_indices(const char* op, const char* arg, const mx::array& idx, int64_
 
 // The primitive's node: inputs as GatherQmm documents them.
 mx::array gather_node(std::vector<mx::array> inputs, mx::Dtype out_type, int M, int N,
-    int group_size, int bits, bool transpose, const mx::Stream& s, bool swiglu = false) {
+    int group_size, int bits, bool transpose, const mx::Stream& s, bool swiglu = false,
+    bool sorted = false) {
   const int P = inputs[4].shape(0);
   const bool has_bias = !swiglu && inputs.size() > 6;
   return mx::array({P, M, N}, out_type,
-      std::make_shared<GatherQmm>(s, group_size, bits, transpose, has_bias, swiglu), std::move(inputs));
+      std::make_shared<GatherQmm>(s, group_size, bits, transpose, has_bias, swiglu, sorted),
+      std::move(inputs));
 }
 
 // The checked, flattened inputs of one gather (as GatherQmm documents them),
@@ -200,13 +202,13 @@ mx::array gather_qmm(
     std::optional<int> group_size,
     std::optional<int> bits,
     const std::string& mode,
-    bool /* sorted_indices: a hint only; the kernel groups by expert either way */,
+    bool sorted_indices, // a hint: picks the Metal kernel; the CPU groups by expert anyway
     const std::optional<mx::array>& bias,
     mx::StreamOrDevice s) {
   auto g = checked_gather(kOp, "", x, w, scales, biases, lhs_indices, rhs_indices, transpose, group_size, bits, mode,
       bias, s);
   auto out = gather_node(std::move(g.inputs), g.out_type, g.M, g.N, group_size.value_or(64), bits.value_or(4),
-      transpose, g.stream);
+      transpose, g.stream, false, sorted_indices);
   return mx::reshape(out, std::move(g.out_shape), g.stream);
 }
 
@@ -223,7 +225,7 @@ mx::array gather_quantized_swiglu(
     std::optional<int> group_size,
     std::optional<int> bits,
     const std::string& mode,
-    bool /* sorted_indices */,
+    bool sorted_indices,
     mx::StreamOrDevice s) {
   // Each projection is checked as a gather_qmm of its own, then the two must agree.
   auto gate = checked_gather(kSwiGLUOp, "_gate", x, w_gate, scales_gate, biases_gate, lhs_indices, rhs_indices, true, group_size,
@@ -245,14 +247,15 @@ mx::array gather_quantized_swiglu(
       const auto& st = gate.stream;
       auto node = [&](int w) {
         return gather_node({inputs[0], inputs[w], inputs[w + 1], inputs[w + 2], inputs[4], inputs[5]},
-            gate.out_type, gate.M, gate.N, group_size.value_or(64), bits.value_or(4), true, st);
+            gate.out_type, gate.M, gate.N, group_size.value_or(64), bits.value_or(4), true, st, false,
+            sorted_indices);
       };
       auto g = mx::astype(node(1), mx::float32, st);
       auto u = mx::astype(node(6), mx::float32, st);
       return mx::astype(mx::multiply(mx::multiply(g, mx::sigmoid(g, st), st), u, st), gate.out_type, st);
     }
     return gather_node(std::move(inputs), gate.out_type, gate.M, gate.N, group_size.value_or(64),
-        bits.value_or(4), true, gate.stream, true);
+        bits.value_or(4), true, gate.stream, true, sorted_indices);
   }();
   return mx::reshape(out, std::move(gate.out_shape), gate.stream);
 }
@@ -296,7 +299,7 @@ std::vector<mx::array> GatherQmm::vjp(
       const auto& x = primals[0];
       auto per_pair_x = mx::arange(P, mx::uint32, s);
       auto dpairs = gather_node({contiguous_input(cotan, s), primals[1], primals[2], primals[3], per_pair_x, rhs},
-          x.dtype(), x.shape(1), x.shape(2), group_size_, bits_, !transpose_, s);
+          x.dtype(), x.shape(1), x.shape(2), group_size_, bits_, !transpose_, s, false, sorted_);
       grads.push_back(scatter_rows(lhs, dpairs, x.shape(0)));
     } else if (arg == 6 && has_bias_) {
       const auto& bias = primals[6];
@@ -320,9 +323,9 @@ mx::array GatherQmm::unfused_swiglu(const std::vector<mx::array>& primals, const
   const auto& s = stream();
   const int M = x.shape(1), N = primals[1].shape(1);
   auto gate = gather_node({x, primals[1], primals[2], primals[3], primals[4], primals[5]}, x.dtype(), M, N,
-      group_size_, bits_, true, s);
+      group_size_, bits_, true, s, false, sorted_);
   auto up = gather_node({x, primals[6], primals[7], primals[8], primals[4], primals[5]}, x.dtype(), M, N,
-      group_size_, bits_, true, s);
+      group_size_, bits_, true, s, false, sorted_);
   auto gate32 = mx::astype(gate, mx::float32, s);
   auto silu = mx::multiply(gate32, mx::sigmoid(gate32, s), s);
   return mx::astype(mx::multiply(silu, mx::astype(up, mx::float32, s), s), x.dtype(), s);
@@ -359,7 +362,7 @@ std::vector<mx::array> GatherQmm::jvp(
         inputs.erase(inputs.begin() + 6, inputs.end());
         inputs[0] = kernel_input(tangents[i], primals[0].dtype(), s);
         return gather_node(std::move(inputs), primals[0].dtype(), M, N, group_size_, bits_,
-            transpose_, s);
+            transpose_, s, false, sorted_);
       }
       if (argnums[i] == 6 && has_bias_) {
         const auto& t = tangents[i];
@@ -378,7 +381,8 @@ std::vector<mx::array> GatherQmm::jvp(
 bool GatherQmm::is_equivalent(const mx::Primitive& other) const {
   const auto& o = static_cast<const GatherQmm&>(other);
   return group_size_ == o.group_size_ && bits_ == o.bits_ && transpose_ == o.transpose_ &&
-      has_bias_ == o.has_bias_ && swiglu_ == o.swiglu_;
+      has_bias_ == o.has_bias_ && swiglu_ == o.swiglu_ &&
+      sorted_ == o.sorted_;
 }
 
 std::vector<mx::Shape> GatherQmm::output_shapes(const std::vector<mx::array>& inputs) {

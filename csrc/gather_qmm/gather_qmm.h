@@ -9,7 +9,9 @@
 // in the kernel: out[p] = silu(x[lhs[p]] @ gate[rhs[p]].T) * (x[lhs[p]] @
 // up[rhs[p]].T). One primitive for what mlx-lm's SwitchGLU runs as two
 // gathers and an elementwise op: x is gathered and grouped once.
-// Kernels: cpu.cpp (expert-grouped, cpu_driver.cpp).
+// Kernels: cpu.cpp (expert-grouped, cpu_driver.cpp); metal.cpp (without
+// swiglu, which GPU streams run as two gathers: one launch covering every
+// (row, expert) pair; metal/quantized_matmul.metal, metal/gather_qmm.metal).
 #pragma once
 
 #include <optional>
@@ -59,16 +61,21 @@ mx::array gather_quantized_swiglu(
 // has_bias. With swiglu (transpose=True, no bias), inputs 6, 7, 8 are the up
 // projections' w, scales and biases, shaped as 1, 2, 3 (the gate's). All
 // contiguous; x, scales, biases, bias of the output dtype. The output is
-// (P, M, N); the op function reshapes it.
+// (P, M, N); the op function reshapes it. `sorted`: the caller's
+// sorted_indices hint (pairs grouped by expert); it picks the Metal kernel
+// (any order stays correct) and the CPU, which groups by expert anyway,
+// ignores it.
 class GatherQmm : public mx::UnaryPrimitive {
  public:
-  GatherQmm(mx::Stream stream, int group_size, int bits, bool transpose, bool has_bias, bool swiglu = false)
+  GatherQmm(mx::Stream stream, int group_size, int bits, bool transpose, bool has_bias, bool swiglu = false,
+      bool sorted = false)
       : mx::UnaryPrimitive(stream),
         group_size_(group_size),
         bits_(bits),
         transpose_(transpose),
         has_bias_(has_bias),
-        swiglu_(swiglu) {}
+        swiglu_(swiglu),
+        sorted_(sorted) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override;
   void eval_gpu(const std::vector<mx::array>& inputs, mx::array& out) override;
@@ -97,6 +104,7 @@ class GatherQmm : public mx::UnaryPrimitive {
   bool transpose_;
   bool has_bias_;
   bool swiglu_;
+  bool sorted_;
 };
 
 } // namespace mlx_ext

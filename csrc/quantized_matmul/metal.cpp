@@ -39,8 +39,10 @@ void QuantizedMatmul::eval_gpu(const std::vector<mx::array>& inputs, mx::array& 
       ? metal::qmm_plan::kernel_name(launch, type_name, group_size_, bits_)
       : metal::qmm_plan::fp_kernel_name(launch, type_name, mode_name(mode_));
   bool has_bias = has_bias_;
+  bool gather = false; // gather_qmm's launches set it (gather_qmm/metal.cpp)
   const mx::metal::MTLFCList constants = {
-      {&has_bias, MTL::DataType::DataTypeBool, QMM_FC_HAS_BIAS}};
+      {&has_bias, MTL::DataType::DataTypeBool, QMM_FC_HAS_BIAS},
+      {&gather, MTL::DataType::DataTypeBool, QMM_FC_GATHER}};
   auto* kernel = d.get_kernel(
       name, metal::library(d), name + (has_bias ? "_bias" : "_nobias"), constants);
 
@@ -52,7 +54,7 @@ void QuantizedMatmul::eval_gpu(const std::vector<mx::array>& inputs, mx::array& 
   enc.set_input_array(x, QMM_BUFFER_X);
   enc.set_output_array(out, QMM_BUFFER_OUT);
   if (has_bias_) enc.set_input_array(inputs[bias_index()], QMM_BUFFER_BIAS);
-  const QmmShape shape{int(M), int(N), int(K)};
+  const QmmShape shape{int(M), int(N), int(K), 0, 0, 0, 0, 0, 0}; // the gather fields unused
   enc.set_bytes(shape, QMM_BUFFER_SHAPE);
   enc.dispatch_threadgroups(
       MTL::Size(launch.groups[0], launch.groups[1], launch.groups[2]),
