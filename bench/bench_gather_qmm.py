@@ -99,9 +99,11 @@ def bench_shape(experts, n, k, top_k, rows, copy_bw, mlx_budget, repeats):
         # Every routing once before any timing: an expert's first read after
         # it was written is slower (pages first touched), and that would fall
         # on whichever implementation is timed first (the fused call reads both
-        # stacks, the same bytes as the unfused pair).
+        # stacks, the same bytes as the unfused pair). Likewise every dense copy.
         for i in range(calls):
             fused(i)
+        for i in range(len(dense)):  # the same for the dense copies
+            dense_call(i)
         t_ours = harness.time_calls(ours, warmup=1, repeats=repeats)["median_s"]
 
         def unfused(i):
