@@ -50,9 +50,9 @@ def quantized_copies(n, k, bits, dtype, count, seed=0):
 
 
 def time_mx(fn, copies, x, repeats):
-    return harness.time_calls(
-        lambda i: mx.eval(fn(x, *copies[i % len(copies)])), warmup=1, repeats=repeats
-    )["median_s"]
+    call = lambda i: mx.eval(fn(x, *copies[i % len(copies)]))
+    harness.read_each_once(call, len(copies))
+    return harness.time_calls(call, warmup=1, repeats=repeats)["median_s"]
 
 
 def bench_shape(n, k, bits, dtype_name, rows, copy_bw, mlx_budget, repeats):
@@ -81,8 +81,9 @@ def bench_shape(n, k, bits, dtype_name, rows, copy_bw, mlx_budget, repeats):
     t_numpy = {}
     for m in rows:
         xn = np.array(xs[m].astype(mx.float32))
-        t_numpy[m] = harness.time_calls(lambda i: xn @ dense[i % len(dense)].T, warmup=1,
-                                        repeats=max(3, repeats // 3))["median_s"]
+        call = lambda i: xn @ dense[i % len(dense)].T
+        harness.read_each_once(call, len(dense))
+        t_numpy[m] = harness.time_calls(call, warmup=1, repeats=max(3, repeats // 3))["median_s"]
     del dense
     time.sleep(0.3)  # let OpenBLAS's threads stop spinning before the next shape
 

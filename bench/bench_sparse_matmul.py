@@ -71,14 +71,16 @@ def copies_for(nbytes):
 
 
 def timed(fn, count, repeats):
-    """Median of `repeats` calls after one warm-up, rotating over `count`
-    copies; fewer (at least 3) when a call takes long, about 3 s in all, and
-    one when the warm-up call took over 2 s."""
+    """Median of `repeats` calls after a warm-up call on every copy, rotating
+    over `count` copies; fewer (at least 3) when a call takes long, about 3 s
+    in all, and one when the warm-up call took over 2 s."""
     import time
 
     t0 = time.perf_counter()
     fn(count - 1)
     first = time.perf_counter() - t0
+    if first < 0.5:
+        harness.read_each_once(fn, count - 1)  # every copy read once before timing
     repeats = max(1 if first > 2.0 else 3, min(repeats, int(3.0 / max(first, 1e-9))))
     return harness.time_calls(lambda i: fn(i % count), warmup=0, repeats=repeats)["median_s"]
 

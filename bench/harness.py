@@ -80,6 +80,20 @@ def machine_info(machine: str | None = None) -> dict:
     return info
 
 
+def read_each_once(fn: Callable[[int], object], count: int, max_call_s: float = 0.5) -> None:
+    """fn(i) for each of `count` rotated inputs, before timing them: a buffer's
+    first read after it was written is up to 2x slower on this VM (NumPy's
+    14336x4096 float32 GEMV: 17-21 ms, then 8 ms), which would otherwise fall
+    on the timed calls of whichever implementation meets fresh copies first.
+    Skipped when one call takes over `max_call_s` (too slow for it to matter)."""
+    t0 = time.perf_counter()
+    fn(0)
+    if time.perf_counter() - t0 > max_call_s:
+        return
+    for i in range(1, count):
+        fn(i)
+
+
 def time_calls(fn: Callable[[int], object], *, warmup: int = 2, repeats: int = 10,
                min_seconds: float = 0.0) -> dict:
     """Median wall time of fn(i) (i counts calls, to rotate inputs); fn must

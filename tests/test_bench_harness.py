@@ -79,3 +79,16 @@ def test_a_results_file_finds_the_bench_that_wrote_it():
     module = plot.bench_module(Path("bench/results/h100/quantized_matmul_quick.json"))
     assert module.__name__ == "bench.bench_quantized_matmul"
     assert module.plot_for({"gpu": "NVIDIA H100"}) is module.GPU_PLOT
+
+
+def test_read_each_once_calls_every_copy_unless_slow():
+    import time
+
+    from bench import harness
+
+    seen = []
+    harness.read_each_once(seen.append, 5)
+    assert seen == [0, 1, 2, 3, 4]
+    slow = []
+    harness.read_each_once(lambda i: (slow.append(i), time.sleep(0.02)), 5, max_call_s=0.01)
+    assert slow == [0]  # one call over the limit: the rest are skipped
