@@ -4,6 +4,7 @@
 
 #include <string>
 
+#include "attention/kv_strides.h"
 #include "common/affine.h"
 #include "common/checks.h"
 
@@ -98,21 +99,13 @@ void check_mask(const mx::array& m, const Dims& d) {
 
 // Whether the GPU kernels can read K/V (or their codes, scales, biases) x in
 // place, known while the graph is built: rows of D contiguous, batch and head
-// strides whole rows (cuda.cpp / metal.cpp read it so). True for an evaluated
+// strides whole rows (kv_strides.h, as cuda.cpp / metal.cpp read it). True for an evaluated
 // array laid out so, and for a lazy slice of an evaluated row-contiguous
 // buffer that keeps the last axis whole (mlx-lm's KV caches, read
 // [..., :offset, :] each step).
 bool kv_rows_in_place(const mx::array& x) {
-  auto rows_layout = [](const mx::array& a) {
-    const auto& st = a.strides();
-    const int64_t row = a.shape(3);
-    if (a.ndim() != 4 || st[3] != 1 || (a.shape(2) > 1 && st[2] != row)) return false;
-    for (int d : {0, 1})
-      if (a.shape(d) > 1 && st[d] % row != 0) return false;
-    return true;
-  };
   if (x.ndim() != 4) return false;
-  if (x.is_available()) return rows_layout(x);
+  if (x.is_available()) return kv_row_strides(x).has_value();
   if (!x.has_primitive()) return false;
   // By name: MLX's typeinfo is not exported to extensions (no dynamic_cast).
   if (std::string(x.primitive().name()) != "Slice") return false;

@@ -10,6 +10,7 @@
 #include "attention/attention.h"
 #include "attention/cuda_params.h"
 #include "attention/cuda_plan.h"
+#include "attention/kv_strides.h"
 #include "common/cuda/launcher.h"
 #include "common/errors.h"
 #include "common/gpu.h"
@@ -24,35 +25,25 @@ namespace {
 // The call's input arrays as the kernels read them.
 class Inputs {
  public:
-  Inputs(mx::cu::CommandEncoder& enc, const mx::Stream& s, const std::vector<mx::array>& in)
-      : enc_(enc), s_(s), in_(in) {}
+  Inputs(mx::cu::CommandEncoder& enc, const std::vector<mx::array>& in) : enc_(enc), in_(in) {}
 
-  // Registers every input and copy as read by the next kernel node (MLX's
+  // Registers every input as read by the next kernel node (MLX's
   // encoder orders nodes by the buffers declared before each one).
   void declare_reads() const {
     for (const auto& a : in_) enc_.set_input_array(a);
   }
 
-  // x itself when its data is row-contiguous and `align`-byte aligned, else a copy.
+  // x itself when its data is row-contiguous and `align`-byte aligned, else refused.
   const mx::array& contiguous(const mx::array& x, int align) {
-    if (x.flags().row_contiguous && aligned(x, align)) return x;
-    return copy(x);
+    if (!x.flags().row_contiguous || !aligned(x, align)) refuse(x);
+    return x;
   }
 
-  // K/V rows: in place when the last two dims are (rows, D) contiguous and the
-  // batch and head strides are whole rows (cpu.cpp's kv_rows), else a copy.
+  // K/V rows: in place where kv_strides.h allows and aligned, else refused.
   AttnRows rows(const mx::array& x, int align) {
-    const auto& st = x.strides();
-    const int64_t row = x.shape(3);
-    auto in_rows = [&](int dim) -> int64_t {
-      if (x.shape(dim) == 1) return 0;
-      return st[dim] % row == 0 ? st[dim] / row : -1;
-    };
-    const int64_t bs = in_rows(0), hs = in_rows(1);
-    if (st[3] == 1 && (x.shape(2) <= 1 || st[2] == row) && bs >= 0 && hs >= 0 && aligned(x, align))
-      return {mx::gpu_ptr<void>(x), bs, hs};
-    const auto& c = copy(x);
-    return {mx::gpu_ptr<void>(c), int64_t(x.shape(1)) * x.shape(2), x.shape(2)};
+    const auto strides = kv_row_strides(x);
+    if (!strides || !aligned(x, align)) refuse(x);
+    return {mx::gpu_ptr<void>(x), strides->first, strides->second};
   }
 
  private:
@@ -63,13 +54,12 @@ class Inputs {
   // kernels read it in place (attention.cpp: kv_input), and MLX's CUDA copy
   // kernels are not exported to extensions, so there is no copy here: an
   // input this far off (a misaligned view) is refused, not read wrongly.
-  const mx::array& copy(const mx::array& x) {
+  [[noreturn]] static void refuse(const mx::array& x) {
     runtime_error("scaled_dot_product_attention", "an input of shape ", x.shape(),
         " reached the CUDA kernels in a layout they cannot read in place (not row-contiguous or not aligned); "
         "make it contiguous first (mx.contiguous)");
   }
   mx::cu::CommandEncoder& enc_;
-  const mx::Stream& s_;
   const std::vector<mx::array>& in_;
 };
 
@@ -151,7 +141,7 @@ void ScaledDotProductAttention::eval_gpu(
   auto& device = mx::cu::device(s.device);
   check_device(device);
 
-  Inputs arrays(enc, s, inputs);
+  Inputs arrays(enc, inputs);
   const mx::array* q = nullptr;
   AttnParams p = attention_params(config_, inputs, arrays, q);
   p.out = mx::gpu_ptr<void>(out);
@@ -186,7 +176,7 @@ void ScaledDotProductAttentionVjp::eval_gpu(
   auto& device = mx::cu::device(s.device);
   check_device(device);
 
-  Inputs arrays(enc, s, inputs);
+  Inputs arrays(enc, inputs);
   const mx::array* q = nullptr;
   AttnParams p = attention_params(config_, inputs, arrays, q);
   const int n = AttentionInputs(config_).count;
