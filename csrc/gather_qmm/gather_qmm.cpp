@@ -71,6 +71,22 @@ mx::array gather_node(std::vector<mx::array> inputs, mx::Dtype out_type, int M, 
       std::move(inputs));
 }
 
+// silu(gate) * up as two plain gather nodes and MLX's elementwise ops, for
+// inputs laid out as the fused node's (GatherQmm: x, gate w / scales /
+// biases, lhs, rhs, up w / scales / biases) with x in place of input 0: the
+// fused primitive's vjp / jvp, and GPU streams (no fused epilogue there yet).
+mx::array unfused_swiglu(const std::vector<mx::array>& in, const mx::array& x, int group_size, int bits,
+    bool sorted, const mx::Stream& s) {
+  const int M = x.shape(1), N = in[1].shape(1);
+  auto product = [&](int w) {
+    auto node = gather_node({x, in[w], in[w + 1], in[w + 2], in[4], in[5]}, x.dtype(), M, N, group_size, bits,
+        true, s, false, sorted);
+    return mx::astype(node, mx::float32, s);
+  };
+  auto gate = product(1), up = product(6);
+  return mx::astype(mx::multiply(mx::multiply(gate, mx::sigmoid(gate, s), s), up, s), x.dtype(), s);
+}
+
 // The checked, flattened inputs of one gather (as GatherQmm documents them),
 // and what the node and the reshape of its output need.
 struct Gather {
@@ -243,17 +259,9 @@ mx::array gather_quantized_swiglu(
   mx::array out = [&] {
     // The GPU backends run the two gathers and MLX's elementwise ops (their
     // gather kernels have no fused epilogue yet); the CPU runs the fused node.
-    if (gate.stream.device == mx::Device::gpu) {
-      const auto& st = gate.stream;
-      auto node = [&](int w) {
-        return gather_node({inputs[0], inputs[w], inputs[w + 1], inputs[w + 2], inputs[4], inputs[5]},
-            gate.out_type, gate.M, gate.N, group_size.value_or(64), bits.value_or(4), true, st, false,
-            sorted_indices);
-      };
-      auto g = mx::astype(node(1), mx::float32, st);
-      auto u = mx::astype(node(6), mx::float32, st);
-      return mx::astype(mx::multiply(mx::multiply(g, mx::sigmoid(g, st), st), u, st), gate.out_type, st);
-    }
+    if (gate.stream.device == mx::Device::gpu)
+      return unfused_swiglu(inputs, inputs[0], group_size.value_or(64), bits.value_or(4), sorted_indices,
+          gate.stream);
     return gather_node(std::move(inputs), gate.out_type, gate.M, gate.N, group_size.value_or(64),
         bits.value_or(4), true, gate.stream, true, sorted_indices);
   }();
@@ -319,23 +327,13 @@ std::vector<mx::array> GatherQmm::vjp(
 // The fused SwiGLU's transforms through its unfused form: the two gathers
 // (this primitive without swiglu) and the activation in MLX ops, whose own
 // vjp / jvp MLX then derives. Only x (input 0) has derivatives.
-mx::array GatherQmm::unfused_swiglu(const std::vector<mx::array>& primals, const mx::array& x) {
-  const auto& s = stream();
-  const int M = x.shape(1), N = primals[1].shape(1);
-  auto gate = gather_node({x, primals[1], primals[2], primals[3], primals[4], primals[5]}, x.dtype(), M, N,
-      group_size_, bits_, true, s, false, sorted_);
-  auto up = gather_node({x, primals[6], primals[7], primals[8], primals[4], primals[5]}, x.dtype(), M, N,
-      group_size_, bits_, true, s, false, sorted_);
-  auto gate32 = mx::astype(gate, mx::float32, s);
-  auto silu = mx::multiply(gate32, mx::sigmoid(gate32, s), s);
-  return mx::astype(mx::multiply(silu, mx::astype(up, mx::float32, s), s), x.dtype(), s);
-}
-
 std::vector<mx::array> GatherQmm::swiglu_vjp(
     const std::vector<mx::array>& primals, const mx::array& cotan, const std::vector<int>& argnums) {
   for (int arg : argnums)
     if (arg != 0) value_error(kSwiGLUOp, "gradients are only defined with respect to x");
-  auto fn = [&](const std::vector<mx::array>& in) { return std::vector<mx::array>{unfused_swiglu(primals, in[0])}; };
+  auto fn = [&](const std::vector<mx::array>& in) {
+    return std::vector<mx::array>{unfused_swiglu(primals, in[0], group_size_, bits_, sorted_, stream())};
+  };
   auto [outs, grads] = mx::vjp(fn, {primals[0]}, {cotan});
   return grads;
 }
@@ -348,7 +346,9 @@ std::vector<mx::array> GatherQmm::jvp(
   if (swiglu_) {
     if (argnums.size() != 1 || argnums[0] != 0)
       value_error(kSwiGLUOp, "derivatives are only defined with respect to x");
-    auto fn = [&](const std::vector<mx::array>& in) { return std::vector<mx::array>{unfused_swiglu(primals, in[0])}; };
+    auto fn = [&](const std::vector<mx::array>& in) {
+      return std::vector<mx::array>{unfused_swiglu(primals, in[0], group_size_, bits_, sorted_, stream())};
+    };
     auto [outs, jvps] = mx::jvp(fn, {primals[0]}, {tangents[0]});
     return jvps;
   }

@@ -95,7 +95,6 @@ class GatherQmm : public mx::UnaryPrimitive {
   std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override;
 
  private:
-  mx::array unfused_swiglu(const std::vector<mx::array>& primals, const mx::array& x);
   std::vector<mx::array> swiglu_vjp(
       const std::vector<mx::array>& primals, const mx::array& cotan, const std::vector<int>& argnums);
 
