@@ -4,14 +4,20 @@
 `group` the way mlx-lm's ``Model.shard`` splits a Llama (Megatron-style):
 
 - q/k/v and gate/up (or the fused ``qkv_proj`` / ``gate_up_proj`` of
-  gpt/fuse.py, split per segment) become all-to-sharded: rank r keeps rows
-  [r*N/n, (r+1)*N/n) of each segment, i.e. heads [r*H/n, (r+1)*H/n) of q, k
-  and v and that slice of the MLP's intermediate width;
-- o and down become sharded-to-all: rank r keeps the matching input columns
+  gpt/fuse.py, split per segment) become all-to-sharded: rank r keeps the
+  rows of its KV heads (and of the query heads that share them) and of its
+  slice of the MLP's intermediate width;
+- o and down become sharded-to-all: rank r keeps the matching input columns,
   and one ``all_sum`` per layer gives every rank the whole output;
 - ``n_heads`` / ``n_kv_heads`` (and ``model.args``, from which ``make_cache``
-  sizes the KV cache) are divided, so attention (``mlx_ext.scaled_dot_product_attention``)
-  runs per rank on its heads, and each rank's KV cache holds only them.
+  sizes the KV cache) become the rank's, so attention
+  (``mlx_ext.scaled_dot_product_attention``) runs per rank on its heads, and
+  each rank's KV cache holds only them.
+
+Unlike mlx-lm, the split need not be even: KV heads are dealt out as evenly
+as they go (SmolLM2-135M's 3 KV heads over 2 ranks: 2 and 1, with their 6
+and 3 query heads), and the intermediate width in whole quantization groups.
+Every rank needs at least one KV head.
 
 The embedding, the norms and the LM head stay whole on every rank (as in
 mlx-lm): two all_sums per layer are the only communication. Quantized layers
@@ -34,6 +40,7 @@ _SHARDED = {
     nn.QuantizedLinear: (nn.QuantizedAllToShardedLinear, nn.QuantizedShardedToAllLinear),
     ext_nn.QuantizedSwiGLU: (ext_nn.QuantizedAllToShardedSwiGLU, None),
     ext_nn.MLXQuantizedSwiGLU: (ext_nn.MLXQuantizedAllToShardedSwiGLU, None),
+    nn.Linear: (nn.AllToShardedLinear, nn.ShardedToAllLinear),
 }
 
 
@@ -41,105 +48,145 @@ def _error(message: str) -> ValueError:
     return ValueError(f"[mlx_ext.shard] {message}")
 
 
-def _plan(model, n: int) -> list:
-    """(module, name, sharding, row segments) of every layer to shard, after
-    checking that all of them can be: nothing is changed before this returns."""
+def deal(total: int, n: int, r: int) -> tuple[int, int]:
+    """Rank r's [start, stop) of `total` units dealt to n ranks as evenly as
+    they go (the first total % n ranks get one more)."""
+    base, extra = divmod(total, n)
+    start = r * base + min(r, extra)
+    return start, start + base + (r < extra)
+
+
+def _unit(layer) -> int:
+    """The columns a sharded-to-all split must keep together: a quantization group."""
+    return layer.group_size if "scales" in layer else 1
+
+
+def _in_dims(layer) -> int:
+    return layer.weight.shape[-1] * 32 // layer.bits if "scales" in layer else layer.weight.shape[-1]
+
+
+@dataclasses.dataclass
+class _Split:
+    """One rank's share of a model's layers: row ranges of q, k (= v) and
+    the intermediate width, and its head counts."""
+
+    q: tuple[int, int]
+    kv: tuple[int, int]
+    inter: tuple[int, int]
+    n_heads: int
+    n_kv_heads: int
+
+
+def _split(model, n: int, r: int) -> _Split:
     args = model.args
-    for name in ("num_attention_heads", "num_key_value_heads", "intermediate_size"):
-        if getattr(args, name) % n:
-            raise _error(f"model.args.{name} = {getattr(args, name)} is not divisible by the group size {n}")
+    hkv, hq, hd = args.num_key_value_heads, args.num_attention_heads, args.head_dim
+    if hkv < n:
+        raise _error(f"model.args.num_key_value_heads = {hkv} is fewer than the group size {n}: "
+                     f"every rank needs a KV head")
+    if hq % hkv:
+        raise _error(f"model.args.num_attention_heads = {hq} is not a multiple of num_key_value_heads = {hkv}")
+    per_kv = hq // hkv
+    a, b = deal(hkv, n, r)
+    mlp = model.model.layers[0].mlp
+    down = mlp["down_proj"]
+    unit = _unit(down)
+    if args.intermediate_size % unit:
+        raise _error(f"model.args.intermediate_size = {args.intermediate_size} is not a whole number of "
+                     f"quantization groups ({unit})")
+    i0, i1 = deal(args.intermediate_size // unit, n, r)
+    if i0 == i1:
+        raise _error(f"model.args.intermediate_size = {args.intermediate_size} has fewer quantization groups "
+                     f"({unit}) than the group size {n}")
+    return _Split((a * per_kv * hd, b * per_kv * hd), (a * hd, b * hd), (i0 * unit, i1 * unit),
+                  (b - a) * per_kv, b - a)
+
+
+def _plan(model, split: _Split) -> list:
+    """(module, name, sharding, ranges) of every layer to shard, after
+    checking that all of them can be: nothing is changed before this returns.
+    ranges: the rank's [start, stop) rows of each segment (all-to-sharded),
+    or its [start, stop) input columns (sharded-to-all)."""
+    args = model.args
     hq, hkv = args.num_attention_heads * args.head_dim, args.num_key_value_heads * args.head_dim
     inter = args.intermediate_size
+
+    def shifted(rng, by):
+        return rng[0] + by, rng[1] + by
+
+    q, kv, i = split.q, split.kv, split.inter
     plan = []
-    for i, layer in enumerate(model.model.layers):
+    for li, layer in enumerate(model.model.layers):
         attn, mlp = layer.self_attn, layer.mlp
         candidates = [
-            (attn, "qkv_proj", "all-to-sharded", [hq, hkv, hkv]),
-            (attn, "q_proj", "all-to-sharded", [hq]),
-            (attn, "k_proj", "all-to-sharded", [hkv]),
-            (attn, "v_proj", "all-to-sharded", [hkv]),
-            (attn, "o_proj", "sharded-to-all", None),
-            (mlp, "gate_up_proj", "all-to-sharded", [inter, inter]),
-            (mlp, "gate_proj", "all-to-sharded", [inter]),
-            (mlp, "up_proj", "all-to-sharded", [inter]),
-            (mlp, "down_proj", "sharded-to-all", None),
+            (attn, "qkv_proj", "all-to-sharded", [q, shifted(kv, hq), shifted(kv, hq + hkv)]),
+            (attn, "q_proj", "all-to-sharded", [q]),
+            (attn, "k_proj", "all-to-sharded", [kv]),
+            (attn, "v_proj", "all-to-sharded", [kv]),
+            (attn, "o_proj", "sharded-to-all", q),
+            (mlp, "gate_up_proj", "all-to-sharded", [i, shifted(i, inter)]),
+            (mlp, "gate_proj", "all-to-sharded", [i]),
+            (mlp, "up_proj", "all-to-sharded", [i]),
+            (mlp, "down_proj", "sharded-to-all", i),
         ]
-        for module, name, sharding, segments in candidates:
-            if name not in module:
-                continue
-            where = f"model.layers.{i}.{'self_attn' if module is attn else 'mlp'}.{name}"
-            _check_layer(module[name], where, sharding, n)
-            plan.append((module, name, sharding, segments))
+        for module, name, sharding, ranges in candidates:
+            if name in module:
+                where = f"model.layers.{li}.{'self_attn' if module is attn else 'mlp'}.{name}"
+                _check_layer(module[name], where, sharding, ranges)
+                plan.append((module, name, sharding, ranges))
     return plan
 
 
-def _check_layer(layer, where: str, sharding: str, n: int) -> None:
+def _check_layer(layer, where: str, sharding: str, ranges) -> None:
     if isinstance(layer, ext_nn.SparseLinear):
         raise _error(
             f"{where} is a SparseLinear ({type(layer.weight).__name__}): sparse layers are not sharded "
             f"(their formats have no per-rank row / column split, and pruned rows and columns carry "
             f"unequal work per rank); shard the dense model, or run the pruned one on one machine")
-    if type(layer) not in _SHARDED and type(layer) is not nn.Linear:
+    kinds = _SHARDED.get(type(layer))
+    if kinds is None:
         raise _error(f"{where} is a {type(layer).__name__}, which shard does not know how to split")
-    if _SHARDED.get(type(layer), (None, True))[1] is None and sharding == "sharded-to-all":
-        raise _error(f"{where}: a {type(layer).__name__} can only be sharded all-to-sharded")
     if sharding == "sharded-to-all":
-        k = layer.weight.shape[-1] * 32 // layer.bits if "scales" in layer else layer.weight.shape[-1]
-        unit = layer.group_size if "scales" in layer else 1
-        if k % (n * unit):
-            raise _error(f"{where}: its input width {k} does not split into {n} parts of whole "
-                         f"quantization groups ({unit})")
+        if kinds[1] is None:
+            raise _error(f"{where}: a {type(layer).__name__} can only be sharded all-to-sharded")
+        if ranges[0] % _unit(layer) or ranges[1] % _unit(layer):
+            raise _error(f"{where}: the columns {ranges[0]}..{ranges[1]} of its input ({_in_dims(layer)}) "
+                         f"are not whole quantization groups ({_unit(layer)}): the head dim must be a "
+                         f"multiple of the group size")
 
 
-def _rows(a: mx.array, segments: list, n: int, r: int) -> mx.array:
-    """Rank r's rows: the r-th n-th of each segment (row counts), concatenated."""
-    parts, start = [], 0
-    for seg in segments:
-        step = seg // n
-        parts.append(a[start + r * step : start + (r + 1) * step])
-        start += seg
-    return mx.contiguous(mx.concatenate(parts, axis=0))
+def _rows(a: mx.array, ranges: list) -> mx.array:
+    return mx.contiguous(mx.concatenate([a[start:stop] for start, stop in ranges], axis=0))
 
 
-def _columns(a: mx.array, n: int, r: int) -> mx.array:
-    step = a.shape[-1] // n
-    return mx.contiguous(a[..., r * step : (r + 1) * step])
+def _columns(a: mx.array, columns: tuple[int, int], in_dims: int) -> mx.array:
+    """Columns [start, stop) of the logical input width in_dims, of an array
+    whose last axis packs them (packed words, or one scale per group)."""
+    width = a.shape[-1]  # start and stop are whole groups, so these divide exactly
+    return mx.contiguous(a[..., columns[0] * width // in_dims : columns[1] * width // in_dims])
 
 
-def _sharded_layer(layer, sharding: str, segments, group) -> nn.Module:
-    n, r = group.size(), group.rank()
-    if type(layer) is nn.Linear:
-        if sharding == "sharded-to-all":
-            return nn.ShardedToAllLinear.from_linear(layer, group=group)
-        return _float_all_to_sharded(layer, segments, group)
+def _sharded_layer(layer, sharding: str, ranges, group) -> nn.Module:
     all_to_sharded, sharded_to_all = _SHARDED[type(layer)]
     cls = all_to_sharded if sharding == "all-to-sharded" else sharded_to_all
     new = cls.__new__(cls)
     nn.Module.__init__(new)
-    new.group_size, new.bits, new.mode, new.group = layer.group_size, layer.bits, layer.mode, group
+    new.group = group
+    quantized = "scales" in layer
+    if quantized:
+        new.group_size, new.bits, new.mode = layer.group_size, layer.bits, layer.mode
+    in_dims = _in_dims(layer)
     for name in ("weight", "scales", "biases", "bias"):
         if name not in layer:
             continue
         a = layer[name]
         if sharding == "all-to-sharded":
-            new[name] = _rows(a, segments, n, r)
+            new[name] = _rows(a, ranges)
         else:  # the bias is added whole, once, after the all_sum
-            new[name] = a if name == "bias" else _columns(a, n, r)
-    if "biases" not in new:
-        new.biases = None  # as MLX's fp-mode layers hold it
-    new.freeze()
-    return new
-
-
-def _float_all_to_sharded(layer, segments, group):
-    """MLX's AllToShardedLinear holding rank r's rows of each segment."""
-    n, r = group.size(), group.rank()
-    new = nn.AllToShardedLinear.__new__(nn.AllToShardedLinear)
-    nn.Module.__init__(new)
-    new.group = group
-    new.weight = _rows(layer.weight, segments, n, r)
-    if "bias" in layer:
-        new.bias = _rows(layer.bias, segments, n, r)
+            new[name] = a if name == "bias" else _columns(a, ranges, in_dims)
+    if quantized:
+        if "biases" not in new:
+            new.biases = None  # as MLX's fp-mode layers hold it
+        new.freeze()
     return new
 
 
@@ -148,29 +195,27 @@ def shard(model, group: mx.distributed.Group | None = None) -> Counter:
     ``mx.distributed.init()``) in place; returns the count of layers sharded
     by new type. A group of one leaves the model as it is.
 
-    Raises ``ValueError`` (before changing anything) when the head counts or
-    the intermediate width are not divisible by the group size, when an o /
-    down projection's input does not split into whole quantization groups,
-    and for ``SparseLinear`` layers: their formats (CSR, Bitmask, BSR, N:M)
-    have no per-rank split, so prune after choosing one machine, not before
-    sharding."""
+    Raises ``ValueError`` naming the argument (before changing anything)
+    when a rank would get no KV head or no intermediate group, when an o
+    projection's split falls inside a quantization group (head dim not a
+    multiple of the group size), and for ``SparseLinear`` layers: their
+    formats (CSR, Bitmask, BSR, N:M) have no per-rank split, so shard the
+    dense model or run the pruned one on one machine."""
     group = group or mx.distributed.init()
     n = group.size()
     counts = Counter()
     if n == 1:
         return counts
-    plan = _plan(model, n)
-    for module, name, sharding, segments in plan:
-        module[name] = _sharded_layer(module[name], sharding, segments, group)
+    split = _split(model, n, group.rank())
+    plan = _plan(model, split)
+    for module, name, sharding, ranges in plan:
+        module[name] = _sharded_layer(module[name], sharding, ranges, group)
         counts[type(module[name]).__name__] += 1
     for layer in model.model.layers:
-        layer.self_attn.n_heads //= n
-        layer.self_attn.n_kv_heads //= n
+        layer.self_attn.n_heads, layer.self_attn.n_kv_heads = split.n_heads, split.n_kv_heads
     model.args = dataclasses.replace(
-        model.args,
-        num_attention_heads=model.args.num_attention_heads // n,
-        num_key_value_heads=model.args.num_key_value_heads // n,
-        intermediate_size=model.args.intermediate_size // n,
+        model.args, num_attention_heads=split.n_heads, num_key_value_heads=split.n_kv_heads,
+        intermediate_size=split.inter[1] - split.inter[0],
     )
     model.group = group
     mx.eval(model.parameters())

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+N_RANKS = 2
+WORKER_TIMEOUT_S = 90  # one launch: two ranks importing mlx_ext (and mlx-lm) on a loaded 2-core machine
 
 
 class LaunchTimeout(RuntimeError):
@@ -61,7 +63,7 @@ def launch_once(argv: list[str], n: int, timeout: float, env: dict | None = None
             logs.append((out, err))
             rank_env = {**os.environ, **(env or {}), "MLX_RANK": str(rank), "MLX_HOSTFILE": str(hostfile),
                         "MLX_WORLD_SIZE": str(n)}
-            procs.append(subprocess.Popen([sys.executable, *argv], cwd=os.environ.get("MLX_EXT_DIST_CWD", ROOT), env=rank_env, stdout=out,
+            procs.append(subprocess.Popen([sys.executable, *argv], cwd=ROOT, env=rank_env, stdout=out,
                                           stderr=err, start_new_session=True))
         deadline = time.monotonic() + timeout
         try:
@@ -98,3 +100,17 @@ def check_ranks(results: list[RankResult]) -> None:
         raise AssertionError("\n".join(
             f"rank {r.rank} exited {r.returncode}\n--- stdout\n{r.stdout[-3000:]}\n--- stderr\n{r.stderr[-3000:]}"
             for r in failed))
+
+
+def launch_worker(scenario: str, out: Path) -> list[dict]:
+    """Runs tests/distributed_worker.py's `scenario` on N_RANKS ranks writing
+    to `out`; returns each rank's arrays, info and stdout."""
+    import numpy as np
+
+    results = run_ranks(["-m", "tests.distributed_worker", scenario, str(out)], N_RANKS, WORKER_TIMEOUT_S)
+    check_ranks(results)
+    return [
+        {"arrays": dict(np.load(out / f"rank{r}.npz")), "info": json.loads((out / f"rank{r}.json").read_text()),
+         "stdout": results[r].stdout}
+        for r in range(N_RANKS)
+    ]

@@ -98,6 +98,7 @@ def quantized_kinds(model) -> list[str]:
 
 def mlx_lm(group, out: Path) -> None:
     from mlx_lm import generate, load, stream_generate
+    from mlx_lm.generate import generation_stream
     from mlx_lm.utils import sharded_load
 
     from mlx_ext.gpt import DEFAULT_MODEL
@@ -117,6 +118,10 @@ def mlx_lm(group, out: Path) -> None:
         got = prefill_and_decode(model)
         info[mode] = {"report": str(report), "tokens": greedy_tokens(model), "want_tokens": want_tokens,
                       "kinds": quantized_kinds(model)}
+        # generate_step leaves a step queued on mlx-lm's generation stream: its
+        # all_sums must finish before others start on the default stream, or
+        # the two ranks may pair collectives of different streams
+        mx.synchronize(generation_stream)
         mlx_ext.unpatch(model)
         info[mode]["unpatched_kinds"] = quantized_kinds(model)
         unpatched = prefill_and_decode(model)
@@ -146,7 +151,39 @@ def gpt(group, out: Path) -> None:
         cache = model.make_cache()
         info[label] = {"single": single, "sharded": sharded, "counts": dict(counts),
                        "kv_heads": cache.kv_heads, "n_heads": model.model.layers[0].self_attn.n_heads}
-    save(out, r, {}, info)
+    # an uneven split (SmolLM2-135M's head layout, scaled down): 9 query
+    # heads on 3 KV heads -> 6 + 3 and 2 + 1; 5 intermediate groups -> 3 + 2
+    arrays = {}
+    for label, fuse in (("uneven", True), ("uneven-unfused", False)):
+        model = uneven_model(fuse)
+        prompt = list(range(1, 9))
+        arrays[f"{label}/single"] = model(mx.array([prompt]))
+        single = list(gpt_loop.generate_tokens(model, prompt, max_tokens=8, sampler=gpt_loop.make_sampler()))
+        counts = mlx_ext.shard(model, group)
+        arrays[f"{label}/sharded"] = model(mx.array([prompt]))
+        sharded = list(gpt_loop.generate_tokens(model, prompt, max_tokens=8, sampler=gpt_loop.make_sampler()))
+        info[label] = {"single": single, "sharded": sharded, "counts": dict(counts),
+                       "kv_heads": model.make_cache().kv_heads, "n_heads": model.model.layers[0].self_attn.n_heads,
+                       "intermediate": model.args.intermediate_size}
+    mx.eval(arrays)
+    save(out, r, arrays, info)
+
+
+UNEVEN = {"model_type": "llama", "vocab_size": 64, "hidden_size": 128, "num_hidden_layers": 2,
+          "num_attention_heads": 9, "num_key_value_heads": 3, "head_dim": 32, "intermediate_size": 160,
+          "rms_norm_eps": 1e-5, "tie_word_embeddings": False}
+
+
+def uneven_model(fuse: bool):
+    """A random llama of UNEVEN's shape, 4-bit in groups of 32 (the same on every rank: seeded)."""
+    from mlx.utils import tree_flatten
+
+    from mlx_ext.gpt.load import build_model
+    from mlx_ext.gpt.model import Model, ModelArgs
+
+    mx.random.seed(19)
+    weights = dict(tree_flatten(Model(ModelArgs.from_config(UNEVEN)).parameters()))
+    return build_model(UNEVEN, weights, requantize=True, bits=4, group_size=32, dtype=None, fuse=fuse)
 
 
 def main() -> int:

@@ -20,10 +20,8 @@ from mlx_ext import distributed
 from mlx_ext import nn as ext_nn
 
 from . import reference as ref
-from .distributed_launch import check_ranks, run_ranks
+from .distributed_launch import N_RANKS, launch_worker, run_ranks
 
-N_RANKS = 2
-TIMEOUT_S = 90  # one launch: two ranks importing mlx_ext (and mlx-lm) on a loaded 2-core machine
 
 # name, kind, mode, bits, group_size, bias, x shape (..., K), N
 CASES = [
@@ -39,16 +37,6 @@ CASES = [
     ("s2a-nvfp4", "sharded-to-all", "nvfp4", 4, 16, False, (1, 64), 32),
     ("s2a-mxfp8", "sharded-to-all", "mxfp8", 8, 32, False, (4, 256), 64),
 ]
-
-
-def launch(scenario: str, out) -> list[dict]:
-    results = run_ranks(["-m", "tests.distributed_worker", scenario, str(out)], N_RANKS, TIMEOUT_S)
-    check_ranks(results)
-    return [
-        {"arrays": dict(np.load(out / f"rank{r}.npz")), "info": json.loads((out / f"rank{r}.json").read_text()),
-         "stdout": results[r].stdout}
-        for r in range(N_RANKS)
-    ]
 
 
 def weights(rng, mode, bits, group_size, n, k):
@@ -76,7 +64,7 @@ def layer_run(tmp_path_factory):
         problems[name] = (x, w_q, scales, biases, b, cot, mode, bits, gs)
     np.savez(out / "inputs.npz", **inputs)
     (out / "cases.json").write_text(json.dumps(cases))
-    return launch("layers", out), problems
+    return launch_worker("layers", out), problems
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
@@ -130,18 +118,22 @@ def test_patch_retypes_mlx_sharded_layers_and_unpatch_restores(layer_run, case):
 # --- In-process: the row / column split and shard's checks -------------------
 
 
-@given(st.lists(st.integers(1, 4), min_size=1, max_size=3), st.sampled_from([1, 2, 4]), st.integers(1, 3))
-def test_rows_take_each_segments_nth(segment_units, n, width):
-    """Rank r's rows are the r-th n-th of every segment, in segment order:
-    gathered over ranks, segment by segment, they are the whole matrix."""
-    segments = [u * n for u in segment_units]
-    a = mx.arange(sum(segments) * width).reshape(sum(segments), width)
-    parts = [np.array(distributed._rows(a, segments, n, r)) for r in range(n)]
-    rebuilt, offset = [], 0
-    for seg in segments:  # a rank's slice of this segment starts after its slices of the earlier ones
-        step = seg // n
-        rebuilt += [p[offset // n : offset // n + step] for p in parts]
-        offset += seg
+@given(st.lists(st.integers(1, 12), min_size=1, max_size=3), st.integers(1, 4), st.integers(1, 3))
+def test_each_ranks_rows_of_every_segment_rebuild_the_matrix(sizes, n, width):
+    """Rank r keeps its dealt share of every segment (q, k, v of a fused
+    qkv_proj; gate, up), in segment order: read back segment by segment and
+    rank by rank, the ranks' rows are the whole matrix, in order."""
+    a = mx.arange(sum(sizes) * width).reshape(sum(sizes), width)
+    offsets = np.cumsum([0, *sizes[:-1]])
+    shares = [[distributed.deal(size, n, r) for size in sizes] for r in range(n)]
+    parts = [np.array(distributed._rows(a, [(o + s, o + e) for o, (s, e) in zip(offsets, shares[r])]))
+             for r in range(n)]
+    rebuilt = []
+    for i in range(len(sizes)):
+        for r in range(n):
+            before = sum(e - s for s, e in shares[r][:i])
+            s, e = shares[r][i]
+            rebuilt.append(parts[r][before : before + e - s])
     np.testing.assert_array_equal(np.concatenate(rebuilt), np.array(a))
 
 
@@ -165,20 +157,34 @@ def embedded():
     return gpt.load()[0]
 
 
-@pytest.mark.parametrize("n,argument", [(3, "num_attention_heads"), (4, "num_key_value_heads")])
-def test_shard_names_the_head_count_that_does_not_divide(embedded, n, argument):
-    with pytest.raises(ValueError, match=rf"^\[mlx_ext.shard\] model.args.{argument} = \d+ is not divisible"):
+@pytest.mark.parametrize("n", [3, 4])
+def test_shard_names_the_argument_when_a_rank_would_get_no_kv_head(embedded, n):
+    with pytest.raises(ValueError, match=r"^\[mlx_ext.shard\] model.args.num_key_value_heads = 2 is fewer "
+                                         rf"than the group size {n}"):
         distributed.shard(embedded, _Group(n))
     assert embedded.model.layers[0].self_attn.n_heads == 8  # nothing changed
 
 
-def test_shard_refuses_sparse_layers_and_says_why():
-    from mlx_ext import gpt
+@given(st.integers(1, 100), st.integers(1, 8))
+def test_deal_gives_each_rank_a_contiguous_near_equal_share(total, n):
+    shares = [distributed.deal(total, n, r) for r in range(n)]
+    assert shares[0][0] == 0 and shares[-1][1] == total
+    assert all(a[1] == b[0] for a, b in zip(shares, shares[1:]))
+    sizes = [b - a for a, b in shares]
+    assert max(sizes) - min(sizes) <= 1
 
-    model = gpt.load(fuse=False)[0]
-    mlx_ext.sparsify(model, pattern="2:4")
-    with pytest.raises(ValueError, match=r"^\[mlx_ext.shard\] model.layers.0.self_attn.q_proj is a SparseLinear"):
-        distributed.shard(model, _Group(2))
+
+def test_shard_refuses_sparse_layers_and_says_why(embedded):
+    mlp = embedded.model.layers[0].mlp
+    dense = mlp.down_proj
+    mlp.down_proj = ext_nn.SparseLinear.from_linear(dense, pattern="2:4")
+    try:
+        with pytest.raises(ValueError, match=r"^\[mlx_ext.shard\] model.layers.0.mlp.down_proj is a SparseLinear "
+                                             r"\(NM\): sparse layers are not sharded"):
+            distributed.shard(embedded, _Group(2))
+    finally:
+        mlp.down_proj = dense
+    assert type(embedded.model.layers[0].self_attn.qkv_proj) is ext_nn.QuantizedLinear  # nothing changed
 
 
 def test_a_group_of_one_leaves_the_model_alone(embedded):
