@@ -217,6 +217,5 @@ def shard(model, group: mx.distributed.Group | None = None) -> Counter:
         model.args, num_attention_heads=split.n_heads, num_key_value_heads=split.n_kv_heads,
         intermediate_size=split.inter[1] - split.inter[0],
     )
-    model.group = group
     mx.eval(model.parameters())
     return counts

@@ -154,8 +154,8 @@ def gpt(group, out: Path) -> None:
     # an uneven split (SmolLM2-135M's head layout, scaled down): 9 query
     # heads on 3 KV heads -> 6 + 3 and 2 + 1; 5 intermediate groups -> 3 + 2
     arrays = {}
-    for label, fuse in (("uneven", True), ("uneven-unfused", False)):
-        model = uneven_model(fuse)
+    for label, fuse, bits in (("uneven", True, 4), ("uneven-unfused", False, 4), ("uneven-float", True, None)):
+        model = uneven_model(fuse, bits)
         prompt = list(range(1, 9))
         arrays[f"{label}/single"] = model(mx.array([prompt]))
         single = list(gpt_loop.generate_tokens(model, prompt, max_tokens=8, sampler=gpt_loop.make_sampler()))
@@ -174,8 +174,9 @@ UNEVEN = {"model_type": "llama", "vocab_size": 64, "hidden_size": 128, "num_hidd
           "rms_norm_eps": 1e-5, "tie_word_embeddings": False}
 
 
-def uneven_model(fuse: bool):
-    """A random llama of UNEVEN's shape, 4-bit in groups of 32 (the same on every rank: seeded)."""
+def uneven_model(fuse: bool, bits: int | None):
+    """A random llama of UNEVEN's shape, `bits`-bit in groups of 32 (None:
+    float nn.Linear layers), the same on every rank (seeded)."""
     from mlx.utils import tree_flatten
 
     from mlx_ext.gpt.load import build_model
@@ -183,7 +184,8 @@ def uneven_model(fuse: bool):
 
     mx.random.seed(19)
     weights = dict(tree_flatten(Model(ModelArgs.from_config(UNEVEN)).parameters()))
-    return build_model(UNEVEN, weights, requantize=True, bits=4, group_size=32, dtype=None, fuse=fuse)
+    return build_model(UNEVEN, weights, requantize=bits is not None, bits=bits or 4, group_size=32, dtype=None,
+                       fuse=fuse)
 
 
 def main() -> int:

@@ -80,12 +80,15 @@ def test_gpt_loop_sharded_greedy_tokens_equal_one_ranks(gpt_run, label):
         assert info["counts"] == counts.get(label, counts["fused"])
 
 
-@pytest.mark.parametrize("label", ["uneven", "uneven-unfused"])
+@pytest.mark.parametrize("label", ["uneven", "uneven-unfused", "uneven-float"])
 def test_gpt_loop_uneven_split_matches_one_rank(gpt_run, label):
     """9 query heads on 3 KV heads and 5 intermediate groups over 2 ranks
     (SmolLM2-135M's layout): rank 0 6 + 2 heads and 3 groups, rank 1 3 + 1
-    and 2; logits and greedy tokens of the unsharded model."""
-    for rank, (heads, kv_heads, inter) in zip(gpt_run, [(6, 2, 96), (3, 1, 64)]):
+    and 2; logits and greedy tokens of the unsharded model. Quantized
+    (fused and not) and float (MLX's AllToShardedLinear / ShardedToAllLinear,
+    whose intermediate width splits by column: 80 + 80)."""
+    inters = (80, 80) if label == "uneven-float" else (96, 64)
+    for rank, (heads, kv_heads, inter) in zip(gpt_run, [(6, 2, inters[0]), (3, 1, inters[1])]):
         info, arrays = rank["info"][label], rank["arrays"]
         assert (info["n_heads"], info["kv_heads"], info["intermediate"]) == (heads, kv_heads, inter)
         assert relative_error(arrays[f"{label}/sharded"], arrays[f"{label}/single"]) < RTOL
