@@ -7,7 +7,7 @@
 
     python -m mlx_ext.generate --sparsity 2:4        # pruned first (Wanda), then generates
 
-    mlx.launch -n 2 -m mlx_ext.generate --model smollm2 --tensor-parallel   # one model over 2 ranks
+    mlx.launch -n 2 --python .venv/bin/python -m mlx_ext.generate --model smollm2 --tensor-parallel
 
 ``--tensor-parallel`` shards the model across the ranks of
 ``mx.distributed.init()`` (``mlx_ext.shard``: heads and the MLP split, two
@@ -19,11 +19,13 @@ the tokens agree.
 """
 
 import argparse
+import os
 import sys
 
 import mlx.core as mx
 
 from . import gpt, unpatch
+from .distributed import shard
 from .sparsify import parse_sparsity, prune_model
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
@@ -69,10 +71,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 def tensor_parallel(model) -> None:
     """--tensor-parallel: shards `model` over mx.distributed's group; every
     rank but 0 prints nothing from here on (its stdout goes to /dev/null)."""
-    import os
-
-    from .distributed import shard
-
     group = mx.distributed.init()
     counts = shard(model, group)
     if group.rank() != 0:
@@ -181,7 +179,7 @@ def main(argv=None) -> int:
             return 1
         try:
             tensor_parallel(model)
-        except ValueError as e:  # shard's errors say what does not divide
+        except ValueError as e:  # shard's errors name what cannot be split
             print(e, file=sys.stderr)
             return 1
     sampler = gpt.make_sampler(args.temp, args.top_p, args.top_k)
