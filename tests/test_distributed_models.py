@@ -58,8 +58,8 @@ def test_mlx_lm_sharded_generate_flow_on_a_patched_model(mlx_lm_run):
     example) on the embedded model: the text of one unsharded process."""
     for rank in mlx_lm_run:
         info = rank["info"]
-        assert info["sharded_report"].startswith(
-            "replaced: 30 QuantizedAllToShardedLinear, 1 QuantizedEmbedding, 12 QuantizedShardedToAllLinear; left: none")
+        assert info["sharded_report"].startswith("replaced: 30 QuantizedAllToShardedLinear, 1 QuantizedEmbedding, "
+                                                 "12 QuantizedShardedToAllLinear; left: none")
         assert info["sharded_text"] == info["single_text"] and len(info["single_text"]) > 10
 
 
