@@ -42,7 +42,7 @@ extern "C" int plan_json(int B, int Hq, int Hkv, int L, int S, int D, int bits, 
     s = "{\"dq\": " + launch_json(p.dq) + ", \"dkv\": " + launch_json(p.dkv) + "}";
   } else {
     const Plan p = plan_forward(pr, {cc_major, 0});
-    s = std::string("{\"path\": \"") + (p.path == Path::mma ? "mma" : "vec") + "\", \"main\": " +
+    s = std::string("{\"path\": \"") + (p.path == Path::mma ? "mma" : p.path == Path::dec ? "dec" : "vec") + "\", \"main\": " +
         launch_json(p.main) + ", \"merge\": " + launch_json(p.merge) + ", \"chunks\": " +
         std::to_string(p.chunks) + ", \"chunk_len\": " + std::to_string(p.chunk_len) +
         ", \"partial_floats\": " + std::to_string(p.partial_floats) + ", \"fits\": " +
@@ -93,7 +93,13 @@ def plan_of(lib, c: Case, backward: bool = False) -> dict:
 
 
 # Constants of csrc/attention/cuda_params.h and cuda_plan.h, spelled out again.
-VEC_THREADS, MERGE_THREADS, MMA_THREADS = 128, 128, 128
+VEC_THREADS, MERGE_THREADS, MMA_THREADS, DEC_THREADS = 128, 128, 128, 128
+DEC_FILL = 264  # kDecFillBlocks
+
+
+def dec_smem(D):
+    # Q's 16 rows, then 4 warps x stages (3 up to D = 128, else 2) x K and V of 16 rows, of 2 D + 16 bytes
+    return (16 + 4 * (3 if D <= 128 else 2) * 2 * 16) * (2 * D + 16)
 
 
 def cdiv(a, b):
@@ -105,23 +111,51 @@ def keys_per_step(D, bits):
     return 4 * (32 // (dmax // 8)) * (8 if bits else 4)
 
 
-def test_decode_4k_splits_the_keys_into_64_key_chunks(lib):
-    # 8 (batch, kv head) units of one 4-row block: 1024 / 8 = 128 chunks wanted,
-    # 4096 / 128 = 32 keys, raised to the 64-key minimum.
-    p = plan_of(lib, Case(S=4096))
+def test_vec_decode_4k_splits_the_keys_into_64_key_chunks(lib):
+    # float32 (no tensor-core decode): 8 (batch, kv head) units of one 4-row
+    # block: 1024 / 8 = 128 chunks wanted, 4096 / 128 = 32 keys, raised to the
+    # 64-key minimum.
+    p = plan_of(lib, Case(S=4096, dtype="float32"))
     assert p["path"] == "vec"
-    assert p["main"] == ("attn_vec_bfloat16_b0_d128", (1, 64, 8), VEC_THREADS, 0)
+    assert p["main"] == ("attn_vec_float32_b0_d128", (1, 64, 8), VEC_THREADS, 0)
     assert (p["chunks"], p["chunk_len"]) == (64, 64)
-    assert p["merge"] == ("attn_merge_bfloat16", (32, 1, 1), MERGE_THREADS, 0)  # a block per row
+    assert p["merge"] == ("attn_merge_float32", (32, 1, 1), MERGE_THREADS, 0)  # a block per row
     assert p["partial_floats"] == 64 * 32 * (128 + 2)
 
 
 @pytest.mark.parametrize("S,chunk", [(32768, 256), (131072, 1024), (1000, 64), (100, 64)])
-def test_decode_chunks(lib, S, chunk):
-    p = plan_of(lib, Case(S=S))
+def test_vec_decode_chunks(lib, S, chunk):
+    p = plan_of(lib, Case(S=S, dtype="float32"))
     assert p["chunk_len"] == chunk
     assert p["chunks"] == cdiv(S, chunk)
     assert p["main"][1] == (1, cdiv(S, chunk), 8)
+
+
+@pytest.mark.parametrize("S,chunk,chunks", [
+    # one 16-row block of each of the 8 kv heads: 264 / 8 = 33 chunks wanted,
+    # ceil(S / 33) keys rounded up to a multiple of 64 (4 warps x 16 keys)
+    (4096, 128, 32), (32768, 1024, 32), (131072, 4032, 33),
+    (100, 64, 2), (0, 64, 1), (1, 64, 1),
+])
+def test_16bit_decode_takes_the_tensor_core_kernel(lib, S, chunk, chunks):
+    p = plan_of(lib, Case(S=S))
+    assert p["path"] == "dec"
+    assert p["main"] == ("attn_dec_bfloat16_d128", (1, chunks, 8), DEC_THREADS, dec_smem(128))
+    assert dec_smem(128) == 108800  # two blocks per SM of an H100/H200 (228 KB)
+    assert (p["chunks"], p["chunk_len"]) == (chunks, chunk)
+    assert p["merge"] == ("attn_merge_bfloat16", (32, 1, 1), MERGE_THREADS, 0)
+    assert p["partial_floats"] == chunks * 32 * (128 + 2)
+
+
+def test_tensor_core_decode_row_blocks(lib):
+    # G L rows of one kv head in blocks of 16: G = 4, L = 8 -> 2 blocks; 16
+    # units of 8 kv heads x 2 blocks: ceil(264 / 16) = 17 chunks wanted.
+    p = plan_of(lib, Case(S=8192, L=8, D=256, dtype="float16"))
+    assert p["main"] == ("attn_dec_float16_d256", (2, 16, 8), DEC_THREADS, dec_smem(256))
+    assert p["chunk_len"] == 512  # ceil(8192 / 17) = 482 -> 512
+    p = plan_of(lib, Case(S=8192, L=15, D=64, B=4, Hq=64, Hkv=4))  # 16 x 15 rows: 15 blocks x 16 units
+    assert p["main"] == ("attn_dec_bfloat16_d64", (15, 2, 16), DEC_THREADS, dec_smem(64))
+    assert p["chunk_len"] == 4096
 
 
 def test_quantized_decode_reads_codes(lib):
@@ -134,10 +168,10 @@ def test_quantized_decode_reads_codes(lib):
 
 
 def test_head_dims_pick_the_lane_layout(lib):
-    assert plan_of(lib, Case(D=64))["main"][0] == "attn_vec_bfloat16_b0_d64"
-    assert plan_of(lib, Case(D=96))["main"][0] == "attn_vec_bfloat16_b0_d128"
+    assert plan_of(lib, Case(D=64, dtype="float32"))["main"][0] == "attn_vec_float32_b0_d64"
+    assert plan_of(lib, Case(D=96))["main"][0] == "attn_vec_bfloat16_b0_d128"  # not a dec head dim
     assert plan_of(lib, Case(D=136))["main"][0] == "attn_vec_bfloat16_b0_d256"
-    assert plan_of(lib, Case(D=256, S=64))["chunk_len"] == 64
+    assert plan_of(lib, Case(D=256, S=64, dtype="float32"))["chunk_len"] == 64
 
 
 def test_prefill_takes_the_tensor_core_kernel(lib):
@@ -150,7 +184,14 @@ def test_prefill_takes_the_tensor_core_kernel(lib):
 
 
 @pytest.mark.parametrize("case,path", [
-    (Case(L=15, S=100), "vec"),  # below 16 queries
+    (Case(L=15, S=100), "dec"),  # below 16 queries
+    (Case(L=1, S=100, dtype="float16"), "dec"),
+    (Case(L=1, S=100, dtype="float32"), "vec"),  # no float32 tensor-core kernel
+    (Case(L=1, S=100, bits=8), "vec"),  # quantized K/V
+    (Case(L=1, S=100, bits=4), "vec"),
+    (Case(L=1, S=100, D=96), "vec"),  # head dims of the dec instances only
+    (Case(L=1, S=100, D=192), "vec"),
+    (Case(L=1, S=100, cc=7), "vec"),  # below sm_80
     (Case(L=16, S=100), "mma"),
     (Case(L=64, S=100, dtype="float32"), "vec"),  # no float32 tensor-core kernel
     (Case(L=64, S=100, bits=4), "vec"),  # quantized K/V
@@ -190,9 +231,14 @@ def test_the_key_split_covers_every_key_once(lib, L, S, D, B, Hkv, G, bits, dtyp
         assert dtype != "float32" and bits == 0 and L >= 16 and D in (64, 96, 128, 192, 256)
         return
     chunks, chunk_len = p["chunks"], p["chunk_len"]
-    assert chunk_len % keys_per_step(D, bits) == 0
+    rows = B * G * Hkv * L
     assert 1 <= chunks <= 1024
     assert (chunks - 1) * chunk_len < max(S, 1) <= chunks * chunk_len
-    rows = B * G * Hkv * L
     assert p["partial_floats"] == chunks * rows * (D + 2)
+    if p["path"] == "dec":
+        assert dtype != "float32" and bits == 0 and L < 16 and D in (64, 128, 256)
+        assert chunk_len % 64 == 0
+        assert p["main"][1] == (cdiv(G * L, 16), chunks, B * Hkv)
+        return
+    assert chunk_len % keys_per_step(D, bits) == 0
     assert p["main"][1] == (cdiv(G * L, 4), chunks, B * Hkv)
