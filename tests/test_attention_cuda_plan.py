@@ -33,9 +33,9 @@ static std::string launch_json(const KernelLaunch& l) {
   return buf;
 }
 
-extern "C" int plan_json(int B, int Hq, int Hkv, int L, int S, int D, int bits, const char* dtype,
-    int cc_major, int backward, char* out, int size) {
-  const Problem pr{B, Hq, Hkv, L, S, D, bits, dtype};
+extern "C" int plan_json(int B, int Hq, int Hkv, int L, int S, int D, int bits, int group_size,
+    int kv_aligned, const char* dtype, int cc_major, int backward, char* out, int size) {
+  const Problem pr{B, Hq, Hkv, L, S, D, bits, dtype, group_size, kv_aligned != 0};
   std::string s;
   if (backward) {
     const BackwardPlan p = plan_backward(pr);
@@ -61,7 +61,7 @@ def lib():
     except native_build.CompilerMissing as e:
         pytest.skip(str(e))
     lib.plan_json.restype = ctypes.c_int
-    lib.plan_json.argtypes = [*[ctypes.c_int] * 7, ctypes.c_char_p, ctypes.c_int, ctypes.c_int,
+    lib.plan_json.argtypes = [*[ctypes.c_int] * 9, ctypes.c_char_p, ctypes.c_int, ctypes.c_int,
                               ctypes.c_char_p, ctypes.c_int]
     return lib
 
@@ -77,11 +77,13 @@ class Case:
     bits: int = 0
     dtype: str = "bfloat16"
     cc: int = 9
+    gs: int = 64
+    aligned: bool = True
 
 
 def plan_of(lib, c: Case, backward: bool = False) -> dict:
     buf = ctypes.create_string_buffer(2048)
-    n = lib.plan_json(c.B, c.Hq, c.Hkv, c.L, c.S, c.D, c.bits, c.dtype.encode(), c.cc,
+    n = lib.plan_json(c.B, c.Hq, c.Hkv, c.L, c.S, c.D, c.bits, c.gs, int(c.aligned), c.dtype.encode(), c.cc,
                       int(backward), buf, len(buf))
     assert n <= len(buf)
     p = json.loads(buf.value)
@@ -97,8 +99,12 @@ VEC_THREADS, MERGE_THREADS, MMA_THREADS, DEC_THREADS = 128, 128, 128, 128
 DEC_FILL = 264  # kDecFillBlocks
 
 
-def dec_smem(D):
-    # Q's 16 rows, then 4 warps x stages (3 up to D = 128, else 2) x K and V of 16 rows, of 2 D + 16 bytes
+def dec_smem(D, bits=0):
+    # Q's 16 rows of 2 D + 16 bytes, then 4 warps x stages of K and V tiles of 16 keys:
+    # 16-bit: 3 stages up to D = 128, else 2, rows of 2 D + 16 bytes;
+    # codes: 4 stages, rows of D bits / 8 + 16 bytes, then scales and biases of K and V (D bytes each)
+    if bits:
+        return 16 * (2 * D + 16) + 4 * 4 * (2 * 16 * (D * bits // 8 + 16) + 4 * D)
     return (16 + 4 * (3 if D <= 128 else 2) * 2 * 16) * (2 * D + 16)
 
 
@@ -140,7 +146,7 @@ def test_vec_decode_chunks(lib, S, chunk):
 def test_16bit_decode_takes_the_tensor_core_kernel(lib, S, chunk, chunks):
     p = plan_of(lib, Case(S=S))
     assert p["path"] == "dec"
-    assert p["main"] == ("attn_dec_bfloat16_d128", (1, chunks, 8), DEC_THREADS, dec_smem(128))
+    assert p["main"] == ("attn_dec_bfloat16_b0_d128", (1, chunks, 8), DEC_THREADS, dec_smem(128))
     assert dec_smem(128) == 108800  # two blocks per SM of an H100/H200 (228 KB)
     assert (p["chunks"], p["chunk_len"]) == (chunks, chunk)
     assert p["merge"] == ("attn_merge_bfloat16", (32, 1, 1), MERGE_THREADS, 0)
@@ -151,16 +157,26 @@ def test_tensor_core_decode_row_blocks(lib):
     # G L rows of one kv head in blocks of 16: G = 4, L = 8 -> 2 blocks; 16
     # units of 8 kv heads x 2 blocks: ceil(264 / 16) = 17 chunks wanted.
     p = plan_of(lib, Case(S=8192, L=8, D=256, dtype="float16"))
-    assert p["main"] == ("attn_dec_float16_d256", (2, 16, 8), DEC_THREADS, dec_smem(256))
+    assert p["main"] == ("attn_dec_float16_b0_d256", (2, 16, 8), DEC_THREADS, dec_smem(256))
     assert p["chunk_len"] == 512  # ceil(8192 / 17) = 482 -> 512
     p = plan_of(lib, Case(S=8192, L=15, D=64, B=4, Hq=64, Hkv=4))  # 16 x 15 rows: 15 blocks x 16 units
-    assert p["main"] == ("attn_dec_bfloat16_d64", (15, 2, 16), DEC_THREADS, dec_smem(64))
+    assert p["main"] == ("attn_dec_bfloat16_b0_d64", (15, 2, 16), DEC_THREADS, dec_smem(64))
     assert p["chunk_len"] == 4096
 
 
 def test_quantized_decode_reads_codes(lib):
     p = plan_of(lib, Case(S=32768, bits=8))
-    assert p["main"][0] == "attn_vec_bfloat16_b8_d128"
+    assert p["main"] == ("attn_dec_bfloat16_b8_d128", (1, 32, 8), DEC_THREADS, dec_smem(128, 8))
+    assert dec_smem(128, 8) == 86272
+    assert p["chunk_len"] == 1024
+    p = plan_of(lib, Case(S=32768, bits=4, dtype="float16", D=256, gs=128))
+    assert p["main"] == ("attn_dec_float16_b4_d256", (1, 32, 8), DEC_THREADS, dec_smem(256, 4))
+    # attn_vec where the codes' layout does not fit attn_dec_q
+    assert plan_of(lib, Case(S=32768, bits=8, gs=128))["main"][0] == "attn_vec_bfloat16_b8_d128"  # one group
+    assert plan_of(lib, Case(S=32768, bits=4, gs=32))["main"][0] == "attn_vec_bfloat16_b4_d128"  # 4-bit, 32
+    assert plan_of(lib, Case(S=32768, bits=8, aligned=False))["main"][0] == "attn_vec_bfloat16_b8_d128"
+    p = plan_of(lib, Case(S=32768, bits=8, dtype="float32"))
+    assert p["main"][0] == "attn_vec_float32_b8_d128"
     assert p["chunk_len"] == 256  # a multiple of 64, the 8-bit kernel's keys per step
     p = plan_of(lib, Case(S=32768, bits=4, dtype="float16", L=20))
     assert p["path"] == "vec" and p["main"][0] == "attn_vec_float16_b4_d128"
@@ -187,8 +203,12 @@ def test_prefill_takes_the_tensor_core_kernel(lib):
     (Case(L=15, S=100), "dec"),  # below 16 queries
     (Case(L=1, S=100, dtype="float16"), "dec"),
     (Case(L=1, S=100, dtype="float32"), "vec"),  # no float32 tensor-core kernel
-    (Case(L=1, S=100, bits=8), "vec"),  # quantized K/V
-    (Case(L=1, S=100, bits=4), "vec"),
+    (Case(L=1, S=100, bits=8), "dec"),  # quantized K/V, groups of 64: pairs of groups
+    (Case(L=1, S=100, bits=4), "dec"),
+    (Case(L=1, S=100, bits=8, gs=32), "dec"),
+    (Case(L=1, S=100, bits=4, gs=32), "vec"),  # a 4-bit word column spans 64 values
+    (Case(L=1, S=100, bits=8, D=64), "vec"),  # one group per row
+    (Case(L=1, S=100, bits=8, D=64, gs=32), "dec"),
     (Case(L=1, S=100, D=96), "vec"),  # head dims of the dec instances only
     (Case(L=1, S=100, D=192), "vec"),
     (Case(L=1, S=100, cc=7), "vec"),  # below sm_80
@@ -222,9 +242,10 @@ def test_backward(lib):
 @settings(max_examples=300, deadline=None)
 @given(L=st.integers(1, 5000), S=st.integers(0, 1 << 22), D=st.sampled_from([8, 64, 96, 128, 200, 256]),
        B=st.integers(1, 4), Hkv=st.sampled_from([1, 2, 8]), G=st.sampled_from([1, 4, 7]),
-       bits=st.sampled_from([0, 4, 8]), dtype=st.sampled_from(["float32", "float16", "bfloat16"]))
-def test_the_key_split_covers_every_key_once(lib, L, S, D, B, Hkv, G, bits, dtype):
-    c = Case(L=L, S=S, D=D, B=B, Hq=G * Hkv, Hkv=Hkv, bits=bits, dtype=dtype)
+       bits=st.sampled_from([0, 4, 8]), dtype=st.sampled_from(["float32", "float16", "bfloat16"]),
+       gs=st.sampled_from([32, 64, 128]))
+def test_the_key_split_covers_every_key_once(lib, L, S, D, B, Hkv, G, bits, dtype, gs):
+    c = Case(L=L, S=S, D=D, B=B, Hq=G * Hkv, Hkv=Hkv, bits=bits, dtype=dtype, gs=gs)
     p = plan_of(lib, c)
     assert p["fits"] == 1
     if p["path"] == "mma":
@@ -236,7 +257,9 @@ def test_the_key_split_covers_every_key_once(lib, L, S, D, B, Hkv, G, bits, dtyp
     assert (chunks - 1) * chunk_len < max(S, 1) <= chunks * chunk_len
     assert p["partial_floats"] == chunks * rows * (D + 2)
     if p["path"] == "dec":
-        assert dtype != "float32" and bits == 0 and L < 16 and D in (64, 128, 256)
+        assert dtype != "float32" and L < 16 and D in (64, 128, 256)
+        if bits:
+            assert D % gs == 0 and (D // gs) % 2 == 0 and gs >= (32 if bits == 8 else 64)
         assert chunk_len % 64 == 0
         assert p["main"][1] == (cdiv(G * L, 16), chunks, B * Hkv)
         return

@@ -42,7 +42,10 @@ std::map<std::string, const void*> kernel_table() {
 #define MMA(NAME, D) t["attn_mma_" #NAME "_d" #D] = (const void*)attn_mma_##NAME##_d##D;
 #define MMA_D(NAME) MMA(NAME, 64) MMA(NAME, 96) MMA(NAME, 128) MMA(NAME, 192) MMA(NAME, 256)
   MMA_D(float16) MMA_D(bfloat16)
-#define DEC(NAME, D) t["attn_dec_" #NAME "_d" #D] = (const void*)attn_dec_##NAME##_d##D;
+#define DEC(NAME, D)                                                                       \
+  t["attn_dec_" #NAME "_b0_d" #D] = (const void*)attn_dec_##NAME##_b0_d##D;                  \
+  t["attn_dec_" #NAME "_b8_d" #D] = (const void*)attn_dec_##NAME##_b8_d##D;                  \
+  t["attn_dec_" #NAME "_b4_d" #D] = (const void*)attn_dec_##NAME##_b4_d##D;
 #define DEC_D(NAME) DEC(NAME, 64) DEC(NAME, 128) DEC(NAME, 256)
   DEC_D(float16) DEC_D(bfloat16)
   return t;
@@ -214,7 +217,7 @@ struct Problem {
   // The plan on an H100/H200, or (force == 1) the one for a GPU below sm_80,
   // which never takes the tensor-core kernel.
   plan_ns::Plan plan() const {
-    const plan_ns::Problem pr{c.B, c.Hq, c.Hkv, c.L, c.S, c.D, c.bits, dtype_name(c.dtype)};
+    const plan_ns::Problem pr{c.B, c.Hq, c.Hkv, c.L, c.S, c.D, c.bits, dtype_name(c.dtype), c.gs};
     return plan_ns::plan_forward(pr, {c.force == 1 ? 7 : 9, 0}, c.dec_fill ? c.dec_fill : plan_ns::kDecFillBlocks);
   }
 
@@ -415,8 +418,8 @@ struct Problem {
 
 std::string describe(const Case& c, const plan_ns::Plan& pl) {
   char buf[512];
-  std::snprintf(buf, sizeof buf, "%s [%s B=%d Hq=%d Hkv=%d L=%d S=%d cap=%d D=%d bits=%d%s%s%s%s%s%s] %s", c.name.c_str(),
-                dtype_name(c.dtype), c.B, c.Hq, c.Hkv, c.L, c.S, c.cap ? c.cap : c.S, c.D, c.bits,
+  std::snprintf(buf, sizeof buf, "%s [%s B=%d Hq=%d Hkv=%d L=%d S=%d cap=%d D=%d bits=%d gs=%d%s%s%s%s%s%s] %s", c.name.c_str(),
+                dtype_name(c.dtype), c.B, c.Hq, c.Hkv, c.L, c.S, c.cap ? c.cap : c.S, c.D, c.bits, c.gs,
                 c.causal ? " causal" : "", c.window ? " window" : "", c.sinks ? " sinks" : "",
                 c.kv_lengths ? " kv_lengths" : "", c.mask == 1 ? " bool-mask" : c.mask == 2 ? " add-mask" : "",
                 c.force == 1 ? " forced-vec" : "", pl.main.kernel.c_str());
@@ -498,9 +501,18 @@ int main(int argc, char** argv) {
   // attn_dec's row blocks: G L rows of one kv head per block of 16 (G = 8,
   // L = 3: two blocks, the second part empty), f16, every option at once.
   for (int t : {BF16, F16})
+    for (int bits : {8, 4})
+      for (int D : {64, 128, 256})
+        for (int gs : {32, 64, 128}) { // attn_dec_q's group layouts (the others: attn_vec)
+          Case c = small("decode quantized groups");
+          c.dtype = t, c.bits = bits, c.D = D, c.gs = gs, c.S = 203;
+          check_case(c);
+        }
+  for (int t : {BF16, F16})
+    for (int bits : {0, 8, 4})
     for (int D : {64, 128, 256}) {
       Case c = small("decode rows");
-      c.dtype = t, c.D = D, c.Hq = 16, c.Hkv = 2, c.L = 3, c.S = 1000, c.cap = 1037;
+      c.dtype = t, c.bits = bits, c.gs = 32 * (1 + (bits == 4)), c.D = D, c.Hq = 16, c.Hkv = 2, c.L = 3, c.S = 1000, c.cap = 1037;
       check_case(c);
       c.name = "decode rows all", c.causal = true, c.window = 300, c.sinks = true, c.kv_lengths = true, c.B = 3;
       check_case(c);
@@ -581,11 +593,11 @@ int main(int argc, char** argv) {
   struct Variant {
     int bits, sliced, force, fill;
   };
-  // bf16 on the plan's kernel (attn_dec), sliced, on attn_vec as before (the
-  // same run's comparison), attn_dec with half and twice the plan's blocks;
-  // then the quantized rows (attn_vec).
-  const std::vector<Variant> variants = {
-      {0, 0, -1, 0}, {0, 1, -1, 0}, {0, 0, 1, 0}, {0, 0, -1, 132}, {0, 0, -1, 528}, {8, 0, -1, 0}, {4, 0, -1, 0}};
+  // bf16 and 8- / 4-bit K/V (group size 64) on the plan's kernels (attn_dec,
+  // attn_dec_q), bf16 sliced, each on attn_vec as before (the same run's
+  // comparison), attn_dec with half and twice the plan's blocks.
+  const std::vector<Variant> variants = {{0, 0, -1, 0}, {0, 1, -1, 0}, {8, 0, -1, 0}, {4, 0, -1, 0},
+      {0, 0, 1, 0}, {8, 0, 1, 0}, {4, 0, 1, 0}, {0, 0, -1, 132}, {0, 0, -1, 528}};
   for (const Variant& va : variants)
     for (int S : {4096, 32768, 131072}) {
         const int bits = va.bits, sliced = va.sliced;

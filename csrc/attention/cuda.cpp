@@ -114,7 +114,11 @@ AttnParams attention_params(const AttentionConfig& c, const std::vector<mx::arra
 }
 
 attn_plan::Problem problem(const AttnParams& p, const mx::array& q) {
-  return {p.B, p.Hq, p.Hkv, p.L, p.S, p.D, p.bits, kernel_dtype_name(q.dtype())};
+  auto aligned = [](const void* x, int align) { return reinterpret_cast<uintptr_t>(x) % align == 0; };
+  const bool kv_aligned = !p.bits ||
+      (aligned(p.k.x.data, 16) && aligned(p.v.x.data, 16) && aligned(p.k.scales.data, 4) &&
+       aligned(p.k.biases.data, 4) && aligned(p.v.scales.data, 4) && aligned(p.v.biases.data, 4));
+  return {p.B, p.Hq, p.Hkv, p.L, p.S, p.D, p.bits, kernel_dtype_name(q.dtype()), p.group_size, kv_aligned};
 }
 
 void check_device(const mx::cu::Device& device) {

@@ -121,6 +121,17 @@ constexpr MLX_EXT_HOST_DEVICE int dec_smem_bytes(int D) {
 }
 // Keys a block's warps take per round: a chunk's length is a multiple of it.
 constexpr int DEC_KEYS_PER_ROUND = DEC_WARPS * DEC_KEYS;
+// Quantized K/V (attn_dec_q): a stage holds the tile's K and V codes (rows
+// of D * bits / 8 bytes padded by 16) and their scales and biases (D bytes
+// each: DEC_KEYS keys x at most D / 32 groups of 16-bit values); 4 stages.
+constexpr int DEC_Q_STAGES = 4;
+constexpr MLX_EXT_HOST_DEVICE int dec_q_code_row_bytes(int D, int bits) { return D * bits / 8 + 16; }
+constexpr MLX_EXT_HOST_DEVICE int dec_q_stage_bytes(int D, int bits) {
+  return 2 * DEC_KEYS * dec_q_code_row_bytes(D, bits) + 4 * D;
+}
+constexpr MLX_EXT_HOST_DEVICE int dec_q_smem_bytes(int D, int bits) {
+  return DEC_ROWS * dec_row_bytes(D) + DEC_WARPS * DEC_Q_STAGES * dec_q_stage_bytes(D, bits);
+}
 
 // The backward on CUDA cores (attn_bwd.cu): the vec kernel's lane layout;
 // dq over blocks of BWD_ROWS rows, dk / dv over blocks of BWD_KEYS keys of

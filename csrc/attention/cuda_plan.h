@@ -42,6 +42,10 @@ struct Problem {
   int B, Hq, Hkv, L, S, D;
   int bits; // 0: float K/V
   std::string dtype; // of q (and out, float K/V, scales), as common/kernel_names.h spells it
+  int group_size = 64; // quantized K/V
+  // Quantized K/V: codes 16-byte and scales / biases 4-byte aligned, as
+  // attn_dec_q's cp.async copies them (MLX's buffers are; a view may not be).
+  bool kv_aligned = true;
 };
 
 struct Gpu {
@@ -70,14 +74,25 @@ inline bool mma_applies(const Problem& p, const Gpu& gpu) {
       mma_head_dim(p.D) && p.L >= kMmaMinL;
 }
 
-// The tensor-core decode (attn_dec_mma.cu): 16-bit q and K/V, its head dims;
-// every mask kind, sinks, kv_lengths, windows and sliced caches as attn_vec.
-// Quantized K/V and float32 stay on attn_vec.
+// The tensor-core decode (attn_dec_mma.cu): 16-bit q, its head dims; every
+// mask kind, sinks, kv_lengths, windows and sliced caches as attn_vec.
+// 16-bit K/V, or 8- / 4-bit codes whose groups come in pairs (scales copied
+// 4 bytes at a time) and cover whole column blocks of P V (32 values of D
+// for 8-bit codes, 64 for 4-bit ones), aligned. float32 and the other
+// quantized layouts stay on attn_vec.
 inline bool dec_head_dim(int D) { return D == 64 || D == 128 || D == 256; }
 
+inline bool dec_quantized_layout(const Problem& p) {
+  if (p.bits == 0) return true;
+  if (p.bits != 8 && p.bits != 4) return false;
+  const int gs = p.group_size;
+  return (gs == 32 || gs == 64 || gs == 128) && p.D % gs == 0 && (p.D / gs) % 2 == 0 &&
+      gs >= (p.bits == 8 ? 32 : 64) && p.kv_aligned;
+}
+
 inline bool dec_applies(const Problem& p, const Gpu& gpu) {
-  return gpu.cc_major >= kMinComputeCapability && p.bits == 0 && p.dtype != "float32" && dec_head_dim(p.D) &&
-      p.L < kMmaMinL;
+  return gpu.cc_major >= kMinComputeCapability && p.dtype != "float32" && dec_head_dim(p.D) && p.L < kMmaMinL &&
+      dec_quantized_layout(p);
 }
 
 // Keys per chunk of a split-K kernel that takes `units` (batch, kv head, row
@@ -106,8 +121,9 @@ inline Plan plan_forward(const Problem& p, const Gpu& gpu, int64_t dec_fill = kD
     plan.chunks = int(ceil_div(S, chunk_len));
     plan.chunk_len = int(chunk_len);
     plan.partial_floats = plan.chunks * rows * (p.D + 2);
-    plan.main = {"attn_dec_" + p.dtype + "_d" + std::to_string(p.D),
-        {row_blocks, plan.chunks, int64_t(p.B) * p.Hkv}, DEC_THREADS, dec_smem_bytes(p.D)};
+    plan.main = {"attn_dec_" + p.dtype + "_b" + std::to_string(p.bits) + "_d" + std::to_string(p.D),
+        {row_blocks, plan.chunks, int64_t(p.B) * p.Hkv}, DEC_THREADS,
+        p.bits ? dec_q_smem_bytes(p.D, p.bits) : dec_smem_bytes(p.D)};
     plan.merge = {"attn_merge_" + p.dtype, {rows, 1, 1}, MERGE_THREADS, 0};
     return plan;
   }
