@@ -17,9 +17,10 @@ namespace mlx_ext::cuda::attn_plan {
 
 // mma.sync with bfloat16 and cp.async: the kernels need Ampere or newer.
 constexpr int kMinComputeCapability = 8;
-// The tensor-core kernel takes 64 query rows of one head per block: it takes
-// over from attn_vec (VEC_ROWS rows of one kv head per block, every query
-// head of it sharing each K/V load) from this many queries on.
+// The tensor-core prefill takes 64 query rows of one head per block: it takes
+// over from the decode kernels (attn_dec: 16 rows of one kv head per block;
+// attn_vec: VEC_ROWS), whose blocks share each K/V load among a kv head's
+// query heads, from this many queries on.
 constexpr int kMmaMinL = 16;
 // attn_vec: when (batch, kv head, row block) units give fewer blocks than
 // this, the keys are cut into chunks (each at least kMinChunk keys, a
@@ -81,12 +82,18 @@ inline bool mma_applies(const Problem& p, const Gpu& gpu) {
 // for 8-bit codes, 64 for 4-bit ones), aligned. float32 and the other
 // quantized layouts stay on attn_vec.
 inline bool dec_head_dim(int D) { return D == 64 || D == 128 || D == 256; }
+// attn_dec_q reads groups of 32 (8-bit) and 128 too, but only group size 64
+// (mlx-lm's QuantizedKVCache default) has been checked on a GPU so far
+// (bench/cuda/attention.cu checks the others when built with this set).
+#ifndef MLX_EXT_DEC_Q_ALL_GROUPS
+#define MLX_EXT_DEC_Q_ALL_GROUPS 0
+#endif
 
 inline bool dec_quantized_layout(const Problem& p) {
   if (p.bits == 0) return true;
   if (p.bits != 8 && p.bits != 4) return false;
   const int gs = p.group_size;
-  return (gs == 32 || gs == 64 || gs == 128) && p.D % gs == 0 && (p.D / gs) % 2 == 0 &&
+  return (gs == 64 || (MLX_EXT_DEC_Q_ALL_GROUPS && (gs == 32 || gs == 128))) && p.D % gs == 0 && (p.D / gs) % 2 == 0 &&
       gs >= (p.bits == 8 ? 32 : 64) && p.kv_aligned;
 }
 
