@@ -34,14 +34,14 @@ static std::string launch_json(const KernelLaunch& l) {
 }
 
 extern "C" int plan_json(int B, int Hq, int Hkv, int L, int S, int D, int bits, int group_size,
-    int kv_aligned, const char* dtype, int cc_major, int backward, char* out, int size) {
+    int kv_aligned, int smem_optin, const char* dtype, int cc_major, int backward, char* out, int size) {
   const Problem pr{B, Hq, Hkv, L, S, D, bits, dtype, group_size, kv_aligned != 0};
   std::string s;
   if (backward) {
     const BackwardPlan p = plan_backward(pr);
     s = "{\"dq\": " + launch_json(p.dq) + ", \"dkv\": " + launch_json(p.dkv) + "}";
   } else {
-    const Plan p = plan_forward(pr, {cc_major, 0});
+    const Plan p = plan_forward(pr, {cc_major, 0, smem_optin});
     s = std::string("{\"path\": \"") + (p.path == Path::mma ? "mma" : p.path == Path::dec ? "dec" : "vec") + "\", \"main\": " +
         launch_json(p.main) + ", \"merge\": " + launch_json(p.merge) + ", \"chunks\": " +
         std::to_string(p.chunks) + ", \"chunk_len\": " + std::to_string(p.chunk_len) +
@@ -61,7 +61,7 @@ def lib():
     except native_build.CompilerMissing as e:
         pytest.skip(str(e))
     lib.plan_json.restype = ctypes.c_int
-    lib.plan_json.argtypes = [*[ctypes.c_int] * 9, ctypes.c_char_p, ctypes.c_int, ctypes.c_int,
+    lib.plan_json.argtypes = [*[ctypes.c_int] * 10, ctypes.c_char_p, ctypes.c_int, ctypes.c_int,
                               ctypes.c_char_p, ctypes.c_int]
     return lib
 
@@ -79,11 +79,12 @@ class Case:
     cc: int = 9
     gs: int = 64
     aligned: bool = True
+    smem: int = 227 * 1024  # opt-in shared memory per block (an H100/H200's)
 
 
 def plan_of(lib, c: Case, backward: bool = False) -> dict:
     buf = ctypes.create_string_buffer(2048)
-    n = lib.plan_json(c.B, c.Hq, c.Hkv, c.L, c.S, c.D, c.bits, c.gs, int(c.aligned), c.dtype.encode(), c.cc,
+    n = lib.plan_json(c.B, c.Hq, c.Hkv, c.L, c.S, c.D, c.bits, c.gs, int(c.aligned), c.smem, c.dtype.encode(), c.cc,
                       int(backward), buf, len(buf))
     assert n <= len(buf)
     p = json.loads(buf.value)
@@ -213,6 +214,11 @@ def test_prefill_takes_the_tensor_core_kernel(lib):
     (Case(L=1, S=100, D=96), "vec"),  # head dims of the dec instances only
     (Case(L=1, S=100, D=192), "vec"),
     (Case(L=1, S=100, cc=7), "vec"),  # below sm_80
+    (Case(L=1, S=100, smem=99 * 1024), "vec"),  # sm_86 / sm_89: 99 KB < 106 KB
+    (Case(L=1, S=100, D=64, smem=99 * 1024), "dec"),
+    (Case(L=1, S=100, bits=8, smem=99 * 1024), "dec"),  # 84 KB
+    (Case(L=1, S=100, bits=8, D=256, smem=163 * 1024), "dec"),  # sm_80's 163 KB: 160.25 KB fits
+    (Case(L=1, S=100, D=256, smem=99 * 1024), "vec"),  # 140.25 KB
     (Case(L=16, S=100), "mma"),
     (Case(L=64, S=100, dtype="float32"), "vec"),  # no float32 tensor-core kernel
     (Case(L=64, S=100, bits=4), "vec"),  # quantized K/V

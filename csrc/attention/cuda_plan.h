@@ -51,6 +51,10 @@ struct Problem {
 
 struct Gpu {
   int cc_major, cc_minor; // compute capability
+  // Dynamic shared memory a block may opt in to (an H100/H200's by default;
+  // cuda.cpp reads the device's): attn_dec needs up to 160 KB, more than
+  // sm_86 / sm_89 / sm_120 GPUs give (99 KB).
+  int smem_optin = 227 * 1024;
 };
 
 enum class Path {
@@ -97,9 +101,11 @@ inline bool dec_quantized_layout(const Problem& p) {
       gs >= (p.bits == 8 ? 32 : 64) && p.kv_aligned;
 }
 
+inline int dec_smem(const Problem& p) { return p.bits ? dec_q_smem_bytes(p.D, p.bits) : dec_smem_bytes(p.D); }
+
 inline bool dec_applies(const Problem& p, const Gpu& gpu) {
   return gpu.cc_major >= kMinComputeCapability && p.dtype != "float32" && dec_head_dim(p.D) && p.L < kMmaMinL &&
-      dec_quantized_layout(p);
+      dec_quantized_layout(p) && dec_smem(p) <= gpu.smem_optin;
 }
 
 // Keys per chunk of a split-K kernel that takes `units` (batch, kv head, row
@@ -129,8 +135,7 @@ inline Plan plan_forward(const Problem& p, const Gpu& gpu, int64_t dec_fill = kD
     plan.chunk_len = int(chunk_len);
     plan.partial_floats = plan.chunks * rows * (p.D + 2);
     plan.main = {"attn_dec_" + p.dtype + "_b" + std::to_string(p.bits) + "_d" + std::to_string(p.D),
-        {row_blocks, plan.chunks, int64_t(p.B) * p.Hkv}, DEC_THREADS,
-        p.bits ? dec_q_smem_bytes(p.D, p.bits) : dec_smem_bytes(p.D)};
+        {row_blocks, plan.chunks, int64_t(p.B) * p.Hkv}, DEC_THREADS, dec_smem(p)};
     plan.merge = {"attn_merge_" + p.dtype, {rows, 1, 1}, MERGE_THREADS, 0};
     return plan;
   }
