@@ -8,12 +8,16 @@
 //        bench/cuda/attention.cu -o /tmp/attention_kernels && /tmp/attention_kernels
 //   ... --checks-only     the checks alone
 //   ... --small           the checks on small shapes alone (for compute-sanitizer)
+//   ... --decode-only     the checks, then the decode timings alone
+// -DMLX_EXT_DEC_Q_ALL_GROUPS=1: the plan sends every group layout attn_dec_q
+// can read to it (by default only group size 64, the one checked on a GPU).
 //
 // (scripts/gpu_kernels.sh attention builds and runs it on the GPU machine.)
 // Prints one line per check and per timing; exits non-zero if a check fails.
 #include <map>
 
 #include "attention/attn_bwd.cu"
+#include "attention/attn_dec_mma.cu"
 #include "attention/attn_mma.cu"
 #include "attention/attn_vec.cu"
 #include "attention/cuda_plan.h"
@@ -40,6 +44,12 @@ std::map<std::string, const void*> kernel_table() {
 #define MMA(NAME, D) t["attn_mma_" #NAME "_d" #D] = (const void*)attn_mma_##NAME##_d##D;
 #define MMA_D(NAME) MMA(NAME, 64) MMA(NAME, 96) MMA(NAME, 128) MMA(NAME, 192) MMA(NAME, 256)
   MMA_D(float16) MMA_D(bfloat16)
+#define DEC(NAME, D)                                                                       \
+  t["attn_dec_" #NAME "_b0_d" #D] = (const void*)attn_dec_##NAME##_b0_d##D;                  \
+  t["attn_dec_" #NAME "_b8_d" #D] = (const void*)attn_dec_##NAME##_b8_d##D;                  \
+  t["attn_dec_" #NAME "_b4_d" #D] = (const void*)attn_dec_##NAME##_b4_d##D;
+#define DEC_D(NAME) DEC(NAME, 64) DEC(NAME, 128) DEC(NAME, 256)
+  DEC_D(float16) DEC_D(bfloat16)
   return t;
 }
 
@@ -73,7 +83,8 @@ struct Case {
   bool sinks = false, kv_lengths = false;
   int mask = 0; // 1 bool, 2 additive: shape (B, 1, L, S)
   int cap = 0; // rows per (batch, kv head) of the K/V buffers (>= S; 0: S)
-  int force = -1; // -1: the plan's path; 0: mma; 1: vec
+  int force = -1; // -1: the plan's path; 1: the plan for a GPU below sm_80 (attn_vec)
+  int dec_fill = 0; // attn_dec's target block count (0: the plan's, kDecFillBlocks)
   int copies = 1; // K/V sets rotated by the timing
 };
 
@@ -208,8 +219,8 @@ struct Problem {
   // The plan on an H100/H200, or (force == 1) the one for a GPU below sm_80,
   // which never takes the tensor-core kernel.
   plan_ns::Plan plan() const {
-    const plan_ns::Problem pr{c.B, c.Hq, c.Hkv, c.L, c.S, c.D, c.bits, dtype_name(c.dtype)};
-    return plan_ns::plan_forward(pr, {c.force == 1 ? 7 : 9, 0});
+    const plan_ns::Problem pr{c.B, c.Hq, c.Hkv, c.L, c.S, c.D, c.bits, dtype_name(c.dtype), c.gs};
+    return plan_ns::plan_forward(pr, {c.force == 1 ? 7 : 9, 0}, c.dec_fill ? c.dec_fill : plan_ns::kDecFillBlocks);
   }
 
   // The forward of copy `copy` on stream s (the vec path: kernel, then merge).
@@ -219,6 +230,7 @@ struct Problem {
       launch(pl.main, p, s);
       return;
     }
+    // vec or dec: the split-K kernel, then attn_merge
     const size_t need = pl.partial_floats * 4;
     if (need > partial_bytes) {
       CHECK(cudaDeviceSynchronize());
@@ -408,8 +420,8 @@ struct Problem {
 
 std::string describe(const Case& c, const plan_ns::Plan& pl) {
   char buf[512];
-  std::snprintf(buf, sizeof buf, "%s [%s B=%d Hq=%d Hkv=%d L=%d S=%d cap=%d D=%d bits=%d%s%s%s%s%s%s] %s", c.name.c_str(),
-                dtype_name(c.dtype), c.B, c.Hq, c.Hkv, c.L, c.S, c.cap ? c.cap : c.S, c.D, c.bits,
+  std::snprintf(buf, sizeof buf, "%s [%s B=%d Hq=%d Hkv=%d L=%d S=%d cap=%d D=%d bits=%d gs=%d%s%s%s%s%s%s] %s", c.name.c_str(),
+                dtype_name(c.dtype), c.B, c.Hq, c.Hkv, c.L, c.S, c.cap ? c.cap : c.S, c.D, c.bits, c.gs,
                 c.causal ? " causal" : "", c.window ? " window" : "", c.sinks ? " sinks" : "",
                 c.kv_lengths ? " kv_lengths" : "", c.mask == 1 ? " bool-mask" : c.mask == 2 ? " add-mask" : "",
                 c.force == 1 ? " forced-vec" : "", pl.main.kernel.c_str());
@@ -462,6 +474,7 @@ int main(int argc, char** argv) {
   const std::string mode = argc > 1 ? argv[1] : "";
   const bool small_only = mode == "--small";
   const bool quick = small_only || mode == "--checks-only";
+  const bool decode_only = mode == "--decode-only";
 
   // ---- correctness: every kernel family, mask kind and K/V format, ragged shapes
   auto small = [](std::string name) {
@@ -487,6 +500,30 @@ int main(int argc, char** argv) {
     c.name = "decode additive mask", c.mask = 2, c.sinks = true;
     check_case(c);
   }
+  // attn_dec's row blocks: G L rows of one kv head per block of 16 (G = 8,
+  // L = 3: two blocks, the second part empty), f16, every option at once.
+  for (int t : {BF16, F16})
+    for (int bits : {8, 4})
+      for (int D : {64, 128, 256})
+        for (int gs : {32, 64, 128}) { // attn_dec_q's group layouts (the others: attn_vec)
+          if (gs > D) continue;
+          Case c = small("decode quantized groups");
+          c.dtype = t, c.bits = bits, c.D = D, c.gs = gs, c.S = 203;
+          check_case(c);
+        }
+  for (int t : {BF16, F16})
+    for (int bits : {0, 8, 4})
+    for (int D : {64, 128, 256}) {
+      Case c = small("decode rows");
+      c.dtype = t, c.bits = bits, c.gs = 32 * (1 + (bits == 4)), c.D = D, c.Hq = 16, c.Hkv = 2, c.L = 3, c.S = 1000, c.cap = 1037;
+      check_case(c);
+      c.name = "decode rows all", c.causal = true, c.window = 300, c.sinks = true, c.kv_lengths = true, c.B = 3;
+      check_case(c);
+      c.name = "decode rows add-mask", c.window = 0, c.causal = false, c.mask = 2;
+      check_case(c);
+      c.name = "decode rows L=8 bool-mask", c.L = 8, c.Hq = 2, c.Hkv = 1, c.mask = 1, c.S = 77, c.cap = 0;
+      check_case(c);
+    }
   for (int t : {BF16, F16})
     for (int D : {64, 96, 128, 192, 256}) {
       Case c;
@@ -538,6 +575,10 @@ int main(int argc, char** argv) {
       Case c;
       c.name = "decode issue shape", c.S = S, c.bits = bits;
       check_case(c, 8);
+      if (bits == 0) {
+        c.name = "decode issue shape, sliced (cap = S + 100)", c.cap = S + 100;
+        check_case(c, 8);
+      }
     }
   if (!small_only) {
     Case c;
@@ -552,13 +593,22 @@ int main(int argc, char** argv) {
   std::printf("\ncopy bandwidth %.0f GB/s (cudaMemcpy device to device, read + write)\n\n", bw);
   std::printf("| case | kernel | S | us/call | K/V GB/s | of copy BW | TFLOP/s |\n|---|---|---|---|---|---|---|\n");
   const double l2 = prop.l2CacheSize;
-  for (int bits : {0, 8, 4})
-    for (int S : {4096, 32768, 131072})
-      for (int sliced : {0, 1}) {
-        if (bits && sliced) continue;
+  struct Variant {
+    int bits, sliced, force, fill;
+  };
+  // bf16 and 8- / 4-bit K/V (group size 64) on the plan's kernels (attn_dec,
+  // attn_dec_q), bf16 sliced, each on attn_vec as before (the same run's
+  // comparison), attn_dec with half and twice the plan's blocks.
+  const std::vector<Variant> variants = {{0, 0, -1, 0}, {0, 1, -1, 0}, {8, 0, -1, 0}, {4, 0, -1, 0},
+      {0, 0, 1, 0}, {8, 0, 1, 0}, {4, 0, 1, 0}, {0, 0, -1, 132}, {0, 0, -1, 528}};
+  for (const Variant& va : variants)
+    for (int S : {4096, 32768, 131072}) {
+        const int bits = va.bits, sliced = va.sliced;
         Case c;
         c.name = bits ? std::to_string(bits) + "-bit decode" : sliced ? "bf16 decode, sliced cache (cap = S + 100)" : "bf16 decode";
-        c.S = S, c.bits = bits, c.cap = sliced ? S + 100 : 0;
+        if (va.force == 1) c.name += " (attn_vec, as before)";
+        if (va.fill) c.name += " (" + std::to_string(va.fill) + " blocks)";
+        c.S = S, c.bits = bits, c.cap = sliced ? S + 100 : 0, c.force = va.force, c.dec_fill = va.fill;
         c.copies = int(std::max(1.0, std::ceil(4 * l2 / kv_read_bytes(c)))); // rotated past the L2
         Problem p(c);
         const auto pl = p.plan();
@@ -567,6 +617,7 @@ int main(int argc, char** argv) {
                     pl.chunks, S, us, p.kv_bytes() / us / 1e3, p.kv_bytes() / us / 1e3 / bw);
         std::fflush(stdout);
       }
+  if (decode_only) return check_failures ? 1 : 0;
   for (int D : {128, 192, 256})
     for (int L : {2048, 8192}) {
       Case c;

@@ -1,8 +1,9 @@
 // Split-K attention on CUDA cores (flash-decoding) and the log-sum-exp merge
-// of its chunks. attn_vec takes every call the tensor-core kernel does not:
-// decode (a few query rows, all of one kv head's query heads sharing each
-// K/V load), float32, quantized K/V, head dims that are not multiples of 16,
-// unaligned data. Any mask kind, sinks (in the merge), kv_lengths, windows.
+// of its chunks (attn_merge, which attn_dec_mma.cu's tensor-core decode uses
+// too). attn_vec takes every call the tensor-core kernels do not (cuda_plan.h):
+// float32, head dims and quantized layouts they lack, a GPU below sm_80; all
+// of one kv head's query heads share each K/V load. Any mask kind, sinks (in
+// the merge), kv_lengths, windows.
 #include "attention/cuda_device.cuh"
 
 namespace mlx_ext::cuda {

@@ -13,6 +13,7 @@
 #include "attention/cuda_params.h"
 #include "attention/cuda_plan.h"
 #include "attention/kv_strides.h"
+#include "common/cuda/driver.h"
 #include "common/cuda/launcher.h"
 #include "common/errors.h"
 #include "common/gpu.h"
@@ -119,7 +120,26 @@ AttnParams attention_params(const AttentionConfig& c, const std::vector<mx::arra
 }
 
 attn_plan::Problem problem(const AttnParams& p, const mx::array& q) {
-  return {p.B, p.Hq, p.Hkv, p.L, p.S, p.D, p.bits, kernel_dtype_name(q.dtype())};
+  auto aligned = [](const void* x, int align) { return reinterpret_cast<uintptr_t>(x) % align == 0; };
+  const bool kv_aligned = !p.bits ||
+      (aligned(p.k.x.data, 16) && aligned(p.v.x.data, 16) && aligned(p.k.scales.data, 4) &&
+       aligned(p.k.biases.data, 4) && aligned(p.v.scales.data, 4) && aligned(p.v.biases.data, 4));
+  return {p.B, p.Hq, p.Hkv, p.L, p.S, p.D, p.bits, kernel_dtype_name(q.dtype()), p.group_size, kv_aligned};
+}
+
+// The dynamic shared memory a block of `device` may opt in to (the plan's
+// Gpu::smem_optin), read once per device.
+int smem_optin(int device) {
+  static int bytes[64] = {};
+  if (device >= 0 && device < 64 && bytes[device]) return bytes[device];
+  const auto& d = driver();
+  CUdevice dev;
+  d.check(d.device_get(&dev, device), "cuDeviceGet");
+  int n = 0;
+  d.check(d.device_get_attribute(&n, CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN, dev),
+      "cuDeviceGetAttribute");
+  if (device >= 0 && device < 64) bytes[device] = n;
+  return n;
 }
 
 void check_device(const mx::cu::Device& device) {
@@ -153,7 +173,7 @@ void ScaledDotProductAttention::eval_gpu(
   p.out = mx::gpu_ptr<void>(out);
   p.lse = mx::gpu_ptr<float>(lse);
   const auto plan = attn_plan::plan_forward(problem(p, *q),
-      {device.compute_capability_major(), device.compute_capability_minor()});
+      {device.compute_capability_major(), device.compute_capability_minor(), smem_optin(s.device.index)});
 
   if (plan.path == attn_plan::Path::mma) {
     arrays.declare_reads();

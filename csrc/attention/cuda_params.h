@@ -102,6 +102,37 @@ constexpr MLX_EXT_HOST_DEVICE int mma_smem_bytes(int D) {
   return (MMA_BM + 4 * mma_bn(D)) * mma_row_bytes(D);
 }
 
+// attn_dec (attn_dec_mma.cu, mma.sync m16n8k16 decode): DEC_ROWS rows of one
+// kv head per block (the mma's 16 rows: G query heads x L queries), DEC_WARPS
+// warps each streaming its own key tiles of DEC_KEYS keys through
+// dec_stages(D) shared-memory stages of K and V (rows padded by 16 bytes),
+// after Q's DEC_ROWS rows. Two blocks of D = 128 fit an SM (2 x 106 KB).
+#ifndef MLX_EXT_DEC_STAGES
+#define MLX_EXT_DEC_STAGES 3
+#endif
+constexpr int DEC_ROWS = 16;
+constexpr int DEC_KEYS = 16;
+constexpr int DEC_WARPS = 4;
+constexpr int DEC_THREADS = DEC_WARPS * 32;
+constexpr MLX_EXT_HOST_DEVICE int dec_row_bytes(int D) { return D * 2 + 16; }
+constexpr MLX_EXT_HOST_DEVICE int dec_stages(int D) { return D <= 128 ? MLX_EXT_DEC_STAGES : 2; }
+constexpr MLX_EXT_HOST_DEVICE int dec_smem_bytes(int D) {
+  return (DEC_ROWS + DEC_WARPS * dec_stages(D) * 2 * DEC_KEYS) * dec_row_bytes(D);
+}
+// Keys a block's warps take per round: a chunk's length is a multiple of it.
+constexpr int DEC_KEYS_PER_ROUND = DEC_WARPS * DEC_KEYS;
+// Quantized K/V (attn_dec_q): a stage holds the tile's K and V codes (rows
+// of D * bits / 8 bytes padded by 16) and their scales and biases (D bytes
+// each: DEC_KEYS keys x at most D / 32 groups of 16-bit values); 4 stages.
+constexpr int DEC_Q_STAGES = 4;
+constexpr MLX_EXT_HOST_DEVICE int dec_q_code_row_bytes(int D, int bits) { return D * bits / 8 + 16; }
+constexpr MLX_EXT_HOST_DEVICE int dec_q_stage_bytes(int D, int bits) {
+  return 2 * DEC_KEYS * dec_q_code_row_bytes(D, bits) + 4 * D;
+}
+constexpr MLX_EXT_HOST_DEVICE int dec_q_smem_bytes(int D, int bits) {
+  return DEC_ROWS * dec_row_bytes(D) + DEC_WARPS * DEC_Q_STAGES * dec_q_stage_bytes(D, bits);
+}
+
 // The backward on CUDA cores (attn_bwd.cu): the vec kernel's lane layout;
 // dq over blocks of BWD_ROWS rows, dk / dv over blocks of BWD_KEYS keys of
 // one kv head (float K/V only).
