@@ -49,9 +49,10 @@ struct GatherParams {
 // The tensor-core kernels (gather_tc.cu): GATHER_TC_ROWS rows of W per
 // block of GATHER_TC_THREADS threads (4 warps over the 4 quarters of K, as
 // quantized_matmul/qmv_tc.cu), 8 pair-rows per x tile; 2-, 4- and 8-bit W
-// with K a multiple of 512 / bits.
+// with K a multiple of one lane's 16-byte chunk, 128 / bits values (the last
+// span of 4 chunks may be partial, unlike qmv_tc's).
 constexpr int GATHER_TC_ROWS = 16, GATHER_TC_THREADS = 128;
-constexpr MLX_EXT_HOST_DEVICE int gather_tc_k_multiple(int bits) { return 512 / bits; }
+constexpr MLX_EXT_HOST_DEVICE int gather_tc_k_multiple(int bits) { return 128 / bits; }
 // The decode kernel lists one expert's pair-rows in shared memory: at most
 // this many pair-rows (P M) per call.
 constexpr int GATHER_DECODE_MAX_ROWS = 256;

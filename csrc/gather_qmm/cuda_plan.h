@@ -8,7 +8,7 @@
 //     needed) then gather_tc_tiles over tiles of tile_rows pair-rows of one
 //     expert, each expert's W read once per tile.
 //   - generic: what the tensor-core kernels do not take (float32 x,
-//     transpose=False, other bit widths, K % (512 / bits) != 0, unaligned):
+//     transpose=False, other bit widths, K % (128 / bits) != 0, unaligned):
 //     one thread per output element (gather_generic.cu).
 #pragma once
 

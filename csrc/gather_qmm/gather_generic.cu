@@ -1,6 +1,6 @@
 // gather_qmm's kernel for what the tensor-core kernels (gather_tc.cu) do not
 // take: transpose=False (the vjp w.r.t. x runs it), float32 x, 3-, 5- and
-// 6-bit W, K not a multiple of 512 / bits, unaligned rows. Exact float32
+// 6-bit W, K not a multiple of 128 / bits, unaligned rows. Exact float32
 // arithmetic, one value of W at a time: correct everywhere, not fast.
 //
 // Thread: one output element (pair-row r = pair * M + m, column n; cuda_params.h).

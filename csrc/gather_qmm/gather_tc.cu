@@ -1,5 +1,5 @@
 // Tensor-core kernels of gather_qmm (transpose=True, float16 / bfloat16 x,
-// 2-, 4- and 8-bit W, K a multiple of 512 / bits), for both gather_qmm and
+// 2-, 4- and 8-bit W, K a multiple of 128 / bits), for both gather_qmm and
 // gather_quantized_swiglu (STACKS = 2: gate and up, silu(g) * u in float32).
 //
 // The inner loop is the quantized matmul's tensor-core GEMV
@@ -62,7 +62,7 @@ template <typename T, int BITS, int U, int MT, int STACKS>
 __device__ __forceinline__ void gather_tile(const GatherParams& p, int e, int n0, const int* rows, int count,
                                             float (*partial)[32][4 * MT * STACKS]) {
   constexpr int V = 32 / BITS, VPC = 4 * V, SPAN = 4 * VPC;
-  static_assert(SPAN == gather_tc_k_multiple(BITS) && GATHER_TC_THREADS == 4 * 32 && GATHER_TC_ROWS == 16,
+  static_assert(VPC == gather_tc_k_multiple(BITS) && GATHER_TC_THREADS == 4 * 32 && GATHER_TC_ROWS == 16,
                 "layout");
   static_assert(MT == 1 || U == 1, "several x tiles: one span at a time");
   constexpr int SUBS = VPC > 32 ? VPC / 32 : 1;
@@ -88,7 +88,9 @@ __device__ __forceinline__ void gather_tile(const GatherParams& p, int e, int n0
     x[i] = static_cast<const T*>(p.x) + xrow * K;
   }
   const uint32_t magic = opaque(dequant_magic<T>(), p.P);
-  const int spans = K / SPAN;
+  // K is a multiple of VPC, not always of SPAN (GPT-OSS: 2880 = 22.5 spans of
+  // 4-bit W): a lane's chunk past K loads nothing and counts as zeros.
+  const int spans = (K + SPAN - 1) / SPAN;
   const int s_begin = warp * spans / 4, s_end = (warp + 1) * spans / 4;
   float d[STACKS][MT][4] = {};
 
@@ -113,13 +115,14 @@ __device__ __forceinline__ void gather_tile(const GatherParams& p, int e, int n0
       for (int u = 0; u < U; ++u) {
         if (s0 + u >= s_end) break;
         const int k0 = (s0 + u) * SPAN + t * VPC;
+        const bool in_k = k0 < K;
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
-          wv[u][r] = load_stream16(w[r] + k0 * BITS / 8);
+          wv[u][r] = in_k ? load_stream16(w[r] + k0 * BITS / 8) : make_uint4(0, 0, 0, 0);
 #pragma unroll
-          for (int h = 0; h < SUBS; ++h) {
+          for (int h = 0; h < SUBS; ++h) { // scale 0, bias 0 past K: W reads as zeros
             const int gi = (k0 + 32 * h) >> gs_shift;
-            sbv[u][r][h] = __ldg(scales[r] + gi) | (uint32_t(__ldg(biases[r] + gi)) << 16);
+            sbv[u][r][h] = in_k ? __ldg(scales[r] + gi) | (uint32_t(__ldg(biases[r] + gi)) << 16) : 0u;
           }
         }
       }
@@ -129,10 +132,11 @@ __device__ __forceinline__ void gather_tile(const GatherParams& p, int e, int n0
         const int k0 = (s0 + u) * SPAN + t * VPC;
         const uint32_t wa[4] = {wv[u][0].x, wv[u][0].y, wv[u][0].z, wv[u][0].w};
         const uint32_t wb[4] = {wv[u][1].x, wv[u][1].y, wv[u][1].z, wv[u][1].w};
+        const bool in_k = k0 < K;
         auto load_x = [&](int i, uint4 (&xv)[VPC / 8]) {
 #pragma unroll
           for (int l = 0; l < VPC / 8; ++l)
-            xv[l] = has_x[i] ? __ldg(reinterpret_cast<const uint4*>(x[i] + k0) + l) : make_uint4(0, 0, 0, 0);
+            xv[l] = has_x[i] && in_k ? __ldg(reinterpret_cast<const uint4*>(x[i] + k0) + l) : make_uint4(0, 0, 0, 0);
         };
         if constexpr (MT == 1) {
           uint4 xv[VPC / 8];
