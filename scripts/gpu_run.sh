@@ -100,6 +100,10 @@ grep -q device_option tests/conftest.py 2>/dev/null && pytest_device="--device g
 
 if has cuda; then
   stage "cuda kernel tests"
+  # The gather kernels' harness takes minutes of nvcc: it compiles while the tests run.
+  OUT="$OUT" timeout "$(limit 400)" bash scripts/gpu_kernels.sh gather_qmm --build-only \
+    > "$OUT/gather_kernels_build.log" 2>&1 &
+  gather_build=$!
   timeout "$(limit 200)" python3 -m pytest tests/test_quantized_matmul_cuda.py tests/test_sparse_matmul_cuda.py \
     $pytest_device -q -x -p no:cacheprovider 2>&1 | tail -25
   timeout "$(limit 150)" python3 -m pytest tests/test_attention_cuda.py \
@@ -114,7 +118,9 @@ if has cuda; then
   gather_args=
   [ "${MLX_EXT_GPU_GATHER_KERNEL_TIMES:-1}" = 0 ] && gather_args=--checks-only
   echo "--- gather_qmm kernels alone (bench/cuda/gather_qmm.cu $gather_args)"
-  OUT="$OUT" timeout "$(limit 240)" bash scripts/gpu_kernels.sh gather_qmm $gather_args \
+  wait $gather_build
+  echo "gather kernels build exit $? (gather_kernels_build.log)"
+  OUT="$OUT" timeout "$(limit 240)" bash scripts/gpu_kernels.sh gather_qmm --prebuilt $gather_args \
     > "$OUT/gather_kernels.log" 2>&1
   echo "gather kernels exit $?"
   grep -E "FAILED|checks:|copy bandwidth|^\|| met| not met" "$OUT/gather_kernels.log" | tail -25
