@@ -12,6 +12,7 @@
 // (scripts/gpu_kernels.sh gather_qmm builds and runs it.) Prints one line per
 // check, a markdown table of timings and the targets (met / not met); exits
 // non-zero if a check fails.
+#include <cstdarg>
 #include <map>
 
 #include "common.cuh"
@@ -311,6 +312,19 @@ void correctness() {
 
 // ---- timing -------------------------------------------------------------
 
+// The results table: printed, and kept for $OUT/gather_qmm_kernels.md.
+std::string markdown;
+void emit(const char* fmt, ...) __attribute__((format(printf, 1, 2)));
+void emit(const char* fmt, ...) {
+  char buf[1024];
+  va_list ap;
+  va_start(ap, fmt);
+  std::vsnprintf(buf, sizeof buf, fmt, ap);
+  va_end(ap);
+  std::fputs(buf, stdout);
+  markdown += buf;
+}
+
 // Median microseconds per call of `calls` calls, stream-launched or captured
 // into one CUDA graph (serially, as MLX's encoder records a step).
 template <typename Call>
@@ -402,6 +416,20 @@ struct Row {
 void timings(bool quick) {
   const double bw = copy_gbps();
   std::printf("\ncopy bandwidth %.0f GB/s (cudaMemcpy device to device, read + write)\n", bw);
+  cudaDeviceProp prop;
+  CHECK(cudaGetDeviceProperties(&prop, 0));
+  emit("# gather_qmm's CUDA kernels on their own (bench/cuda/gather_qmm.cu), %s: KERNEL-ONLY figures\n\n", prop.name);
+  emit("- %d SMs, L2 %d MB; copy bandwidth %.0f GB/s (cudaMemcpy device to device, read + write)\n",
+       prop.multiProcessorCount, prop.l2CacheSize >> 20, bw);
+  emit("- checks against a float64 host reference: %d failed (adversarial routings, NaN-poisoned outputs)\n",
+       check_failures);
+  emit("- bfloat16 x, scales and biases; 4-bit W, group 64; x (M, K) routed top-k (M tokens, one row per pair); "
+       "24 calls per CUDA graph (captured in order), consecutive calls routed to other experts; GB/s counts "
+       "the distinct experts a call reads once. Dense: our quantized matmul's kernel for x (M, K) times one "
+       "(top_k N, K) matrix (the same FLOPs; at M=1 the same bytes), copies rotated over >= 300 MB. "
+       "'SwiGLU fused': gather_quantized_swiglu's kernels (two stacks); 'x 2 gathers': twice the gather's "
+       "time over it (the activation kernel not counted).\n");
+  emit("- reproduce: `bash scripts/gpu_kernels.sh gather_qmm` (scripts/gpu_run.sh's cuda stage)\n");
   std::vector<Row> rows;
   for (auto [E, N, K, k] : {std::tuple{128, 768, 2048, 8}, std::tuple{32, 2880, 2880, 4}})
     for (int tokens : {1, 8, 512}) {
@@ -433,22 +461,22 @@ void timings(bool quick) {
       std::printf("timed E%d N%d K%d top-%d M%d: %.1f us (dense %.1f us)\n", E, N, K, k, tokens, r.us, r.dense_us);
       std::fflush(stdout);
     }
-  std::printf("\n| E | N | K | top-k | M | gather kernel | us/call | GB/s | of copy BW | TFLOP/s | dense kernel | dense us "
+  emit("\n| E | N | K | top-k | M | gather kernel | us/call | GB/s | of copy BW | TFLOP/s | dense kernel | dense us "
               "| dense of copy BW | dense TFLOP/s | SwiGLU fused us | x 2 gathers |\n");
-  std::printf("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+  emit("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
   for (const Row& r : rows) {
-    std::printf("| %d | %d | %d | %d | %d | %s | %.1f | %.0f | %.2f | %.1f | %s | %.1f | %.2f | %.1f | %.1f | %.2f |\n",
+    emit("| %d | %d | %d | %d | %d | %s | %.1f | %.0f | %.2f | %.1f | %s | %.1f | %.2f | %.1f | %.1f | %.2f |\n",
                 r.E, r.N, r.K, r.k, r.tokens, r.path.c_str(), r.us, r.bytes / r.us / 1e3, r.bytes / r.us / 1e3 / bw,
                 r.flops / r.us / 1e6, r.dense_kernel.c_str(), r.dense_us,
                 r.dense_bytes / r.dense_us / 1e3 / bw, r.flops / r.dense_us / 1e6, r.swiglu_us, 2 * r.us / r.swiglu_us);
   }
-  std::printf("\n### Targets (issue 16, H200, kernel-only)\n\n");
+  emit("\n### Targets (issue 16, H200, kernel-only)\n\n");
   for (const Row& r : rows) {
     if (r.tokens == 8) continue;
     const bool decode = r.tokens == 1;
     const double ours = decode ? r.bytes / r.us : r.flops / r.us;
     const double dense = decode ? r.dense_bytes / r.dense_us : r.flops / r.dense_us;
-    std::printf("- M=%d %dx%dx%d top-%d: %s >= 0.8 of our dense %s: %.2f -> %s\n", r.tokens, r.E, r.N, r.K, r.k,
+    emit("- M=%d %dx%dx%d top-%d: %s >= 0.8 of our dense %s: %.2f -> %s\n", r.tokens, r.E, r.N, r.K, r.k,
                 decode ? "copy-BW fraction" : "FLOP rate", decode ? "GEMV's" : "GEMM's", ours / dense,
                 ours / dense >= 0.8 ? "met" : "not met");
   }
@@ -465,5 +493,13 @@ int main(int argc, char** argv) {
   std::printf("checks: %d failed\n", check_failures);
   if (mode == "--checks-only") return check_failures ? 1 : 0;
   timings(mode == "--quick");
+  if (const char* out = std::getenv("OUT")) {  // scripts/gpu_kernels.sh sets it
+    const std::string path = std::string(out) + "/gather_qmm_kernels.md";
+    if (FILE* f = std::fopen(path.c_str(), "w")) {
+      std::fputs(markdown.c_str(), f);
+      std::fclose(f);
+      std::printf("written to %s\n", path.c_str());
+    }
+  }
   return check_failures ? 1 : 0;
 }
