@@ -29,6 +29,12 @@ using mlx_ext::cuda::GatherParams;
 using mlx_ext::cuda::QmmParams;
 namespace gp = mlx_ext::cuda::gather_plan;
 
+// The tiles kernel with 4 warps over 64 rows of W (gather_tile's WN = 4),
+// which the plan does not use: checked and timed here beside the shipped one.
+__global__ void __launch_bounds__(mlx_ext::cuda::GATHER_TC_THREADS) gather_tiles_wide_bfloat16_b4(const GatherParams p) {
+  mlx_ext::cuda::gather_tc_tiles<__nv_bfloat16, 4, 4, 1, 4>(p);
+}
+
 namespace {
 
 using GatherFn = void (*)(GatherParams);
@@ -133,8 +139,9 @@ struct Gather {
   gp::Plan plan(int64_t pairs) const {
     return gp::plan({pairs, M, N, K, E, bits, gs, transpose, bf16 ? "bfloat16" : "float16", true, stacks == 2});
   }
-  // As cuda.cpp fills and launches them.
-  void run(const Routing& r, cudaStream_t s = 0) {
+  // As cuda.cpp fills and launches them; `wide`: the WN = 4 tiles kernel
+  // (bfloat16, 4-bit, one stack) in place of the plan's.
+  void run(const Routing& r, cudaStream_t s = 0, bool wide = false) {
     const int64_t pairs = int64_t(r.lhs.size());
     reserve(pairs);
     GatherParams p{};
@@ -148,6 +155,11 @@ struct Gather {
       p.order = scratch, p.offsets = scratch + pairs, p.tile_offsets = p.offsets + E + 2;
       p.cursor = p.tile_offsets + E + 1, p.tile_rows = pl.tile_rows;
       launch(pl.group, p, s);
+      if (wide) {
+        gather_tiles_wide_bfloat16_b4<<<dim3(unsigned(pl.main.grid[0]), unsigned(ceil_div(N, 64))),
+                                        mlx_ext::cuda::GATHER_TC_THREADS, 0, s>>>(p);
+        return;
+      }
     }
     launch(pl.main, p, s);
   }
@@ -229,18 +241,18 @@ Routing top_k(int tokens, int k, int E, uint32_t seed, int shift = 0) {
   return r;
 }
 
-void check_case(const std::string& what, Gather& g, Routing r, double tol = 1.5e-2) {
+void check_case(const std::string& what, Gather& g, Routing r, double tol = 1.5e-2, bool wide = false) {
   r.upload();
   g.reserve(int64_t(r.lhs.size()));
   poison(g.out, size_t(g.P) * g.M * g.N * 2);
-  g.run(r);
+  g.run(r, 0, wide);
   CHECK(cudaGetLastError());
   CHECK(cudaDeviceSynchronize());
   const gp::Plan pl = g.plan(int64_t(r.lhs.size()));
   char label[256];
   std::snprintf(label, sizeof label, "%-26s %-4s %s b%d gs%3d E%3d N%4d K%5d M%d P%4zu st%d bias%d%d %s", what.c_str(),
                 g.bf16 ? "bf16" : "f16", g.transpose ? "t" : "n", g.bits, g.gs, g.E, g.N, g.K, g.M, r.lhs.size(),
-                g.stacks, g.with_bias, g.bias_per_expert, pl.main.kernel.c_str());
+                g.stacks, g.with_bias, g.bias_per_expert, wide ? "gather_tiles_wide (WN=4)" : pl.main.kernel.c_str());
   const int64_t total = int64_t(r.lhs.size()) * g.M * g.N;
   report_check(label, g.check(r, total > 4000 ? 2000 : 0), tol);  // the host reference bounds the run time
   r.release();
@@ -298,11 +310,24 @@ void correctness() {
     bad.rhs[4] = 9;
     check_case("generic t 6-bit, invalid", b6, bad);
   }
+  // The WN = 4 tiles variant: ragged N, several rows per pair, out-of-range pairs.
+  {
+    Gather g(8, 200, 320, 1, 64, 4, 64, true, 1, true, true, true);
+    check_case("wide tiles", g, top_k(40, 4, 8, 9), 1.5e-2, true);
+    Routing one;
+    for (int q = 0; q < 300; ++q) one.lhs.push_back(q % 64), one.rhs.push_back(q % 5 == 0 ? 99 : 7);
+    check_case("wide tiles, one expert + invalid", g, one, 1.5e-2, true);
+    Gather m3(6, 77, 512, 3, 10, 4, 64, true);
+    Routing r;
+    for (int q = 0; q < 90; ++q) r.lhs.push_back(hash32(q, 3) % 10), r.rhs.push_back(hash32(q, 4) % 6);
+    check_case("wide tiles, M rows per pair", m3, r, 1.5e-2, true);
+  }
   // The issue's shapes, decode and prefill paths, sampled.
   for (auto [E, N, K, k] : {std::tuple{128, 768, 2048, 8}, std::tuple{32, 2880, 2880, 4}})
     for (int tokens : {1, 8, 512}) {
       Gather g(E, N, K, 1, tokens, 4, 64, true);
       check_case("issue shape", g, top_k(tokens, k, E, 5));
+      if (tokens == 512) check_case("issue shape, wide tiles", g, top_k(tokens, k, E, 5), 1.5e-2, true);
       if (tokens == 8) {
         Gather s(E, N, K, 1, tokens, 4, 64, true, 2);
         check_case("issue shape swiglu", s, top_k(tokens, k, E, 6));
@@ -410,7 +435,7 @@ struct Dense {
 struct Row {
   int E, N, K, k, tokens;
   std::string path, dense_kernel;
-  double us, dense_us, bytes, dense_bytes, flops, swiglu_us;
+  double us, dense_us, bytes, dense_bytes, flops, swiglu_us, wide_us = 0;
 };
 
 void timings(bool quick) {
@@ -453,6 +478,8 @@ void timings(bool quick) {
       r.us = time_us([&](int i, cudaStream_t s) { g.run(rs[i], s); }, calls, true);
       r.swiglu_us = time_us([&](int i, cudaStream_t s) { sw.run(rs[i], s); }, calls, true);
       r.dense_us = time_us([&](int i, cudaStream_t s) { d.run(i, s); }, calls, true);
+      if (g.plan(int64_t(tokens) * k).path == gp::Path::tiles)
+        r.wide_us = time_us([&](int i, cudaStream_t s) { g.run(rs[i], s, true); }, calls, true);
       r.bytes = distinct * g.expert_bytes();
       r.dense_bytes = d.bytes();
       r.flops = 2.0 * tokens * k * N * K;
@@ -470,6 +497,11 @@ void timings(bool quick) {
                 r.flops / r.us / 1e6, r.dense_kernel.c_str(), r.dense_us,
                 r.dense_bytes / r.dense_us / 1e3 / bw, r.flops / r.dense_us / 1e6, r.swiglu_us, 2 * r.us / r.swiglu_us);
   }
+  for (const Row& r : rows)
+    if (r.wide_us > 0)
+      emit("\nExperimental tiles kernel with 4 warps over 64 rows of W (WN=4, not used by the plan), "
+           "%dx%dx%d top-%d M=%d: %.1f us (%.1f TFLOP/s, %.2f of the dense GEMM's rate) vs %.1f us shipped\n",
+           r.E, r.N, r.K, r.k, r.tokens, r.wide_us, r.flops / r.wide_us / 1e6, r.dense_us / r.wide_us, r.us);
   emit("\n### Targets (issue 16, H200, kernel-only)\n\n");
   for (const Row& r : rows) {
     if (r.tokens == 8) continue;

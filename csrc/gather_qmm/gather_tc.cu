@@ -57,10 +57,15 @@ __device__ __forceinline__ T epilogue(const GatherParams& p, const float (&v)[ST
 // memory before the call. Thread, warp and block as in qmv_tc: lane (g, t)
 // takes rows g and g + 8 of W and x row g of each 8-row x tile; warp w the
 // w-th quarter of K's spans; the quarters are summed through `partial`.
+// WN = 4 instead: warp w takes rows n0 + 16 w .. + 15 over all of K (64 rows
+// of W per block, x read once per block from L2 and by the other warps from
+// L1) and writes its own outputs; `partial` is unused. Only
+// bench/cuda/gather_qmm.cu instantiates WN = 4 (measured there beside WN = 1).
 // Every thread of the block calls it (it synchronizes).
-template <typename T, int BITS, int U, int MT, int STACKS>
+template <typename T, int BITS, int U, int MT, int STACKS, int WN = 1>
 __device__ __forceinline__ void gather_tile(const GatherParams& p, int e, int n0, const int* rows, int count,
                                             float (*partial)[32][4 * MT * STACKS]) {
+  static_assert(WN == 1 || WN == 4, "warps over K, or over N");
   constexpr int V = 32 / BITS, VPC = 4 * V, SPAN = 4 * VPC;
   static_assert(VPC == gather_tc_k_multiple(BITS) && GATHER_TC_THREADS == 4 * 32 && GATHER_TC_ROWS == 16,
                 "layout");
@@ -72,6 +77,7 @@ __device__ __forceinline__ void gather_tile(const GatherParams& p, int e, int n0
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
   const int N = p.N, K = p.K, M = p.M, gs = p.group_size, G = K / gs;
   const int64_t row_bytes = int64_t(K) * BITS / 8;
+  if constexpr (WN == 4) n0 += GATHER_TC_ROWS * warp;
   const int wrows[2] = {min(n0 + g, N - 1), min(n0 + g + 8, N - 1)}; // past N: recomputed, never stored
   const int gs_shift = __ffs(gs) - 1;
   bool has_x[MT];
@@ -91,7 +97,7 @@ __device__ __forceinline__ void gather_tile(const GatherParams& p, int e, int n0
   // K is a multiple of VPC, not always of SPAN (GPT-OSS: 2880 = 22.5 spans of
   // 4-bit W): a lane's chunk past K loads nothing and counts as zeros.
   const int spans = (K + SPAN - 1) / SPAN;
-  const int s_begin = warp * spans / 4, s_end = (warp + 1) * spans / 4;
+  const int s_begin = WN == 1 ? warp * spans / 4 : 0, s_end = WN == 1 ? (warp + 1) * spans / 4 : spans;
   float d[STACKS][MT][4] = {};
 
 #pragma unroll
@@ -169,14 +175,7 @@ __device__ __forceinline__ void gather_tile(const GatherParams& p, int e, int n0
   }
 
   // d[st][i]: (W row g, x rows 2t, 2t + 1 of tile i), (W row g + 8, same x rows).
-#pragma unroll
-  for (int st = 0; st < STACKS; ++st)
-#pragma unroll
-    for (int i = 0; i < MT; ++i)
-#pragma unroll
-      for (int q = 0; q < 4; ++q) partial[warp][lane][(st * MT + i) * 4 + q] = d[st][i][q];
-  __syncthreads();
-  if (warp == 0) {
+  if constexpr (WN == 4) {
     T* out = static_cast<T*>(p.out);
 #pragma unroll
     for (int i = 0; i < MT; ++i)
@@ -186,12 +185,34 @@ __device__ __forceinline__ void gather_tile(const GatherParams& p, int e, int n0
         if (j >= count || n >= N) continue;
         float v[STACKS];
 #pragma unroll
-        for (int st = 0; st < STACKS; ++st) {
-          const int c = (st * MT + i) * 4 + q;
-          v[st] = partial[0][lane][c] + partial[1][lane][c] + partial[2][lane][c] + partial[3][lane][c];
-        }
+        for (int st = 0; st < STACKS; ++st) v[st] = d[st][i][q];
         out[int64_t(rows[j]) * N + n] = epilogue<T, STACKS>(p, v, e, n);
       }
+  } else { // the quarters of K summed by warp 0
+#pragma unroll
+    for (int st = 0; st < STACKS; ++st)
+#pragma unroll
+      for (int i = 0; i < MT; ++i)
+#pragma unroll
+        for (int q = 0; q < 4; ++q) partial[warp][lane][(st * MT + i) * 4 + q] = d[st][i][q];
+    __syncthreads();
+    if (warp == 0) {
+      T* out = static_cast<T*>(p.out);
+#pragma unroll
+      for (int i = 0; i < MT; ++i)
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+          const int j = 8 * i + 2 * t + (q % 2), n = n0 + g + 8 * (q / 2);
+          if (j >= count || n >= N) continue;
+          float v[STACKS];
+#pragma unroll
+          for (int st = 0; st < STACKS; ++st) {
+            const int c = (st * MT + i) * 4 + q;
+            v[st] = partial[0][lane][c] + partial[1][lane][c] + partial[2][lane][c] + partial[3][lane][c];
+          }
+          out[int64_t(rows[j]) * N + n] = epilogue<T, STACKS>(p, v, e, n);
+        }
+    }
   }
 }
 
@@ -317,13 +338,13 @@ __device__ __forceinline__ void gather_group(const GatherParams& p) {
     out[int64_t(p.order[first_invalid + i / row_elems]) * row_elems + i % row_elems] = nan_value<T>();
 }
 
-// Prefill: grid (an upper bound on the tiles, ceil(N / 16)),
+// Prefill: grid (an upper bound on the tiles, ceil(N / (16 WN))),
 // GATHER_TC_THREADS threads, after gather_group with tile_rows = 8 MT.
-template <typename T, int BITS, int MT, int STACKS>
+template <typename T, int BITS, int MT, int STACKS, int WN = 1>
 __device__ __forceinline__ void gather_tc_tiles(const GatherParams& p) {
   __shared__ int rows[8 * MT];
-  __shared__ float partial[4][32][4 * MT * STACKS];
-  const int tile = blockIdx.x, n0 = blockIdx.y * GATHER_TC_ROWS, E = p.E, M = p.M;
+  __shared__ float partial[WN == 1 ? 4 : 1][32][4 * MT * STACKS];
+  const int tile = blockIdx.x, n0 = blockIdx.y * GATHER_TC_ROWS * WN, E = p.E, M = p.M;
   if (tile >= p.tile_offsets[E]) return;
   int lo = 0, hi = E - 1; // the last expert whose first tile is <= tile (empty ones skip)
   while (lo < hi) {
@@ -338,7 +359,7 @@ __device__ __forceinline__ void gather_tc_tiles(const GatherParams& p) {
     const int r = first + threadIdx.x, pair = p.order[p.offsets[e] + r / M];
     rows[threadIdx.x] = pair * M + r % M;
   }
-  gather_tile<T, BITS, 1, MT, STACKS>(p, e, n0, rows, count, partial);
+  gather_tile<T, BITS, 1, MT, STACKS, WN>(p, e, n0, rows, count, partial);
 }
 
 } // namespace
