@@ -34,6 +34,7 @@ from . import nn, sparse  # noqa: E402
 from .sparse import sparse_matmul  # noqa: E402
 from .sparsify import SparsifyReport, sparsify  # noqa: E402
 from .lm import patch, unpatch  # noqa: E402
+from .distributed import shard  # noqa: E402
 from . import gpt  # noqa: E402
 
 __version__ = "0.1.0"
@@ -54,6 +55,7 @@ __all__ = [
     "scaled_dot_product_attention",
     "set_cpu_isa",
     "set_num_threads",
+    "shard",
     "sparse",
     "sparse_matmul",
     "sparsify",

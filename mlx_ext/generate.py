@@ -7,17 +7,25 @@
 
     python -m mlx_ext.generate --sparsity 2:4        # pruned first (Wanda), then generates
 
+    mlx.launch -n 2 --python .venv/bin/python -m mlx_ext.generate --model smollm2 --tensor-parallel
+
+``--tensor-parallel`` shards the model across the ranks of
+``mx.distributed.init()`` (``mlx_ext.shard``: heads and the MLP split, two
+all_sums per layer); every rank runs the same loop, rank 0 alone prints.
+
 ``--compare`` runs the same generation again with MLX's own quantized layers
 (``mlx_ext.unpatch``) on the same weights, and prints both speeds and whether
 the tokens agree.
 """
 
 import argparse
+import os
 import sys
 
 import mlx.core as mx
 
 from . import gpt, unpatch
+from .distributed import shard
 from .sparsify import parse_sparsity, prune_model
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
@@ -53,8 +61,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--dtype", choices=DTYPES, help="activation dtype (default: the checkpoint's)")
     parser.add_argument("--compare", action="store_true",
                         help="also run with MLX's quantized matmul and compare speed and tokens")
+    parser.add_argument("--tensor-parallel", action="store_true",
+                        help="shard the model across the ranks of mx.distributed (run under mlx.launch); "
+                             "rank 0 prints")
     add_sparsity_args(parser)
     return parser.parse_args(argv)
+
+
+def tensor_parallel(model) -> None:
+    """--tensor-parallel: shards `model` over mx.distributed's group; every
+    rank but 0 prints nothing from here on (its stdout goes to /dev/null)."""
+    group = mx.distributed.init()
+    counts = shard(model, group)
+    if group.rank() != 0:
+        sys.stdout = open(os.devnull, "w")
+    layers = ", ".join(f"{n} {name}" for name, n in sorted(counts.items())) or "nothing (a group of one)"
+    print(f"[tensor parallel: {group.size()} ranks; sharded {layers}]")
 
 
 SPARSE_FORMATS = ("nm", "bitmask", "csr", "bsr")
@@ -150,6 +172,16 @@ def main(argv=None) -> int:
         print(f"[mlx_ext.gpt] {args.model} has no chat template: give it a --prompt instead", file=sys.stderr)
         return 1
     prune(model, tokenizer, args)
+    if args.tensor_parallel:
+        if args.chat == "":
+            print("[mlx_ext.generate] --tensor-parallel needs --prompt or --chat TEXT (ranks share no stdin)",
+                  file=sys.stderr)
+            return 1
+        try:
+            tensor_parallel(model)
+        except ValueError as e:  # shard's errors name what cannot be split
+            print(e, file=sys.stderr)
+            return 1
     sampler = gpt.make_sampler(args.temp, args.top_p, args.top_k)
     print(f"[{args.model}: {config['model_type']}, {model.dtype}, sampler temp={args.temp} "
           f"top_p={args.top_p} top_k={args.top_k} seed={args.seed}]")

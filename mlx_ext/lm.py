@@ -6,7 +6,10 @@
 ``QuantizedSwitchLinear`` (mixture-of-experts layers, affine mode) for
 ``mlx_ext.nn.QuantizedSwitchLinear``. Layers are matched by *exact* type:
 subclasses (afm7's ``FusedQuantizedLinear``, ...) have other semantics and are
-left alone. The new layers hold the very same arrays.
+left alone. The new layers hold the very same arrays. MLX's quantized
+sharded layers (``QuantizedAllToShardedLinear`` / ``QuantizedShardedToAllLinear``,
+which mlx-lm's ``model.shard(group)`` builds from any non-``nn.Linear`` layer,
+ours included) become mlx_ext's of the same names: patch after sharding.
 
 It also routes the model's attention through ``mlx_ext.scaled_dot_product_attention``
 (lm_attention.py says how).
@@ -26,6 +29,10 @@ _TO_MLX_EXT = {
     nn.QuantizedLinear: ext_nn.QuantizedLinear,
     nn.QuantizedEmbedding: ext_nn.QuantizedEmbedding,
     ext_nn.MLXQuantizedSwiGLU: ext_nn.QuantizedSwiGLU,  # the GPT loop's fused gate/up (gpt/fuse.py)
+    # tensor parallelism: what model.shard(group) (mlx-lm) / mlx_ext.shard build
+    nn.QuantizedAllToShardedLinear: ext_nn.QuantizedAllToShardedLinear,
+    nn.QuantizedShardedToAllLinear: ext_nn.QuantizedShardedToAllLinear,
+    ext_nn.MLXQuantizedAllToShardedSwiGLU: ext_nn.QuantizedAllToShardedSwiGLU,
 }
 _TO_MLX = {new: old for old, new in _TO_MLX_EXT.items()}
 

@@ -149,20 +149,33 @@ def _through_mlx_ext(queries, keys, values, cache, scale, mask, sinks):
         or not _runs_on_default_stream()
     ):
         return None
-    if not quantized and mx.default_device() != mx.cpu and not _mlx_lacks_fused_gpu_path(queries):
-        return None  # MLX's own fused GPU attention (cuDNN / Metal), faster there today
+    if not quantized and mx.default_device() != mx.cpu and not _ours_on_gpu(queries.shape, _on_cuda()):
+        return None  # MLX's own fused GPU attention (cuDNN / Metal), faster there or not measured
     extra = {"bits": cache.bits, "group_size": cache.group_size} if quantized else {}
     return _ext.scaled_dot_product_attention(
         queries, keys, values, scale=scale, mask=mask, sinks=sinks, **extra
     )
 
 
-def _mlx_lacks_fused_gpu_path(queries) -> bool:
-    """On a GPU, a plain (unquantized) cache goes to mlx_ext only where MLX
-    falls back to unfused attention: prefill at head dims above 128 (cuDNN's
-    limit, and beyond MLX's Metal prefill kernels). Elsewhere MLX's fused
-    kernels are as fast or faster than ours (bench/results/h200/)."""
-    return queries.shape[2] > 1 and queries.shape[-1] > 128
+def _ours_on_gpu(queries_shape, on_cuda: bool) -> bool:
+    """Whether a plain (unquantized) cache goes to mlx_ext on a GPU, from
+    same-process measurements against mx.fast (bench/results/h200/attention.md,
+    H200, bf16, 32 q / 8 kv heads, D=128):
+    - one-row decode on CUDA: ours takes 0.82x / 0.41x / 0.27x of mx.fast's time
+      at 4K / 32K / 128K keys;
+    - prefill at head dims up to 128: cuDNN is faster (ours 0.27x its rate at 8K);
+    - prefill above 128, where MLX falls back to unfused attention (beyond cuDNN
+      and MLX's Metal prefill kernels): ours 2.7-3.3x at 8K.
+    On Metal nothing has been timed (no Apple GPU here), so only the last case
+    comes to mlx_ext there."""
+    rows, head_dim = queries_shape[2], queries_shape[-1]
+    if rows > 1:
+        return head_dim > 128
+    return on_cuda
+
+
+def _on_cuda() -> bool:
+    return hasattr(mx, "cuda") and mx.cuda.is_available()
 
 
 def _runs_on_default_stream() -> bool:

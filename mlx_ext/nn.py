@@ -252,3 +252,64 @@ def __getattr__(name):
         cls = globals()[name] = _LAZY[name]()
         return cls
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+# --- Tensor parallelism (mx.distributed) -----------------------------------
+# MLX's quantized sharded layers hold a rank's slice of a QuantizedLinear:
+# all-to-sharded keeps output rows [r*N_out/n, (r+1)*N_out/n) of weight,
+# scales, biases and bias (each rank computes its slice of the output, from
+# the whole x); sharded-to-all keeps input columns (packed weight words and
+# their groups' scales / biases; the bias whole): each rank multiplies its
+# slice of x and the partial products are summed by one all_sum. These
+# subclasses keep MLX's parameters, attributes (``group``, ``group_size``,
+# ``bits``, ``mode``), constructors and collectives; only the product runs
+# through ``mlx_ext.quantized_matmul``. ``from_quantized_linear`` (MLX's, on
+# these classes) shards a whole ``QuantizedLinear``; ``mlx_ext.patch`` retypes
+# MLX's own sharded layers after ``model.shard(group)``.
+
+
+class QuantizedAllToShardedLinear(nn.QuantizedAllToShardedLinear):
+    """``mlx.nn.QuantizedAllToShardedLinear`` through mlx_ext: no collective
+    forward; backward, x's gradient summed over the group (MLX's
+    ``sum_gradients``), since every rank's output slice depends on all of x."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        x = sum_gradients(self.group)(x)
+        return _quantized_matmul(self, x, self.get("bias"))
+
+
+class QuantizedShardedToAllLinear(nn.QuantizedShardedToAllLinear):
+    """``mlx.nn.QuantizedShardedToAllLinear`` through mlx_ext: the partial
+    products summed by ``mx.distributed.all_sum`` (every rank then holds the
+    whole output), the bias added once, after the sum, as MLX does."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        x = mx.distributed.all_sum(_quantized_matmul(self, x), group=self.group)
+        return x + self["bias"] if "bias" in self else x
+
+
+class QuantizedAllToShardedSwiGLU(QuantizedAllToShardedLinear):
+    """The GPT loop's fused gate/up layer (``QuantizedSwiGLU``) sharded
+    all-to-sharded with two segments: a rank holds gate rows [r*I/n,
+    (r+1)*I/n) and then the same up rows, so its output is its slice of the
+    activation, as the down projection's (sharded-to-all) input expects."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return QuantizedSwiGLU.__call__(self, sum_gradients(self.group)(x))
+
+
+class MLXQuantizedAllToShardedSwiGLU(nn.QuantizedAllToShardedLinear):
+    """``QuantizedAllToShardedSwiGLU`` through MLX's own layer (what
+    ``mlx_ext.unpatch`` swaps it for)."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        gate, up = mx.split(super().__call__(x), 2, axis=-1)
+        return nn.silu(gate) * up
+
+
+def sum_gradients(group):
+    """MLX's ``sum_gradients`` (the identity forward, an all_sum of the
+    cotangent backward; the identity for a group of one)."""
+    from mlx.nn.layers.distributed import sum_gradients as mlx_sum_gradients
+
+    return mlx_sum_gradients(group)

@@ -32,14 +32,25 @@
 # Needs, carried into the checkout (ignored by git): .gpu-tools/ (a copy of
 # ../shared/gpu/*.sh), .gpu-wheels/b/ (see ../shared/gpu/README.md; a run just
 # before this one copied .gpu-wheels/a/* to /root/stash) and .whl/ with
-# nanobind-3.1.0 (the version whose ABI key matches the mlx 0.32.4 wheels).
+# nanobind-3.1.0 (the version whose ABI key matches the mlx 0.32.4 wheels);
+# optionally .gpu-pylib/ (below) for the mlx-lm comparisons.
 # A machine that still has /root/mlx-site and the build skips those steps.
 # Every stage runs under a time limit that keeps the whole under MLX_EXT_GPU_DEADLINE
 # seconds (default 570), so that what ran comes back.
 set -uo pipefail
 OUT=${OUT:-/tmp/mlx_ext_gpu_out}
 mkdir -p "$OUT"
-exec > >(tee -a "$OUT/run.log") 2>&1
+# Logs and tables go to $LOGS; at exit they are packed into $OUT/gpu_run.tgz
+# beside a copy of run.log (the device tool brings back only a few files of
+# $OUT). $LOGS/.start marks what this run wrote.
+LOGS=$(mktemp -d /tmp/mlx_ext_gpu_logs.XXXX)
+touch "$LOGS/.start"
+pack() {
+  cp "$LOGS/run.log" "$OUT/run.log"
+  tar czf "$OUT/gpu_run.tgz" -C "$LOGS" --exclude='*_kernels' --exclude=.start .
+}
+trap pack EXIT
+exec > >(tee -a "$LOGS/run.log") 2>&1
 export PYTHONUNBUFFERED=1
 deadline=${MLX_EXT_GPU_DEADLINE:-570}
 stages=${*:-build exceptions cuda sanitize suite bench}
@@ -60,6 +71,9 @@ if ! python3 -c "import nanobind, sys; sys.exit(nanobind.__version__ != '3.1.0')
   python3 -m pip install -q --no-index --no-deps --no-compile --target /root/nb-site .whl/nanobind-*.whl || exit 1
   export PYTHONPATH=/root/nb-site:$PYTHONPATH
 fi
+# mlx-lm's attention and caches for the comparisons (no package index there):
+# a copy of mlx_lm/{_version.py,models/base.py,models/cache.py}, git-ignored.
+[ -d .gpu-pylib ] && export PYTHONPATH=$PWD/.gpu-pylib:$PYTHONPATH
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm,clocks.mem --format=csv
 python3 -c "import mlx.core as mx, nanobind; print('mlx', mx.__version__, mx.default_device(), 'nanobind', nanobind.__version__)"
 
@@ -81,12 +95,12 @@ if has build; then
   CMAKE_ARGS="$CMAKE_ARGS '-DCMAKE_CXX_FLAGS_RELWITHDEBINFO=-O3 -DNDEBUG'"
   export CMAKE_BUILD_PARALLEL_LEVEL=$(nproc)
   if ! MLX_EXT_CUDA=ON timeout "$(limit 10000)" python3 -m pip install --no-build-isolation --no-deps -e . -v \
-      > "$OUT/build.log" 2>&1; then
-    grep -E "error|Error|FAILED" "$OUT/build.log" | head -40
-    tail -40 "$OUT/build.log"
+      > "$LOGS/build.log" 2>&1; then
+    grep -E "error|Error|FAILED" "$LOGS/build.log" | head -40
+    tail -40 "$LOGS/build.log"
     exit 1
   fi
-  grep -E "nvcc|Linking" "$OUT/build.log" | tail -5
+  grep -E "nvcc|Linking" "$LOGS/build.log" | tail -5
   python3 -c "import mlx_ext, mlx.core as mx; print('mlx_ext imported;', mx.default_device())" || exit 1
 fi
 
@@ -101,18 +115,18 @@ grep -q device_option tests/conftest.py 2>/dev/null && pytest_device="--device g
 if has cuda; then
   stage "cuda kernel tests"
   # The gather kernels' harness takes minutes of nvcc: it compiles while the tests run.
-  OUT="$OUT" timeout "$(limit 400)" bash scripts/gpu_kernels.sh gather_qmm --build-only \
-    > "$OUT/gather_kernels_build.log" 2>&1 &
+  OUT="$LOGS" timeout "$(limit 400)" bash scripts/gpu_kernels.sh gather_qmm --build-only \
+    > "$LOGS/gather_kernels_build.log" 2>&1 &
   gather_build=$!
   timeout "$(limit 200)" python3 -m pytest tests/test_quantized_matmul_cuda.py tests/test_sparse_matmul_cuda.py \
     $pytest_device -q -x -p no:cacheprovider 2>&1 | tail -25
   timeout "$(limit 150)" python3 -m pytest tests/test_attention_cuda.py \
     $pytest_device -q -p no:cacheprovider 2>&1 | tail -25
   echo "--- sparse_matmul kernels alone (bench/cuda/sparse_matmul.cu --checks-only)"
-  OUT="$OUT" timeout "$(limit 150)" bash scripts/gpu_kernels.sh sparse_matmul --checks-only \
-    > "$OUT/sparse_kernels.log" 2>&1
+  OUT="$LOGS" timeout "$(limit 150)" bash scripts/gpu_kernels.sh sparse_matmul --checks-only \
+    > "$LOGS/sparse_kernels.log" 2>&1
   echo "sparse kernels exit $?"
-  grep -E "FAILED|checks:" "$OUT/sparse_kernels.log" | tail -15
+  grep -E "FAILED|checks:" "$LOGS/sparse_kernels.log" | tail -15
   timeout "$(limit 150)" python3 -m pytest tests/test_gather_qmm_cuda.py \
     $pytest_device -q -p no:cacheprovider 2>&1 | tail -15
   gather_args=
@@ -120,18 +134,18 @@ if has cuda; then
   echo "--- gather_qmm kernels alone (bench/cuda/gather_qmm.cu $gather_args)"
   wait $gather_build
   echo "gather kernels build exit $? (gather_kernels_build.log)"
-  OUT="$OUT" timeout "$(limit 240)" bash scripts/gpu_kernels.sh gather_qmm --prebuilt $gather_args \
-    > "$OUT/gather_kernels.log" 2>&1
+  OUT="$LOGS" timeout "$(limit 240)" bash scripts/gpu_kernels.sh gather_qmm --prebuilt $gather_args \
+    > "$LOGS/gather_kernels.log" 2>&1
   echo "gather kernels exit $?"
-  grep -E "FAILED|checks:|copy bandwidth|^\|| met| not met" "$OUT/gather_kernels.log" | tail -25
+  grep -E "FAILED|checks:|copy bandwidth|^\|| met| not met" "$LOGS/gather_kernels.log" | tail -25
 fi
 
 if has sanitize; then
   stage "compute-sanitizer memcheck"
   timeout "$(limit 120)" compute-sanitizer --tool memcheck --print-limit 20 \
-    python3 scripts/gpu_sanitize_case.py > "$OUT/sanitizer.log" 2>&1
+    python3 scripts/gpu_sanitize_case.py > "$LOGS/sanitizer.log" 2>&1
   echo "sanitizer exit $?"
-  tail -8 "$OUT/sanitizer.log"
+  tail -8 "$LOGS/sanitizer.log"
 fi
 
 if has suite; then
@@ -141,19 +155,19 @@ if has suite; then
     tests/test_attention_errors.py tests/test_sparse_errors.py tests/test_gather_qmm_errors.py \
     tests/test_sparse_matmul.py tests/test_sparse_grad.py tests/test_sparse_nn.py \
     tests/test_package.py tests/test_cuda_compile.py \
-    tests/test_cuda_plan.py tests/test_cuda_plan_sparse.py $pytest_device -q -p no:cacheprovider > "$OUT/suite.log" 2>&1
+    tests/test_cuda_plan.py tests/test_cuda_plan_sparse.py $pytest_device -q -p no:cacheprovider > "$LOGS/suite.log" 2>&1
   echo "suite exit $?"
-  tail -15 "$OUT/suite.log"
+  tail -15 "$LOGS/suite.log"
   timeout "$(limit 240)" python3 -m pytest tests/test_attention.py \
     tests/test_attention_transforms.py tests/test_attention_cuda_plan.py $pytest_device -q \
-    -p no:cacheprovider > "$OUT/suite_attention.log" 2>&1
+    -p no:cacheprovider > "$LOGS/suite_attention.log" 2>&1
   echo "attention suite exit $?"
-  tail -15 "$OUT/suite_attention.log"
+  tail -15 "$LOGS/suite_attention.log"
   timeout "$(limit 240)" python3 -m pytest tests/test_gather_qmm.py \
     tests/test_gather_qmm_transforms.py tests/test_gather_swiglu.py tests/test_gather_qmm_layer.py \
-    tests/test_cuda_plan_gather.py $pytest_device -q -p no:cacheprovider > "$OUT/gather_suite.log" 2>&1
+    tests/test_cuda_plan_gather.py $pytest_device -q -p no:cacheprovider > "$LOGS/gather_suite.log" 2>&1
   echo "gather suite exit $?"
-  tail -15 "$OUT/gather_suite.log"
+  tail -15 "$LOGS/gather_suite.log"
 fi
 if has bench; then
   for bench in ${MLX_EXT_GPU_BENCHES:-quantized_matmul attention sparse_matmul gather_qmm}; do
@@ -164,13 +178,13 @@ if has bench; then
       gather_qmm) args=${MLX_EXT_GPU_GATHER_BENCH_ARGS:-} ;;
       *) args=${MLX_EXT_GPU_BENCH_ARGS:-} ;;
     esac
-    timeout "$(limit 10000)" python3 -m "bench.bench_$bench" --device gpu $args > "$OUT/bench_$bench.log" 2>&1
+    timeout "$(limit 10000)" python3 -m "bench.bench_$bench" --device gpu $args > "$LOGS/bench_$bench.log" 2>&1
     echo "bench $bench exit $?"
-    tail -30 "$OUT/bench_$bench.log"
-    folder=$(grep -o "written to .*" "$OUT/bench_$bench.log" | tail -1 | cut -d' ' -f3)
+    tail -30 "$LOGS/bench_$bench.log"
+    folder=$(grep -o "written to .*" "$LOGS/bench_$bench.log" | tail -1 | cut -d' ' -f3)
     # Only what this run wrote (the committed tables sit in the same folder).
-    [ -n "$folder" ] && find "$folder" -maxdepth 1 -name "$bench*" -newer "$OUT/run.log" \
-      -exec cp {} "$OUT/" \;
+    [ -n "$folder" ] && find "$folder" -maxdepth 1 -name "$bench*" -newer "$LOGS/.start" \
+      -exec cp {} "$LOGS/" \;
   done
 fi
 

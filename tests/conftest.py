@@ -10,6 +10,13 @@ mlx_ext (any operator with CPU kernels takes it).
 
 import os
 
+# MLX's CUDA backend runs float32 matmuls on TF32 tensor cores unless told not
+# to (MLX_ENABLE_TF32, read at its first matmul). Tests compare mlx_ext's
+# float32 results with MLX's own (mx.fast attention, autodiff through
+# mx.matmul) at float32 tolerances, so the GPU runs keep MLX in full float32.
+# It changes nothing on the CPU or on Metal.
+os.environ.setdefault("MLX_ENABLE_TF32", "0")
+
 import pytest
 from hypothesis import HealthCheck, settings
 

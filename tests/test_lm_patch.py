@@ -99,6 +99,20 @@ def test_routing_is_per_model_and_unpatch_restores_mlx_attention():
     assert lm_attention.calls.total() == 0
 
 
+@pytest.mark.parametrize("rows, head_dim, on_cuda, ours", [
+    (1, 128, True, True),  # CUDA decode: measured faster than mx.fast
+    (1, 128, False, False),  # Metal decode: not timed, MLX's fused kernel
+    (7, 128, True, False),  # prefill at D <= 128: cuDNN / Metal are faster or untimed
+    (7, 128, False, False),
+    (7, 192, True, True),  # prefill above 128: MLX runs unfused attention
+    (7, 256, False, True),
+])
+def test_gpu_routing_of_a_plain_cache(rows, head_dim, on_cuda, ours):
+    from mlx_ext import lm_attention
+
+    assert lm_attention._ours_on_gpu((1, 8, rows, head_dim), on_cuda) is ours
+
+
 def test_patch_shares_arrays_keeps_attributes_and_unpatch_restores():
     model = build_quantized(QWEN3_MOE)
     want_prefill, want_decode = prefill_and_decode(model)

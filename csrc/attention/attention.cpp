@@ -118,8 +118,9 @@ bool kv_rows_in_place(const mx::array& x) {
 
 // K/V as the op passes them: unchanged on the CPU (cpu.cpp copies what it
 // cannot read in place) and where the GPU kernels read them in place, else
-// made row-contiguous in the graph (the GPU builds cannot copy inside eval_gpu:
-// MLX's copy kernels are not exported).
+// made row-contiguous in the graph (MLX's copy kernels are not exported to
+// extensions; the CUDA eval_gpu copies only what still cannot be read in
+// place, such as a view at an odd offset, with its own kernel).
 mx::array kv_input(const mx::array& x, const mx::Stream& s) {
   if (s.device != mx::Device::gpu || kv_rows_in_place(x)) return x;
   return mx::contiguous(x, false, s);

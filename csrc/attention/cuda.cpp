@@ -3,8 +3,10 @@
 // cuda_plan.h chooses, through MLX's command encoder (common/cuda/launcher.h).
 // K/V are read in place when each (batch, kv head)'s rows are contiguous (a
 // slice [..., :S, :] of a preallocated cache, broadcasts); the op function
-// makes anything else row-contiguous in the graph (attention.cpp, kv_input).
+// makes anything else row-contiguous in the graph (attention.cpp, kv_input),
+// and what still cannot be read in place is copied here (Inputs).
 #include <cstdint>
+#include <deque>
 #include <vector>
 
 #include "attention/attention.h"
@@ -22,45 +24,48 @@ namespace mlx_ext {
 namespace cuda {
 namespace {
 
-// The call's input arrays as the kernels read them.
+// The call's input arrays as the kernels read them: in place where they can
+// be, else a row-contiguous copy (Launcher::row_contiguous). The op function
+// already makes K/V row-contiguous in the graph unless the kernels read them
+// in place (attention.cpp: kv_input), so copies here are rare: a view at an
+// offset the vector loads cannot take, which mx::contiguous leaves as it is.
 class Inputs {
  public:
-  Inputs(mx::cu::CommandEncoder& enc, const std::vector<mx::array>& in) : enc_(enc), in_(in) {}
+  Inputs(mx::cu::CommandEncoder& enc, Launcher& launch, const std::vector<mx::array>& in)
+      : enc_(enc), launch_(launch), in_(in) {}
 
-  // Registers every input as read by the next kernel node (MLX's
+  // Registers every input (and copy) as read by the next kernel node (MLX's
   // encoder orders nodes by the buffers declared before each one).
   void declare_reads() const {
     for (const auto& a : in_) enc_.set_input_array(a);
+    for (const auto& a : copies_) enc_.set_input_array(a);
   }
 
-  // x itself when its data is row-contiguous and `align`-byte aligned, else refused.
+  // x, or its copy, row-contiguous and `align`-byte aligned.
   const mx::array& contiguous(const mx::array& x, int align) {
-    if (!x.flags().row_contiguous || !aligned(x, align)) refuse(x);
-    return x;
+    if (x.flags().row_contiguous && aligned(x, align)) return x;
+    return copies_.emplace_back(launch_.row_contiguous(x));
   }
 
-  // K/V rows: in place where kv_strides.h allows and aligned, else refused.
+  // K/V rows: in place where kv_strides.h allows and aligned, else from a copy.
   AttnRows rows(const mx::array& x, int align) {
-    const auto strides = kv_row_strides(x);
-    if (!strides || !aligned(x, align)) refuse(x);
-    return {mx::gpu_ptr<void>(x), strides->first, strides->second};
+    auto strides = kv_row_strides(x);
+    const mx::array* used = &x;
+    if (!strides || !aligned(x, align)) {
+      used = &copies_.emplace_back(launch_.row_contiguous(x));
+      strides = kv_row_strides(*used);
+    }
+    return {mx::gpu_ptr<void>(*used), strides->first, strides->second};
   }
 
  private:
   static bool aligned(const mx::array& x, int align) {
     return reinterpret_cast<uintptr_t>(mx::gpu_ptr<void>(x)) % align == 0;
   }
-  // The op function makes every input row-contiguous in the graph unless the
-  // kernels read it in place (attention.cpp: kv_input), and MLX's CUDA copy
-  // kernels are not exported to extensions, so there is no copy here: an
-  // input this far off (a misaligned view) is refused, not read wrongly.
-  [[noreturn]] static void refuse(const mx::array& x) {
-    runtime_error("scaled_dot_product_attention", "an input of shape ", x.shape(),
-        " reached the CUDA kernels in a layout they cannot read in place (not row-contiguous or not aligned); "
-        "make it contiguous first (mx.contiguous)");
-  }
   mx::cu::CommandEncoder& enc_;
+  Launcher& launch_;
   const std::vector<mx::array>& in_;
+  std::deque<mx::array> copies_; // stable references for the params
 };
 
 // The alignment the kernels' loads of a K/V array need: 16 bytes for float
@@ -141,7 +146,8 @@ void ScaledDotProductAttention::eval_gpu(
   auto& device = mx::cu::device(s.device);
   check_device(device);
 
-  Inputs arrays(enc, inputs);
+  Launcher launch(enc, s.device.index, kAttentionOp);
+  Inputs arrays(enc, launch, inputs);
   const mx::array* q = nullptr;
   AttnParams p = attention_params(config_, inputs, arrays, q);
   p.out = mx::gpu_ptr<void>(out);
@@ -149,7 +155,6 @@ void ScaledDotProductAttention::eval_gpu(
   const auto plan = attn_plan::plan_forward(problem(p, *q),
       {device.compute_capability_major(), device.compute_capability_minor()});
 
-  Launcher launch(enc, s.device.index, kAttentionOp);
   if (plan.path == attn_plan::Path::mma) {
     arrays.declare_reads();
     launch(plan.main, p, {}, {&out, &lse});
@@ -176,7 +181,8 @@ void ScaledDotProductAttentionVjp::eval_gpu(
   auto& device = mx::cu::device(s.device);
   check_device(device);
 
-  Inputs arrays(enc, inputs);
+  Launcher launch(enc, s.device.index, kAttentionOp);
+  Inputs arrays(enc, launch, inputs);
   const mx::array* q = nullptr;
   AttnParams p = attention_params(config_, inputs, arrays, q);
   const int n = AttentionInputs(config_).count;
@@ -190,7 +196,6 @@ void ScaledDotProductAttentionVjp::eval_gpu(
   }
   const auto plan = attn_plan::plan_backward(problem(p, *q));
 
-  Launcher launch(enc, s.device.index, kAttentionOp);
   if (p.L > 0 && p.B * p.Hq > 0) {
     arrays.declare_reads();
     launch(plan.dq, p, {}, {&outputs[0]});

@@ -3,34 +3,15 @@
 // has the driver write the gate projections into out and the up projections
 // into a scratch of out's size and dtype (what the unfused products would
 // hold), then applies silu(gate) * up in float32 in place.
-#include <cmath>
 #include <vector>
 
 #include "common/cpu/arrays.h"
-#include "common/cpu/thread_pool.h"
-#include "common/math.h"
+#include "common/cpu/swiglu.h"
 #include "gather_qmm/cpu_driver.h"
 #include "gather_qmm/gather_qmm.h"
 #include "mlx/backend/cpu/encoder.h"
 
 namespace mlx_ext {
-namespace {
-
-// gate[i] = silu(gate[i]) * up[i] for i < n, in float32.
-template <typename T>
-void swiglu_in_place(T* gate, const T* up, int64_t n) {
-  constexpr int64_t kPerTask = 16384; // one decode step's few thousand values stay on this thread
-  auto run = [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) {
-      const float g = static_cast<float>(gate[i]);
-      gate[i] = static_cast<T>(g / (1.0f + std::exp(-g)) * static_cast<float>(up[i]));
-    }
-  };
-  if (n <= kPerTask) return run(0, n);
-  cpu::parallel_for(ceil_div(n, kPerTask), [&](int64_t t) { run(t * kPerTask, std::min(n, (t + 1) * kPerTask)); });
-}
-
-} // namespace
 
 void GatherQmm::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
   out.set_data(mx::allocator::malloc(out.nbytes()));
@@ -86,15 +67,8 @@ void GatherQmm::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
     }
     cpu::run_gather_qmm(cpu::quantized_matmul_kernels_for(cpu::current_isa()), g);
     if (!up_w) return;
-    const int64_t n = out.size();
-    switch (out.dtype()) {
-      case mx::float16:
-        return swiglu_in_place(out.data<mx::float16_t>(), reinterpret_cast<const mx::float16_t*>(up_out.data()), n);
-      case mx::bfloat16:
-        return swiglu_in_place(out.data<mx::bfloat16_t>(), reinterpret_cast<const mx::bfloat16_t*>(up_out.data()), n);
-      default:
-        return swiglu_in_place(out.data<float>(), reinterpret_cast<const float*>(up_out.data()), n);
-    }
+    const int64_t rows = g.P * g.M;
+    cpu::swiglu(out.dtype(), out.data<void>(), up_out.data(), out.data<void>(), {rows, g.N, g.N, g.N, g.N});
   });
 }
 

@@ -5,43 +5,15 @@
 // product's output would be), then the epilogue silu(gate) * up in float32
 // over the rows' I columns, on the thread pool when there are many. The
 // scratch is the only intermediate; it never becomes an MLX array.
-#include <cmath>
 #include <vector>
 
 #include "common/cpu/arrays.h"
-#include "common/cpu/thread_pool.h"
-#include "common/math.h"
+#include "common/cpu/swiglu.h"
 #include "mlx/backend/cpu/encoder.h"
 #include "quantized_matmul/cpu_driver.h"
 #include "quantized_swiglu/quantized_swiglu.h"
 
 namespace mlx_ext {
-namespace {
-
-// out[m, i] = silu(both[m, i]) * both[m, I + i] for rows [m0, m1).
-template <typename T>
-void swiglu_rows(const T* both, T* out, int64_t I, int64_t m0, int64_t m1) {
-  for (int64_t m = m0; m < m1; ++m) {
-    const T* gate = both + m * 2 * I;
-    const T* up = gate + I;
-    for (int64_t i = 0; i < I; ++i) {
-      const float g = static_cast<float>(gate[i]);
-      out[m * I + i] = static_cast<T>(g / (1.0f + std::exp(-g)) * static_cast<float>(up[i]));
-    }
-  }
-}
-
-template <typename T>
-void swiglu(const T* both, T* out, int64_t M, int64_t I) {
-  // A few thousand values per task: one decode row stays on this thread.
-  const int64_t rows_per_task = std::max<int64_t>(1, 8192 / std::max<int64_t>(I, 1));
-  if (M <= rows_per_task) return swiglu_rows(both, out, I, 0, M);
-  cpu::parallel_for(ceil_div(M, rows_per_task), [&](int64_t t) {
-    swiglu_rows(both, out, I, t * rows_per_task, std::min(M, (t + 1) * rows_per_task));
-  });
-}
-
-} // namespace
 
 void QuantizedSwiGLU::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
   out.set_data(mx::allocator::malloc(out.nbytes()));
@@ -77,13 +49,9 @@ void QuantizedSwiGLU::eval_cpu(const std::vector<mx::array>& inputs, mx::array& 
     a.group_size = group_size;
     a.bits = bits;
     cpu::run_quantized_matmul(cpu::quantized_matmul_kernels_for(cpu::current_isa()), a, true);
-    switch (out.dtype()) {
-      case mx::float32: return swiglu(both.data(), out.data<float>(), M, I);
-      case mx::float16:
-        return swiglu(reinterpret_cast<const mx::float16_t*>(both.data()), out.data<mx::float16_t>(), M, I);
-      default:
-        return swiglu(reinterpret_cast<const mx::bfloat16_t*>(both.data()), out.data<mx::bfloat16_t>(), M, I);
-    }
+    // Each row of `both` holds its I gate values, then its I up values (in out's dtype).
+    const auto* gate = reinterpret_cast<const uint8_t*>(both.data());
+    cpu::swiglu(out.dtype(), gate, gate + I * out.itemsize(), out.data<void>(), {M, I, 2 * I, 2 * I, I});
   });
 }
 

@@ -13,9 +13,11 @@
 
 #include "common/cuda/kernel_launch.h"
 #include "common/cuda/registry.h"
+#include "common/cuda/row_copy_params.h"
 #include "common/errors.h"
 #include "common/math.h"
 #include "mlx/backend/cuda/device.h"
+#include "mlx/backend/cuda/utils.h"
 
 namespace mlx_ext::cuda {
 
@@ -49,6 +51,32 @@ class Launcher {
   // A scratch buffer of `bytes` (at least 4) that lives until the encoder's
   // work completes. A float32 array: its shape is clamped to an int, only its
   // bytes matter.
+  // A row-contiguous copy of x (any strides and offset) in a fresh buffer
+  // that lives until the encoder's work completes: for the inputs a kernel
+  // cannot read in place (common/row_copy.cu says why there is no other copy).
+  mx::array row_contiguous(const mx::array& x) {
+    if (x.ndim() > kRowCopyMaxDims)
+      runtime_error(op_, "cannot copy an input of ", x.ndim(), " dimensions (at most ", kRowCopyMaxDims, ")");
+    mx::array copy(mx::allocator::malloc(std::max<size_t>(x.nbytes(), 1)), x.shape(), x.dtype());
+    enc_.add_temporary(copy);
+    if (x.size() == 0) return copy;
+    RowCopyParams p{};
+    p.src = mx::gpu_ptr<void>(x);
+    p.dst = mx::gpu_ptr<void>(copy);
+    p.size = int64_t(x.size());
+    p.ndim = int(x.ndim());
+    for (int d = 0; d < p.ndim; ++d) {
+      p.shape[d] = x.shape(d);
+      p.strides[d] = x.strides()[d];
+    }
+    KernelLaunch launch;
+    launch.kernel = "row_copy_" + std::to_string(x.itemsize());
+    launch.threads = 256;
+    launch.grid[0] = std::min<int64_t>(ceil_div(p.size, launch.threads), 65536);
+    (*this)(launch, p, {&x}, {&copy});
+    return copy;
+  }
+
   mx::array scratch(int64_t bytes) {
     const int64_t floats = std::max<int64_t>(1, ceil_div(bytes, 4));
     const int64_t shape = std::min<int64_t>(floats, std::numeric_limits<int32_t>::max());
