@@ -3,6 +3,7 @@ quantized matmul doing the same FLOPs, side by side in one process.
 
     python -m bench.bench_gather_qmm            # the full table (~3 min)
     python -m bench.bench_gather_qmm --quick    # a smoke run
+    python -m bench.bench_gather_qmm --device gpu   # CUDA (bench_gather_qmm_gpu.py)
 
 Shapes (issue 16): 128 experts of N=768 x K=2048 routed top-8 (Qwen3-30B-A3B
 like) and 32 experts of 2880 x 2880 routed top-4 (GPT-OSS-20B like); 4-bit,
@@ -172,7 +173,13 @@ def main():
     parser.add_argument("--mlx-budget", type=float, default=3.0,
                         help="skip mx.gather_qmm calls estimated to take longer (seconds)")
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--device", choices=["cpu", "gpu"], default="cpu",
+                        help="gpu: MLX's CUDA backend (bench_gather_qmm_gpu.py)")
     args = parser.parse_args()
+    if args.device == "gpu":
+        from .bench_gather_qmm_gpu import main_gpu
+
+        return main_gpu(args)
     mx.set_default_device(mx.cpu)
 
     info = harness.machine_info()

@@ -34,8 +34,10 @@ function(mlx_ext_add_cuda_kernels op)
   if("90" IN_LIST MLX_EXT_CUDA_ARCHITECTURES)
     list(APPEND names ${ARG_SM90A})
   endif()
+  # Every operator's .cuh: a kernel may share another's device steps
+  # (gather_qmm/gather_tc.cu includes quantized_matmul/qmv_tc.cuh).
   file(GLOB headers "${_mlx_ext_csrc}/common/*.h" "${_mlx_ext_csrc}/common/cuda/*.cuh"
-       "${_mlx_ext_csrc}/common/cuda/*.h" "${_mlx_ext_csrc}/${op}/*.cuh" "${_mlx_ext_csrc}/${op}/*.h")
+       "${_mlx_ext_csrc}/common/cuda/*.h" "${_mlx_ext_csrc}/*/*.cuh" "${_mlx_ext_csrc}/${op}/*.h")
   foreach(name ${names})
     if(name IN_LIST ARG_SM90A)
       set(gencode "-gencode=arch=compute_90a,code=sm_90a")

@@ -6,10 +6,19 @@
 #                                          (default: all, in that order)
 #   MLX_EXT_GPU_BENCH_ARGS="--rows 1,8"   extra arguments of the quantized matmul's bench
 #   MLX_EXT_GPU_BENCHES="attention"       which benches the bench stage runs, in order
-#                                          (default: "quantized_matmul attention sparse_matmul")
+#                                          (default: "quantized_matmul attention sparse_matmul gather_qmm")
 #   MLX_EXT_GPU_ATTENTION_ARGS="--quick"  extra arguments of the attention's bench
 #                                          (--quick: its decode rows only)
 #   MLX_EXT_GPU_SPARSE_BENCH_ARGS="--quick" extra arguments of the sparse bench (--write given)
+#   MLX_EXT_GPU_GATHER_BENCH_ARGS="--quick" extra arguments of the gather_qmm bench (--quick:
+#                                          the first shape at M=1 and 8)
+#
+# gather_qmm (mixture of experts) too: cuda runs tests/test_gather_qmm_cuda.py and its
+# kernels alone (bench/cuda/gather_qmm.cu: float64 checks with adversarial
+# routings, NaN-poisoned outputs, then its kernel-only timings beside our dense kernels;
+# MLX_EXT_GPU_GATHER_KERNEL_TIMES=0: the checks only); sanitize runs its cases in scripts/gpu_sanitize_case.py; suite
+# runs the gather tests on the GPU stream (a second pytest call, gather_suite.log); bench
+# runs bench_gather_qmm --device gpu.
 #
 # Attention and the sparse matmul ride along in each stage: cuda runs
 # tests/test_attention_cuda.py, tests/test_sparse_matmul_cuda.py and the sparse
@@ -105,6 +114,10 @@ grep -q device_option tests/conftest.py 2>/dev/null && pytest_device="--device g
 
 if has cuda; then
   stage "cuda kernel tests"
+  # The gather kernels' harness takes minutes of nvcc: it compiles while the tests run.
+  OUT="$LOGS" timeout "$(limit 400)" bash scripts/gpu_kernels.sh gather_qmm --build-only \
+    > "$LOGS/gather_kernels_build.log" 2>&1 &
+  gather_build=$!
   timeout "$(limit 200)" python3 -m pytest tests/test_quantized_matmul_cuda.py tests/test_sparse_matmul_cuda.py \
     $pytest_device -q -x -p no:cacheprovider 2>&1 | tail -25
   timeout "$(limit 150)" python3 -m pytest tests/test_attention_cuda.py \
@@ -114,6 +127,17 @@ if has cuda; then
     > "$LOGS/sparse_kernels.log" 2>&1
   echo "sparse kernels exit $?"
   grep -E "FAILED|checks:" "$LOGS/sparse_kernels.log" | tail -15
+  timeout "$(limit 150)" python3 -m pytest tests/test_gather_qmm_cuda.py \
+    $pytest_device -q -p no:cacheprovider 2>&1 | tail -15
+  gather_args=
+  [ "${MLX_EXT_GPU_GATHER_KERNEL_TIMES:-1}" = 0 ] && gather_args=--checks-only
+  echo "--- gather_qmm kernels alone (bench/cuda/gather_qmm.cu $gather_args)"
+  wait $gather_build
+  echo "gather kernels build exit $? (gather_kernels_build.log)"
+  OUT="$LOGS" timeout "$(limit 240)" bash scripts/gpu_kernels.sh gather_qmm --prebuilt $gather_args \
+    > "$LOGS/gather_kernels.log" 2>&1
+  echo "gather kernels exit $?"
+  grep -E "FAILED|checks:|copy bandwidth|^\|| met| not met" "$LOGS/gather_kernels.log" | tail -25
 fi
 
 if has sanitize; then
@@ -139,13 +163,19 @@ if has suite; then
     -p no:cacheprovider > "$LOGS/suite_attention.log" 2>&1
   echo "attention suite exit $?"
   tail -15 "$LOGS/suite_attention.log"
+  timeout "$(limit 240)" python3 -m pytest tests/test_gather_qmm.py \
+    tests/test_gather_qmm_transforms.py tests/test_gather_swiglu.py tests/test_gather_qmm_layer.py \
+    tests/test_cuda_plan_gather.py $pytest_device -q -p no:cacheprovider > "$LOGS/gather_suite.log" 2>&1
+  echo "gather suite exit $?"
+  tail -15 "$LOGS/gather_suite.log"
 fi
 if has bench; then
-  for bench in ${MLX_EXT_GPU_BENCHES:-quantized_matmul attention sparse_matmul}; do
+  for bench in ${MLX_EXT_GPU_BENCHES:-quantized_matmul attention sparse_matmul gather_qmm}; do
     stage "bench $bench"
     case $bench in
       attention) args=${MLX_EXT_GPU_ATTENTION_ARGS:-} ;;
       sparse_matmul) args="--write ${MLX_EXT_GPU_SPARSE_BENCH_ARGS:-}" ;;
+      gather_qmm) args=${MLX_EXT_GPU_GATHER_BENCH_ARGS:-} ;;
       *) args=${MLX_EXT_GPU_BENCH_ARGS:-} ;;
     esac
     timeout "$(limit 10000)" python3 -m "bench.bench_$bench" --device gpu $args > "$LOGS/bench_$bench.log" 2>&1

@@ -1,7 +1,8 @@
 """A small run of every CUDA kernel family of mlx_ext.quantized_matmul (affine
 and the fp modes), of mlx_ext.scaled_dot_product_attention (split-K, merge,
-mma.sync, backward) and of mlx_ext.sparse_matmul (decode, prefill, transposed and
-sampled products of every format), for compute-sanitizer (scripts/gpu_run.sh):
+mma.sync, backward), of mlx_ext.sparse_matmul (decode, prefill, transposed and
+sampled products of every format) and of mlx_ext.gather_qmm (decode, grouping
+pass + tiles, generic, fused SwiGLU), for compute-sanitizer (scripts/gpu_run.sh):
 
     compute-sanitizer --tool memcheck python scripts/gpu_sanitize_case.py
 
@@ -57,6 +58,7 @@ def main():
                           mode=mode)
     attention(rng)
     sparse_cases(rng)
+    gather_cases(rng)
     mx.synchronize()
     print("sanitize case: all kernel families ran and matched the reference")
 
@@ -118,6 +120,38 @@ def sparse_cases(rng):
             g = mx.grad(lambda x, v: mx.sum(mlx_ext.sparse_matmul(x, _with(ws, values_key, v), stream=mx.gpu) ** 2),
                         argnums=(0, 1))(x, ws[values_key])
             mx.eval(g)
+
+
+def gather_cases(rng):
+    """gather_qmm's decode, grouping + tiles and generic kernels, and the fused
+    SwiGLU, on a ragged N and a K with a partial last span, with repeated
+    experts, an expert with every row and lazy out-of-range indices (NaN rows)."""
+    e, n, k = 6, 37, 320
+    words = rng.integers(0, 2**32, size=(e, n, k * 4 // 32), dtype=np.uint64).astype(np.uint32)
+    w_q = mx.array(words)
+    for dtype in [mx.bfloat16, mx.float32]:
+        scales = mx.array(rng.uniform(-0.1, 0.1, (e, n, k // 64)), dtype=dtype)
+        biases = mx.array(rng.uniform(-0.5, 0.5, (e, n, k // 64)), dtype=dtype)
+        for tokens in [1, 9, 40]:
+            x = mx.array(rng.standard_normal((tokens, 1, 1, k)), dtype=dtype)
+            rhs = rng.integers(0, e, (tokens, 4))
+            rhs[0] = e - 1
+            for idx in [rhs, np.where(rng.random(rhs.shape) < 0.2, e + 3, rhs)]:
+                lazy = mx.array(idx.astype(np.uint32)) + mx.array(0, dtype=mx.uint32)
+                out = mlx_ext.gather_qmm(x, w_q, scales, biases, rhs_indices=lazy, stream=mx.gpu)
+                expected, _ = ref.gather_qmm_with_tolerance(x, w_q, scales, biases, None, idx, out_dtype=dtype)
+                got = ref.to_f64(out)
+                nan = np.isnan(expected)
+                assert np.array_equal(np.isnan(got), nan), (dtype, tokens)
+                err = np.abs(got[~nan] - expected[~nan]).max() / max(np.abs(expected[~nan]).max(), 1e-30)
+                assert err < 2e-2, (dtype, tokens, err)
+            sw = mlx_ext.gather_quantized_swiglu(0.02 * x, w_q, scales, biases, w_q, scales, biases,
+                                                 rhs_indices=mx.array(rhs.astype(np.uint32)), stream=mx.gpu)
+            mx.eval(sw)
+        xt = mx.array(rng.standard_normal((3, 1, 1, k)), dtype=dtype)  # the vjp: transpose=False
+        g = mx.grad(lambda x: mlx_ext.gather_qmm(x, w_q, scales, biases, rhs_indices=mx.array([[0, 5], [1, 1], [2, 3]]),
+                                                 stream=mx.gpu).sum())(xt)
+        mx.eval(g)
 
 
 def _with(ws, key, values):

@@ -169,7 +169,7 @@ def test_the_cache_key_covers_every_included_header():
     qmv_tc = CSRC / "quantized_matmul" / "qmv_tc.cu"
     headers = {str(p.relative_to(CSRC)) for p in included_headers(qmv_tc)}
     assert headers == {"common/cuda/affine.cuh", "common/cuda/device.cuh", "common/math.h",
-                       "quantized_matmul/cuda_params.h"}
+                       "quantized_matmul/cuda_params.h", "quantized_matmul/qmv_tc.cuh"}
 
 
 @no_nvcc

@@ -17,7 +17,6 @@ namespace mlx_ext {
 MLX_EXT_NO_GPU(QuantizedSwiGLU)
 MLX_EXT_NO_GPU(RMSNorm)
 #elif defined(MLX_EXT_CUDA)
-MLX_EXT_NO_GPU(GatherQmm)
 MLX_EXT_NO_GPU(QuantizedSwiGLU)
 MLX_EXT_NO_GPU(RMSNorm)
 #else

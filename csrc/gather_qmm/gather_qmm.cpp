@@ -1,5 +1,5 @@
 // The op function (validation, index broadcasting, graph building) and the
-// Primitive's transforms. Kernels: cpu.cpp, metal.cpp.
+// Primitive's transforms. Kernels: cpu.cpp, metal.cpp, cuda.cpp.
 #include "gather_qmm/gather_qmm.h"
 
 #include <numeric>
@@ -12,6 +12,12 @@ namespace {
 
 constexpr const char* kOp = "gather_qmm";
 constexpr const char* kSwiGLUOp = "gather_quantized_swiglu";
+// Whether this build's GPU kernels take the fused SwiGLU node (CUDA's do).
+#if defined(MLX_EXT_CUDA)
+constexpr bool kFusedSwigluOnGpu = true;
+#else
+constexpr bool kFusedSwigluOnGpu = false;
+#endif
 
 mx::Shape batch_shape(const mx::array& a) { return mx::Shape(a.shape().begin(), a.shape().end() - 2); }
 
@@ -257,9 +263,10 @@ mx::array gather_quantized_swiglu(
   auto inputs = std::move(gate.inputs);
   for (int i : {1, 2, 3}) inputs.push_back(up.inputs[i]);
   mx::array out = [&] {
-    // The GPU backends run the two gathers and MLX's elementwise ops (their
-    // gather kernels have no fused epilogue yet); the CPU runs the fused node.
-    if (gate.stream.device == mx::Device::gpu)
+    // Metal runs the two gathers and MLX's elementwise ops (its gather
+    // kernels have no fused epilogue yet); the CPU and CUDA (cuda.cpp) run
+    // the fused node.
+    if (gate.stream.device == mx::Device::gpu && !kFusedSwigluOnGpu)
       return unfused_swiglu(inputs, inputs[0], group_size.value_or(64), bits.value_or(4), sorted_indices,
           gate.stream);
     return gather_node(std::move(inputs), gate.out_type, gate.M, gate.N, group_size.value_or(64),

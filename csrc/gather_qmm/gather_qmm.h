@@ -10,8 +10,9 @@
 // up[rhs[p]].T). One primitive for what mlx-lm's SwitchGLU runs as two
 // gathers and an elementwise op: x is gathered and grouped once.
 // Kernels: cpu.cpp (expert-grouped, cpu_driver.cpp); metal.cpp (without
-// swiglu, which GPU streams run as two gathers: one launch covering every
-// (row, expert) pair; metal/quantized_matmul.metal, metal/gather_qmm.metal).
+// swiglu, which Metal streams run as two gathers: one launch covering every
+// (row, expert) pair; metal/quantized_matmul.metal, metal/gather_qmm.metal);
+// cuda.cpp (with swiglu; cuda_plan.h: decode, grouped tiles, generic).
 #pragma once
 
 #include <optional>
@@ -63,8 +64,8 @@ mx::array gather_quantized_swiglu(
 // contiguous; x, scales, biases, bias of the output dtype. The output is
 // (P, M, N); the op function reshapes it. `sorted`: the caller's
 // sorted_indices hint (pairs grouped by expert); it picks the Metal kernel
-// (any order stays correct) and the CPU, which groups by expert anyway,
-// ignores it.
+// (any order stays correct) and the CPU and CUDA, which group by expert
+// anyway, ignore it.
 class GatherQmm : public mx::UnaryPrimitive {
  public:
   GatherQmm(mx::Stream stream, int group_size, int bits, bool transpose, bool has_bias, bool swiglu = false,
