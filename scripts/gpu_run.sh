@@ -18,7 +18,8 @@
 # routings, NaN-poisoned outputs, then its kernel-only timings beside our dense kernels;
 # MLX_EXT_GPU_GATHER_KERNEL_TIMES=0: the checks only); sanitize runs its cases in scripts/gpu_sanitize_case.py; suite
 # runs the gather tests on the GPU stream (a second pytest call, gather_suite.log); bench
-# runs bench_gather_qmm --device gpu.
+# runs bench_gather_qmm --device gpu. The CUDA gather kernels are off by default
+# (csrc/gather_qmm/cuda.cpp says why): this script turns them on (MLX_EXT_CUDA_GATHER=1).
 #
 # Attention and the sparse matmul ride along in each stage: cuda runs
 # tests/test_attention_cuda.py, tests/test_sparse_matmul_cuda.py and the sparse
@@ -38,6 +39,7 @@
 # Every stage runs under a time limit that keeps the whole under MLX_EXT_GPU_DEADLINE
 # seconds (default 570), so that what ran comes back.
 set -uo pipefail
+export MLX_EXT_CUDA_GATHER=1
 OUT=${OUT:-/tmp/mlx_ext_gpu_out}
 mkdir -p "$OUT"
 # Logs and tables go to $LOGS; at exit they are packed into $OUT/gpu_run.tgz
