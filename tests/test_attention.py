@@ -308,8 +308,8 @@ def test_matches_mlx_lm_quantized_attention_on_its_cache(bits):
     # mlx-lm scales its queries in place (queries *= scale): give it a copy.
     want = quantized_scaled_dot_product_attention(q * 1, k, v, scale=128**-0.5, mask="causal",
                                                   group_size=64, bits=bits)
-    # On CUDA, MLX's float32 quantized matmul runs on TF32 tensor cores (its sm90
-    # kernels are F32TF32TF32 MMAs, which MLX_ENABLE_TF32 does not switch off):
-    # mlx-lm's result is then the less exact one (ours met float64 above).
-    tol = 3e-3 if mx.default_device() == mx.gpu and hasattr(mx, "cuda") and mx.cuda.is_available() else 1e-4
-    np.testing.assert_allclose(np.array(got), np.array(want), rtol=tol, atol=tol)
+    try:
+        want = np.array(want)
+    except RuntimeError as e:  # MLX 0.32.4's CUDA backend: no float32 quantized matmul at this shape
+        pytest.skip(f"mlx-lm's attention does not run here ({e}); ours met float64 above")
+    np.testing.assert_allclose(np.array(got), want, rtol=1e-4, atol=1e-4)
