@@ -11,31 +11,8 @@
 namespace mlx_ext::cuda {
 namespace {
 
-template <typename T>
-__device__ __forceinline__ uint32_t dec_pack2(float a, float b) { // a in the low half
-  if constexpr (std::is_same_v<T, bf16>) {
-    __nv_bfloat162 v = __floats2bfloat162_rn(a, b);
-    return *reinterpret_cast<uint32_t*>(&v);
-  } else {
-    __half2 v = __floats2half2_rn(a, b);
-    return *reinterpret_cast<uint32_t*>(&v);
-  }
-}
-
-// (a, b) as hi + lo, two 16-bit pairs: P enters P V at float32-level
-// accuracy (the op's tolerance) for one more mma per V fragment; with 16
-// query rows and memory-bound decode the mma is not what limits.
-template <typename T>
-__device__ __forceinline__ void dec_split2(float a, float b, uint32_t& hi, uint32_t& lo) {
-  hi = dec_pack2<T>(a, b);
-  float2 h;
-  if constexpr (std::is_same_v<T, bf16>) {
-    h = make_float2(__uint_as_float(hi << 16), __uint_as_float(hi & 0xffff0000u));
-  } else {
-    h = __half22float2(*reinterpret_cast<const __half2*>(&hi));
-  }
-  lo = dec_pack2<T>(a - h.x, b - h.y);
-}
+// P enters P V as hi + lo (split2, cuda_device.cuh): with 16 query rows and
+// memory-bound decode the extra mma is not what limits.
 
 // m and the row sum l (added over the 4 lanes of the row) of a warp's row to
 // shared memory (ml: 2 floats).
@@ -251,10 +228,10 @@ __device__ __forceinline__ void attn_dec(const AttnParams& p) {
     dec_softmax<DT>(p, k, k.kb + (warp + n * W) * BK, t, s, m, l, o);
 
     uint32_t a[4], a_lo[4];
-    dec_split2<T>(s[0][0], s[0][1], a[0], a_lo[0]);
-    dec_split2<T>(s[0][2], s[0][3], a[1], a_lo[1]);
-    dec_split2<T>(s[1][0], s[1][1], a[2], a_lo[2]);
-    dec_split2<T>(s[1][2], s[1][3], a[3], a_lo[3]);
+    split2<T>(s[0][0], s[0][1], a[0], a_lo[0]);
+    split2<T>(s[0][2], s[0][3], a[1], a_lo[1]);
+    split2<T>(s[1][0], s[1][1], a[2], a_lo[2]);
+    split2<T>(s[1][2], s[1][3], a[3], a_lo[3]);
 #pragma unroll
     for (int dp = 0; dp < D / 16; ++dp) {
       uint32_t f[4];
@@ -308,7 +285,7 @@ __device__ __forceinline__ uint32_t code_pair(uint32_t x) {
   } else {
     const float f0 = int_bits_to_float(__byte_perm(x, 0x4b000000u, 0x7540));
     const float f1 = int_bits_to_float(__byte_perm(x, 0x4b000000u, 0x7541));
-    return dec_pack2<T>(f0, f1);
+    return pack2<T>(f0, f1);
   }
 }
 
@@ -478,10 +455,10 @@ __device__ __forceinline__ void attn_dec_q(const AttnParams& p) {
       o[DT + u][0] += s[0][0] * zv[0] + s[0][1] * zv[1] + s[1][0] * zv[2] + s[1][1] * zv[3];
       o[DT + u][2] += s[0][2] * zv[0] + s[0][3] * zv[1] + s[1][2] * zv[2] + s[1][3] * zv[3];
       uint32_t a[4], a_lo[4];
-      dec_split2<T>(s[0][0] * sv[0], s[0][1] * sv[1], a[0], a_lo[0]);
-      dec_split2<T>(s[0][2] * sv[0], s[0][3] * sv[1], a[1], a_lo[1]);
-      dec_split2<T>(s[1][0] * sv[2], s[1][1] * sv[3], a[2], a_lo[2]);
-      dec_split2<T>(s[1][2] * sv[2], s[1][3] * sv[3], a[3], a_lo[3]);
+      split2<T>(s[0][0] * sv[0], s[0][1] * sv[1], a[0], a_lo[0]);
+      split2<T>(s[0][2] * sv[0], s[0][3] * sv[1], a[1], a_lo[1]);
+      split2<T>(s[1][0] * sv[2], s[1][1] * sv[3], a[2], a_lo[2]);
+      split2<T>(s[1][2] * sv[2], s[1][3] * sv[3], a[3], a_lo[3]);
       uint32_t src[4][2]; // per key: the words whose bytes hold the codes of x (8-bit: w; 4-bit: low, high nibbles)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {

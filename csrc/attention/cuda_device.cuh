@@ -158,4 +158,34 @@ __device__ __forceinline__ void merge_softmax(float& m, float& l, float m2, floa
   m = mx;
 }
 
+// Two floats as one 32-bit pair of q's 16-bit type T (a in the low half), and back.
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(float a, float b) {
+  if constexpr (std::is_same_v<T, bf16>) {
+    __nv_bfloat162 v = __floats2bfloat162_rn(a, b);
+    return *reinterpret_cast<uint32_t*>(&v);
+  } else {
+    __half2 v = __floats2half2_rn(a, b);
+    return *reinterpret_cast<uint32_t*>(&v);
+  }
+}
+template <typename T>
+__device__ __forceinline__ float2 unpack2(uint32_t w) {
+  if constexpr (std::is_same_v<T, bf16>) {
+    return make_float2(__uint_as_float(w << 16), __uint_as_float(w & 0xffff0000u));
+  } else {
+    return __half22float2(*reinterpret_cast<const __half2*>(&w));
+  }
+}
+// (a, b) as the sum of two 16-bit pairs, hi + lo, to about 2^-16 of each
+// (2^-18 for bfloat16 pairs): the probabilities enter the tensor-core kernels'
+// P V at the float32 arithmetic the op promises (tests/test_attention.py's
+// tolerance), not rounded to q's type, for one more mma per V fragment.
+template <typename T>
+__device__ __forceinline__ void split2(float a, float b, uint32_t& hi, uint32_t& lo) {
+  hi = pack2<T>(a, b);
+  const float2 h = unpack2<T>(hi);
+  lo = pack2<T>(a - h.x, b - h.y);
+}
+
 } // namespace mlx_ext::cuda
