@@ -23,7 +23,8 @@ The embedding, the norms and the LM head stay whole on every rank (as in
 mlx-lm): two all_sums per layer are the only communication. Quantized layers
 become the ``mlx_ext.nn`` sharded layers (MLX's own where the model had been
 ``unpatch``-ed), float ``nn.Linear`` MLX's ``AllToShardedLinear`` /
-``ShardedToAllLinear``. ``SparseLinear`` layers are refused (see ``shard``).
+``ShardedToAllLinear``, ``SparseLinear`` the ``mlx_ext.nn`` sparse sharded
+layers (the rank's rows or columns in the same format: ``sparse.submatrix``).
 """
 
 import dataclasses
@@ -33,6 +34,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from . import nn as ext_nn
+from . import sparse
 
 # source layer type -> (all-to-sharded type, sharded-to-all type)
 _SHARDED = {
@@ -57,7 +59,10 @@ def deal(total: int, n: int, r: int) -> tuple[int, int]:
 
 
 def _unit(layer) -> int:
-    """The columns a sharded-to-all split must keep together: a quantization group."""
+    """The columns a sharded-to-all split must keep together: a quantization
+    group, or a sparse format's (sparse.split_units)."""
+    if isinstance(layer, ext_nn.SparseLinear):
+        return sparse.split_units(layer.weight)[1]
     return layer.group_size if "scales" in layer else 1
 
 
@@ -137,11 +142,15 @@ def _plan(model, split: _Split) -> list:
 
 
 def _check_layer(layer, where: str, sharding: str, ranges) -> None:
-    if isinstance(layer, ext_nn.SparseLinear):
-        raise _error(
-            f"{where} is a SparseLinear ({type(layer.weight).__name__}): sparse layers are not sharded "
-            f"(their formats have no per-rank row / column split, and pruned rows and columns carry "
-            f"unequal work per rank); shard the dense model, or run the pruned one on one machine")
+    if type(layer) is ext_nn.SparseLinear:
+        w = layer.weight
+        unit_n, unit_k = sparse.split_units(w)
+        bounds, unit = ([b for r in ranges for b in r], unit_n) if sharding == "all-to-sharded" else (ranges, unit_k)
+        if any(b % unit for b in bounds):
+            raise _error(f"{where}: a {type(w).__name__} split at {bounds} cuts its "
+                         f"{'blocks' if w.layout['format'] == 'bsr' else 'groups'} of {unit} "
+                         f"{'rows' if sharding == 'all-to-sharded' else 'columns'}")
+        return
     kinds = _SHARDED.get(type(layer))
     if kinds is None:
         raise _error(f"{where} is a {type(layer).__name__}, which shard does not know how to split")
@@ -165,7 +174,20 @@ def _columns(a: mx.array, columns: tuple[int, int], in_dims: int) -> mx.array:
     return mx.contiguous(a[..., columns[0] * width // in_dims : columns[1] * width // in_dims])
 
 
+def _sharded_sparse(layer, sharding: str, ranges, group) -> nn.Module:
+    """A SparseLinear's rows (all-to-sharded) or input columns (sharded-to-all)
+    in its own format (mlx_ext.sparse.submatrix: the same stored pattern and values)."""
+    bias = layer.get("bias")
+    if sharding == "all-to-sharded":
+        weight = sparse.submatrix(layer.weight, rows=ranges)
+        bias = None if bias is None else _rows(bias, ranges)
+        return ext_nn.SparseAllToShardedLinear(weight, bias, group)
+    return ext_nn.SparseShardedToAllLinear(sparse.submatrix(layer.weight, cols=ranges), bias, group)
+
+
 def _sharded_layer(layer, sharding: str, ranges, group) -> nn.Module:
+    if type(layer) is ext_nn.SparseLinear:
+        return _sharded_sparse(layer, sharding, ranges, group)
     all_to_sharded, sharded_to_all = _SHARDED[type(layer)]
     cls = all_to_sharded if sharding == "all-to-sharded" else sharded_to_all
     new = cls.__new__(cls)
@@ -198,9 +220,8 @@ def shard(model, group: mx.distributed.Group | None = None) -> Counter:
     Raises ``ValueError`` naming the argument (before changing anything)
     when a rank would get no KV head or no intermediate group, when an o
     projection's split falls inside a quantization group (head dim not a
-    multiple of the group size), and for ``SparseLinear`` layers: their
-    formats (CSR, Bitmask, BSR, N:M) have no per-rank split, so shard the
-    dense model or run the pruned one on one machine."""
+    multiple of the group size), and when a split would cut a sparse
+    layer's BSR blocks or N:M groups."""
     group = group or mx.distributed.init()
     n = group.size()
     counts = Counter()

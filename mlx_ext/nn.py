@@ -288,6 +288,32 @@ class QuantizedShardedToAllLinear(nn.QuantizedShardedToAllLinear):
         return x + self["bias"] if "bias" in self else x
 
 
+class SparseAllToShardedLinear(SparseLinear):
+    """A ``SparseLinear`` holding a rank's rows of W (``mlx_ext.sparse.submatrix``)
+    and of the bias: MLX's all-to-sharded collectives (no forward collective;
+    x's gradient summed over the group), the product through ``sparse_matmul``."""
+
+    def __init__(self, weight, bias=None, group=None):
+        super().__init__(weight, bias)
+        self.group = group
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return sparse.sparse_matmul(sum_gradients(self.group)(x), self.weight, self.get("bias"))
+
+
+class SparseShardedToAllLinear(SparseLinear):
+    """A ``SparseLinear`` holding a rank's input columns of W: the partial
+    products summed by one ``all_sum``, the (whole) bias added once after it."""
+
+    def __init__(self, weight, bias=None, group=None):
+        super().__init__(weight, bias)
+        self.group = group
+
+    def __call__(self, x: mx.array) -> mx.array:
+        y = mx.distributed.all_sum(sparse.sparse_matmul(x, self.weight), group=self.group)
+        return y + self["bias"] if "bias" in self else y
+
+
 class QuantizedAllToShardedSwiGLU(QuantizedAllToShardedLinear):
     """The GPT loop's fused gate/up layer (``QuantizedSwiGLU``) sharded
     all-to-sharded with two segments: a rank holds gate rows [r*I/n,

@@ -541,6 +541,82 @@ class NM(SparseMatrix):
 _CLASSES = {"csr": CSR, "bitmask": Bitmask, "bsr": BSR, "nm": NM}
 
 
+def stored_mask(w: SparseMatrix) -> np.ndarray:
+    """Bool (N, K): where ``w`` stores a value (explicit zeros included)."""
+    n, k = w.shape
+    l = w.layout
+    if l["format"] == "bitmask":
+        return _unpack_bits(np.array(w.mask), k)
+    mask = np.zeros((n, k), bool)
+    if l["format"] == "csr":
+        ptr = np.array(w.indptr)
+        mask[np.repeat(np.arange(n), np.diff(ptr)), np.array(w.indices).astype(np.int64)] = True
+    elif l["format"] == "bsr":
+        bn, bk = l["block"]
+        ptr = np.array(w.indptr)
+        blocks = np.zeros((n // bn, k // bk), bool)
+        blocks[np.repeat(np.arange(n // bn), np.diff(ptr)), np.array(w.indices)] = True
+        mask = np.repeat(np.repeat(blocks, bn, axis=0), bk, axis=1)
+    else:
+        kc = k // l["m"] * l["n"]
+        cols = (np.arange(kc) // l["n"]) * l["m"] + _unpack_codes(np.array(w.codes), kc, l["m"])
+        np.put_along_axis(mask, cols, True, axis=1)
+    return mask
+
+
+def split_units(w: SparseMatrix) -> tuple[int, int]:
+    """The rows and the columns a split of ``w`` must keep together: BSR's
+    blocks, N:M's groups of m columns (of a whole quantization group of kept
+    values when they are quantized), single ones otherwise."""
+    l = w.layout
+    if l["format"] == "bsr":
+        return tuple(l["block"])
+    if l["format"] == "nm":
+        return 1, l["m"] * l["group_size"] // l["n"] if l["bits"] else l["m"]
+    return 1, 1
+
+
+def submatrix(w: SparseMatrix, rows=None, cols=None) -> SparseMatrix:
+    """The rows (a list of [start, stop) ranges, concatenated) and the
+    columns [start, stop) of ``w``, in its format, with the same stored
+    pattern and values (tensor parallelism: ``mlx_ext.shard``). BSR needs
+    whole blocks, N:M whole groups of m columns (and of the quantization
+    group for quantized values, which are sliced, not quantized again)."""
+    n, k = w.shape
+    l = w.layout
+    rows = rows or [(0, n)]
+    c0, c1 = cols or (0, k)
+    name = type(w).__name__
+    unit_n, unit_k = split_units(w)
+    if any(a % unit_n or b % unit_n for a, b in rows) or c0 % unit_k or c1 % unit_k:
+        _fail(name, f"rows {rows} and columns {(c0, c1)} must be multiples of {(unit_n, unit_k)} "
+                    f"(whole {'blocks' if l['format'] == 'bsr' else 'groups'})")
+    take = np.concatenate([np.arange(a, b) for a, b in rows])
+    mask = stored_mask(w)[take, c0:c1]
+    shape = (len(take), c1 - c0)
+    if l["format"] == "nm" and l["bits"]:
+        # Slice the quantized arrays: quantizing dequantized values again would move them.
+        per = l["n"] / l["m"]
+        q0, q1 = int(c0 * per), int(c1 * per)
+        idx = mx.array(take)
+        codes = _unpack_codes(np.array(w.codes), k // l["m"] * l["n"], l["m"])[take, q0:q1]
+        out = NM(mx.zeros((shape[0], q1 - q0), w.scales.dtype), codes, shape, l["n"], l["m"])
+        width = w.w_q.shape[1] * 32 // l["bits"]
+        out.w_q = w.w_q[idx, q0 * w.w_q.shape[1] // width : q1 * w.w_q.shape[1] // width]
+        out.scales = w.scales[idx, q0 // l["group_size"] : q1 // l["group_size"]]
+        out.biases = w.biases[idx, q0 // l["group_size"] : q1 // l["group_size"]]
+        del out["data"]
+        out["_layout"] = json.dumps(dict(out.layout, bits=l["bits"], group_size=l["group_size"]), sort_keys=True)
+        out._finish()
+        return out
+    dense = w.to_dense()[mx.array(take), c0:c1]
+    if l["format"] == "bsr":
+        return BSR.from_dense(dense, block=tuple(l["block"]), mask=mask)
+    if l["format"] == "nm":
+        return NM.from_dense(dense, l["n"], l["m"], mask=mask)
+    return type(w).from_dense(dense, mask=mask)
+
+
 def _top_fraction(scores, density):
     """Bool mask keeping, in each row of ``scores``, the round(density * K)
     largest entries (ties: lower column first)."""

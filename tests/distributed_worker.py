@@ -151,6 +151,18 @@ def gpt(group, out: Path) -> None:
         cache = model.make_cache()
         info[label] = {"single": single, "sharded": sharded, "counts": dict(counts),
                        "kv_heads": cache.kv_heads, "n_heads": model.model.layers[0].self_attn.n_heads}
+    # pruned: every projection a SparseLinear, each format (and quantized N:M values)
+    model, tokenizer = gpt_loop.load(fuse=False)
+    sparse_model(model)
+    single = gpt_loop.generate(model, tokenizer, GPT_PROMPT, max_tokens=GPT_TOKENS).tokens
+    counts = mlx_ext.shard(model, group)
+    sharded = gpt_loop.generate(model, tokenizer, GPT_PROMPT, max_tokens=GPT_TOKENS).tokens
+    layer = model.model.layers[0]
+    info["sparse"] = {"single": single, "sharded": sharded, "counts": dict(counts),
+                      "kv_heads": model.make_cache().kv_heads, "n_heads": layer.self_attn.n_heads,
+                      "formats": [type(layer.self_attn[n].weight).__name__ for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
+                      + [type(layer.mlp[n].weight).__name__ for n in ("gate_proj", "up_proj", "down_proj")],
+                      "nnz": [layer.self_attn.q_proj.weight.nnz, layer.mlp.down_proj.weight.nnz]}
     # an uneven split (SmolLM2-135M's head layout, scaled down): 9 query
     # heads on 3 KV heads -> 6 + 3 and 2 + 1; 5 intermediate groups -> 3 + 2
     arrays = {}
@@ -167,6 +179,23 @@ def gpt(group, out: Path) -> None:
                        "intermediate": model.args.intermediate_size}
     mx.eval(arrays)
     save(out, r, arrays, info)
+
+
+# The formats of sparse_model's projections: N:M with 4-bit values (q, down),
+# CSR (k), Bitmask (v, up), BSR (o), N:M with float values (gate).
+SPARSE = {"q_proj": dict(pattern="2:4", bits=4), "k_proj": dict(density=0.5, format="csr"),
+          "v_proj": dict(density=0.5, format="bitmask"), "o_proj": dict(density=0.5, format="bsr", block=32),
+          "gate_proj": dict(pattern="2:4", bits=0), "up_proj": dict(density=0.5, format="bitmask"),
+          "down_proj": dict(pattern="2:4", bits=4)}
+
+
+def sparse_model(model) -> None:
+    """Every projection of the (unfused) GPT-loop model pruned to SPARSE's format."""
+    for layer in model.model.layers:
+        for module in (layer.self_attn, layer.mlp):
+            for name, kw in SPARSE.items():
+                if name in module:
+                    module[name] = mlx_ext.nn.SparseLinear.from_linear(module[name], **kw)
 
 
 UNEVEN = {"model_type": "llama", "vocab_size": 64, "hidden_size": 128, "num_hidden_layers": 2,

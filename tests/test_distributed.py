@@ -15,6 +15,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import mlx.core as mx
+import mlx.nn as nn
 import mlx_ext
 from mlx_ext import distributed
 from mlx_ext import nn as ext_nn
@@ -174,17 +175,51 @@ def test_deal_gives_each_rank_a_contiguous_near_equal_share(total, n):
     assert max(sizes) - min(sizes) <= 1
 
 
-def test_shard_refuses_sparse_layers_and_says_why(embedded):
-    mlp = embedded.model.layers[0].mlp
-    dense = mlp.down_proj
-    mlp.down_proj = ext_nn.SparseLinear.from_linear(dense, pattern="2:4")
+def test_shard_refuses_a_split_inside_sparse_blocks(embedded):
+    """k_proj as BSR blocks of 128 rows: 2 ranks' split of its 128 rows (one KV
+    head of 64 each) would cut a block; refused before anything changes."""
+    attn = embedded.model.layers[0].self_attn
+    fused = attn.qkv_proj
+    q, k, v = (ext_nn.SparseLinear.from_linear(nn.Linear(512, n), density=0.5, format="bsr", block=128)
+               for n in (512, 128, 128))
+    del attn["qkv_proj"]
+    attn.q_proj, attn.k_proj, attn.v_proj = q, k, v
     try:
-        with pytest.raises(ValueError, match=r"^\[mlx_ext.shard\] model.layers.0.mlp.down_proj is a SparseLinear "
-                                             r"\(NM\): sparse layers are not sharded"):
+        with pytest.raises(ValueError, match=r"^\[mlx_ext.shard\] model.layers.0.self_attn.k_proj: a BSR split at "
+                                             r"\[0, 64\] cuts its blocks of 128 rows"):
             distributed.shard(embedded, _Group(2))
+        assert type(attn.q_proj) is ext_nn.SparseLinear  # nothing changed
     finally:
-        mlp.down_proj = dense
-    assert type(embedded.model.layers[0].self_attn.qkv_proj) is ext_nn.QuantizedLinear  # nothing changed
+        for name in ("q_proj", "k_proj", "v_proj"):
+            del attn[name]
+        attn.qkv_proj = fused
+
+
+@pytest.mark.parametrize("fmt", [dict(density=0.3, format="csr"), dict(density=0.5, format="bitmask"),
+                                 dict(density=0.5, format="bsr", block=16), dict(pattern="2:4", bits=0),
+                                 dict(pattern="2:4", bits=4, group_size=32), dict(pattern="4:8", bits=8, group_size=32)])
+def test_sparse_submatrix_keeps_the_pattern_and_values(fmt):
+    """sparse.submatrix (what shard gives each rank): rows from several ranges
+    and a column range, in the same format, exactly the dense slice, with the
+    same stored positions (explicit zeros included)."""
+    from mlx_ext import sparse
+
+    layer = ext_nn.SparseLinear.from_linear(nn.Linear(128, 64), **fmt)
+    w = layer.weight
+    dense, stored = np.array(w.to_dense()), sparse.stored_mask(w)
+    rows, cols = [(0, 16), (32, 48)], (64, 128)
+    take = np.r_[0:16, 32:48]
+    for sub, want in [(sparse.submatrix(w, rows=rows), (take, slice(None))),
+                      (sparse.submatrix(w, cols=cols), (slice(None), slice(64, 128))),
+                      (sparse.submatrix(w, rows=rows, cols=cols), (take, slice(64, 128)))]:
+        assert type(sub) is type(w) and sub.layout.get("bits") == w.layout.get("bits")
+        np.testing.assert_array_equal(np.array(sub.to_dense()), dense[want[0]][:, want[1]])
+        np.testing.assert_array_equal(sparse.stored_mask(sub), stored[want[0]][:, want[1]])
+    unit = sparse.split_units(w)
+    if unit != (1, 1):
+        with pytest.raises(ValueError, match="whole"):
+            sparse.submatrix(w, rows=[(0, unit[0] + 1)] if unit[0] > 1 else None,
+                             cols=(0, unit[1] + 1) if unit[1] > 1 else None)
 
 
 def test_a_group_of_one_leaves_the_model_alone(embedded):

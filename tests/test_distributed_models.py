@@ -80,6 +80,20 @@ def test_gpt_loop_sharded_greedy_tokens_equal_one_ranks(gpt_run, label):
         assert info["counts"] == counts.get(label, counts["fused"])
 
 
+def test_gpt_loop_pruned_to_every_sparse_format_shards(gpt_run):
+    """Every projection a SparseLinear (N:M with 4-bit and float values, CSR,
+    Bitmask, BSR): shard keeps each rank's rows or columns in its format
+    (sparse.submatrix) and the greedy tokens are the unsharded run's."""
+    layers = 6
+    for rank in gpt_run:
+        info = rank["info"]["sparse"]
+        assert info["formats"] == ["NM", "CSR", "Bitmask", "BSR", "NM", "Bitmask", "NM"]
+        assert info["counts"] == {"SparseAllToShardedLinear": 5 * layers, "SparseShardedToAllLinear": 2 * layers}
+        assert (info["n_heads"], info["kv_heads"]) == (4, 1)
+        assert info["nnz"] == [256 * 256, 512 * 256]  # half of each rank's q rows, down columns
+        assert info["sharded"] == info["single"] and len(info["single"]) == 24
+
+
 @pytest.mark.parametrize("label", ["uneven", "uneven-unfused", "uneven-float"])
 def test_gpt_loop_uneven_split_matches_one_rank(gpt_run, label):
     """9 query heads on 3 KV heads and 5 intermediate groups over 2 ranks
