@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "common/cpu/float_io.h"
+#include "common/cpu/gemm_tile.h"
 #include "common/cpu/simd.h"
 #include "sparse_matmul/cpu_kernels.h"
 
@@ -870,10 +871,124 @@ void matmul_rows_panel(const SparseW& w, const XPanels& xp, const SparseOut& o, 
   }
 }
 
+// --- Prefill on register tiles (BSR) ------------------------------------------
+//
+// x is packed in panels of kMR rows (XPanels of width kMR: the A layout of
+// common/cpu/gemm_tile.h, one panel over all of K), and each task owns whole
+// block rows of W. For each block row and each group of nr of its rows (nr
+// output columns), the stored blocks are expanded once into B, float and
+// k-major (B[(b * bk + kk) * nr + j] = W[row0 + j, col_b * bk + kk]); then
+// every panel of x runs the kMR x nr micro-kernel over the stored blocks in
+// turn -- block b reads the bk columns col_b * bk .. of the panel, which are
+// contiguous -- with the tile in registers across blocks and stored once.
+// Zero blocks are skipped whole; B (nb x 4 KiB for 32 x 32 float blocks)
+// stays in L2 while all of M streams past it.
+
+// Vectors per tile row for BSR blocks of block_n rows (the micro-kernel's
+// nr must divide block_n), or 0: no tile path (e.g. blocks of 8 on AVX-512).
+MLX_EXT_INLINE int bsr_tile_vectors(const SparseW& w) {
+  if (w.block_k % kWidth != 0) return 0;
+  if (w.block_n % kNR == 0) return kNV;
+  if (w.block_n % kWidth == 0) return 1;
+  return 0;
+}
+
+TilePlan tile_plan(const SparseW& w) {
+  if (w.kind == SparseKind::bsr && bsr_tile_vectors(w)) return {kMR, w.block_n};
+  return {0, 1};
+}
+
+// out[m0 + i, col0 .. col0 + n] = tile[i, 0 .. n] (+ bias) for i < rows; n a
+// multiple of kWidth.
+template <FloatType OT>
+void store_tile(const SparseOut& o, const float* tile, int ld, int64_t N, int64_t m0, int64_t rows,
+    int64_t col0, int n) {
+  for (int j = 0; j < n; j += kWidth) {
+    const VecF bias = o.bias ? load_floats<OT>(o.bias, col0 + j) : zero();
+    for (int64_t i = 0; i < rows; ++i) store_floats<OT>(o.out, (m0 + i) * N + col0 + j, add(load(tile + i * ld + j), bias));
+  }
+}
+
+void store_tile_any(const SparseOut& o, const float* tile, int ld, int64_t N, int64_t m0, int64_t rows,
+    int64_t col0, int n) {
+  switch (o.type) {
+    case FloatType::f16: return store_tile<FloatType::f16>(o, tile, ld, N, m0, rows, col0, n);
+    case FloatType::bf16: return store_tile<FloatType::bf16>(o, tile, ld, N, m0, rows, col0, n);
+    default: return store_tile<FloatType::f32>(o, tile, ld, N, m0, rows, col0, n);
+  }
+}
+
+// B of the block rows of one chunk: panel q (block row br, rows c0 .. c0 + nr
+// of it) starts at offset[q]; its blocks are block row br's stored blocks.
+constexpr int64_t kBsrChunkFloats = (768 << 10) / 4; // with x's panel, within a 2 MiB L2
+
+template <FloatType VT, int NV>
+void bsr_tiled(const SparseW& w, const XPanels& xp, const SparseOut& o, int64_t r0, int64_t r1) {
+  constexpr int nr = AccTile<NV>::nr;
+  const int bn = w.block_n, bk = w.block_k;
+  const auto* block_cols = static_cast<const int32_t*>(w.pattern);
+  thread_local std::vector<float> B;
+  std::vector<int64_t> offset;
+  alignas(64) float tile[kMR * nr];
+  alignas(64) float lanes[kWidth];
+  for (int64_t br0 = r0 / bn; br0 < r1 / bn;) {
+    // The chunk: block rows br0 .. br1, as many as fit kBsrChunkFloats (at least one).
+    int64_t br1 = br0, size = 0;
+    offset.clear();
+    while (br1 < r1 / bn) {
+      const int64_t panel = int64_t(w.row_ptr[br1 + 1] - w.row_ptr[br1]) * bk * nr;
+      if (br1 > br0 && size + panel * (bn / nr) > kBsrChunkFloats) break;
+      for (int c0 = 0; c0 < bn; c0 += nr) offset.push_back(size), size += panel;
+      ++br1;
+    }
+    if (int64_t(B.size()) < size) B.resize(size);
+    // Row j of each block converted kWidth values at a time, then scattered
+    // into column j of its panel (bk is a multiple of kWidth).
+    for (int64_t br = br0; br < br1; ++br)
+      for (int c0 = 0; c0 < bn; c0 += nr) {
+        const int64_t b0 = w.row_ptr[br], nb = w.row_ptr[br + 1] - b0;
+        float* panel = B.data() + offset[(br - br0) * (bn / nr) + c0 / nr];
+        for (int64_t b = 0; b < nb; ++b)
+          for (int j = 0; j < nr; ++j) {
+            const int64_t src = ((b0 + b) * bn + c0 + j) * bk;
+            float* dst = panel + b * bk * nr + j;
+            for (int kk = 0; kk < bk; kk += kWidth) {
+              store(lanes, load_floats<VT>(w.values, src + kk));
+              for (int l = 0; l < kWidth; ++l) dst[(kk + l) * nr] = lanes[l];
+            }
+          }
+      }
+    // Each panel of x (in L2) meets every panel of the chunk's B (in L2).
+    for (int64_t t = 0; t < xp.tiles; ++t) {
+      const float* A = xp.xt + t * w.K * kMR;
+      const int64_t m0 = t * kMR, rows = std::min<int64_t>(kMR, xp.M - m0);
+      for (int64_t br = br0; br < br1; ++br)
+        for (int c0 = 0; c0 < bn; c0 += nr) {
+          const int64_t b0 = w.row_ptr[br], nb = w.row_ptr[br + 1] - b0;
+          const float* panel = B.data() + offset[(br - br0) * (bn / nr) + c0 / nr];
+          AccTile<NV> acc;
+          acc.zero();
+          for (int64_t b = 0; b < nb; ++b)
+            acc.update(A + int64_t(block_cols[b0 + b]) * bk * kMR, panel + b * bk * nr, bk);
+          acc.store_to(tile, nr);
+          store_tile_any(o, tile, nr, w.N, m0, rows, br * bn + c0, nr);
+        }
+    }
+    br0 = br1;
+  }
+}
+
+template <FloatType VT>
+void matmul_rows_tiled(const SparseW& w, const XPanels& xp, const SparseOut& o, int64_t r0, int64_t r1) {
+  if (bsr_tile_vectors(w) == kNV) return bsr_tiled<VT, kNV>(w, xp, o, r0, r1);
+  bsr_tiled<VT, 1>(w, xp, o, r0, r1);
+}
+
 template <FloatType VT>
 void matmul_rows_typed(const SparseW& w, const XPanels& xp, const SparseOut& o, int64_t r0,
     int64_t r1) {
   if (xp.width == 1) return matmul_rows_gather<VT>(w, xp, o, r0, r1);
+  if (xp.width == tile_plan(w).width) return matmul_rows_tiled<VT>(w, xp, o, r0, r1);
   if (xp.width == kWidth) return matmul_rows_panel<VT, 1>(w, xp, o, r0, r1);
   matmul_rows_panel<VT, 4>(w, xp, o, r0, r1);
 }
@@ -926,6 +1041,7 @@ void transpose(const SparseW& w, int32_t* col_ptr, uint32_t* rows, float* values
 
 extern const SparseKernelTable sparse_matmul_kernels = {
     4 * kWidth,
+    tile_plan,
     matmul_rows,
     sampled_rows,
     transpose,
