@@ -764,7 +764,32 @@ MLX_EXT_INLINE int64_t decode_block(const SparseW& w, int64_t r, int64_t k0, int
       const int64_t kc = w.K / w.m * w.n, j0 = k0 / w.m * w.n, j1 = k1 / w.m * w.n;
       const auto* codes = static_cast<const uint32_t*>(w.pattern) + r * ((kc * w.code_bits + 31) / 32);
       const uint32_t code_mask = (1u << w.code_bits) - 1;
-      for (int64_t j = j0; j < j1; ++j, ++n) {
+#if defined(MLX_EXT_ISA_avx512) || defined(MLX_EXT_ISA_avx2)
+      // Float 2:4: kWidth values per step (j0 is a multiple of kWidth), their
+      // columns from one word of codes (nm24_local), their values converted
+      // as a vector; about a tenth of the scalar decode's time per value.
+      if (w.n == 2 && w.m == 4 && w.bits == 0) {
+        // The task's rows are visited one K block each, rows kc values
+        // apart: too many streams for the hardware prefetcher, so each row's
+        // values two blocks ahead (and its codes a line ahead) are prefetched.
+        const auto* v = static_cast<const char*>(w.values) + (r * kc + j0) * (VT == FloatType::f32 ? 4 : 2);
+        _mm_prefetch(v + 2 * (VT == FloatType::f32 ? 4 : 2) * (kBlockK / 2), _MM_HINT_T0);
+        if (VT == FloatType::f32) _mm_prefetch(v + 2 * 4 * (kBlockK / 2) + 64, _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(codes + j0 / 16) + 64, _MM_HINT_T0);
+        for (; j0 + n + kWidth <= j1; n += kWidth) {
+          const int64_t c = (j0 + n) / kWidth;
+          store(values + n, load_floats<VT>(w.values, r * kc + j0 + n));
+#if defined(MLX_EXT_ISA_avx512)
+          const __m512i col = _mm512_add_epi32(nm24_local(codes, c), _mm512_set1_epi32(int32_t(2 * kWidth * c)));
+          _mm512_storeu_si512(offsets + n, _mm512_mullo_epi32(col, _mm512_set1_epi32(width)));
+#else
+          const __m256i col = _mm256_add_epi32(nm24_local(codes, c), _mm256_set1_epi32(int32_t(2 * kWidth * c)));
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(offsets + n), _mm256_mullo_epi32(col, _mm256_set1_epi32(width)));
+#endif
+        }
+      }
+#endif
+      for (int64_t j = j0 + n; j < j1; ++j, ++n) {
         const int64_t bit = j * w.code_bits;
         offsets[n] = int32_t(j / w.n * w.m + ((codes[bit / 32] >> (bit % 32)) & code_mask)) * width;
         if (w.bits == 0) {
@@ -893,8 +918,23 @@ MLX_EXT_INLINE int bsr_tile_vectors(const SparseW& w) {
   return 0;
 }
 
-TilePlan tile_plan(const SparseW& w) {
+// Float 2:4 on AVX-512 takes the blocked prefill (below) with panels of 8
+// vectors (128 rows of x) once M fills one: each stored value then does 8
+// FMAs for its two scalar loads (value, offset), 1.25 loads per FMA against
+// 1.5 with 4 vectors; the 32 zmm registers hold the 16 accumulators.
+constexpr int kWideVectors = 8;
+MLX_EXT_INLINE bool nm24_wide(const SparseW& w, int64_t M) {
+#if defined(MLX_EXT_ISA_avx512)
+  return w.kind == SparseKind::nm && w.n == 2 && w.m == 4 && w.bits == 0 && M >= kWideVectors * kWidth;
+#else
+  (void)w, (void)M;
+  return false;
+#endif
+}
+
+TilePlan tile_plan(const SparseW& w, int64_t M) {
   if (w.kind == SparseKind::bsr && bsr_tile_vectors(w)) return {kMR, w.block_n};
+  if (nm24_wide(w, M)) return {kWideVectors * kWidth, 1};
   return {0, 1};
 }
 
@@ -978,8 +1018,12 @@ void bsr_tiled(const SparseW& w, const XPanels& xp, const SparseOut& o, int64_t 
   }
 }
 
+template <FloatType VT, int V>
+void blocked_prefill(const SparseW& w, const XPanels& xp, const SparseOut& o, int64_t r0, int64_t r1);
+
 template <FloatType VT>
 void matmul_rows_tiled(const SparseW& w, const XPanels& xp, const SparseOut& o, int64_t r0, int64_t r1) {
+  if (w.kind == SparseKind::nm) return blocked_prefill<VT, kWideVectors>(w, xp, o, r0, r1);
   if (bsr_tile_vectors(w) == kNV) return bsr_tiled<VT, kNV>(w, xp, o, r0, r1);
   bsr_tiled<VT, 1>(w, xp, o, r0, r1);
 }
@@ -988,7 +1032,7 @@ template <FloatType VT>
 void matmul_rows_typed(const SparseW& w, const XPanels& xp, const SparseOut& o, int64_t r0,
     int64_t r1) {
   if (xp.width == 1) return matmul_rows_gather<VT>(w, xp, o, r0, r1);
-  if (xp.width == tile_plan(w).width) return matmul_rows_tiled<VT>(w, xp, o, r0, r1);
+  if (xp.width == tile_plan(w, xp.M).width) return matmul_rows_tiled<VT>(w, xp, o, r0, r1);
   if (xp.width == kWidth) return matmul_rows_panel<VT, 1>(w, xp, o, r0, r1);
   matmul_rows_panel<VT, 4>(w, xp, o, r0, r1);
 }
