@@ -91,7 +91,7 @@ void run_rows(const SparseKernelTable& kt, const SparseW& w, const float* x, int
   // tile path (kt.tile_plan) take it instead, in panels of its width.
   constexpr int64_t kGatherRows = 8;
   const int narrow = kt.panel_width / 4;
-  const TilePlan tiles = M <= kGatherRows ? TilePlan{0, 1} : kt.tile_plan(w, M);
+  const TilePlan tiles = M <= kGatherRows ? TilePlan{0, 1, 0} : kt.tile_plan(w, M);
   const int width = M <= kGatherRows ? 1 : tiles.width ? tiles.width : M <= narrow ? narrow : kt.panel_width;
   // Kept by the calling thread between calls: a fresh buffer of M x K floats
   // costs its page faults on every call (a tenth of a BSR prefill's time).
@@ -102,7 +102,9 @@ void run_rows(const SparseKernelTable& kt, const SparseW& w, const float* x, int
   // each: the panel prefill keeps every panel's sums of its rows (tiles x rows
   // x width floats, 256 KiB at 128 rows and M = 512), which must stay in L2.
   constexpr int64_t kTaskRows = 128;
-  const int64_t tasks = std::max<int64_t>(16 * num_threads(), width > 1 ? ceil_div(w.N, kTaskRows) : 1);
+  const int64_t tasks = tiles.tasks_per_thread
+      ? tiles.tasks_per_thread * num_threads()
+      : std::max<int64_t>(16 * num_threads(), width > 1 ? ceil_div(w.N, kTaskRows) : 1);
   for_row_ranges(
       w, tasks, [&](int64_t r0, int64_t r1) { kt.matmul_rows(w, xp, out, r0, r1); },
       tiles.width ? tiles.row_align : 1);

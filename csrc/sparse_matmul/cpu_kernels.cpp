@@ -932,10 +932,14 @@ MLX_EXT_INLINE bool nm24_wide(const SparseW& w, int64_t M) {
 #endif
 }
 
+// BSR asks for few, large tasks: each panel of x (K x kMR floats, in L2) is
+// read once per chunk of block rows, so chunks as large as B's budget
+// (kBsrChunkFloats) read x from L3 fewest times; 4 tasks a thread still
+// balance the load.
 TilePlan tile_plan(const SparseW& w, int64_t M) {
-  if (w.kind == SparseKind::bsr && bsr_tile_vectors(w)) return {kMR, w.block_n};
-  if (nm24_wide(w, M)) return {kWideVectors * kWidth, 1};
-  return {0, 1};
+  if (w.kind == SparseKind::bsr && bsr_tile_vectors(w)) return {kMR, w.block_n, 4};
+  if (nm24_wide(w, M)) return {kWideVectors * kWidth, 1, 0};
+  return {0, 1, 0};
 }
 
 // out[m0 + i, col0 .. col0 + n] = tile[i, 0 .. n] (+ bias) for i < rows; n a

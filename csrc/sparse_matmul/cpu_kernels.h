@@ -46,9 +46,10 @@ struct SparseOut {
 
 // The register-tile prefill (cpu_kernels.cpp, "Prefill on register tiles")
 // for one W and M rows of x: x packed in panels of `width` rows, every task's
-// rows of W starting at a multiple of `row_align`. width 0: the other paths.
+// rows of W starting at a multiple of `row_align`, and `tasks_per_thread`
+// tasks (0: the driver's default). width 0: the other paths.
 struct TilePlan {
-  int width, row_align;
+  int width, row_align, tasks_per_thread;
 };
 
 struct SparseKernelTable {
