@@ -182,6 +182,19 @@ def test_nm24_decode_fused(isa, bits, group_size, k, m, w_dtype):
     assert_matches_reference(mlx_ext.sparse_matmul(x, ws, bias), x, ws, bias)
 
 
+@pytest.mark.parametrize("m", [128, 130])
+@pytest.mark.parametrize("w_dtype", [mx.float16, mx.bfloat16, mx.float32])
+def test_nm24_prefill_wide_panels(isa, m, w_dtype):
+    """Float 2:4 from 128 rows of x: on AVX-512 the prefill's panels of 8
+    vectors (128 rows), one whole and one partial; K ends inside a block."""
+    rng = np.random.default_rng(m)
+    w = mx.array(rng.standard_normal((72, 288)), dtype=w_dtype)
+    ws = sparse.NM.from_dense(w, 2, 4)
+    x = mx.array(rng.standard_normal((m, 288)), dtype=mx.float16)
+    bias = mx.array(rng.standard_normal(72), dtype=w_dtype)
+    assert_matches_reference(mlx_ext.sparse_matmul(x, ws, bias), x, ws, bias)
+
+
 @pytest.mark.parametrize("block", [16, 32, 64, (16, 64)])
 @pytest.mark.parametrize("m", [1, 3, 40])
 def test_bsr_blocks(isa, block, m):

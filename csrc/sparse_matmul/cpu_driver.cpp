@@ -34,28 +34,29 @@ std::vector<int64_t> row_costs(const SparseW& w) {
 }
 
 // Row bounds of about `tasks` ranges of equal cost (threads over rows,
-// balanced by stored values rather than by rows).
-std::vector<int64_t> balanced_rows(const SparseW& w, int64_t tasks) {
+// balanced by stored values rather than by rows), each a multiple of align.
+std::vector<int64_t> balanced_rows(const SparseW& w, int64_t tasks, int64_t align) {
   const auto cost = row_costs(w);
   std::vector<int64_t> bounds{0};
   for (int64_t t = 1; t < tasks; ++t) {
     const int64_t target = cost.back() * t / tasks;
-    const int64_t r = std::lower_bound(cost.begin(), cost.end(), target) - cost.begin();
+    const int64_t r = (std::lower_bound(cost.begin(), cost.end(), target) - cost.begin()) / align * align;
     if (r > bounds.back() && r < w.N) bounds.push_back(r);
   }
   bounds.push_back(w.N);
   return bounds;
 }
 
-void for_row_ranges(const SparseW& w, int64_t tasks, const std::function<void(int64_t, int64_t)>& f) {
-  const auto bounds = balanced_rows(w, tasks);
+void for_row_ranges(const SparseW& w, int64_t tasks, const std::function<void(int64_t, int64_t)>& f,
+    int64_t align = 1) {
+  const auto bounds = balanced_rows(w, tasks, align);
   parallel_for(int64_t(bounds.size()) - 1, [&](int64_t t) { f(bounds[t], bounds[t + 1]); });
 }
 
-// x (M, K) transposed into panels of `width` rows (layout: XPanels).
-std::vector<float> pack_panels(const float* x, int64_t M, int64_t K, int width) {
+// x (M, K) transposed into panels of `width` rows (layout: XPanels), in xt.
+void pack_panels(const float* x, int64_t M, int64_t K, int width, std::vector<float>& xt) {
   const int64_t tiles = ceil_div(M, width);
-  std::vector<float> xt(tiles * K * width);
+  xt.resize(tiles * K * width);
   parallel_for(tiles, [&](int64_t t) {
     // Writes in order; the reads walk `width` rows of x side by side.
     float* dst = xt.data() + t * K * width;
@@ -66,7 +67,6 @@ std::vector<float> pack_panels(const float* x, int64_t M, int64_t K, int width) 
       for (int64_t i = rows; i < width; ++i) dst[k * width + i] = 0.0f;
     }
   });
-  return xt;
 }
 
 // a (rows, cols) -> (cols, rows).
@@ -87,14 +87,28 @@ void run_rows(const SparseKernelTable& kt, const SparseW& w, const float* x, int
   // amortize. Single-thread CPU time at 4096x4096, M = 8: 2:4 9 ms against
   // 38, Bitmask 50% 17 against 25, CSR 50% 23 against 25. More rows: panels
   // as wide as the kernel takes (or one vector, for a few rows), the values
-  // decoded once per call and reused by every panel.
+  // decoded once per call and reused by every panel; formats with a register-
+  // tile path (kt.tile_plan) take it instead, in panels of its width.
   constexpr int64_t kGatherRows = 8;
   const int narrow = kt.panel_width / 4;
-  const int width = M <= kGatherRows ? 1 : M <= narrow ? narrow : kt.panel_width;
-  std::vector<float> packed;
-  if (width > 1) packed = pack_panels(x, M, w.K, width);
+  const TilePlan tiles = M <= kGatherRows ? TilePlan{0, 1, 0} : kt.tile_plan(w, M);
+  const int width = M <= kGatherRows ? 1 : tiles.width ? tiles.width : M <= narrow ? narrow : kt.panel_width;
+  // Kept by the calling thread between calls: a fresh buffer of M x K floats
+  // costs its page faults on every call (a tenth of a BSR prefill's time).
+  thread_local std::vector<float> packed;
+  if (width > 1) pack_panels(x, M, w.K, width, packed);
   const XPanels xp{width > 1 ? packed.data() : x, M, ceil_div(M, width), width};
-  for_row_ranges(w, 16 * num_threads(), [&](int64_t r0, int64_t r1) { kt.matmul_rows(w, xp, out, r0, r1); });
+  // At least 16 tasks a thread, and no more than about kTaskRows rows of W
+  // each: the panel prefill keeps every panel's sums of its rows (tiles x rows
+  // x width floats, 256 KiB at 128 rows and M = 512), which must stay in L2.
+  constexpr int64_t kTaskRows = 128;
+  const int64_t tasks = tiles.tasks_per_thread
+      ? tiles.tasks_per_thread * num_threads()
+      : std::max<int64_t>(16 * num_threads(), width > 1 ? ceil_div(w.N, kTaskRows) : 1);
+  for_row_ranges(
+      w, tasks, [&](int64_t r0, int64_t r1) { kt.matmul_rows(w, xp, out, r0, r1); },
+      tiles.width ? tiles.row_align : 1);
+  if (packed.size() > (size_t(64) << 20) / sizeof(float)) std::vector<float>().swap(packed); // over 64 MiB: not kept
 }
 
 } // namespace

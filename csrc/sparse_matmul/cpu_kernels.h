@@ -44,9 +44,19 @@ struct SparseOut {
   const void* bias; // (N,) of `type`, or nullptr
 };
 
+// The register-tile prefill (cpu_kernels.cpp, "Prefill on register tiles")
+// for one W and M rows of x: x packed in panels of `width` rows, every task's
+// rows of W starting at a multiple of `row_align`, and `tasks_per_thread`
+// tasks (0: the driver's default). width 0: the other paths.
+struct TilePlan {
+  int width, row_align, tasks_per_thread;
+};
+
 struct SparseKernelTable {
   // The widest panel the row kernel takes (vectors of accumulators per row of W).
   int panel_width;
+  // The register-tile plan for W (asked when M is past the decode rows).
+  TilePlan (*tile_plan)(const SparseW&, int64_t M);
   // out[:, r0:r1] for every tile of x: rows r0 .. r1 of W, each streamed once per tile.
   void (*matmul_rows)(const SparseW&, const XPanels&, const SparseOut&, int64_t r0, int64_t r1);
   // dvalues of the stored values in rows r0 .. r1: gt (N, M) and xt (K, M)

@@ -43,6 +43,27 @@ MLX_EXT_INLINE VecF load_floats(const void* p, int64_t i) {
   }
 }
 
+// Elements i .. i + kWidth - 1 = v, rounded to T (to nearest even).
+template <FloatType T>
+MLX_EXT_INLINE void store_floats(void* p, int64_t i, VecF v) {
+  if constexpr (T == FloatType::f32) {
+    store(static_cast<float*>(p) + i, v);
+#if defined(MLX_EXT_ISA_avx512)
+  } else if constexpr (T == FloatType::f16) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(static_cast<uint16_t*>(p) + i),
+        _mm512_cvtps_ph(v.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+#elif defined(MLX_EXT_ISA_avx2)
+  } else if constexpr (T == FloatType::f16) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(p) + i),
+        _mm256_cvtps_ph(v.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+#endif
+  } else {
+    alignas(64) float lanes[kWidth];
+    store(lanes, v);
+    for (int l = 0; l < kWidth; ++l) store_float<T>(p, i + l, lanes[l]);
+  }
+}
+
 // dst[0:n] = float(src[offset : offset + n]).
 template <FloatType T>
 void convert_to_float(const void* src, int64_t offset, int64_t n, float* dst) {
