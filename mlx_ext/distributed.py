@@ -70,6 +70,11 @@ def _in_dims(layer) -> int:
     return layer.weight.shape[-1] * 32 // layer.bits if "scales" in layer else layer.weight.shape[-1]
 
 
+def _head_dim(args) -> int:
+    """The model's head dim (mlx-lm's llama args leave it None: hidden / heads)."""
+    return args.head_dim or args.hidden_size // args.num_attention_heads
+
+
 @dataclasses.dataclass
 class _Split:
     """One rank's share of a model's layers: row ranges of q, k (= v) and
@@ -84,7 +89,7 @@ class _Split:
 
 def _split(model, n: int, r: int) -> _Split:
     args = model.args
-    hkv, hq, hd = args.num_key_value_heads, args.num_attention_heads, args.head_dim
+    hkv, hq, hd = args.num_key_value_heads, args.num_attention_heads, _head_dim(args)
     if hkv < n:
         raise _error(f"model.args.num_key_value_heads = {hkv} is fewer than the group size {n}: "
                      f"every rank needs a KV head")
@@ -112,7 +117,7 @@ def _plan(model, split: _Split) -> list:
     ranges: the rank's [start, stop) rows of each segment (all-to-sharded),
     or its [start, stop) input columns (sharded-to-all)."""
     args = model.args
-    hq, hkv = args.num_attention_heads * args.head_dim, args.num_key_value_heads * args.head_dim
+    hq, hkv = args.num_attention_heads * _head_dim(args), args.num_key_value_heads * _head_dim(args)
     inter = args.intermediate_size
 
     def shifted(rng, by):
@@ -213,7 +218,10 @@ def _sharded_layer(layer, sharding: str, ranges, group) -> nn.Module:
 
 
 def shard(model, group: mx.distributed.Group | None = None) -> Counter:
-    """Shards a GPT-loop model (``mlx_ext.gpt.Model``) across `group` (default:
+    """Shards a GPT-loop model (``mlx_ext.gpt.Model``), or an mlx-lm model of
+    the same layout (llama-family: ``model.args``, ``self_attn.n_heads`` /
+    ``n_kv_heads``, q/k/v/o and gate/up/down; e.g. one pruned by
+    ``mlx_ext.sparsify``, which mlx-lm's ``model.shard`` cannot split) across `group` (default:
     ``mx.distributed.init()``) in place; returns the count of layers sharded
     by new type. A group of one leaves the model as it is.
 

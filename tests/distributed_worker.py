@@ -127,6 +127,17 @@ def mlx_lm(group, out: Path) -> None:
         unpatched = prefill_and_decode(model)
         for label, (prefill, decode) in (("want", want), ("got", got), ("unpatched", unpatched)):
             arrays[f"{mode}/{label}/prefill"], arrays[f"{mode}/{label}/decode"] = prefill, decode
+    # an mlx-lm llama pruned by mlx_ext.sparsify, sharded by mlx_ext.shard
+    # (mlx-lm's model.shard rebuilds only Linear and quantized layers)
+    for label, kw in (("2:4", dict(pattern="2:4", bits=0)), ("50%", dict(density=0.5))):
+        model = build_quantized(LLAMA, "affine")
+        mlx_ext.sparsify(model, **kw)
+        want = prefill_and_decode(model)
+        counts = mlx_ext.shard(model, group)
+        got = prefill_and_decode(model)
+        info[f"sparse {label}"] = {"counts": dict(counts), "n_heads": model.model.layers[0].self_attn.n_heads}
+        for step, w, g in zip(("prefill", "decode"), want, got):
+            arrays[f"sparse {label}/want/{step}"], arrays[f"sparse {label}/got/{step}"] = w, g
     # mlx-lm's sharded_generate example, on a patched model
     prompt = "In the beginning God created"
     model, tokenizer = sharded_load(str(DEFAULT_MODEL))

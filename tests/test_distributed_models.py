@@ -53,6 +53,21 @@ def test_patched_sharded_mlx_lm_model_keeps_mlx_ext_kernels_and_logits(mlx_lm_ru
         assert info["unpatched_kinds"] == [k.replace("mlx_ext.", "mlx.") for k in SHARDED_KINDS]
 
 
+@pytest.mark.parametrize("label", ["2:4", "50%"])
+def test_mlx_lm_model_pruned_by_sparsify_shards_with_mlx_ext_shard(mlx_lm_run, label):
+    """An mlx-lm llama pruned by mlx_ext.sparsify (N:M, Bitmask) and sharded by
+    mlx_ext.shard (mlx-lm's own model.shard knows only Linear and quantized
+    layers): sparse sharded layers, 2 of 4 heads per rank, the unsharded
+    model's logits (prefill, then a cached decode step)."""
+    for rank in mlx_lm_run:
+        info, arrays = rank["info"][f"sparse {label}"], rank["arrays"]
+        assert info["counts"] == {"SparseAllToShardedLinear": 10, "SparseShardedToAllLinear": 4}
+        assert info["n_heads"] == 2
+        for step in ("prefill", "decode"):
+            want = arrays[f"sparse {label}/want/{step}"]
+            assert relative_error(arrays[f"sparse {label}/got/{step}"], want) < RTOL, step
+
+
 def test_mlx_lm_sharded_generate_flow_on_a_patched_model(mlx_lm_run):
     """sharded_load + patch + stream_generate (mlx-lm's sharded_generate
     example) on the embedded model: the text of one unsharded process."""
