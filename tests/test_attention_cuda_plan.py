@@ -7,31 +7,15 @@ header's comments state), and properties of the key split over a sweep.
 from __future__ import annotations
 
 import ctypes
-import json
 from dataclasses import dataclass
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tests import native_build
+from tests.cuda_plan_harness import decoded, plan_library, wrapper
 
-WRAPPER = r"""
-#include <cstdio>
-#include <string>
-
-#include "attention/cuda_plan.h"
-
-using namespace mlx_ext::cuda;
-using namespace mlx_ext::cuda::attn_plan;
-
-static std::string launch_json(const KernelLaunch& l) {
-  if (l.kernel.empty()) return "null";
-  char buf[256];
-  std::snprintf(buf, sizeof buf, "[\"%s\", [%lld, %lld, %lld], %d, %d]", l.kernel.c_str(),
-      (long long)l.grid[0], (long long)l.grid[1], (long long)l.grid[2], l.threads, l.smem_bytes);
-  return buf;
-}
+WRAPPER = wrapper("attention/cuda_plan.h", "attn_plan", r"""
 
 extern "C" int plan_json(int B, int Hq, int Hkv, int L, int S, int D, int bits, int group_size,
     int kv_aligned, int smem_optin, const char* dtype, int cc_major, int backward, char* out, int size) {
@@ -51,19 +35,16 @@ extern "C" int plan_json(int B, int Hq, int Hkv, int L, int S, int D, int bits, 
   std::snprintf(out, size, "%s", s.c_str());
   return int(s.size()) + 1;
 }
-"""
+""")
 
 
 @pytest.fixture(scope="module")
 def lib():
-    try:
-        lib = native_build.shared_library("attention_cuda_plan", WRAPPER)
-    except native_build.CompilerMissing as e:
-        pytest.skip(str(e))
-    lib.plan_json.restype = ctypes.c_int
-    lib.plan_json.argtypes = [*[ctypes.c_int] * 10, ctypes.c_char_p, ctypes.c_int, ctypes.c_int,
-                              ctypes.c_char_p, ctypes.c_int]
-    return lib
+    argtypes = [
+        *[ctypes.c_int] * 10, ctypes.c_char_p, ctypes.c_int, ctypes.c_int, ctypes.c_char_p,
+        ctypes.c_int,
+    ]
+    return plan_library("attention_cuda_plan", WRAPPER, argtypes)
 
 
 @dataclass(frozen=True)
@@ -86,13 +67,7 @@ def plan_of(lib, c: Case, backward: bool = False) -> dict:
     buf = ctypes.create_string_buffer(2048)
     n = lib.plan_json(c.B, c.Hq, c.Hkv, c.L, c.S, c.D, c.bits, c.gs, int(c.aligned), c.smem, c.dtype.encode(), c.cc,
                       int(backward), buf, len(buf))
-    assert n <= len(buf)
-    p = json.loads(buf.value)
-    for key in ("main", "merge", "dq", "dkv"):
-        if p.get(key) is not None:
-            name, grid, threads, smem = p[key]
-            p[key] = (name, tuple(grid), threads, smem)
-    return p
+    return decoded(buf, n, ("dq", "dkv") if backward else ("main", "merge"))
 
 
 # Constants of csrc/attention/cuda_params.h and cuda_plan.h, spelled out again.

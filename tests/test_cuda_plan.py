@@ -13,22 +13,13 @@ from __future__ import annotations
 
 import ctypes
 import itertools
-import json
 from dataclasses import dataclass
 
 import pytest
 
-from tests import native_build
+from tests.cuda_plan_harness import decoded, plan_library, wrapper
 
-WRAPPER = r"""
-#include <cstdio>
-#include <string>
-
-#include "quantized_matmul/cuda_plan.h"
-
-using namespace mlx_ext::cuda;
-using namespace mlx_ext::cuda::qmm_plan;
-
+WRAPPER = wrapper("quantized_matmul/cuda_plan.h", "qmm_plan", r"""
 static const char* path_name(Path p) {
   switch (p) {
     case Path::qmv_tc: return "qmv_tc";
@@ -42,13 +33,6 @@ static const char* path_name(Path p) {
   return "?";
 }
 
-static std::string launch_json(const KernelLaunch& l) {
-  if (l.kernel.empty()) return "null";
-  char buf[256];
-  std::snprintf(buf, sizeof buf, "[\"%s\", [%lld, %lld, %lld], %d, %d]", l.kernel.c_str(),
-      (long long)l.grid[0], (long long)l.grid[1], (long long)l.grid[2], l.threads, l.smem_bytes);
-  return buf;
-}
 
 // The plan as JSON in out (size bytes); returns the length needed.
 extern "C" int plan_json(long long M, int N, int K, int bits, int group_size, int transpose,
@@ -65,19 +49,16 @@ extern "C" int plan_json(long long M, int N, int K, int bits, int group_size, in
   std::snprintf(out, size, "%s", s.c_str());
   return int(s.size()) + 1;
 }
-"""
+""")
 
 
 @pytest.fixture(scope="module")
 def lib():
-    try:
-        lib = native_build.shared_library("cuda_plan", WRAPPER)
-    except native_build.CompilerMissing as e:
-        pytest.skip(str(e))
-    lib.plan_json.restype = ctypes.c_int
-    lib.plan_json.argtypes = [ctypes.c_longlong, *[ctypes.c_int] * 5, ctypes.c_char_p,
-                              *[ctypes.c_int] * 6, ctypes.c_char_p, ctypes.c_int]
-    return lib
+    argtypes = [
+        ctypes.c_longlong, *[ctypes.c_int] * 5, ctypes.c_char_p, *[ctypes.c_int] * 6,
+        ctypes.c_char_p, ctypes.c_int,
+    ]
+    return plan_library("cuda_plan", WRAPPER, argtypes)
 
 
 @dataclass(frozen=True)
@@ -101,13 +82,7 @@ def plan_of(lib, c: Case) -> dict:
     n = lib.plan_json(c.M, c.N, c.K, c.bits, c.group_size, int(c.transpose), c.dtype.encode(),
                       int(c.x_aligned), int(c.w_aligned), c.cc[0], c.cc[1], int(c.wgmma_loaded),
                       int(c.wgmma_enabled), buf, len(buf))
-    assert n <= len(buf)
-    p = json.loads(buf.value)
-    for key in ("main", "reduce", "prep_scales", "prep_x"):
-        if p[key] is not None:
-            name, grid, threads, smem = p[key]
-            p[key] = (name, tuple(grid), threads, smem)
-    return p
+    return decoded(buf, n, ("main", "reduce", "prep_scales", "prep_x"))
 
 
 def launches(p: dict) -> list:

@@ -9,32 +9,16 @@ from __future__ import annotations
 
 import ctypes
 import itertools
-import json
 import re
 from pathlib import Path
 
 import pytest
 
-from tests import native_build
+from tests.cuda_plan_harness import decoded, plan_library, wrapper
 
 CSRC = Path(__file__).resolve().parents[1] / "csrc" / "gather_qmm"
 
-WRAPPER = r"""
-#include <cstdio>
-#include <string>
-
-#include "gather_qmm/cuda_plan.h"
-
-using namespace mlx_ext::cuda;
-using namespace mlx_ext::cuda::gather_plan;
-
-static std::string launch_json(const KernelLaunch& l) {
-  if (l.kernel.empty()) return "null";
-  char buf[256];
-  std::snprintf(buf, sizeof buf, "[\"%s\", [%lld, %lld, %lld], %d, %d]", l.kernel.c_str(),
-      (long long)l.grid[0], (long long)l.grid[1], (long long)l.grid[2], l.threads, l.smem_bytes);
-  return buf;
-}
+WRAPPER = wrapper("gather_qmm/cuda_plan.h", "gather_plan", r"""
 
 extern "C" int plan_json(long long P, int M, int N, int K, int E, int bits, int group_size,
     int transpose, const char* dtype, int aligned, int swiglu, char* out, int size) {
@@ -47,19 +31,16 @@ extern "C" int plan_json(long long P, int M, int N, int K, int E, int bits, int 
   std::snprintf(out, size, "%s", s.c_str());
   return int(s.size()) + 1;
 }
-"""
+""")
 
 
 @pytest.fixture(scope="module")
 def lib():
-    try:
-        lib = native_build.shared_library("cuda_plan_gather", WRAPPER)
-    except native_build.CompilerMissing as e:
-        pytest.skip(str(e))
-    lib.plan_json.restype = ctypes.c_int
-    lib.plan_json.argtypes = [ctypes.c_longlong, *[ctypes.c_int] * 7, ctypes.c_char_p,
-                              ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
-    return lib
+    argtypes = [
+        ctypes.c_longlong, *[ctypes.c_int] * 7, ctypes.c_char_p, ctypes.c_int, ctypes.c_int,
+        ctypes.c_char_p, ctypes.c_int,
+    ]
+    return plan_library("cuda_plan_gather", WRAPPER, argtypes)
 
 
 def plan(lib, P=8, M=1, N=768, K=2048, E=128, bits=4, group_size=64, transpose=True,
@@ -67,13 +48,7 @@ def plan(lib, P=8, M=1, N=768, K=2048, E=128, bits=4, group_size=64, transpose=T
     buf = ctypes.create_string_buffer(1024)
     n = lib.plan_json(P, M, N, K, E, bits, group_size, int(transpose), dtype.encode(),
                       int(aligned), int(swiglu), buf, len(buf))
-    assert n <= len(buf)
-    p = json.loads(buf.value)
-    for key in ("main", "group"):
-        if p[key] is not None:
-            name, grid, threads, smem = p[key]
-            p[key] = (name, tuple(grid), threads, smem)
-    return p
+    return decoded(buf, n, ("main", "group"))
 
 
 def cdiv(a, b):

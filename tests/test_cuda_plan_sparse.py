@@ -9,32 +9,16 @@ from __future__ import annotations
 
 import ctypes
 import itertools
-import json
 import re
 from pathlib import Path
 
 import pytest
 
-from tests import native_build
+from tests.cuda_plan_harness import decoded, plan_library, wrapper
 
 CSRC = Path(__file__).resolve().parents[1] / "csrc" / "sparse_matmul"
 
-WRAPPER = r"""
-#include <cstdio>
-#include <string>
-
-#include "sparse_matmul/cuda_plan.h"
-
-using namespace mlx_ext::cuda;
-using namespace mlx_ext::cuda::sparse_plan;
-
-static std::string launch_json(const KernelLaunch& l) {
-  if (l.kernel.empty()) return "null";
-  char buf[256];
-  std::snprintf(buf, sizeof buf, "[\"%s\", [%lld, %lld, %lld], %d, %d]", l.kernel.c_str(),
-      (long long)l.grid[0], (long long)l.grid[1], (long long)l.grid[2], l.threads, l.smem_bytes);
-  return buf;
-}
+WRAPPER = wrapper("sparse_matmul/cuda_plan.h", "sparse_plan", r"""
 
 extern "C" int plan_json(int format, long long M, int N, int K, const char* dtype, int bn, int bk,
     int n, int m, int bits, int values_aligned, int pattern_aligned, int x_aligned, int transpose,
@@ -52,7 +36,7 @@ extern "C" int plan_json(int format, long long M, int N, int K, const char* dtyp
   std::snprintf(out, size, "%s", s.c_str());
   return int(s.size()) + 1;
 }
-"""
+""")
 
 FORMATS = {"csr": 0, "bitmask": 1, "bsr": 2, "nm": 3}
 SM = 132
@@ -60,14 +44,11 @@ SM = 132
 
 @pytest.fixture(scope="module")
 def lib():
-    try:
-        lib = native_build.shared_library("cuda_plan_sparse", WRAPPER)
-    except native_build.CompilerMissing as e:
-        pytest.skip(str(e))
-    lib.plan_json.restype = ctypes.c_int
-    lib.plan_json.argtypes = [ctypes.c_int, ctypes.c_longlong, ctypes.c_int, ctypes.c_int,
-                              ctypes.c_char_p, *[ctypes.c_int] * 12, ctypes.c_char_p, ctypes.c_int]
-    return lib
+    argtypes = [
+        ctypes.c_int, ctypes.c_longlong, ctypes.c_int, ctypes.c_int, ctypes.c_char_p,
+        *[ctypes.c_int] * 12, ctypes.c_char_p, ctypes.c_int,
+    ]
+    return plan_library("cuda_plan_sparse", WRAPPER, argtypes)
 
 
 def plan(lib, fmt="csr", M=1, N=4096, K=4096, dtype="bfloat16", block=(1, 1), nm=(0, 0), bits=0,
@@ -77,13 +58,7 @@ def plan(lib, fmt="csr", M=1, N=4096, K=4096, dtype="bfloat16", block=(1, 1), nm
     n = lib.plan_json(FORMATS[fmt], M, N, K, dtype.encode(), *block, *nm, bits,
                       int(values_aligned), int(pattern_aligned), int(x_aligned), int(transpose),
                       sm, int(sampled), int(tc), buf, len(buf))
-    assert n <= len(buf)
-    p = json.loads(buf.value)
-    for key in ("main", "reduce", "prep"):
-        if p[key] is not None:
-            name, grid, threads, smem = p[key]
-            p[key] = (name, tuple(grid), threads, smem)
-    return p
+    return decoded(buf, n, ("main", "reduce", "prep"))
 
 
 def cdiv(a, b):
