@@ -192,13 +192,7 @@ def targets(rows):
 
 
 def main_gpu(args):
-    if not (hasattr(mx, "cuda") and mx.cuda.is_available()):
-        raise SystemExit("--device gpu needs MLX's CUDA backend (pip install 'mlx[cuda13]')")
-    mx.set_default_device(mx.gpu)
-    info = harness.machine_info(machine=gpu.machine_name())
-    info["gpu"] = gpu.gpu_name()
-    bw = gpu.copy_bandwidth()
-    info.update({k: round(v, 1) if isinstance(v, float) else v for k, v in bw.items()})
+    info, bw = gpu.start()
     print(f"device copy bandwidth {bw['copy_GBps']:.0f} GB/s (read + write): {bw}", flush=True)
     rows = decode_rows(bw["copy_GBps"] * 1e9)
     if not args.quick:

@@ -90,13 +90,7 @@ def bench_shape(experts, n, k, top_k, rows, copy_bw):
 
 
 def main_gpu(args):
-    if not (hasattr(mx, "cuda") and mx.cuda.is_available()):
-        raise SystemExit("--device gpu needs MLX's CUDA backend (pip install 'mlx[cuda13]')")
-    mx.set_default_device(mx.gpu)
-    info = harness.machine_info(machine=gpu.machine_name())
-    info["gpu"] = gpu.gpu_name()
-    bw = gpu.copy_bandwidth()
-    info.update({key: round(v, 1) if isinstance(v, float) else v for key, v in bw.items()})
+    info, bw = gpu.start()
     print(f"device copy bandwidth {bw['copy_GBps']:.0f} GB/s (read + write)", flush=True)
     shapes, rows = (SHAPES[:1], [1, 8]) if args.quick else (SHAPES, ROWS)
     results = []

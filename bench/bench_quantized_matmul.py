@@ -258,13 +258,8 @@ def gpu_bench_modes(n, k, rows, copy_bw):
 
 def main_modes(args):
     if args.device == "gpu":
-        if not (hasattr(mx, "cuda") and mx.cuda.is_available()):
-            raise SystemExit("--device gpu needs MLX's CUDA backend (pip install 'mlx[cuda13]')")
-        mx.set_default_device(mx.gpu)
-        info = harness.machine_info(machine=gpu.machine_name())
-        info["gpu"] = gpu.gpu_name()
+        info, bw = gpu.start()
         info["table"] = "modes"
-        bw = gpu.copy_bandwidth()
         results = []
         for n, k in MODE_SHAPES:
             results += gpu_bench_modes(n, k, GPU_MODE_ROWS, bw["copy_GBps"] * 1e9)
@@ -425,13 +420,7 @@ def plot_for(info):
 
 
 def main_gpu(args):
-    if not (hasattr(mx, "cuda") and mx.cuda.is_available()):
-        raise SystemExit("--device gpu needs MLX's CUDA backend (pip install 'mlx[cuda13]')")
-    mx.set_default_device(mx.gpu)
-    info = harness.machine_info(machine=gpu.machine_name())
-    info["gpu"] = gpu.gpu_name()
-    bw = gpu.copy_bandwidth()
-    info.update({k: round(v, 1) if isinstance(v, float) else v for k, v in bw.items()})
+    info, bw = gpu.start()
     print(f"device copy bandwidth {bw['copy_GBps']:.0f} GB/s (read + write): {bw}", flush=True)
     floor = gpu_call_floor()
     info.update({k: round(v, 2) for k, v in floor.items()})

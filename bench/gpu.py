@@ -45,6 +45,21 @@ def machine_name() -> str:
     return re.sub(r"[^a-z0-9]+", "-", name).strip("-") or "gpu"
 
 
+def start() -> tuple[dict, dict]:
+    """What every `--device gpu` bench does first: refuse without MLX's CUDA
+    backend, make the GPU the default device, and measure the copy bandwidth.
+    Returns the results' machine info (the GPU's name and the bandwidth
+    figures included) and the bandwidth (copy_bandwidth)."""
+    if not (mx.is_available(mx.gpu) and hasattr(mx, "cuda") and mx.cuda.is_available()):
+        raise SystemExit("--device gpu needs MLX's CUDA backend (pip install 'mlx[cuda13]')")
+    mx.set_default_device(mx.gpu)
+    info = harness.machine_info(machine=machine_name())
+    info["gpu"] = gpu_name()
+    bw = copy_bandwidth()
+    info.update({k: round(v, 1) if isinstance(v, float) else v for k, v in bw.items()})
+    return info, bw
+
+
 def copy_bandwidth() -> dict:
     """Device copy bandwidth, bytes read + written per second: PyTorch's
     device-to-device copy when PyTorch is there, and MLX's own elementwise
