@@ -60,18 +60,7 @@ __device__ __forceinline__ void load8_f(const float* p, float (&v)[8]) {
 }
 template <typename T>
 __device__ __forceinline__ void load8_f(const T* p, float (&v)[8]) {
-  const uint4 a = *reinterpret_cast<const uint4*>(p);
-  const uint32_t w[4] = {a.x, a.y, a.z, a.w};
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    if constexpr (std::is_same_v<T, bf16>) { // bfloat16 -> float is a shift of the bits
-      v[2 * i] = __uint_as_float(w[i] << 16);
-      v[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
-    } else {
-      const float2 f = __half22float2(*reinterpret_cast<const __half2*>(&w[i]));
-      v[2 * i] = f.x, v[2 * i + 1] = f.y;
-    }
-  }
+  unpack16<T>(*reinterpret_cast<const uint4*>(p), v);
 }
 
 // Values [8c, 8c + 8) of key j of (b, h) in K or V, as loaded (KvRaw: the
@@ -114,22 +103,9 @@ __device__ __forceinline__ void zero_raw(KvRaw<T, BITS>& r) {
 }
 template <typename T, int BITS>
 __device__ __forceinline__ void decode_kv(const KvRaw<T, BITS>& r, float (&v)[8]) {
-  if constexpr (BITS == 0 && sizeof(T) == 4) {
-    const uint32_t w[8] = {r.w[0].x, r.w[0].y, r.w[0].z, r.w[0].w, r.w[1].x, r.w[1].y, r.w[1].z, r.w[1].w};
+  if constexpr (BITS == 0) { // float32 values in two words, 16-bit ones in one
 #pragma unroll
-    for (int e = 0; e < 8; ++e) v[e] = __uint_as_float(w[e]);
-  } else if constexpr (BITS == 0) {
-    const uint32_t w[4] = {r.w[0].x, r.w[0].y, r.w[0].z, r.w[0].w};
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      if constexpr (std::is_same_v<T, bf16>) { // bfloat16 -> float is a shift of the bits
-        v[2 * i] = __uint_as_float(w[i] << 16);
-        v[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
-      } else {
-        const float2 f = __half22float2(*reinterpret_cast<const __half2*>(&w[i]));
-        v[2 * i] = f.x, v[2 * i + 1] = f.y;
-      }
-    }
+    for (int i = 0; i < int(sizeof(r.w) / sizeof(uint4)); ++i) unpack16<T>(r.w[i], v + i * (16 / sizeof(T)));
   } else { // codes as exact floats by a byte permute under 2^23 (affine.cuh), not int-to-float conversions
     const uint32_t w[2] = {r.w[0].x, r.w[0].y};
     dequant8<BITS>(w, 0, v);
@@ -158,25 +134,6 @@ __device__ __forceinline__ void merge_softmax(float& m, float& l, float m2, floa
   m = mx;
 }
 
-// Two floats as one 32-bit pair of q's 16-bit type T (a in the low half), and back.
-template <typename T>
-__device__ __forceinline__ uint32_t pack2(float a, float b) {
-  if constexpr (std::is_same_v<T, bf16>) {
-    __nv_bfloat162 v = __floats2bfloat162_rn(a, b);
-    return *reinterpret_cast<uint32_t*>(&v);
-  } else {
-    __half2 v = __floats2half2_rn(a, b);
-    return *reinterpret_cast<uint32_t*>(&v);
-  }
-}
-template <typename T>
-__device__ __forceinline__ float2 unpack2(uint32_t w) {
-  if constexpr (std::is_same_v<T, bf16>) {
-    return make_float2(__uint_as_float(w << 16), __uint_as_float(w & 0xffff0000u));
-  } else {
-    return __half22float2(*reinterpret_cast<const __half2*>(&w));
-  }
-}
 // (a, b) as the sum of two 16-bit pairs, hi + lo, to about 2^-16 of each
 // (2^-18 for bfloat16 pairs): the probabilities enter the tensor-core kernels'
 // P V at the float32 arithmetic the op promises (tests/test_attention.py's

@@ -16,27 +16,6 @@ namespace mlx_ext::cuda::sparse {
 // The formats, as the kernels' template parameter.
 enum Fmt { CSR, BITMASK, BSR, NM };
 
-// The 16 / sizeof(T) values of T in a 16-byte word, as float.
-template <typename T>
-__device__ __forceinline__ void unpack16(const uint4& u, float* v) {
-  if constexpr (sizeof(T) == 4) {
-    v[0] = __uint_as_float(u.x), v[1] = __uint_as_float(u.y);
-    v[2] = __uint_as_float(u.z), v[3] = __uint_as_float(u.w);
-  } else {
-    const uint32_t w[4] = {u.x, u.y, u.z, u.w};
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      if constexpr (std::is_same_v<T, bf16>) { // bfloat16 -> float is a shift of the bits
-        v[2 * i] = __uint_as_float(w[i] << 16);
-        v[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
-      } else {
-        const float2 f = __half22float2(*reinterpret_cast<const __half2*>(&w[i]));
-        v[2 * i] = f.x, v[2 * i + 1] = f.y;
-      }
-    }
-  }
-}
-
 // COUNT consecutive values of T at p (16-byte aligned, COUNT * sizeof(T) a
 // multiple of 16) as float, streamed (read once: not kept in L1).
 template <typename T, int COUNT>
