@@ -9,7 +9,8 @@ over a round of calls. Every implementation rotates weight copies over >= 256 Mi
 
     python -m bench.bench_sparse_matmul --device gpu            # the table and targets
     python -m bench.bench_sparse_matmul --device gpu --write    # -> bench/results/<gpu>/sparse_matmul.md
-    python -m bench.bench_sparse_matmul --device gpu --quick    # 4096 x 4096 only
+    python -m bench.bench_sparse_matmul --device gpu --quick    # 14336 x 4096 only (the targets' shape)
+    ... --cases "2:4" "CSR 5%" --rows 1 2048                     # a subset of cases and M
     python -m bench.bench_sparse_matmul --device gpu --smoke    # tiny shapes, any device (a check of this script)
 """
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import math
+import time
 
 import numpy as np
 
@@ -116,7 +118,7 @@ def torch_baselines(w_np, count, kind, rows):
     return out
 
 
-def bench_shape(n, k, rows, copy_bw, smoke=False):
+def bench_shape(n, k, rows, cases, copy_bw, smoke=False, progress=print):
     rng = np.random.default_rng(0)
     w_np = (rng.standard_normal((n, k), dtype=np.float32) * 0.02)
     w = mx.array(w_np).astype(mx.bfloat16)
@@ -136,7 +138,9 @@ def bench_shape(n, k, rows, copy_bw, smoke=False):
             lambda j: mlx_ext.quantized_matmul(x, *qs[j % len(qs)], group_size=GROUP_SIZE, bits=4))
     del dense, qs
     results = []
-    for name, (build, torch_kind) in CASES.items():
+    for name in cases:
+        build, torch_kind = CASES[name]
+        progress(f"{name}, {n} x {k}")
         first = build(w, rng)
         nbytes = first.nbytes
         copies = [first] + [copy.deepcopy(first) for _ in range(n_copies(nbytes) - 1)]
@@ -204,11 +208,18 @@ def main(args):
         info, bw = gpu.start()
     copy_bw = bw["copy_GBps"] * 1e9
     print(f"{info['gpu']}: copy bandwidth {bw['copy_GBps']:.0f} GB/s", flush=True)
-    shapes = [(256, 512)] if smoke else SHAPES[:1] if args.quick else SHAPES
-    rows = [1, 16, 64] if smoke else ROWS
+    # --quick: the shape the targets read, so a short run still reports them.
+    shapes = [(256, 512)] if smoke else SHAPES[1:] if args.quick else SHAPES
+    rows = [1, 16, 64] if smoke else (args.rows or ROWS)
+    cases = args.cases or list(CASES)
+    clock = time.perf_counter()
+
+    def progress(what):  # a long run on a lent machine shows where it is
+        print(f"[{time.perf_counter() - clock:6.1f} s] {what}", flush=True)
+
     results = []
     for n, k in shapes:
-        results += bench_shape(n, k, rows, copy_bw, smoke)
+        results += bench_shape(n, k, rows, cases, copy_bw, smoke, progress)
     columns = [(c, c) for c in ["case", "N", "K", "M", "MB stored", "us", "of copy BW", "x dense",
                                 "x mx qmm 4-bit", "x our qmm 4-bit", "x torch dense", "x torch csr",
                                 "x torch bsr64", "x torch 2:4", "torch sparse x its dense"]]
